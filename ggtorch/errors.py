@@ -1,0 +1,28 @@
+"""One exception type per area. Each message says what was expected and what was found.
+
+The CLI catches :class:`GGTorchError` and prints its message as one line (exit code 2).
+"""
+
+
+class GGTorchError(Exception):
+    """Base class of every error ggtorch raises for bad input."""
+
+
+class GGUFError(GGTorchError):
+    """A GGUF file is malformed, truncated, or uses something this version cannot read."""
+
+
+class QuantError(GGTorchError):
+    """A tensor type is unknown or cannot be dequantized/used."""
+
+
+class ModelError(GGTorchError):
+    """A model file lacks a tensor or hyper-parameter the architecture needs, or is unsupported."""
+
+
+class TokenizerError(GGTorchError):
+    """The tokenizer metadata is missing or inconsistent."""
+
+
+class GenerationError(GGTorchError):
+    """A generation or sampling parameter is out of range."""
