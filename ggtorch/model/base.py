@@ -1,0 +1,131 @@
+"""What every architecture shares: weights looked up by GGUF name, the KV cache, the outer forward.
+
+An architecture subclasses :class:`Transformer` and writes ``block`` (one layer, ~40 lines), mirroring
+that architecture's graph in llama.cpp's llama-model.cpp. Intermediate tensors are reported to an
+optional tracer under llama.cpp's names (``attn_norm-3``, ``Qcur-3``, ``ffn_out-3``, ``l_out-3``...).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..errors import ModelError
+from ..gguf.reader import GGUFFile
+from ..quant.linear import QWeight, embedding, qmatmul
+from .config import Config
+from .layers import KVCache, attention_mask, rms_norm, rope_cache
+
+Tracer = Callable[[str, torch.Tensor], None]
+
+
+class Transformer:
+    def __init__(self, f: GGUFFile, cfg: Config, device: str = "cpu"):
+        self.file, self.cfg, self.device = f, cfg, torch.device(device)
+        self._weights: dict[str, QWeight] = {}
+        self._vectors: dict[str, torch.Tensor] = {}
+        self.tok_embd = self.weight("token_embd.weight")
+        self.output = self.weight("output.weight", required=False) or self.tok_embd  # tied when absent
+        self.output_norm = self.vector("output_norm.weight")
+        ff = self.vector("rope_freqs.weight", required=False)
+        self.freq_factors = ff
+        self.faults: dict = {}  # fault injection for debugging tools (see ggtorch.debug)
+
+    # ---- weights -------------------------------------------------------------------------------
+    def weight(self, name: str, required: bool = True) -> QWeight | None:
+        if name in self._weights:
+            return self._weights[name]
+        ti = self.file.tensors.get(name)
+        if ti is None:
+            if required:
+                raise ModelError(f"{self.file.path}: tensor {name!r} is missing (architecture {self.cfg.arch})")
+            return None
+        from ..errors import QuantError
+
+        if ti.type is None:
+            raise QuantError(f"tensor {name!r} has ggml type id {ti.type_id}, unknown to this version of ggtorch")
+        raw = torch.from_numpy(self.file.raw(name))
+        w = QWeight(raw, ti.type, ti.shape, name)
+        if self.device.type != "cpu":
+            w.to(self.device)
+        self._weights[name] = w
+        return w
+
+    def vector(self, name: str, required: bool = True) -> torch.Tensor | None:
+        if name in self._vectors:
+            return self._vectors[name]
+        ti = self.file.tensors.get(name)
+        if ti is None:
+            if required:
+                raise ModelError(f"{self.file.path}: tensor {name!r} is missing (architecture {self.cfg.arch})")
+            return None
+        from ..quant.dequant import dequantize
+
+        v = dequantize(self.file.raw(name), ti.type).to(self.device)
+        self._vectors[name] = v
+        return v
+
+    def weights(self) -> dict[str, QWeight]:
+        return self._weights
+
+    # ---- running -------------------------------------------------------------------------------
+    def new_cache(self, capacity: int = 256) -> KVCache:
+        c = self.cfg
+        return KVCache(c.n_layer, c.n_head_kv, c.head_dim, c.head_dim_v, capacity, self.device)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return embedding(ids, self.tok_embd)
+
+    def rope_tables(self, pos: torch.Tensor, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.cfg
+        return rope_cache(pos, c.n_rot, base, c.rope_freq_scale, self.freq_factors)
+
+    @torch.inference_mode()
+    def forward(self, ids, cache: KVCache, start: int | None = None, all_logits: bool = False,
+                trace: Tracer | None = None) -> torch.Tensor:
+        """Run tokens ``ids`` at positions start.. through the model; returns logits [T, n_vocab]
+        (all positions) or [1, n_vocab] (the last). The cache is extended by T tokens."""
+        ids = torch.as_tensor(ids, dtype=torch.long, device=self.device).reshape(-1)
+        if ids.numel() == 0:
+            raise ModelError("forward needs at least one token")
+        if int(ids.min()) < 0 or int(ids.max()) >= self.cfg.n_vocab:
+            raise ModelError(f"token ids must lie in 0..{self.cfg.n_vocab - 1}")
+        start = cache.n if start is None else start
+        T = ids.numel()
+        cache.reserve(start + T)
+        pos = torch.arange(start, start + T, device=self.device)
+        rope_pos = pos + int(self.faults.get("position_offset", 0))
+        ctx = self.prepare(pos, rope_pos, start + T)
+        x = self.embed(ids)
+        if self.cfg.embed_scale != 1.0:
+            x = x * self.cfg.embed_scale
+        if trace:
+            trace("inp_embd", x)
+        for il in range(self.cfg.n_layer):
+            x = self.block(il, x, cache, start, ctx, trace)
+        cache.n = start + T
+        if not all_logits:
+            x = x[-1:]
+        x = rms_norm(x, self.output_norm, self.eps())
+        if trace:
+            trace("result_norm", x)
+        logits = qmatmul(x, self.output)
+        if trace:
+            trace("result_output", logits)
+        return logits
+
+    def eps(self) -> float:
+        return self.faults.get("rms_eps", self.cfg.rms_eps)
+
+    def mask(self, pos: torch.Tensor, n_kv: int, window: int = 0) -> torch.Tensor:
+        k_pos = torch.arange(n_kv, device=self.device)
+        if self.faults.get("no_causal_mask"):
+            return torch.ones(pos.numel(), n_kv, dtype=torch.bool, device=self.device)
+        return attention_mask(pos, k_pos, window)
+
+    def prepare(self, pos: torch.Tensor, rope_pos: torch.Tensor, n_kv: int) -> dict:
+        """Per-forward tables shared by all layers (RoPE, masks)."""
+        raise NotImplementedError
+
+    def block(self, il: int, x: torch.Tensor, cache: KVCache, start: int, ctx: dict, trace) -> torch.Tensor:
+        raise NotImplementedError

@@ -1,0 +1,73 @@
+"""Gemma 3 (llm_build_gemma3): embeddings scaled by sqrt(n_embd), per-head Q/K RMS norms, NEOX RoPE
+with a separate base on sliding-window layers, sandwich norms around attention and FFN, GELU-gated FFN,
+tied output. The GGUF converter already folded Gemma's (1 + w) into the norm weights."""
+from __future__ import annotations
+
+from ..quant.linear import qmatmul
+from .base import Transformer
+from .layers import attention, gelu_tanh, rms_norm, rope
+
+
+class Gemma3(Transformer):
+    def __init__(self, f, cfg, device="cpu"):
+        super().__init__(f, cfg, device)
+        self.layers = []
+        for il in range(cfg.n_layer):
+            p = f"blk.{il}."
+            L = {n: self.weight(p + n + ".weight") for n in
+                 ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")}
+            for n in ("attn_norm", "attn_q_norm", "attn_k_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm"):
+                L[n] = self.vector(p + n + ".weight")
+            self.layers.append(L)
+
+    def prepare(self, pos, rope_pos, n_kv):
+        c = self.cfg
+        g_cos, g_sin = self.rope_tables(rope_pos, c.rope_base)
+        l_cos, l_sin = self.rope_tables(rope_pos, c.rope_base_local)
+        return {"global": (g_cos, g_sin, self.mask(pos, n_kv)),
+                "local": (l_cos, l_sin, self.mask(pos, n_kv, self.window()))}
+
+    def window(self) -> int:
+        return int(self.faults.get("sliding_window", self.cfg.sliding_window))
+
+    def block(self, il, x, cache, start, ctx, trace):
+        c, L, T = self.cfg, self.layers[il], x.shape[0]
+        cos, sin, mask = ctx["local" if c.is_swa(il) else "global"]
+        eps = self.eps()
+        cur = rms_norm(x, L["attn_norm"], eps)
+        if trace:
+            trace(f"attn_norm-{il}", cur)
+        q = qmatmul(cur, L["attn_q"]).view(T, c.n_head, c.head_dim)
+        k = qmatmul(cur, L["attn_k"]).view(T, c.n_head_kv, c.head_dim)
+        v = qmatmul(cur, L["attn_v"]).view(T, c.n_head_kv, c.head_dim_v)
+        q = rms_norm(q, L["attn_q_norm"], eps).transpose(0, 1)
+        k = rms_norm(k, L["attn_k_norm"], eps).transpose(0, 1)
+        v = v.transpose(0, 1)
+        q = rope(q, cos, sin, True)
+        k = rope(k, cos, sin, True)
+        if trace:
+            trace(f"Qcur-{il}", q.transpose(0, 1))
+            trace(f"Kcur-{il}", k.transpose(0, 1))
+            trace(f"Vcur-{il}", v.transpose(0, 1))
+        kk, vv = cache.update(il, start, k, v)
+        att = attention(q, kk, vv, mask, c.attn_scale)
+        if trace:
+            trace(f"kqv_out-{il}", att)
+        cur = qmatmul(att, L["attn_output"])
+        cur = rms_norm(cur, L["post_attention_norm"], eps)
+        if trace:
+            trace(f"attn_post_norm-{il}", cur)
+        sa_out = cur + x
+        if trace:
+            trace(f"ffn_inp-{il}", sa_out)
+        cur = rms_norm(sa_out, L["ffn_norm"], eps)
+        if trace:
+            trace(f"ffn_norm-{il}", cur)
+        cur = qmatmul(gelu_tanh(qmatmul(cur, L["ffn_gate"])) * qmatmul(cur, L["ffn_up"]), L["ffn_down"])
+        cur = rms_norm(cur, L["post_ffw_norm"], eps)
+        if trace:
+            trace(f"ffn_out-{il}", cur)
+        out = cur + sa_out
+        if trace:
+            trace(f"l_out-{il}", out)
+        return out

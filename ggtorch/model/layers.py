@@ -1,0 +1,107 @@
+"""Small pure functions the architectures are composed of, and the KV cache.
+
+Shapes: a sequence of T tokens is [T, n_embd]; heads are [n_head, T, head_dim].
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """ggml_rms_norm then a multiply by the weight (llm_graph_context::build_norm, LLM_NORM_RMS)."""
+    y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return y if weight is None else y * weight
+
+
+def rope_cache(positions: torch.Tensor, n_rot: int, base: float, freq_scale: float = 1.0,
+               freq_factors: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [T, n_rot/2] for absolute positions: theta_i = p * freq_scale * base^(-2i/n_rot) / factor_i."""
+    i = torch.arange(0, n_rot // 2, dtype=torch.float64, device=positions.device)
+    inv = base ** (-2.0 * i / n_rot)
+    if freq_factors is not None:
+        inv = inv / freq_factors.to(torch.float64)
+    theta = positions.to(torch.float64)[:, None] * freq_scale * inv[None, :]
+    return torch.cos(theta).float(), torch.sin(theta).float()
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool) -> torch.Tensor:
+    """Rotate [n_head, T, head_dim] by position (ggml_rope_ext). ``neox`` pairs dimension i with
+    i + n_rot/2; otherwise (llama, whose Q/K the converter permuted) adjacent pairs 2i, 2i+1.
+    Dimensions past n_rot pass through unchanged."""
+    n_rot = cos.shape[-1] * 2
+    xr, rest = x[..., :n_rot], x[..., n_rot:]
+    if neox:
+        x0, x1 = xr[..., : n_rot // 2], xr[..., n_rot // 2:]
+        out = torch.cat((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    else:
+        x0, x1 = xr[..., 0::2], xr[..., 1::2]
+        out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
+    return out if rest.shape[-1] == 0 else torch.cat((out, rest), dim=-1)
+
+
+def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int = 0) -> torch.Tensor:
+    """Boolean [T, S], True where query may attend: causal, and within ``window`` positions when set
+    (llama_hparams::is_masked_swa, standard: masked when q - k >= window)."""
+    ok = k_pos[None, :] <= q_pos[:, None]
+    if window > 0:
+        ok &= (q_pos[:, None] - k_pos[None, :]) < window
+    return ok
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v with grouped KV heads. q [H, T, D], k/v [Hkv, S, D] -> [T, H*Dv]."""
+    n_head, n_kv = q.shape[0], k.shape[0]
+    if n_kv != n_head:
+        rep = n_head // n_kv
+        k = k.repeat_interleave(rep, dim=0)
+        v = v.repeat_interleave(rep, dim=0)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return out.transpose(0, 1).reshape(q.shape[1], -1)
+
+
+def silu_ffn(x, gate, up):
+    return F.silu(gate) * up
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """ggml_gelu: the tanh approximation."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
+
+
+class KVCache:
+    """Per-layer K and V [n_kv_head, capacity, head_dim], grown by doubling; ``n`` tokens are filled."""
+
+    def __init__(self, n_layer: int, n_kv: int, head_dim: int, head_dim_v: int, capacity: int = 256,
+                 device="cpu", dtype=torch.float32):
+        self.n_layer, self.n_kv, self.hd, self.hdv = n_layer, n_kv, head_dim, head_dim_v
+        self.device, self.dtype = device, dtype
+        self.k = [torch.empty(n_kv, capacity, head_dim, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.v = [torch.empty(n_kv, capacity, head_dim_v, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.n = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[1]
+
+    def reserve(self, total: int) -> None:
+        if total <= self.capacity:
+            return
+        cap = max(total, 2 * self.capacity)
+        for lst in (self.k, self.v):
+            for i, t in enumerate(lst):
+                new = torch.empty(t.shape[0], cap, t.shape[2], device=t.device, dtype=t.dtype)
+                new[:, : self.n] = t[:, : self.n]
+                lst[i] = new
+
+    def update(self, il: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k/v [n_kv, T, D] at ``start``; return the cache views [n_kv, start+T, D]."""
+        end = start + k.shape[1]
+        self.k[il][:, start:end] = k
+        self.v[il][:, start:end] = v
+        return self.k[il][:, :end], self.v[il][:, :end]
+
+    def truncate(self, n: int) -> None:
+        self.n = min(self.n, n)
