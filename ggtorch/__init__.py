@@ -1,0 +1,14 @@
+"""ggtorch: run, inspect and debug GGUF language models on PyTorch, matching llama.cpp."""
+from .errors import GGTorchError, GGUFError, GenerationError, ModelError, QuantError, TokenizerError
+
+__version__ = "0.1.0"
+
+
+def load(model: str = "smollm2-135m", device: str = "cpu", threads: int | None = None):
+    """Load a .gguf file or a packaged model name ("smollm2-135m", "gemma3-270m")."""
+    from .api import load as _load
+
+    return _load(model, device=device, threads=threads)
+
+
+__all__ = ["load", "GGTorchError", "GGUFError", "GenerationError", "ModelError", "QuantError", "TokenizerError"]

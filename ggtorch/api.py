@@ -1,0 +1,123 @@
+"""The Python API: load a model once, then tokenize, detokenize, score and generate.
+
+    m = ggtorch.load("smollm2-135m")          # or a .gguf path
+    m.generate("Hello", max_tokens=32).text
+    for piece in m.stream("Hello"): print(piece, end="")
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Iterator
+
+import torch
+
+from .errors import GenerationError, ModelError
+from .generate import Result, Timings, generate_tokens
+from .gguf.reader import GGUFFile
+from .model import build
+from .packaged import resolve
+from .sampling import SamplingParams
+from .tokenizer import Tokenizer
+
+
+class Model:
+    def __init__(self, path: str, device: str = "cpu", threads: int | None = None):
+        if threads:
+            torch.set_num_threads(int(threads))
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ModelError("--device cuda asked for, but PyTorch sees no CUDA device")
+        t0 = time.perf_counter()
+        self.path = resolve(path)
+        self.file = GGUFFile(self.path)
+        self.net = build(self.file, device)
+        self.cfg = self.net.cfg
+        self.tokenizer = Tokenizer(self.file.metadata)
+        self.device = device
+        self.load_s = time.perf_counter() - t0
+
+    @property
+    def n_vocab(self) -> int:
+        return self.cfg.n_vocab
+
+    # ---- text <-> ids --------------------------------------------------------------------------
+    def tokenize(self, text: str, special: bool = False, bos: bool = False) -> list[int]:
+        return self.tokenizer.tokenize(text, special=special, bos=bos)
+
+    def detokenize(self, ids, special: bool = False) -> str:
+        return self.tokenizer.detokenize([int(i) for i in ids], special=special)
+
+    def _prompt_ids(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenize(prompt, special=True, bos=True)
+        else:
+            ids = [int(i) for i in prompt]
+        if not ids:
+            raise GenerationError("the prompt is empty (no tokens)")
+        bad = [i for i in ids if not 0 <= i < self.n_vocab]
+        if bad:
+            raise GenerationError(f"token id {bad[0]} is outside the vocabulary (0..{self.n_vocab - 1})")
+        return ids
+
+    # ---- scoring ---------------------------------------------------------------------------------
+    def logits(self, ids, batch: int = 512) -> torch.Tensor:
+        """float32 [len(ids), n_vocab]: the logits at every position."""
+        ids = self._prompt_ids(ids)
+        cache = self.net.new_cache(len(ids))
+        outs = [self.net.forward(ids[i:i + batch], cache, all_logits=True) for i in range(0, len(ids), batch)]
+        return torch.cat(outs).float().cpu()
+
+    # ---- generation ------------------------------------------------------------------------------
+    def _params(self, kw) -> tuple[SamplingParams, int, list[str], bool]:
+        max_tokens = int(kw.pop("max_tokens", 64))
+        if max_tokens < 0:
+            raise GenerationError("max_tokens must be >= 0")
+        stop = kw.pop("stop", None) or []
+        stop = [stop] if isinstance(stop, str) else list(stop)
+        ignore_eos = bool(kw.pop("ignore_eos", False))
+        try:
+            params = SamplingParams(**kw)
+        except TypeError as e:
+            raise GenerationError(str(e)) from None
+        return params, max_tokens, stop, ignore_eos
+
+    def steps(self, prompt, **kw):
+        params, max_tokens, stop, ignore_eos = self._params(dict(kw))
+        ids = self._prompt_ids(prompt)
+        timings = Timings()
+        return ids, timings, generate_tokens(self, ids, max_tokens, params, stop, ignore_eos, timings)
+
+    def stream(self, prompt, **kw) -> Iterator[str]:
+        """Text pieces as they are generated (never a broken UTF-8 character)."""
+        _, _, it = self.steps(prompt, **kw)
+        for step in it:
+            if step.piece:
+                yield step.piece
+
+    def generate(self, prompt, **kw) -> Result:
+        """Generate a continuation: ``prompt`` is text (BOS added as the metadata says, special tokens
+        parsed) or token ids. Keywords: max_tokens, temperature, top_k, top_p, min_p, typical_p,
+        repeat_penalty, repeat_last_n, presence_penalty, frequency_penalty, logit_bias, seed, stop,
+        ignore_eos."""
+        ids, timings, it = self.steps(prompt, **kw)
+        out, text, reason = [], [], "length"
+        for step in it:
+            out.append(step.token)
+            text.append(step.piece)
+            if step.finish_reason:
+                reason = step.finish_reason
+        return Result(ids, out, "".join(text), reason, timings)
+
+    def perplexity(self, text: str, ctx: int = 256, chunks: int | None = None, progress=None,
+                   keep_logprobs: bool = False):
+        from .perplexity import perplexity
+
+        return perplexity(self, text, ctx, chunks, progress, keep_logprobs)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def load(model: str = "smollm2-135m", device: str = "cpu", threads: int | None = None) -> Model:
+    """Load a .gguf file or a packaged model name ("smollm2-135m", "gemma3-270m")."""
+    return Model(model, device=device, threads=threads)
