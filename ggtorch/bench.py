@@ -1,0 +1,57 @@
+"""`ggtorch bench`: prefill and decode speed (median of repetitions), load time, peak RSS — llama-bench style."""
+from __future__ import annotations
+
+import resource
+import statistics
+import sys
+import time
+
+import torch
+
+
+def peak_rss_mb() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / 1024 if sys.platform != "darwin" else r / 2**20
+
+
+def bench(model: str, n_prompt: int = 512, n_gen: int = 128, reps: int = 3, device: str = "cpu",
+          threads: int | None = None) -> dict:
+    from .api import load
+
+    t0 = time.perf_counter()
+    m = load(model, device=device, threads=threads)
+    load_s = time.perf_counter() - t0
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, m.n_vocab, (n_prompt,), generator=g).tolist()
+    pp, tg = [], []
+    first_token_s = None
+    for r in range(reps):
+        cache = m.net.new_cache(n_prompt + n_gen + 1)
+        t = time.perf_counter()
+        logits = m.net.forward(prompt, cache)
+        tok = int(logits[-1].argmax())
+        dt = time.perf_counter() - t
+        pp.append(n_prompt / dt)
+        if first_token_s is None:
+            first_token_s = load_s + dt
+        cache = m.net.new_cache(n_gen + 2)
+        m.net.forward([prompt[0]], cache)
+        t = time.perf_counter()
+        for _ in range(n_gen):
+            tok = int(m.net.forward([tok], cache)[-1].argmax())
+        tg.append(n_gen / (time.perf_counter() - t))
+    return {"model": m.path.rsplit("/", 1)[-1], "device": device, "threads": torch.get_num_threads(),
+            "load_s": load_s, f"pp{n_prompt}_tok_s": statistics.median(pp), f"tg{n_gen}_tok_s": statistics.median(tg),
+            "first_token_s": first_token_s, "peak_rss_mb": peak_rss_mb(), "n_prompt": n_prompt, "n_gen": n_gen,
+            "reps": reps}
+
+
+def format_table(rows: list[dict]) -> str:
+    out = ["| model | backend | threads | load s | prefill tok/s | decode tok/s | peak RSS MB |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        pp = next(v for k, v in r.items() if k.startswith("pp") and k.endswith("tok_s"))
+        tg = next(v for k, v in r.items() if k.startswith("tg") and k.endswith("tok_s"))
+        out.append(f"| {r['model']} | {r.get('backend', 'ggtorch ' + r['device'])} | {r['threads']} | {r['load_s']:.2f} "
+                   f"| {pp:.1f} | {tg:.1f} | {r['peak_rss_mb']:.0f} |")
+    return "\n".join(out)

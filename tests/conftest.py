@@ -1,0 +1,37 @@
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("GGTORCH_SHARED", ROOT.parent / "shared"))
+FIXTURES = SHARED / "fixtures"
+TINY = FIXTURES / "tiny"
+GOLDENS = FIXTURES / "goldens"
+
+
+def tiny_manifest() -> dict:
+    return json.loads((TINY / "manifest.json").read_text())
+
+
+def tiny_files() -> list[Path]:
+    return sorted(TINY.glob("*.gguf"))
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    import ggtorch
+
+    return ggtorch.load("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def gemma():
+    import ggtorch
+
+    return ggtorch.load("gemma3-270m")
+
+
+def golden(name: str) -> dict:
+    return json.loads((GOLDENS / f"{name}.json").read_text())
