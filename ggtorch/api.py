@@ -22,7 +22,7 @@ from .tokenizer import Tokenizer
 
 
 class Model:
-    def __init__(self, path: str, device: str = "cpu", threads: int | None = None):
+    def __init__(self, path: str, device: str = "cpu", threads: int | None = None, fast: bool = False):
         if threads:
             torch.set_num_threads(int(threads))
         if device.startswith("cuda") and not torch.cuda.is_available():
@@ -32,6 +32,12 @@ class Model:
         self.file = GGUFFile(self.path)
         self.net = build(self.file, device)
         self.cfg = self.net.cfg
+        self.fast = fast
+        if fast:
+            from .quant.kernels import install
+
+            for w in self.net.weights().values():
+                install(w)
         self.tokenizer = Tokenizer(self.file.metadata)
         self.device = device
         self.load_s = time.perf_counter() - t0
@@ -118,6 +124,9 @@ class Model:
         self.file.close()
 
 
-def load(model: str = "smollm2-135m", device: str = "cpu", threads: int | None = None) -> Model:
-    """Load a .gguf file or a packaged model name ("smollm2-135m", "gemma3-270m")."""
-    return Model(model, device=device, threads=threads)
+def load(model: str = "smollm2-135m", device: str = "cpu", threads: int | None = None, fast: bool = False) -> Model:
+    """Load a .gguf file or a packaged model name ("smollm2-135m", "gemma3-270m").
+
+    ``fast=True`` gives each quantized weight a fast kernel (int4 repacking or bf16, see
+    ggtorch.quant.kernels) at the price of bf16 activations; the default is exact float32."""
+    return Model(model, device=device, threads=threads, fast=fast)

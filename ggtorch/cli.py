@@ -16,6 +16,8 @@ def _add_model(p, optional=False):
         p.add_argument("model", help="a .gguf path or a packaged model name (smollm2-135m, gemma3-270m)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--fast", action="store_true",
+                   help="fast kernels: int4-repacked Q4_0/Q4_1/Q4_K, bf16 for other types (bf16 activations)")
 
 
 def _add_sampling(p):

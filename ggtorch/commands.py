@@ -54,7 +54,7 @@ def cmd_dequant(a) -> int:
 def _load(a):
     from .api import load
 
-    return load(a.model, device=a.device, threads=a.threads)
+    return load(a.model, device=a.device, threads=a.threads, fast=a.fast)
 
 
 def _sampling_kwargs(a) -> dict:
@@ -155,7 +155,8 @@ def cmd_perplexity(a) -> int:
 def cmd_bench(a) -> int:
     from .bench import bench, format_table
 
-    r = bench(a.model, n_prompt=a.n_prompt, n_gen=a.n_gen, reps=a.repetitions, device=a.device, threads=a.threads)
+    r = bench(a.model, n_prompt=a.n_prompt, n_gen=a.n_gen, reps=a.repetitions, device=a.device, threads=a.threads,
+              fast=a.fast)
     if a.json:
         _print_json(r)
     else:
