@@ -84,15 +84,67 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--n-gen", type=int, default=128)
     p.add_argument("-r", "--repetitions", type=int, default=3)
     p.add_argument("--json", action="store_true")
+    _add_debug(sub)
     return ap
+
+
+def _add_input(p):
+    p.add_argument("-p", "--prompt", default=None, help="text (BOS added as the model asks, special tokens parsed)")
+    p.add_argument("--tokens", default=None, help="comma-separated token ids instead of a prompt")
+
+
+def _add_inject(p):
+    p.add_argument("--inject", action="append", default=[], metavar="FAULT",
+                   help="runtime fault in the forward: position-offset[=N], no-causal-mask, rms-eps[=X] (repeatable)")
+
+
+def _add_debug(sub):
+    p = sub.add_parser("trace", help="per-layer table of named intermediate tensors (llama.cpp names)")
+    _add_model(p)
+    _add_input(p)
+    _add_inject(p)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--save", default=None, metavar="FILE.safetensors", help="save the full tensors")
+    p.add_argument("--plot", default=None, metavar="FILE.png", help="plot per-layer RMS")
+
+    p = sub.add_parser("diff", help="compare traces with another GGUF, a saved trace or llama.cpp; "
+                                    "exit 1 on divergence")
+    _add_model(p)
+    p.add_argument("model_b", nargs="?", default=None, help="another GGUF of the same model (reference side)")
+    p.add_argument("--trace", default=None, metavar="FILE", help="a saved trace (safetensors) as the reference")
+    p.add_argument("--llama-cpp", action="store_true", help="llama.cpp (llama-cpp-python) on MODEL as the reference")
+    _add_input(p)
+    _add_inject(p)
+    p.add_argument("--tol", type=float, default=0.15, help="largest relative L2 error (default 0.15)")
+    p.add_argument("--min-cosine", type=float, default=0.99, help="smallest cosine similarity (default 0.99)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--plot", default=None, metavar="FILE.png", help="plot the error by layer")
+
+    p = sub.add_parser("lens", help="logit lens: top-k next tokens after every layer")
+    _add_model(p)
+    _add_input(p)
+    p.add_argument("-k", "--top-k", type=int, default=5)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("check", help="scan every tensor (NaN/Inf, gguf-py equality) and the metadata")
+    p.add_argument("file", help="a .gguf path or a packaged model name")
+    p.add_argument("--no-compare", action="store_true", help="skip the comparison with gguf-py")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("plant", help="write a copy of a GGUF carrying a classic porting bug (for diff demos)")
+    p.add_argument("src")
+    p.add_argument("out")
+    p.add_argument("--fault", required=True, help="q6k-sequential, transpose or unpermute-qk")
+    p.add_argument("--tensor", default=None, help="tensor to break (default: a suitable one)")
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from . import commands
+        from . import commands, commands_debug
 
-        return int(getattr(commands, "cmd_" + args.cmd)(args) or 0)
+        fn = getattr(commands, "cmd_" + args.cmd, None) or getattr(commands_debug, "cmd_" + args.cmd)
+        return int(fn(args) or 0)
     except GGTorchError as e:
         print(f"ggtorch {args.cmd}: error: {e}", file=sys.stderr)
         return 2

@@ -54,6 +54,8 @@ class Gemma3(Transformer):
         if trace:
             trace(f"kqv_out-{il}", att)
         cur = qmatmul(att, L["attn_output"])
+        if trace:
+            trace(f"attn_out-{il}", cur)
         cur = rms_norm(cur, L["post_attention_norm"], eps)
         if trace:
             trace(f"attn_post_norm-{il}", cur)
@@ -64,9 +66,11 @@ class Gemma3(Transformer):
         if trace:
             trace(f"ffn_norm-{il}", cur)
         cur = qmatmul(gelu_tanh(qmatmul(cur, L["ffn_gate"])) * qmatmul(cur, L["ffn_up"]), L["ffn_down"])
-        cur = rms_norm(cur, L["post_ffw_norm"], eps)
         if trace:
             trace(f"ffn_out-{il}", cur)
+        cur = rms_norm(cur, L["post_ffw_norm"], eps)
+        if trace:
+            trace(f"ffn_post_norm-{il}", cur)
         out = cur + sa_out
         if trace:
             trace(f"l_out-{il}", out)

@@ -1,0 +1,165 @@
+"""CLI subcommands that look inside a model: trace, diff, lens, check, plant."""
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+from .errors import GGTorchError
+from .progress import Progress
+
+
+def _print_json(obj) -> None:
+    import json
+
+    def clean(v):  # JSON has no NaN/Infinity
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [clean(x) for x in v]
+        return v
+
+    json.dump(clean(obj), sys.stdout, ensure_ascii=False)
+    sys.stdout.write("\n")
+
+
+def _ids(a, m) -> list[int]:
+    from .commands import _parse_ids
+
+    if a.tokens:
+        ids = _parse_ids(a.tokens)
+        if max(ids) >= m.n_vocab or min(ids) < 0:
+            raise GGTorchError(f"--tokens must lie in 0..{m.n_vocab - 1}")
+        return ids
+    if a.prompt is None:
+        raise GGTorchError("give a prompt (-p TEXT) or token ids (--tokens 1,2,3)")
+    ids = m.tokenize(a.prompt, special=True, bos=True)
+    if not ids:
+        raise GGTorchError("the prompt gives no tokens")
+    return ids
+
+
+def _record(a, m, ids, label):
+    from .debug.faults import parse_runtime
+    from .debug.trace import faults, record
+
+    kw = {}
+    for spec in a.inject or []:
+        kw.update(parse_runtime(spec))
+    with faults(m.net, **kw):
+        return record(m.net, ids, keep=True, source=label + (f" with {', '.join(a.inject)}" if a.inject else ""))
+
+
+def cmd_trace(a) -> int:
+    from .commands import _load
+    from .debug.trace import format_table
+
+    m = _load(a)
+    tr = _record(a, m, _ids(a, m), str(m.path))
+    if a.save:
+        tr.save(a.save)
+        print(f"wrote {len(tr.tensors)} tensors to {a.save}", file=sys.stderr)
+    if a.plot:
+        from .debug.plot import plot_trace
+
+        plot_trace(tr, a.plot, f"{Path(m.path).name}: per-layer RMS ({len(tr.tokens)} tokens)")
+        print(f"wrote {a.plot}", file=sys.stderr)
+    if a.json:
+        _print_json({"model": str(m.path), "tokens": tr.tokens,
+                     "tensors": [{"tensor": n, **s} for n, s in tr.stats.items()]})
+    else:
+        print(format_table(tr))
+    return 0
+
+
+def cmd_diff(a) -> int:
+    from .commands import _load
+    from .debug.diff import diff, format_report
+    from .debug.trace import Trace
+
+    sides = sum(bool(x) for x in (a.model_b, a.trace, a.llama_cpp))
+    if sides != 1:
+        raise GGTorchError("compare against exactly one of: MODEL_B, --trace FILE, --llama-cpp")
+    m = _load(a)
+    if a.trace:
+        ref = Trace.load(a.trace)
+        ids = ref.tokens if (ref.tokens and not a.prompt and not a.tokens) else _ids(a, m)
+        label_b = a.trace
+    elif a.llama_cpp:
+        from .debug.llamacpp import capture
+
+        ids = _ids(a, m)
+        label_b = "llama.cpp"
+    else:
+        from .api import load
+
+        mb = load(a.model_b, device=a.device, threads=a.threads, fast=a.fast)
+        ids = _ids(a, m)
+        if max(ids) >= mb.n_vocab:
+            raise GGTorchError(f"{a.model_b} has {mb.n_vocab} tokens; the prompt uses id {max(ids)}")
+        label_b = str(mb.path)
+    tr_a = _record(a, m, ids, str(m.path))
+    if a.llama_cpp:
+        ref = capture(str(m.path), ids, set(tr_a.names), threads=a.threads)
+    elif not a.trace:
+        from .debug.trace import record
+
+        ref = record(mb.net, ids, keep=True, source=label_b)
+    r = diff(tr_a, ref, tol=a.tol, min_cosine=a.min_cosine)
+    if a.plot:
+        from .debug.plot import plot_diff
+
+        plot_diff(r, a.plot, f"{Path(tr_a.source.split(' with ')[0]).name} vs {Path(label_b).name}: "
+                              f"first divergence {r.first_divergence or 'none'}")
+        print(f"wrote {a.plot}", file=sys.stderr)
+    if a.json:
+        _print_json({"a": tr_a.source, "b": label_b, "tokens": ids, **r.as_dict()})
+    else:
+        print(f"A: {tr_a.source}\nB: {label_b}\ntokens: {len(ids)}")
+        print(format_report(r, "A", "B"))
+    return 0 if r.ok else 1
+
+
+def cmd_lens(a) -> int:
+    from .commands import _load
+    from .debug.lens import format_lens, logit_lens
+
+    if a.top_k < 1:
+        raise GGTorchError("-k must be at least 1")
+    m = _load(a)
+    rows = logit_lens(m, _ids(a, m), k=min(a.top_k, m.n_vocab))
+    if a.json:
+        _print_json({"model": str(m.path), "layers": rows})
+    else:
+        print(format_lens(rows))
+    return 0
+
+
+def cmd_check(a) -> int:
+    from .debug.check import check, format_check
+    from .packaged import resolve
+
+    bar = Progress(1, "check")
+
+    def prog(done, total, name):
+        bar.total = total
+        bar.update(done - bar.n, name)
+
+    r = check(str(resolve(a.file)), compare=not a.no_compare, progress=prog)
+    bar.close()
+    if a.json:
+        _print_json(r)
+    else:
+        print(format_check(r))
+    return 0 if r["ok"] else 1
+
+
+def cmd_plant(a) -> int:
+    from .debug.faults import entry_point, plant
+
+    changed = plant(a.src, a.out, a.fault, a.tensor)
+    print(f"wrote {a.out}: {a.fault} in {', '.join(changed)} (diff should name {entry_point(changed[0])} "
+          f"or an earlier tensor of the same layer)", file=sys.stderr)
+    return 0
