@@ -20,7 +20,9 @@ def _print_json(obj) -> None:
 def cmd_inspect(a) -> int:
     from .gguf.inspect import format_text, report
 
-    with GGUFFile(a.file) as f:
+    from .packaged import resolve
+
+    with GGUFFile(resolve(a.file)) as f:
         if a.json:
             r = report(f)
             _print_json({"metadata": r["metadata"], "tensors": r["tensors"],

@@ -43,12 +43,12 @@ def _ids(a, m) -> list[int]:
 
 def _record(a, m, ids, label):
     from .debug.faults import parse_runtime
-    from .debug.trace import faults, record
+    from .debug.trace import injected, record
 
     kw = {}
     for spec in a.inject or []:
         kw.update(parse_runtime(spec))
-    with faults(m.net, **kw):
+    with injected(m.net, **kw):
         return record(m.net, ids, keep=True, source=label + (f" with {', '.join(a.inject)}" if a.inject else ""))
 
 
@@ -159,7 +159,9 @@ def cmd_check(a) -> int:
 def cmd_plant(a) -> int:
     from .debug.faults import entry_point, plant
 
-    changed = plant(a.src, a.out, a.fault, a.tensor)
+    from .packaged import resolve
+
+    changed = plant(str(resolve(a.src)), a.out, a.fault, a.tensor)
     print(f"wrote {a.out}: {a.fault} in {', '.join(changed)} (diff should name {entry_point(changed[0])} "
           f"or an earlier tensor of the same layer)", file=sys.stderr)
     return 0

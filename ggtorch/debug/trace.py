@@ -104,7 +104,7 @@ def _json_list(s, path, key):
 
 
 @contextmanager
-def faults(net, **kw):
+def injected(net, **kw):
     """Temporarily inject runtime faults into a model (see ``Transformer.faults``)."""
     old = dict(net.faults)
     net.faults.update(kw)
