@@ -34,10 +34,7 @@ class Model:
         self.cfg = self.net.cfg
         self.fast = fast
         if fast:
-            from .quant.kernels import install
-
-            for w in self.net.weights().values():
-                install(w)
+            self.net.install_fast()
         self.tokenizer = Tokenizer(self.file.metadata)
         self.device = device
         self.load_s = time.perf_counter() - t0

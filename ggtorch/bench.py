@@ -52,6 +52,6 @@ def format_table(rows: list[dict]) -> str:
     for r in rows:
         pp = next(v for k, v in r.items() if k.startswith("pp") and k.endswith("tok_s"))
         tg = next(v for k, v in r.items() if k.startswith("tg") and k.endswith("tok_s"))
-        out.append(f"| {r['model']} | {r.get('backend', 'ggtorch ' + r['device'])} | {r['threads']} | {r['load_s']:.2f} "
+        out.append(f"| {r['model']} | {r.get('backend') or 'ggtorch ' + r['device']} | {r['threads']} | {r['load_s']:.2f} "
                    f"| {pp:.1f} | {tg:.1f} | {r['peak_rss_mb']:.0f} |")
     return "\n".join(out)

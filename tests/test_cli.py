@@ -42,7 +42,7 @@ def test_dequant_npz(tmp_path):
 
 
 @pytest.mark.parametrize("args,msg", [
-    (["inspect", "/nonexistent.gguf"], "cannot open"),
+    (["inspect", "/nonexistent.gguf"], "no such model file"),
     (["inspect", __file__], "not a GGUF file"),
     (["dequant", str(SMALL), "--out", "/tmp/x.npz", "--tensor", "nope"], "no tensor named"),
     (["run", "nope.gguf", "-p", "hi"], "no such model file"),

@@ -31,10 +31,14 @@ def test_fast_kernels_close_to_exact(t):
     assert np.abs(fast.numpy() - ref).max() / ref.std() < 0.2
 
 
-def test_fast_mode_smollm_accuracy():
-    m = ggtorch.load("smollm2-135m", fast=True)
-    g = golden("smollm2-135m-q4_1")
-    last = np.load(GOLDENS / "smollm2-135m-q4_1.last_logits.npz")
+@pytest.mark.parametrize("name,golden_name,min_agree,max_kl", [
+    ("smollm2-135m", "smollm2-135m-q4_1", 0.93, 0.01), ("gemma3-270m", "gemma3-270m-q4_k_m", 0.92, 0.015)])
+def test_fast_mode_accuracy(name, golden_name, min_agree, max_kl):
+    """Fast mode (int4 repacks, int8 row requantization, bf16 activations, fused Q/K/V) keeps the
+    accuracy goals the exact mode is held to."""
+    m = ggtorch.load(name, fast=True)
+    g = golden(golden_name)
+    last = np.load(GOLDENS / f"{golden_name}.last_logits.npz")
     agree, kls = 0, []
     for i, e in enumerate(g["generate"]):
         n = len(e["prompt_ids"])
@@ -43,4 +47,5 @@ def test_fast_mode_smollm_accuracy():
         agree += sum(p == q for p, q in zip(lg[n - 1:len(ids) - 1].argmax(-1).tolist(), e["greedy_ids"]))
         ref = torch.from_numpy(last[f"prompt{i}"]).double()
         kls.append(float((ref.softmax(-1) * (ref.log_softmax(-1) - lg[n - 1].double().log_softmax(-1))).sum()))
-    assert agree / 160 >= 0.93 and np.mean(kls) <= 0.01
+    print(name, "fast: agreement", agree / 160, "mean KL", np.mean(kls))
+    assert agree / 160 >= min_agree and np.mean(kls) <= max_kl

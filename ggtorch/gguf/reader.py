@@ -312,6 +312,22 @@ class GGUFFile:
             raise QuantError(f"tensor {name!r} has ggml type id {ti.type_id}, which this version of ggtorch does not know")
         return np.frombuffer(self._maps[ti.shard], dtype=np.uint8, count=ti.nbytes, offset=ti.offset)
 
+    def release(self, name: str, start: int = 0, end: int | None = None) -> None:
+        """Let the kernel drop the resident pages of this tensor's bytes [start, end) (a repacked copy
+        is used instead). The mapping is private and unmodified, so a later read simply faults the
+        bytes in from the file again."""
+        ti = self.info(name)
+        mm = self._maps[ti.shard]
+        page = mmap.PAGESIZE
+        end = ti.nbytes if end is None else min(end, ti.nbytes)
+        start = -(-(ti.offset + start) // page) * page
+        end = (ti.offset + end) // page * page
+        if end > start and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            try:
+                mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+            except OSError:  # advice only
+                pass
+
     def __iter__(self) -> Iterator[TensorInfo]:
         return iter(self.tensors.values())
 

@@ -37,18 +37,17 @@ class Gemma3(Transformer):
         cur = rms_norm(x, L["attn_norm"], eps)
         if trace:
             trace(f"attn_norm-{il}", cur)
-        q = qmatmul(cur, L["attn_q"]).view(T, c.n_head, c.head_dim)
-        k = qmatmul(cur, L["attn_k"]).view(T, c.n_head_kv, c.head_dim)
-        v = qmatmul(cur, L["attn_v"]).view(T, c.n_head_kv, c.head_dim_v)
-        q = rms_norm(q, L["attn_q_norm"], eps).transpose(0, 1)
-        k = rms_norm(k, L["attn_k_norm"], eps).transpose(0, 1)
-        v = v.transpose(0, 1)
+        q, k, v = self.project(cur, L, ("attn_q", "attn_k", "attn_v"), "attn_qkv")
+        q = rms_norm(q.reshape(T, c.n_head, c.head_dim), L["attn_q_norm"], eps)
+        k = rms_norm(k.reshape(T, c.n_head_kv, c.head_dim), L["attn_k_norm"], eps)
+        v = v.reshape(T, c.n_head_kv, c.head_dim_v)
         q = rope(q, cos, sin, True)
         k = rope(k, cos, sin, True)
         if trace:
-            trace(f"Qcur-{il}", q.transpose(0, 1))
-            trace(f"Kcur-{il}", k.transpose(0, 1))
-            trace(f"Vcur-{il}", v.transpose(0, 1))
+            trace(f"Qcur-{il}", q)
+            trace(f"Kcur-{il}", k)
+            trace(f"Vcur-{il}", v)
+        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
         kk, vv = cache.update(il, start, k, v)
         att = attention(q, kk, vv, mask, c.attn_scale)
         if trace:
@@ -65,7 +64,8 @@ class Gemma3(Transformer):
         cur = rms_norm(sa_out, L["ffn_norm"], eps)
         if trace:
             trace(f"ffn_norm-{il}", cur)
-        cur = qmatmul(gelu_tanh(qmatmul(cur, L["ffn_gate"])) * qmatmul(cur, L["ffn_up"]), L["ffn_down"])
+        gate, up = self.project(cur, L, ("ffn_gate", "ffn_up"), "ffn_gate_up")
+        cur = qmatmul(gelu_tanh(gate) * up, L["ffn_down"])
         if trace:
             trace(f"ffn_out-{il}", cur)
         cur = rms_norm(cur, L["post_ffw_norm"], eps)

@@ -28,10 +28,13 @@ def rope_cache(positions: torch.Tensor, n_rot: int, base: float, freq_scale: flo
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool) -> torch.Tensor:
-    """Rotate [n_head, T, head_dim] by position (ggml_rope_ext). ``neox`` pairs dimension i with
-    i + n_rot/2; otherwise (llama, whose Q/K the converter permuted) adjacent pairs 2i, 2i+1.
-    Dimensions past n_rot pass through unchanged."""
+    """Rotate x [..., head_dim] by position (ggml_rope_ext); cos/sin broadcast against x[..., :n_rot/2].
+    ``neox`` pairs dimension i with i + n_rot/2; otherwise (llama, whose Q/K the converter permuted)
+    adjacent pairs 2i, 2i+1. Dimensions past n_rot pass through unchanged."""
     n_rot = cos.shape[-1] * 2
+    if not neox and n_rot == x.shape[-1]:  # the common case as one complex multiply: (a + ib)(cos + i sin)
+        xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], n_rot // 2, 2))
+        return torch.view_as_real(xc * torch.complex(cos, sin)).flatten(-2)
     xr, rest = x[..., :n_rot], x[..., n_rot:]
     if neox:
         x0, x1 = xr[..., : n_rot // 2], xr[..., n_rot // 2:]
@@ -51,14 +54,12 @@ def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int = 0) ->
     return ok
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """softmax(q k^T * scale + mask) v with grouped KV heads. q [H, T, D], k/v [Hkv, S, D] -> [T, H*Dv]."""
-    n_head, n_kv = q.shape[0], k.shape[0]
-    if n_kv != n_head:
-        rep = n_head // n_kv
-        k = k.repeat_interleave(rep, dim=0)
-        v = v.repeat_interleave(rep, dim=0)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v with grouped KV heads. q [H, T, D], k/v [Hkv, S, D] -> [T, H*Dv].
+    ``mask`` is boolean [T, S] (True = may attend) or None when every query sees every key."""
+    gqa = q.shape[0] != k.shape[0]  # grouped KV heads are shared by SDPA itself, no copies
+    # 4-D inputs select PyTorch's fused CPU attention kernel (3-D ones fall back to the math path)
+    out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, scale=scale, enable_gqa=gqa)[0]
     return out.transpose(0, 1).reshape(q.shape[1], -1)
 
 

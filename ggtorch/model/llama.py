@@ -30,30 +30,28 @@ class Llama(Transformer):
         cos, sin = self.rope_tables(rope_pos, self.cfg.rope_base)
         return {"cos": cos, "sin": sin, "mask": self.mask(pos, n_kv)}
 
-    def proj(self, x, L, name):
-        y = qmatmul(x, L[name])
-        b = L.get(name + ".bias")
-        return y if b is None else y + b
-
     def block(self, il, x, cache, start, ctx, trace):
         c, L, T = self.cfg, self.layers[il], x.shape[0]
         cur = rms_norm(x, L["attn_norm"], self.eps())
         if trace:
             trace(f"attn_norm-{il}", cur)
-        q = self.proj(cur, L, "attn_q").view(T, c.n_head, c.head_dim)
-        k = self.proj(cur, L, "attn_k").view(T, c.n_head_kv, c.head_dim)
-        v = self.proj(cur, L, "attn_v").view(T, c.n_head_kv, c.head_dim_v)
-        if L["attn_q_norm"] is not None:
+        q, k, v = self.project(cur, L, ("attn_q", "attn_k", "attn_v"), "attn_qkv")
+        if L["attn_q.bias"] is not None:  # qwen2
+            q, k, v = q + L["attn_q.bias"], k + L["attn_k.bias"], v + L["attn_v.bias"]
+        q = q.reshape(T, c.n_head, c.head_dim)
+        k = k.reshape(T, c.n_head_kv, c.head_dim)
+        v = v.reshape(T, c.n_head_kv, c.head_dim_v)
+        if L["attn_q_norm"] is not None:  # qwen3
             q = rms_norm(q, L["attn_q_norm"], self.eps())
             k = rms_norm(k, L["attn_k_norm"], self.eps())
-        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
         neox = c.rope_type == "neox"
         q = rope(q, ctx["cos"], ctx["sin"], neox)
         k = rope(k, ctx["cos"], ctx["sin"], neox)
         if trace:
-            trace(f"Qcur-{il}", q.transpose(0, 1))
-            trace(f"Kcur-{il}", k.transpose(0, 1))
-            trace(f"Vcur-{il}", v.transpose(0, 1))
+            trace(f"Qcur-{il}", q)
+            trace(f"Kcur-{il}", k)
+            trace(f"Vcur-{il}", v)
+        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
         kk, vv = cache.update(il, start, k, v)
         att = attention(q, kk, vv, ctx["mask"], c.head_dim ** -0.5)
         if trace:
@@ -67,7 +65,8 @@ class Llama(Transformer):
         cur = rms_norm(ffn_inp, L["ffn_norm"], self.eps())
         if trace:
             trace(f"ffn_norm-{il}", cur)
-        cur = qmatmul(F.silu(qmatmul(cur, L["ffn_gate"])) * qmatmul(cur, L["ffn_up"]), L["ffn_down"])
+        gate, up = self.project(cur, L, ("ffn_gate", "ffn_up"), "ffn_gate_up")
+        cur = qmatmul(F.silu(gate) * up, L["ffn_down"])
         if trace:
             trace(f"ffn_out-{il}", cur)
         out = cur + ffn_inp

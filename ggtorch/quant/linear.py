@@ -34,6 +34,7 @@ class QWeight:
         self.dense: torch.Tensor | None = None  # float32 [out, in] when the kernel keeps one
         self.kernel: Callable | None = None
         self.state: dict = {}
+        self.release: Callable[..., None] | None = None  # (start, end) bytes: drop the file's pages once repacked
         if gtype.name in FLOAT_TYPES:
             # float weights: F32 is used in place; F16/BF16/F64 are widened once (exact)
             self.dense = dequantize(self.raw, gtype).reshape(self.out_features, self.in_features)
