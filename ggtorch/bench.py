@@ -25,7 +25,9 @@ def bench(model: str, n_prompt: int = 512, n_gen: int = 128, reps: int = 3, devi
     prompt = torch.randint(0, m.n_vocab, (n_prompt,), generator=g).tolist()
     pp, tg = [], []
     first_token_s = None
+    cache = None
     for r in range(reps):
+        del cache  # one cache alive at a time, as in real use
         cache = m.net.new_cache(n_prompt + n_gen + 1)
         t = time.perf_counter()
         logits = m.net.forward(prompt, cache)
@@ -34,6 +36,7 @@ def bench(model: str, n_prompt: int = 512, n_gen: int = 128, reps: int = 3, devi
         pp.append(n_prompt / dt)
         if first_token_s is None:
             first_token_s = load_s + dt
+        del cache
         cache = m.net.new_cache(n_gen + 2)
         m.net.forward([prompt[0]], cache)
         t = time.perf_counter()

@@ -141,9 +141,10 @@ class Transformer:
         """Fast kernels for every weight, and fused Q/K/V and gate/up matrices (see quant.kernels)."""
         from ..quant.kernels import fuse, install, trim_heap
 
-        for w in self._weights.values():
+        for i, w in enumerate(self._weights.values()):
             install(w)
-            trim_heap()  # repacking frees multi-MB temporaries; hand them back so they don't add to the peak
+            if i % 8 == 7:
+                trim_heap()  # repacking frees multi-MB temporaries; hand them back so they don't add to the peak
         for L in getattr(self, "layers", []):
             for key, names in (("attn_qkv", ("attn_q", "attn_k", "attn_v")), ("ffn_gate_up", ("ffn_gate", "ffn_up"))):
                 f = fuse([L.get(n) for n in names])

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """ggml_rms_norm then a multiply by the weight (llm_graph_context::build_norm, LLM_NORM_RMS)."""
-    y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return y if weight is None else y * weight
+    """ggml_rms_norm then a multiply by the weight (llm_graph_context::build_norm, LLM_NORM_RMS):
+    x / sqrt(mean(x^2) + eps) * w, in one fused PyTorch op."""
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
 def rope_cache(positions: torch.Tensor, n_rot: int, base: float, freq_scale: float = 1.0,
