@@ -22,7 +22,10 @@ from .tokenizer import Tokenizer
 
 
 class Model:
-    def __init__(self, path: str, device: str = "cpu", threads: int | None = None, fast: bool = False):
+    def __init__(self, path: str, device: str = "cpu", threads: int | None = None, fast: bool = False,
+                 ggml_numerics: bool = False):
+        if fast and ggml_numerics:
+            raise ModelError("fast kernels and llama.cpp numerics exclude each other: choose one")
         if threads:
             torch.set_num_threads(int(threads))
         if device.startswith("cuda") and not torch.cuda.is_available():
@@ -35,6 +38,8 @@ class Model:
         self.fast = fast
         if fast:
             self.net.install_fast()
+        if ggml_numerics:
+            self.net.use_ggml_numerics()
         self.tokenizer = Tokenizer(self.file.metadata)
         self.device = device
         self.load_s = time.perf_counter() - t0
@@ -121,9 +126,12 @@ class Model:
         self.file.close()
 
 
-def load(model: str = "smollm2-135m", device: str = "cpu", threads: int | None = None, fast: bool = False) -> Model:
+def load(model: str = "smollm2-135m", device: str = "cpu", threads: int | None = None, fast: bool = False,
+         ggml_numerics: bool = False) -> Model:
     """Load a .gguf file or a packaged model name ("smollm2-135m", "gemma3-270m").
 
-    ``fast=True`` gives each quantized weight a fast kernel (int4 repacking or bf16, see
-    ggtorch.quant.kernels) at the price of bf16 activations; the default is exact float32."""
-    return Model(model, device=device, threads=threads, fast=fast)
+    ``fast=True`` gives each quantized weight a fast kernel (int4 repacking or int8 rows, see
+    ggtorch.quant.kernels) at the price of bf16 activations; the default is exact float32.
+    ``ggml_numerics=True`` rounds activations, the KV cache and attention as llama.cpp's CPU backend
+    does (see ggtorch.model.numerics): slow, for bit-level comparisons."""
+    return Model(model, device=device, threads=threads, fast=fast, ggml_numerics=ggml_numerics)

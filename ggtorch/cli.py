@@ -17,7 +17,9 @@ def _add_model(p, optional=False):
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--fast", action="store_true",
-                   help="fast kernels: int4-repacked Q4_0/Q4_1/Q4_K, bf16 for other types (bf16 activations)")
+                   help="fast kernels: int4-repacked Q4_0/Q4_1/Q4_K, int8 rows for other types (bf16 activations)")
+    p.add_argument("--ggml-numerics", action="store_true",
+                   help="round activations, KV cache and attention like llama.cpp's CPU backend (slow)")
 
 
 def _add_sampling(p):

@@ -56,7 +56,8 @@ def cmd_dequant(a) -> int:
 def _load(a):
     from .api import load
 
-    return load(a.model, device=a.device, threads=a.threads, fast=a.fast)
+    return load(a.model, device=a.device, threads=a.threads, fast=a.fast,
+                ggml_numerics=getattr(a, "ggml_numerics", False))
 
 
 def _sampling_kwargs(a) -> dict:

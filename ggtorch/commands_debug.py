@@ -95,7 +95,7 @@ def cmd_diff(a) -> int:
     else:
         from .api import load
 
-        mb = load(a.model_b, device=a.device, threads=a.threads, fast=a.fast)
+        mb = load(a.model_b, device=a.device, threads=a.threads, fast=a.fast, ggml_numerics=a.ggml_numerics)
         ids = _ids(a, m)
         if max(ids) >= mb.n_vocab:
             raise GGTorchError(f"{a.model_b} has {mb.n_vocab} tokens; the prompt uses id {max(ids)}")

@@ -93,6 +93,8 @@ def capture(path: str, ids: list[int], wanted: set[str] | None = None, threads: 
     if threads:
         cp.n_threads = cp.n_threads_batch = int(threads)
     cp.cb_eval, cp.cb_eval_user_data = cb_c, None
+    # llama-cpp-python's default (and the fixtures'): no flash attention
+    cp.flash_attn_type = getattr(llama_cpp, "LLAMA_FLASH_ATTN_TYPE_DISABLED", 0)
     ctx = llama_cpp.llama_init_from_model(model, cp)
     if not ctx:
         llama_cpp.llama_model_free(model)

@@ -14,7 +14,7 @@ from ..errors import ModelError
 from ..gguf.reader import GGUFFile
 from ..quant.linear import QWeight, embedding, qmatmul
 from .config import Config
-from .layers import KVCache, attention_mask, rms_norm, rope_cache
+from .layers import KVCache, attention, attention_mask, rms_norm, rope_cache
 
 Tracer = Callable[[str, torch.Tensor], None]
 
@@ -29,6 +29,7 @@ class Transformer:
         self.output_norm = self.vector("output_norm.weight")
         ff = self.vector("rope_freqs.weight", required=False)
         self.freq_factors = ff
+        self.numerics = False  # llama.cpp's roundings (see model.numerics); use_ggml_numerics() turns it on
         self.ubatch = 256  # tokens per forward slice (measured: as fast as 512 on SmolLM2, 20 MB less peak)
         self.faults: dict = {}  # fault injection for debugging tools (see ggtorch.debug)
 
@@ -136,6 +137,24 @@ class Transformer:
         if f is not None:
             return list(qmatmul(x, f).split(f.parts, dim=-1))
         return [qmatmul(x, L[n]) for n in names]
+
+    def use_ggml_numerics(self) -> None:
+        """Round activations, the KV cache and attention as ggml's CPU backend does (slow; for diffs)."""
+        from . import numerics
+
+        for w in self._weights.values():
+            numerics.install(w)
+        self.numerics = True
+
+    def attend(self, il, q, k, v, cache, start, mask, scale):
+        """Store k/v in the cache and attend; q [H, T, D], k/v [Hkv, T, D] -> [T, H*Dv]."""
+        if self.numerics:
+            from . import numerics
+
+            kk, vv = cache.update(il, start, numerics.round_kv(k), numerics.round_kv(v))
+            return numerics.ggml_attention(q, kk, vv, mask, scale)
+        kk, vv = cache.update(il, start, k, v)
+        return attention(q, kk, vv, mask, scale)
 
     def install_fast(self) -> None:
         """Fast kernels for every weight, and fused Q/K/V and gate/up matrices (see quant.kernels)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ..quant.linear import qmatmul
 from .base import Transformer
-from .layers import attention, gelu_tanh, rms_norm, rope
+from .layers import gelu_tanh, rms_norm, rope
 
 
 class Gemma3(Transformer):
@@ -48,8 +48,7 @@ class Gemma3(Transformer):
             trace(f"Kcur-{il}", k)
             trace(f"Vcur-{il}", v)
         q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
-        kk, vv = cache.update(il, start, k, v)
-        att = attention(q, kk, vv, mask, c.attn_scale)
+        att = self.attend(il, q, k, v, cache, start, mask, c.attn_scale)
         if trace:
             trace(f"kqv_out-{il}", att)
         cur = qmatmul(att, L["attn_output"])

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from ..quant.linear import qmatmul
 from .base import Transformer
-from .layers import attention, rms_norm, rope
+from .layers import rms_norm, rope
 
 
 class Llama(Transformer):
@@ -52,8 +52,7 @@ class Llama(Transformer):
             trace(f"Kcur-{il}", k)
             trace(f"Vcur-{il}", v)
         q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
-        kk, vv = cache.update(il, start, k, v)
-        att = attention(q, kk, vv, ctx["mask"], c.head_dim ** -0.5)
+        att = self.attend(il, q, k, v, cache, start, ctx["mask"], c.head_dim ** -0.5)
         if trace:
             trace(f"kqv_out-{il}", att)
         cur = qmatmul(att, L["attn_output"])
