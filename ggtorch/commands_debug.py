@@ -41,7 +41,7 @@ def _ids(a, m) -> list[int]:
     return ids
 
 
-def _record(a, m, ids, label):
+def _record(a, m, ids, label, keep=True):
     from .debug.faults import parse_runtime
     from .debug.trace import injected, record
 
@@ -49,7 +49,7 @@ def _record(a, m, ids, label):
     for spec in a.inject or []:
         kw.update(parse_runtime(spec))
     with injected(m.net, **kw):
-        return record(m.net, ids, keep=True, source=label + (f" with {', '.join(a.inject)}" if a.inject else ""))
+        return record(m.net, ids, keep=keep, source=label + (f" with {', '.join(a.inject)}" if a.inject else ""))
 
 
 def cmd_trace(a) -> int:
@@ -57,7 +57,7 @@ def cmd_trace(a) -> int:
     from .debug.trace import format_table
 
     m = _load(a)
-    tr = _record(a, m, _ids(a, m), str(m.path))
+    tr = _record(a, m, _ids(a, m), str(m.path), keep=bool(a.save))  # statistics alone unless saving
     if a.save:
         tr.save(a.save)
         print(f"wrote {len(tr.tensors)} tensors to {a.save}", file=sys.stderr)
