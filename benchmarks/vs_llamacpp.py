@@ -1,6 +1,6 @@
 """ggtorch vs llama.cpp (through llama-cpp-python) on the same file, same thread count, one run.
 
-    python benchmarks/vs_llamacpp.py [MODEL ...] [-p 512] [-n 128] [-r 3] [--threads 2] [--fast]
+    python benchmarks/vs_llamacpp.py [MODEL ...] [-p 512] [-n 128] [-r 3] [--threads 2] [--exact]
 
 Prints a markdown table and the ratios. llama-cpp-python is optional (pip install llama-cpp-python,
 ~10 min to build); without it the llama.cpp rows are skipped with a message.
@@ -48,7 +48,7 @@ def main():
     ap.add_argument("-n", type=int, default=128)
     ap.add_argument("-r", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--fast", action="store_true")
+    ap.add_argument("--exact", action="store_true", help="ggtorch's float32 reference path instead of its kernels")
     a = ap.parse_args()
     rows = []
     try:
@@ -63,10 +63,10 @@ def main():
         # each measurement in its own process, so peak RSS is its own
         code = ("import json,sys; sys.path.insert(0, %r); from ggtorch.bench import bench; "
                 "print(json.dumps(bench(%r, %d, %d, %d, threads=%d, fast=%r)))"
-                % (os.path.join(os.path.dirname(__file__), ".."), path, a.p, a.n, a.r, a.threads, a.fast))
+                % (os.path.join(os.path.dirname(__file__), ".."), path, a.p, a.n, a.r, a.threads, not a.exact))
         ours = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                          check=True).stdout)
-        ours["backend"] = "ggtorch" + (" fast" if a.fast else "")
+        ours["backend"] = "ggtorch" + (" exact" if a.exact else "")
         rows.append(ours)
         if have:
             ref = json.loads(subprocess.run([sys.executable, "-c", LLAMA_CPP_CHILD, path, str(a.p), str(a.n), str(a.r),

@@ -4,7 +4,7 @@ from .errors import GGTorchError, GGUFError, GenerationError, ModelError, QuantE
 __version__ = "0.1.0"
 
 
-def load(model: str = "smollm2-135m", device: str = "cpu", threads: int | None = None, fast: bool = False,
+def load(model: str = "smollm2-135m", device: str = "cpu", threads: int | None = None, fast: bool = True,
          ggml_numerics: bool = False):
     """Load a .gguf file or a packaged model name ("smollm2-135m", "gemma3-270m"); see api.load."""
     from .api import load as _load

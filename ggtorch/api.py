@@ -22,10 +22,9 @@ from .tokenizer import Tokenizer
 
 
 class Model:
-    def __init__(self, path: str, device: str = "cpu", threads: int | None = None, fast: bool = False,
+    def __init__(self, path: str, device: str = "cpu", threads: int | None = None, fast: bool = True,
                  ggml_numerics: bool = False):
-        if fast and ggml_numerics:
-            raise ModelError("fast kernels and llama.cpp numerics exclude each other: choose one")
+        fast = fast and not ggml_numerics  # the numerics mode runs on the exact path
         if threads:
             torch.set_num_threads(int(threads))
         if device.startswith("cuda") and not torch.cuda.is_available():
@@ -126,12 +125,13 @@ class Model:
         self.file.close()
 
 
-def load(model: str = "smollm2-135m", device: str = "cpu", threads: int | None = None, fast: bool = False,
+def load(model: str = "smollm2-135m", device: str = "cpu", threads: int | None = None, fast: bool = True,
          ggml_numerics: bool = False) -> Model:
     """Load a .gguf file or a packaged model name ("smollm2-135m", "gemma3-270m").
 
-    ``fast=True`` gives each quantized weight a fast kernel (int4 repacking or int8 rows, see
-    ggtorch.quant.kernels) at the price of bf16 activations; the default is exact float32.
+    By default each quantized weight gets the fastest kernel for its type (int4 repacking or int8
+    rows, bf16 activations; see ggtorch.quant.kernels). ``fast=False`` is the exact float32
+    reference: weights stay as GGUF blocks and are dequantized on every call.
     ``ggml_numerics=True`` rounds activations, the KV cache and attention as llama.cpp's CPU backend
     does (see ggtorch.model.numerics): slow, for bit-level comparisons."""
     return Model(model, device=device, threads=threads, fast=fast, ggml_numerics=ggml_numerics)

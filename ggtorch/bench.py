@@ -15,7 +15,7 @@ def peak_rss_mb() -> float:
 
 
 def bench(model: str, n_prompt: int = 512, n_gen: int = 128, reps: int = 3, device: str = "cpu",
-          threads: int | None = None, fast: bool = False) -> dict:
+          threads: int | None = None, fast: bool = True) -> dict:
     from .api import load
 
     t0 = time.perf_counter()
@@ -43,7 +43,7 @@ def bench(model: str, n_prompt: int = 512, n_gen: int = 128, reps: int = 3, devi
         for _ in range(n_gen):
             tok = int(m.net.forward([tok], cache)[-1].argmax())
         tg.append(n_gen / (time.perf_counter() - t))
-    return {"model": m.path.rsplit("/", 1)[-1], "device": device + (" fast" if fast else ""), "threads": torch.get_num_threads(),
+    return {"model": m.path.rsplit("/", 1)[-1], "device": device + ("" if fast else " exact"), "threads": torch.get_num_threads(),
             "load_s": load_s, f"pp{n_prompt}_tok_s": statistics.median(pp), f"tg{n_gen}_tok_s": statistics.median(tg),
             "first_token_s": first_token_s, "peak_rss_mb": peak_rss_mb(), "n_prompt": n_prompt, "n_gen": n_gen,
             "reps": reps}

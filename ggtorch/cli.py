@@ -16,8 +16,11 @@ def _add_model(p, optional=False):
         p.add_argument("model", help="a .gguf path or a packaged model name (smollm2-135m, gemma3-270m)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    p.add_argument("--fast", action="store_true",
-                   help="fast kernels: int4-repacked Q4_0/Q4_1/Q4_K, int8 rows for other types (bf16 activations)")
+    p.add_argument("--exact", dest="fast", action="store_false",
+                   help="the float32 reference path: dequantize GGUF blocks on every call (slow); the default "
+                        "is a fast kernel per type (int4-repacked Q4_0/Q4_1/Q4_K, int8 rows otherwise, bf16 activations)")
+    p.add_argument("--fast", dest="fast", action="store_true",
+                   help="the fast kernels (the default, except for trace and diff, which compare numbers)")
     p.add_argument("--ggml-numerics", action="store_true",
                    help="round activations, KV cache and attention like llama.cpp's CPU backend (slow)")
 
@@ -101,8 +104,10 @@ def _add_inject(p):
 
 
 def _add_debug(sub):
+    # trace and diff compare numbers, so they default to the exact float32 path (--fast to trace the kernels)
     p = sub.add_parser("trace", help="per-layer table of named intermediate tensors (llama.cpp names)")
     _add_model(p)
+    p.set_defaults(fast=False)
     _add_input(p)
     _add_inject(p)
     p.add_argument("--json", action="store_true")
@@ -112,6 +117,7 @@ def _add_debug(sub):
     p = sub.add_parser("diff", help="compare traces with another GGUF, a saved trace or llama.cpp; "
                                     "exit 1 on divergence")
     _add_model(p)
+    p.set_defaults(fast=False)
     p.add_argument("model_b", nargs="?", default=None, help="another GGUF of the same model (reference side)")
     p.add_argument("--trace", default=None, metavar="FILE", help="a saved trace (safetensors) as the reference")
     p.add_argument("--llama-cpp", action="store_true", help="llama.cpp (llama-cpp-python) on MODEL as the reference")

@@ -33,5 +33,19 @@ def gemma():
     return ggtorch.load("gemma3-270m")
 
 
+@pytest.fixture(scope="session")
+def smollm_exact():
+    import ggtorch
+
+    return ggtorch.load("smollm2-135m", fast=False)
+
+
+@pytest.fixture(scope="session")
+def gemma_exact():
+    import ggtorch
+
+    return ggtorch.load("gemma3-270m", fast=False)
+
+
 def golden(name: str) -> dict:
     return json.loads((GOLDENS / f"{name}.json").read_text())

@@ -16,7 +16,7 @@ IDS = tiny_manifest()["prompt_ids"]
                                   "tiny-llama-IQ4_NL", "tiny-llama-IQ4_XS", "tiny-qwen2-Q4_K", "tiny-qwen2-Q8_0"])
 def test_ggml_numerics_match_llama_cpp(name):
     ref = np.load(TINY / f"{name}.logits.npy")
-    m = ggtorch.load(str(TINY / f"{name}.gguf"))
+    m = ggtorch.load(str(TINY / f"{name}.gguf"), fast=False)
     plain = np.abs(m.logits(IDS).numpy() - ref).max()
     m.net.use_ggml_numerics()
     exact = np.abs(m.logits(IDS).numpy() - ref).max()
@@ -38,6 +38,8 @@ def test_activation_quantizers():
     assert torch.equal(quant_q8_k(torch.zeros(1, 256)), torch.zeros(1, 256))
 
 
-def test_fast_and_numerics_exclude_each_other():
-    with pytest.raises(ggtorch.ModelError, match="exclude"):
-        ggtorch.load(str(TINY / "tiny-llama-Q4_K.gguf"), fast=True, ggml_numerics=True)
+def test_numerics_mode_runs_on_the_exact_path():
+    m = ggtorch.load(str(TINY / "tiny-llama-Q4_K.gguf"), ggml_numerics=True)
+    assert not m.fast and m.net.numerics
+    ref = np.load(TINY / "tiny-llama-Q4_K.logits.npy")
+    assert np.abs(m.logits(IDS).numpy() - ref).max() < 1e-4

@@ -1,4 +1,5 @@
-"""SmolLM2-135M Q4_1 and Gemma 3 270M Q4_K_M against llama.cpp's goldens."""
+"""SmolLM2-135M Q4_1 and Gemma 3 270M Q4_K_M against llama.cpp's goldens, with the default fast
+kernels and on the exact float32 path."""
 import numpy as np
 import pytest
 import torch
@@ -11,10 +12,18 @@ CASES = {  # golden name: (agreement floor, KL ceiling, perplexity tolerance)
 }
 
 
+MODES = ["fast", "exact"]
+
+
+def model(request, name, mode):
+    return request.getfixturevalue(CASES[name][0] + ("_exact" if mode == "exact" else ""))
+
+
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", list(CASES))
-def test_teacher_forced_agreement_and_kl(request, name):
-    fixture, floor, kl_max, _ = CASES[name]
-    m = request.getfixturevalue(fixture)
+def test_teacher_forced_agreement_and_kl(request, name, mode):
+    _, floor, kl_max, _ = CASES[name]
+    m = model(request, name, mode)
     g = golden(name)
     last = np.load(GOLDENS / f"{name}.last_logits.npz")
     agree = total = 0
@@ -33,9 +42,10 @@ def test_teacher_forced_agreement_and_kl(request, name):
     assert np.mean(kls) <= kl_max, f"mean KL {np.mean(kls):.5f}"
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", list(CASES))
-def test_free_running_greedy(request, name):
-    m = request.getfixturevalue(CASES[name][0])
+def test_free_running_greedy(request, name, mode):
+    m = model(request, name, mode)
     for e in golden(name)["generate"]:
         n = next((k for k, mg in enumerate(e["margins"]) if mg < 0.5), len(e["margins"]))
         r = m.generate(e["prompt"], max_tokens=max(n, 1))
@@ -43,9 +53,10 @@ def test_free_running_greedy(request, name):
         assert r.ids[:n] == e["greedy_ids"][:n]
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", list(CASES))
-def test_perplexity(request, name):
-    m = request.getfixturevalue(CASES[name][0])
+def test_perplexity(request, name, mode):
+    m = model(request, name, mode)
     p = golden(name)["perplexity"]
     # the golden was computed on text/gpl-3.txt (its "text" field names the file it was copied from)
     r = m.perplexity((FIXTURES / "text" / "gpl-3.txt").read_text(encoding="utf-8"), ctx=p["n_ctx"], chunks=p["chunks"])
@@ -53,8 +64,11 @@ def test_perplexity(request, name):
     assert abs(r["ppl"] / p["ppl"] - 1) <= CASES[name][3], f"ppl {r['ppl']:.4f} vs llama.cpp {p['ppl']:.4f}"
 
 
-def test_gemma_long_prompt_prefill_equals_decode(gemma):
-    """1,100 tokens (> the 512-token window): prefill and token-by-token decoding agree."""
+@pytest.mark.parametrize("mode,atol", [("exact", 2e-3), ("fast", 0.5)])  # fast: bf16 noise, ~0.06 sigma
+def test_gemma_long_prompt_prefill_equals_decode(request, mode, atol):
+    """1,100 tokens (> the 512-token window): prefill and token-by-token decoding agree (fast mode:
+    prefill and one-token steps use different int8 kernels, both rounding activations to bf16)."""
+    gemma = model(request, "gemma3-270m-q4_k_m", mode)
     text = (FIXTURES / "text" / "gpl-3.txt").read_text(encoding="utf-8")
     ids = gemma.tokenize(text, bos=True)[:1100]
     net = gemma.net
@@ -62,7 +76,8 @@ def test_gemma_long_prompt_prefill_equals_decode(gemma):
     cache = net.new_cache(len(ids))
     net.forward(ids[:1060], cache)
     steps = torch.cat([net.forward([t], cache, all_logits=True) for t in ids[1060:]])
-    assert torch.allclose(full, steps, atol=2e-3, rtol=1e-3), (full - steps).abs().max()
+    print(mode, "prefill vs decode max diff", float((full - steps).abs().max()), "logit std", float(full.std()))
+    assert torch.allclose(full, steps, atol=atol, rtol=1e-3), (full - steps).abs().max()
 
 
 def test_gemma_sliding_window_is_applied(gemma):

@@ -22,7 +22,7 @@ def models():
 
 def get(models, key):
     if key not in models:
-        models[key] = ggtorch.load(str(TINY / MANIFEST["models"][key]["file"]))
+        models[key] = ggtorch.load(str(TINY / MANIFEST["models"][key]["file"]), fast=False)
     return models[key]
 
 
