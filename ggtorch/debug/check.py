@@ -125,8 +125,9 @@ def check(path: str, compare: bool = True, progress=None) -> dict:
             if progress:
                 progress(i + 1, len(names), n)
     compared = sum(1 for r in results if r.get("gguf_py") is True)
-    verdict = (f"{'FAIL' if problems else 'OK'}: {len(results)} tensors scanned, "
-               f"{compared} identical to gguf-py, {len(problems)} problems, {len(warns)} warnings")
+    vs = f"{compared} identical to gguf-py" if gg is not None else "not compared with gguf-py"
+    verdict = (f"{'FAIL' if problems else 'OK'}: {len(results)} tensors scanned, {vs}, "
+               f"{len(problems)} problems, {len(warns)} warnings")
     return {"file": str(path), "verdict": verdict, "ok": not problems, "problems": problems,
             "warnings": warns, "notes": notes, "tensors": results}
 
