@@ -27,14 +27,16 @@ def rope_cache(positions: torch.Tensor, n_rot: int, base: float, freq_scale: flo
     return torch.cos(theta).float(), torch.sin(theta).float()
 
 
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool) -> torch.Tensor:
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool,
+         cis: torch.Tensor | None = None) -> torch.Tensor:
     """Rotate x [..., head_dim] by position (ggml_rope_ext); cos/sin broadcast against x[..., :n_rot/2].
     ``neox`` pairs dimension i with i + n_rot/2; otherwise (llama, whose Q/K the converter permuted)
-    adjacent pairs 2i, 2i+1. Dimensions past n_rot pass through unchanged."""
+    adjacent pairs 2i, 2i+1. Dimensions past n_rot pass through unchanged. ``cis`` = cos + i sin,
+    when the caller computed it once for all layers."""
     n_rot = cos.shape[-1] * 2
     if not neox and n_rot == x.shape[-1]:  # the common case as one complex multiply: (a + ib)(cos + i sin)
         xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], n_rot // 2, 2))
-        return torch.view_as_real(xc * torch.complex(cos, sin)).flatten(-2)
+        return torch.view_as_real(xc * (torch.complex(cos, sin) if cis is None else cis)).flatten(-2)
     xr, rest = x[..., :n_rot], x[..., n_rot:]
     if neox:
         x0, x1 = xr[..., : n_rot // 2], xr[..., n_rot // 2:]

@@ -28,7 +28,8 @@ class Llama(Transformer):
 
     def prepare(self, pos, rope_pos, n_kv):
         cos, sin = self.rope_tables(rope_pos, self.cfg.rope_base)
-        return {"cos": cos, "sin": sin, "mask": self.mask(pos, n_kv)}
+        cis = torch.complex(cos, sin) if self.cfg.rope_type != "neox" else None
+        return {"cos": cos, "sin": sin, "cis": cis, "mask": self.mask(pos, n_kv)}
 
     def block(self, il, x, cache, start, ctx, trace):
         c, L, T = self.cfg, self.layers[il], x.shape[0]
@@ -45,8 +46,8 @@ class Llama(Transformer):
             q = rms_norm(q, L["attn_q_norm"], self.eps())
             k = rms_norm(k, L["attn_k_norm"], self.eps())
         neox = c.rope_type == "neox"
-        q = rope(q, ctx["cos"], ctx["sin"], neox)
-        k = rope(k, ctx["cos"], ctx["sin"], neox)
+        q = rope(q, ctx["cos"], ctx["sin"], neox, ctx["cis"])
+        k = rope(k, ctx["cos"], ctx["sin"], neox, ctx["cis"])
         if trace:
             trace(f"Qcur-{il}", q)
             trace(f"Kcur-{il}", k)
