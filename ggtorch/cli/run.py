@@ -1,31 +1,26 @@
-"""Implementations of the CLI subcommands (argparse namespace in, exit code out)."""
+"""Commands that read files and run models: inspect, dequant, run, tokenize, logits, perplexity, bench."""
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 import numpy as np
 
-from .errors import GGTorchError, GGUFError
-from .gguf.reader import GGUFFile
-from .progress import Progress
-
-
-def _print_json(obj) -> None:
-    json.dump(obj, sys.stdout, ensure_ascii=False)
-    sys.stdout.write("\n")
+from ..errors import GGTorchError
+from ..gguf.reader import GGUFFile
+from ..progress import Progress
+from .common import add_model, add_sampling, load, parse_ids, print_json, sampling_kwargs
 
 
 def cmd_inspect(a) -> int:
-    from .gguf.inspect import format_text, report
+    from ..gguf.inspect import format_text, report
 
-    from .packaged import resolve
+    from ..packaged import resolve
 
     with GGUFFile(resolve(a.file)) as f:
         if a.json:
             r = report(f)
-            _print_json({"metadata": r["metadata"], "tensors": r["tensors"],
+            print_json({"metadata": r["metadata"], "tensors": r["tensors"],
                          **{k: v for k, v in r.items() if k not in ("metadata", "tensors")}})
         else:
             print(format_text(f))
@@ -33,7 +28,7 @@ def cmd_inspect(a) -> int:
 
 
 def cmd_dequant(a) -> int:
-    from .quant.dequant import dequantize
+    from ..quant.dequant import dequantize
 
     with GGUFFile(a.file) as f:
         names = a.tensor or list(f.tensors)
@@ -53,23 +48,13 @@ def cmd_dequant(a) -> int:
     return 0
 
 
-def _load(a):
-    from .api import load
-
-    return load(a.model, device=a.device, threads=a.threads, fast=a.fast,
-                ggml_numerics=getattr(a, "ggml_numerics", False))
 
 
-def _sampling_kwargs(a) -> dict:
-    return dict(max_tokens=a.max_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
-                typical_p=a.typical_p, repeat_penalty=a.repeat_penalty, repeat_last_n=a.repeat_last_n,
-                presence_penalty=a.presence_penalty, frequency_penalty=a.frequency_penalty, seed=a.seed,
-                stop=a.stop, ignore_eos=a.ignore_eos)
 
 
 def cmd_run(a) -> int:
-    m = _load(a)
-    ids, timings, steps = m.steps(a.prompt, **_sampling_kwargs(a))
+    m = load(a)
+    ids, timings, steps = m.steps(a.prompt, **sampling_kwargs(a))
     out, text = [], []
     for step in steps:
         out.append(step.token)
@@ -78,7 +63,7 @@ def cmd_run(a) -> int:
             sys.stdout.write(step.piece)
             sys.stdout.flush()
     if a.json:
-        _print_json({"prompt_ids": ids, "ids": out, "text": "".join(text), "timings": timings.as_dict()})
+        print_json({"prompt_ids": ids, "ids": out, "text": "".join(text), "timings": timings.as_dict()})
     else:
         sys.stdout.write("\n")
         t = timings.as_dict()
@@ -89,29 +74,21 @@ def cmd_run(a) -> int:
 
 
 def cmd_tokenize(a) -> int:
-    m = _load(a)
+    m = load(a)
     ids = m.tokenize(a.text, special=a.special, bos=a.bos)
     if a.json:
-        _print_json({"ids": ids, "pieces": [m.tokenizer.tokens[i] for i in ids]})
+        print_json({"ids": ids, "pieces": [m.tokenizer.tokens[i] for i in ids]})
     else:
         for i in ids:
             print(f"{i:>8} {m.tokenizer.tokens[i]!r}")
     return 0
 
 
-def _parse_ids(s: str) -> list[int]:
-    try:
-        ids = [int(x) for x in s.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise GGTorchError(f"--tokens must be comma-separated integers, got {s!r}") from None
-    if not ids:
-        raise GGTorchError("--tokens is empty")
-    return ids
 
 
 def cmd_logits(a) -> int:
-    ids = _parse_ids(a.tokens)
-    m = _load(a)
+    ids = parse_ids(a.tokens)
+    m = load(a)
     lg = m.logits(ids).numpy().astype(np.float32)
     np.save(a.out, lg)
     print(f"wrote logits {list(lg.shape)} to {a.out}", file=sys.stderr)
@@ -119,13 +96,13 @@ def cmd_logits(a) -> int:
 
 
 def cmd_perplexity(a) -> int:
-    from .perplexity import kl_stats
+    from ..perplexity import kl_stats
 
     try:
         text = open(a.file, encoding="utf-8").read()
     except OSError as e:
         raise GGTorchError(f"cannot read {a.file}: {e.strerror}") from None
-    m = _load(a)
+    m = load(a)
     bar = Progress(1, "perplexity")
 
     def prog(done, total, ppl):
@@ -145,7 +122,7 @@ def cmd_perplexity(a) -> int:
         except (OSError, KeyError, ValueError) as e:
             raise GGTorchError(f"cannot use --kl-base {a.kl_base}: {e}") from None
     if a.json:
-        _print_json(out)
+        print_json(out)
     else:
         print(f"perplexity: {out['ppl']:.4f} over {out['tokens_scored']} tokens ({out['chunks']} chunks of {out['n_ctx']})")
         if "kl" in out:
@@ -156,12 +133,57 @@ def cmd_perplexity(a) -> int:
 
 
 def cmd_bench(a) -> int:
-    from .bench import bench, format_table
+    from ..bench import bench, format_table
 
     r = bench(a.model, n_prompt=a.n_prompt, n_gen=a.n_gen, reps=a.repetitions, device=a.device, threads=a.threads,
               fast=a.fast)
     if a.json:
-        _print_json(r)
+        print_json(r)
     else:
         print(format_table([r]))
     return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("inspect", help="metadata, tensor table and type histogram of a GGUF file")
+    p.add_argument("file")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("dequant", help="dequantize tensors to float32 arrays in an .npz")
+    p.add_argument("file")
+    p.add_argument("--out", required=True)
+    p.add_argument("--tensor", action="append", default=[], help="tensor name (repeatable); default all")
+
+    p = sub.add_parser("run", help="raw completion of a prompt (no chat template; `chat` applies the model's template)")
+    add_model(p, optional=True)
+    p.add_argument("-p", "--prompt", required=True)
+    p.add_argument("--json", action="store_true")
+    add_sampling(p)
+
+    p = sub.add_parser("tokenize", help="token ids of a text")
+    add_model(p)
+    p.add_argument("text")
+    p.add_argument("--special", action="store_true", help="parse special/control tokens in the text")
+    p.add_argument("--bos", action="store_true", help="add BOS (as the metadata's add_bos_token would)")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("logits", help="logits of a token sequence (float32, all positions) to .npy")
+    add_model(p)
+    p.add_argument("--tokens", required=True, help="comma-separated ids, e.g. 1,2,3")
+    p.add_argument("--out", required=True)
+
+    p = sub.add_parser("perplexity", help="perplexity of a text file, llama-perplexity's method")
+    add_model(p)
+    p.add_argument("--file", required=True)
+    p.add_argument("--ctx", type=int, default=256)
+    p.add_argument("--chunks", type=int, default=None)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--save-logits", default=None, help="save the scored logits' log-probs to an .npz for --kl-base")
+    p.add_argument("--kl-base", default=None, help="compare against a --save-logits file: KL, top-1 agreement")
+
+    p = sub.add_parser("bench", help="prefill/decode speed, load time, peak RSS")
+    add_model(p, optional=True)
+    p.add_argument("-p", "--n-prompt", type=int, default=512)
+    p.add_argument("-n", "--n-gen", type=int, default=128)
+    p.add_argument("-r", "--repetitions", type=int, default=3)
+    p.add_argument("--json", action="store_true")

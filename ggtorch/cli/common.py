@@ -1,0 +1,92 @@
+"""What every command group shares: model and sampling options, loading, JSON output, id lists."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+from ..errors import GGTorchError
+
+
+def add_model(p, optional=False):
+    if optional:
+        p.add_argument("model", nargs="?", default="smollm2-135m",
+                       help="a .gguf path or a packaged model name (smollm2-135m, gemma3-270m); default smollm2-135m")
+    else:
+        p.add_argument("model", help="a .gguf path or a packaged model name (smollm2-135m, gemma3-270m)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--exact", dest="fast", action="store_false",
+                   help="the float32 reference path: dequantize GGUF blocks on every call (slow); the default "
+                        "is a fast kernel per type (int4-repacked Q4_0/Q4_1/Q4_K, int8 rows otherwise, bf16 activations)")
+    p.add_argument("--fast", dest="fast", action="store_true",
+                   help="the fast kernels (the default, except for trace and diff, which compare numbers)")
+    p.add_argument("--ggml-numerics", action="store_true",
+                   help="round activations, KV cache and attention like llama.cpp's CPU backend (slow)")
+
+
+def add_sampling(p):
+    g = p.add_argument_group("sampling")
+    g.add_argument("-n", "--max-tokens", type=int, default=64)
+    g.add_argument("--temp", "--temperature", dest="temperature", type=float, default=0.0,
+                   help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=40)
+    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--min-p", type=float, default=0.05)
+    g.add_argument("--typical-p", type=float, default=1.0)
+    g.add_argument("--repeat-penalty", type=float, default=1.0)
+    g.add_argument("--repeat-last-n", type=int, default=64)
+    g.add_argument("--presence-penalty", type=float, default=0.0)
+    g.add_argument("--frequency-penalty", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true")
+
+
+def add_input(p):
+    p.add_argument("-p", "--prompt", default=None, help="text (BOS added as the model asks, special tokens parsed)")
+    p.add_argument("--tokens", default=None, help="comma-separated token ids instead of a prompt")
+
+
+def add_inject(p):
+    p.add_argument("--inject", action="append", default=[], metavar="FAULT",
+                   help="runtime fault in the forward: position-offset[=N], no-causal-mask, rms-eps[=X] (repeatable)")
+
+
+
+def load(a):
+    from ..api import load as _load
+
+    return _load(a.model, device=a.device, threads=a.threads, fast=a.fast,
+                 ggml_numerics=getattr(a, "ggml_numerics", False))
+
+
+def sampling_kwargs(a) -> dict:
+    return dict(max_tokens=a.max_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
+                typical_p=a.typical_p, repeat_penalty=a.repeat_penalty, repeat_last_n=a.repeat_last_n,
+                presence_penalty=a.presence_penalty, frequency_penalty=a.frequency_penalty, seed=a.seed,
+                stop=a.stop, ignore_eos=a.ignore_eos)
+
+
+def print_json(obj) -> None:
+    def clean(v):  # JSON has no NaN/Infinity
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [clean(x) for x in v]
+        return v
+
+    json.dump(clean(obj), sys.stdout, ensure_ascii=False)
+    sys.stdout.write("\n")
+
+
+def parse_ids(s: str) -> list[int]:
+    try:
+        ids = [int(x) for x in s.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise GGTorchError(f"--tokens must be comma-separated integers, got {s!r}") from None
+    if not ids:
+        raise GGTorchError("--tokens is empty")
+    return ids
