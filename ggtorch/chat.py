@@ -9,6 +9,7 @@ default, ChatML.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ChatTemplateError
@@ -112,3 +113,121 @@ def apply_template(template: str, messages, *, tools=None, add_generation_prompt
                  "add_generation_prompt": bool(add_generation_prompt),
                  "bos_token": bos_token, "eos_token": eos_token}
     return render(template, variables)
+
+
+# ---- a model's template ----------------------------------------------------------------------------------
+def model_template(metadata: dict, name: str | None = None) -> tuple[str, str]:
+    """(source, description) of the template to use: the file's ``tokenizer.chat_template``, a named variant
+    ``tokenizer.chat_template.<name>``, a built-in (``chatml``, ``gemma``) or a template file; without any,
+    llama.cpp's default ChatML (common_chat_templates_init), also when the file only has a tool_use variant
+    that is then taken instead."""
+    variants = {k.split(".", 2)[2]: v for k, v in metadata.items()
+                if k.startswith("tokenizer.chat_template.") and isinstance(v, str)}
+    if name is None:
+        src = metadata.get("tokenizer.chat_template")
+        if isinstance(src, str) and src and src != "chatml":
+            return src, "the file's tokenizer.chat_template"
+        if "tool_use" in variants:
+            return variants["tool_use"], "the file's tokenizer.chat_template.tool_use"
+        return CHATML, "chatml (llama.cpp's default: the file has no tokenizer.chat_template)"
+    if name in variants:
+        return variants[name], f"the file's tokenizer.chat_template.{name}"
+    if name in BUILTIN:
+        return BUILTIN[name], f"{name} (built in)"
+    from pathlib import Path
+
+    p = Path(name)
+    if p.is_file():
+        try:
+            return p.read_text(encoding="utf-8"), f"the file {name}"
+        except (OSError, UnicodeDecodeError) as e:
+            raise ChatTemplateError(f"cannot read the chat template file {name}: {e}") from None
+    raise ChatTemplateError(f"no chat template named {name!r}: expected one of the file's variants "
+                            f"{sorted(variants) or '(none)'}, a built-in {sorted(BUILTIN)} or a template file")
+
+
+def _probe(source: str, content) -> bool:
+    try:
+        out = apply_template(source, [{"role": "user", "content": content}])
+    except ChatTemplateError:
+        return False
+    return "ggtorch-probe" in out
+
+
+def content_caps(source: str) -> tuple[bool, bool]:
+    """(takes string content, takes a list of text parts), found by rendering a probe as llama.cpp's
+    jinja::caps does; cached per template."""
+    caps = _CAPS.get(source)
+    if caps is None:
+        caps = _CAPS[source] = (_probe(source, "ggtorch-probe"), _probe(source, [{"type": "text", "text": "ggtorch-probe"}]))
+    return caps
+
+
+_CAPS: dict[str, tuple[bool, bool]] = {}
+
+
+def fit_content(source: str, messages: list[dict]) -> list[dict]:
+    """Give the template the content form it takes (messages_inp_normalizer in llama.cpp's common/chat.cpp):
+    text parts joined with newlines for a string-only template, a string wrapped in one text part for a
+    parts-only one."""
+    strings, parts = content_caps(source)
+    if strings == parts:
+        return messages
+    out = []
+    for m in messages:
+        c = m.get("content")
+        if strings and isinstance(c, list):
+            m = {**m, "content": "\n".join(p.get("text", "") for p in c if isinstance(p, dict) and p.get("type") == "text")}
+        elif parts and isinstance(c, str):
+            m = {**m, "content": [{"type": "text", "text": c}]}
+        out.append(m)
+    return out
+
+
+# ---- chatting with a model ---------------------------------------------------------------------------------
+@dataclass
+class ChatResult:
+    text: str                  # the assistant's answer, without the end-of-generation token
+    finish_reason: str         # "stop" (end of turn or a stop string) or "length"
+    usage: dict                # prompt_tokens, completion_tokens, total_tokens
+    prompt_ids: list[int] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)
+    timings: Any = None        # generate.Timings: cached_tokens = prompt tokens taken from the session cache
+    template: str = ""         # which template rendered the prompt
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+class ChatSession:
+    """One conversation's KV cache: a new turn evaluates only the tokens after the longest prefix that the
+    cache already holds (like llama-server's prompt cache), keeping the rest."""
+
+    def __init__(self, model):
+        self.model = model
+        self.cache = None
+        self.ids: list[int] = []  # the tokens whose K/V the cache holds, in order
+
+    def reset(self) -> None:
+        self.cache, self.ids = None, []
+
+    def steps(self, prompt_ids: list[int], max_tokens: int, params, stop, ignore_eos, timings):
+        from .generate import generate_tokens
+
+        n = min(common_prefix(self.ids, prompt_ids), len(prompt_ids) - 1)  # the last token is always evaluated
+        if self.cache is None:
+            self.cache, n = self.model.net.new_cache(len(prompt_ids) + max_tokens + 1), 0
+        self.ids = list(prompt_ids[:n])  # until the forward below, only the kept prefix is known to be there
+        out: list[int] = []
+        try:
+            for step in generate_tokens(self.model, prompt_ids, max_tokens, params, stop, ignore_eos, timings,
+                                        cache=self.cache, n_cached=n):
+                out.append(step.token)
+                yield step
+        finally:  # also when the caller stops early (Ctrl-C): what the cache holds stays reusable
+            self.ids = (list(prompt_ids) + out)[:self.cache.n]
