@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from ggtorch import chat, jinja_sandbox
-from ggtorch.errors import ChatTemplateError, GGTorchError
+from ggtorch.errors import ChatTemplateError
 
 DATA = Path(__file__).parent / "data"
 REC = json.loads((DATA / "chat_renderings.json").read_text())

@@ -133,9 +133,14 @@ def _bias(items) -> dict[int, float]:
 
 
 def cmd_chat(a) -> int:
+    from ..chat import model_template
+    from ..gguf.reader import GGUFFile
+    from ..packaged import resolve
+
+    with GGUFFile(resolve(a.model)) as f:  # a bad --chat-template fails before the weights load
+        _, label = model_template(f.metadata, a.chat_template)
     m = load(a)
     chat = Chat(m, a)
-    _, label = m.chat_template(a.chat_template)  # a bad --chat-template fails before anything else
     interactive = a.prompt is None and sys.stdin.isatty()
     if interactive:
         name = m.file.metadata.get("general.name") or a.model
