@@ -95,6 +95,12 @@ def test_stopping_early_keeps_the_cache_consistent(smollm):
     a = smollm.chat(Q, max_tokens=8)
     smollm.reset_chat()
     assert smollm.chat(Q, max_tokens=8).ids == a.ids
+    # a new turn closes a turn still being read: it can no longer write into the shared cache
+    old = smollm.chat_stream(Q, max_tokens=40)
+    next(old)
+    assert smollm.chat(Q, max_tokens=8).ids == a.ids
+    with pytest.raises(StopIteration):
+        next(old)
 
 
 def test_cli_chat_answers_once_and_stops(capsys):
