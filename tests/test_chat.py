@@ -117,3 +117,18 @@ def test_cli_chat_json_and_bad_template(capsys):
     assert out["finish_reason"] == "stop" and "<end_of_turn>" not in out["text"]
     assert main(["chat", "smollm2-135m", "-p", "x", "--chat-template", "nope"]) == 2
     assert "no chat template named 'nope'" in capsys.readouterr().err
+
+
+def test_cli_turn_refused_by_the_template_leaves_no_trace(smollm):
+    from ggtorch.cli import build_parser
+    from ggtorch.cli.chat import Chat
+    from ggtorch.errors import ChatTemplateError
+
+    a = build_parser().parse_args(["chat", "--chat-template", str(DATA / "chat_templates" / "google-gemma-2-2b-it.jinja"),
+                                   "--system", "Be brief.", "-n", "2"])
+    c = Chat(smollm, a)
+    with pytest.raises(ChatTemplateError, match="System role not supported"):
+        c.answer("Hi")
+    assert c.history == []  # the interactive loop prints the error and goes on
+    c.command("/system")
+    assert c.answer("Hi")["finish_reason"] in ("stop", "length") and len(c.history) == 2
