@@ -1,5 +1,6 @@
 """Model.chat / chat_stream / apply_chat_template on the packaged models, the session cache, `ggtorch chat -p`."""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -103,11 +104,16 @@ def test_stopping_early_keeps_the_cache_consistent(smollm):
         next(old)
 
 
-def test_cli_chat_answers_once_and_stops(capsys):
+def test_cli_chat_answers_once_and_stops(capsys, smollm):
     assert main(["chat", "smollm2-135m", "-p", "What is the capital of France?"]) == 0
     out, err = capsys.readouterr()
+    smollm.reset_chat()
+    r = smollm.chat(Q)  # the same answer through the API ends with <|im_end|>
+    assert r.ids[-1] == smollm.tokenizer.token_to_id["<|im_end|>"] and out == r.text + "\n"
     assert "Paris" in out and "<|im_end|>" not in out and out.endswith("\n")
     assert "[template: the file's tokenizer.chat_template]" in err and "[prompt 37 tok" in err
+    n = int(re.search(r"answer (\d+) tok", err).group(1))
+    assert n == len(r.ids) < 512  # ended by <|im_end|>, not by the 512-token limit
 
 
 def test_cli_chat_json_and_bad_template(capsys):
