@@ -26,3 +26,8 @@ class TokenizerError(GGTorchError):
 
 class GenerationError(GGTorchError):
     """A generation or sampling parameter is out of range."""
+
+
+class ContextError(GenerationError):
+    """The tokens do not fit the context window (n_ctx): the prompt plus the requested tokens, or a
+    sequence that reached the end of its KV cache slot."""
