@@ -142,18 +142,18 @@ def test_gemma_batched_decode_fast_kernels(gemma):
 
 def test_truncate_then_reforward_equals_a_fresh_run():
     net = ggtorch.load(str(TINY / "tiny-qwen3-F32.gguf"), fast=False).net
-    pool = net.new_pool(3, 64)
+    pool = net.new_pool(3, 64, dtype="f32")
     net.forward([1, 5, 9, 300, 20, 7, 8, 40], pool, slot=2)
     pool.truncate(4, slot=2)
     assert pool.lens == [0, 0, 4]
     again = net.forward([77, 78], pool, slot=2, all_logits=True)
-    fresh = net.forward([1, 5, 9, 300, 77, 78], net.new_cache(), all_logits=True)[-2:]
-    assert torch.allclose(again, fresh, atol=1e-5)
+    fresh = net.forward([1, 5, 9, 300, 77, 78], net.new_cache(dtype="f32"), all_logits=True)[-2:]
+    assert torch.allclose(again, fresh, atol=1e-4)
     # and in a batched step next to another slot
     net.forward([1, 2, 3], pool, slot=0)
     lg = net.forward_batch([79, 4], [2, 0], pool)
-    assert torch.allclose(lg[0], net.forward([1, 5, 9, 300, 77, 78, 79], net.new_cache())[-1], atol=1e-5)
-    assert torch.allclose(lg[1], net.forward([1, 2, 3, 4], net.new_cache())[-1], atol=1e-5)
+    assert torch.allclose(lg[0], net.forward([1, 5, 9, 300, 77, 78, 79], net.new_cache(dtype="f32"))[-1], atol=1e-4)
+    assert torch.allclose(lg[1], net.forward([1, 2, 3, 4], net.new_cache(dtype="f32"))[-1], atol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", ["f16", "bf16"])
