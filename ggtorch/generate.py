@@ -47,8 +47,6 @@ def generate_tokens(model, prompt_ids: list[int], max_tokens: int, params: Sampl
                     stop: list[str] = (), ignore_eos: bool = False, timings: Timings | None = None) -> Iterator[Step]:
     """Yields :class:`Step`s. Stop strings are held back until they can no longer match, and the
     matched stop string itself is not emitted (as llama-cpp-python does)."""
-    from .tokenizer import StreamDecoder
-
     timings = timings if timings is not None else Timings()
     net, tok = model.net, model.tokenizer
     gen = make_generator(params.seed)
@@ -57,8 +55,7 @@ def generate_tokens(model, prompt_ids: list[int], max_tokens: int, params: Sampl
     logits = net.forward(prompt_ids, cache)[-1]
     timings.prompt_tokens, timings.prompt_s = len(prompt_ids), time.perf_counter() - t0
     history = list(prompt_ids)
-    dec = StreamDecoder(tok, first=False)
-    held = ""
+    text = StopText(tok, stop)
     t1 = time.perf_counter()
     for i in range(max_tokens):
         tid = sample(logits, params, history, gen)
@@ -66,25 +63,48 @@ def generate_tokens(model, prompt_ids: list[int], max_tokens: int, params: Sampl
         timings.gen_tokens += 1
         if not ignore_eos and tid in tok.eog_ids:
             timings.gen_s = time.perf_counter() - t1
-            yield Step(tid, held + dec.flush(), "stop")
+            yield Step(tid, text.flush(), "stop")
             return
-        held += dec.feed(tid)
-        hit = min((held.find(s) for s in stop if s and s in held), default=-1)
-        if hit >= 0:
+        out, hit = text.feed(tid)
+        if hit or i == max_tokens - 1:
             timings.gen_s = time.perf_counter() - t1
-            yield Step(tid, held[:hit], "stop")
+            yield Step(tid, out if hit else out + text.flush(), "stop" if hit else "length")
             return
-        # emit what can no longer be the start of a stop string
-        keep = max((_overlap(held, s) for s in stop if s), default=0)
-        last = i == max_tokens - 1
-        if last:
-            timings.gen_s = time.perf_counter() - t1
-            yield Step(tid, held + dec.flush(), "length")
-            return
-        out, held = (held[: len(held) - keep], held[len(held) - keep:]) if keep else (held, "")
         yield Step(tid, out)
         logits = net.forward([tid], cache)[-1]
     timings.gen_s = time.perf_counter() - t1
+
+
+class StopText:
+    """Token ids -> text pieces, with stop strings that may span token boundaries.
+
+    Text that could still be the start of a stop string is held back until it can no longer match;
+    the matched stop string itself (and anything after it) is not emitted, as llama-cpp-python does.
+    Shared by :func:`generate_tokens` and the continuous-batching engine (ggtorch.batch)."""
+
+    def __init__(self, tok, stop=()):
+        from .tokenizer import StreamDecoder
+
+        self.dec = StreamDecoder(tok, first=False)
+        self.stop = [s for s in stop if s]
+        self.held = ""
+
+    def feed(self, tid: int) -> tuple[str, bool]:
+        """Text that is now safe to emit, and whether a stop string was reached."""
+        self.held += self.dec.feed(tid)
+        hit = min((self.held.find(s) for s in self.stop if s in self.held), default=-1)
+        if hit >= 0:
+            out, self.held = self.held[:hit], ""
+            return out, True
+        keep = max((_overlap(self.held, s) for s in self.stop), default=0)
+        cut = len(self.held) - keep
+        out, self.held = self.held[:cut], self.held[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        """Everything held back (at the end of generation)."""
+        out, self.held = self.held + self.dec.flush(), ""
+        return out
 
 
 def _overlap(text: str, stop: str) -> int:
