@@ -120,7 +120,7 @@ class SlotPool:
         self.cache = net.new_pool(n_slots, n_ctx)
 
     def length(self, slot: int) -> int:
-        return int(self.cache.lengths[slot])
+        return int(self.cache.lens[slot])
 
     def truncate(self, slot: int, n: int) -> None:
         self.cache.truncate(n, slot=slot)
