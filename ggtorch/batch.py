@@ -259,22 +259,21 @@ class BatchEngine:
             self.step()
 
     def step(self) -> None:
-        """One scheduling round: admit waiting requests, drop cancelled ones, prefill one chunk,
+        """One scheduling round: admit waiting requests, drop cancelled ones, prefill prompt chunks,
         then one decode step over every sequence that has a token to decode."""
-        self._admit()
-        seqs = [s.seq for s in self.slots if s.seq is not None]
-        for q in seqs:
-            if q.req.cancelled:
-                self._finish(q, "cancelled")
         try:
+            self._admit()
+            for s in self.slots:
+                if s.seq is not None and s.seq.req.cancelled:
+                    self._finish(s.seq, "cancelled")
             self._prefill()
             self._decode()
         except Exception as e:  # a bug must not kill the loop: fail the sequences involved, keep serving
-            for s in self.slots:
+            for i, s in enumerate(self.slots):
                 if s.seq is not None:
                     self._finish(s.seq, "error", error=f"{type(e).__name__}: {e}")
-                    s.tokens = []
-                    self.backend.truncate(self.slots.index(s), 0)
+                s.tokens = []
+                self.backend.truncate(i, 0)
 
     def _admit(self) -> None:
         with self.cond:
@@ -298,17 +297,23 @@ class BatchEngine:
                 slot.last_used = time.perf_counter()
 
     def _prefill(self) -> None:
-        todo = [s.seq for s in self.slots if s.seq is not None and s.seq.pending]
-        if not todo:
-            return
-        q = min(todo, key=lambda x: x.req.submitted)  # first come, first served
+        """Prompt chunks, first come first served: at most ``prefill_chunk`` tokens in all while other
+        sequences are decoding (they wait for this), every pending prompt when none is."""
+        todo = sorted((s.seq for s in self.slots if s.seq is not None and s.seq.pending),
+                      key=lambda x: x.req.submitted)
         decoding = any(s.seq is not None and s.seq.next is not None for s in self.slots)
-        n = self.prefill_chunk if decoding else len(q.pending)
-        chunk, q.pending = q.pending[:n], q.pending[n:]
-        logits = self.backend.prefill(q.slot, chunk)
-        self.slots[q.slot].tokens += chunk
-        if not q.pending:
-            self._next(q, logits)
+        budget = self.prefill_chunk if decoding else None
+        for q in todo:
+            if budget is not None and budget <= 0:
+                break
+            n = len(q.pending) if budget is None else min(budget, len(q.pending))
+            chunk, q.pending = q.pending[:n], q.pending[n:]
+            logits = self.backend.prefill(q.slot, chunk)
+            self.slots[q.slot].tokens += chunk
+            if budget is not None:
+                budget -= n
+            if not q.pending:
+                self._next(q, logits)
 
     def _decode(self) -> None:
         batch = [s.seq for s in self.slots if s.seq is not None and s.seq.next is not None]

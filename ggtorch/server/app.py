@@ -88,7 +88,12 @@ class Server:
         fn = getattr(self.model, "apply_chat_template", None)
         if fn is None:
             raise APIError(501, "this build of ggtorch has no chat templates", type="not_supported_error")
-        out = fn(msgs, tools=tools or None, add_generation_prompt=True, tokenize=tokenize, **kw)
+        try:
+            out = fn(msgs, tools=tools or None, add_generation_prompt=True, tokenize=tokenize, **kw)
+        except GGTorchError:
+            raise
+        except Exception as e:  # the template refused these messages (raise_exception, a type it expects...)
+            raise bad("messages", f"the chat template failed on these messages: {type(e).__name__}: {e}") from None
         if tokenize and isinstance(out, str):
             out = self.model.tokenize(out, special=True, bos=False)
         return out
