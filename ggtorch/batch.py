@@ -149,6 +149,9 @@ class _Seq:
         self.gen = make_generator(req.params.seed)
         self.text = StopText(tok, req.stop)
         self.n_out = 0
+        p = req.params
+        self.plain_greedy = p.temperature <= 0 and not p.logit_bias and p.repeat_penalty == 1.0 and \
+            p.presence_penalty == 0.0 and p.frequency_penalty == 0.0
         self.next: int | None = None  # sampled, to be decoded in the next step
         self.t_first: float | None = None
 
@@ -322,18 +325,22 @@ class BatchEngine:
         tokens = [q.next for q in batch]
         logits = self.backend.decode(tokens, [q.slot for q in batch])
         self.steps += 1
+        # plain greedy rows (no penalties, no bias) take one argmax over the whole batch
+        greedy = logits.argmax(-1).tolist() if any(q.plain_greedy for q in batch) else None
         for i, q in enumerate(batch):
             self.slots[q.slot].tokens.append(q.next)
             q.next = None
-            self._next(q, logits[i])
+            self._next(q, logits[i], greedy[i] if greedy is not None and q.plain_greedy else None)
 
-    def _next(self, q: _Seq, logits: torch.Tensor) -> None:
-        """Sample the next token of q from its logits row; emit it; finish or queue it for decoding."""
+    def _next(self, q: _Seq, logits: torch.Tensor, tid: int | None = None) -> None:
+        """Sample the next token of q from its logits row (unless the caller already took the argmax);
+        emit it; finish or queue it for decoding."""
         r = q.req
         if q.n_out >= r.max_tokens:  # max_tokens = 0
             self._finish(q, "length")
             return
-        tid = sample(logits, r.params, q.history, q.gen)
+        if tid is None:
+            tid = sample(logits, r.params, q.history, q.gen)
         q.history.append(tid)
         q.n_out += 1
         info = TokenInfo(tid)
