@@ -129,6 +129,8 @@ class SlotPool:
         return self.net.forward(ids, self.cache, slot=slot)[-1]
 
     def decode(self, tokens: list[int], slots: list[int]) -> torch.Tensor:
+        if len(tokens) == 1:  # alone: the single-sequence path, the same numbers as Model.generate
+            return self.net.forward(tokens, self.cache, slot=slots[0])
         return self.net.forward_batch(tokens, slots, self.cache)
 
 
