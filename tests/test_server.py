@@ -420,3 +420,35 @@ def test_alive_after_fuzz(server):
     server.wait_idle()
     r = httpx.post(server.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=30)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+
+
+def test_cli_serve(capsys):
+    import subprocess
+    import sys
+
+    from ggtorch.cli import main
+
+    assert main(["serve", "--parallel", "0"]) == 2
+    assert "--parallel" in capsys.readouterr().err
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    p = subprocess.Popen([sys.executable, "-m", "ggtorch", "serve", MODEL, "--port", str(port), "--parallel", "2",
+                          "--ctx", "512", "--threads", "1"], stderr=subprocess.PIPE, text=True)
+    try:
+        t0 = time.time()
+        while True:
+            assert p.poll() is None and time.time() - t0 < 120, "ggtorch serve did not come up"
+            try:
+                h = httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).json()
+                break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        assert h["slots_idle"] == 2
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=60)
+        assert r.status_code == 200
+    finally:
+        p.terminate()
+        err = p.communicate(timeout=30)[1]
+    assert "POST /v1/completions 200" in err  # the request's log line
