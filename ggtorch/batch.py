@@ -405,6 +405,8 @@ def generate_batch(model, prompts: list, parallel: int = 4, n_ctx: int | None = 
             if ev.finish_reason:
                 res.text, res.finish_reason = "".join(parts), ev.finish_reason
                 res.timings.gen_tokens = ev.completion_tokens
+                res.timings.cached_tokens = ev.cached_tokens
+                res.timings.prompt_tokens = ev.prompt_tokens - ev.cached_tokens
                 errors.extend([ev.error] if ev.error else [])
 
         reqs.append(BatchRequest(ids, params, max_tokens, stop, ignore_eos, on_event=on_event))
