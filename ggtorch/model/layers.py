@@ -58,8 +58,17 @@ def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int = 0) ->
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
     """softmax(q k^T * scale + mask) v with grouped KV heads. q [H, T, D], k/v [Hkv, S, D] -> [T, H*Dv].
-    ``mask`` is boolean [T, S] (True = may attend) or None when every query sees every key."""
-    gqa = q.shape[0] != k.shape[0]  # grouped KV heads are shared by SDPA itself, no copies
+    ``mask`` is boolean [T, S] (True = may attend) or None when every query sees every key.
+
+    Batched decode (a :class:`BatchView` cache): k/v are [B, Hkv, S, D], one sequence per row, padded
+    to the longest; q [H, B, D] holds one query per sequence and ``mask`` [B, S] says which of its own
+    row's keys each query sees. One SDPA call for all B sequences."""
+    gqa = q.shape[0] != k.shape[-3]  # grouped KV heads are shared by SDPA itself, no copies
+    if k.dim() == 4:
+        qb = q.transpose(0, 1)[:, :, None]  # [B, H, 1, D]
+        m = None if mask is None else mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(qb, k, v, attn_mask=m, scale=scale, enable_gqa=gqa)
+        return out.reshape(q.shape[1], -1)
     # 4-D inputs select PyTorch's fused CPU attention kernel (3-D ones fall back to the math path)
     out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, scale=scale, enable_gqa=gqa)[0]
     return out.transpose(0, 1).reshape(q.shape[1], -1)
@@ -74,37 +83,126 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
 
 
+DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+
+
 class KVCache:
-    """Per-layer K and V [n_kv_head, capacity, head_dim], grown by doubling; ``n`` tokens are filled."""
+    """A pool of ``n_slots`` sequences' keys and values (llama.cpp's unified KV cache with sequence ids).
+
+    Per layer K is [n_slots, n_kv_head, capacity, head_dim] and V likewise, stored in ``dtype`` (llama.cpp
+    keeps F16). A sequence is a slot plus a length: slot s holds its tokens at indices 0..lens[s]-1, and
+    index = position. The capacity grows by doubling (all slots together) up to ``n_ctx`` (None:
+    unbounded), so a pool sized for a long context costs memory only as its sequences grow.
+    Zero-filled, so padding rows in a batched gather are finite (masked, but never NaN)."""
 
     def __init__(self, n_layer: int, n_kv: int, head_dim: int, head_dim_v: int, capacity: int = 256,
-                 device="cpu", dtype=torch.float32):
+                 device="cpu", dtype=torch.float32, n_slots: int = 1, n_ctx: int | None = None):
         self.n_layer, self.n_kv, self.hd, self.hdv = n_layer, n_kv, head_dim, head_dim_v
-        self.device, self.dtype = device, dtype
-        self.k = [torch.empty(n_kv, capacity, head_dim, device=device, dtype=dtype) for _ in range(n_layer)]
-        self.v = [torch.empty(n_kv, capacity, head_dim_v, device=device, dtype=dtype) for _ in range(n_layer)]
-        self.n = 0
+        self.device, self.dtype = device, DTYPES.get(dtype, dtype)
+        self.n_slots, self.n_ctx = n_slots, n_ctx
+        capacity = max(1, capacity if n_ctx is None else min(capacity, n_ctx))
+        self.k = [self._alloc(capacity, head_dim) for _ in range(n_layer)]
+        self.v = [self._alloc(capacity, head_dim_v) for _ in range(n_layer)]
+        self.lens = [0] * n_slots
+
+    def _alloc(self, cap: int, d: int) -> torch.Tensor:
+        return torch.zeros(self.n_slots, self.n_kv, cap, d, device=self.device, dtype=self.dtype)
+
+    @property
+    def n(self) -> int:
+        """Length of slot 0 (the single-sequence cache)."""
+        return self.lens[0]
+
+    @n.setter
+    def n(self, value: int) -> None:
+        self.lens[0] = value
 
     @property
     def capacity(self) -> int:
-        return self.k[0].shape[1]
+        return self.k[0].shape[2]
+
+    def bytes_per_token(self) -> int:
+        """K and V bytes one token of one sequence takes, all layers."""
+        return self.n_layer * self.n_kv * (self.hd + self.hdv) * self.k[0].element_size()
+
+    def nbytes(self) -> int:
+        """Bytes allocated now (all slots, all layers)."""
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
     def reserve(self, total: int) -> None:
+        """Room for ``total`` tokens in every slot (the caller checks n_ctx first)."""
         if total <= self.capacity:
             return
         cap = max(total, 2 * self.capacity)
-        for lst in (self.k, self.v):
+        if self.n_ctx is not None:
+            cap = min(cap, max(total, self.n_ctx))
+        keep = max(self.lens)
+        for lst, d in ((self.k, self.hd), (self.v, self.hdv)):
             for i, t in enumerate(lst):
-                new = torch.empty(t.shape[0], cap, t.shape[2], device=t.device, dtype=t.dtype)
-                new[:, : self.n] = t[:, : self.n]
+                new = self._alloc(cap, d)
+                new[:, :, :keep] = t[:, :, :keep]
                 lst[i] = new
 
-    def update(self, il: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k/v [n_kv, T, D] at ``start``; return the cache views [n_kv, start+T, D]."""
-        end = start + k.shape[1]
-        self.k[il][:, start:end] = k
-        self.v[il][:, start:end] = v
-        return self.k[il][:, :end], self.v[il][:, :end]
+    def view(self, il: int, slot: int, end: int, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V of ``slot``'s first ``end`` tokens in layer il, [n_kv, end, D], in ``dtype``."""
+        return self.k[il][slot, :, :end].to(dtype), self.v[il][slot, :, :end].to(dtype)
 
-    def truncate(self, n: int) -> None:
-        self.n = min(self.n, n)
+    def update(self, il: int, start: int, k: torch.Tensor, v: torch.Tensor, slot: int = 0):
+        """Write k/v [n_kv, T, D] into ``slot`` at ``start``; return its views [n_kv, start+T, D] in k's dtype."""
+        end = start + k.shape[1]
+        self.k[il][slot, :, start:end] = k
+        self.v[il][slot, :, start:end] = v
+        return self.view(il, slot, end, k.dtype)
+
+    def truncate(self, n: int, slot: int = 0) -> None:
+        """Keep the first n tokens of ``slot`` (prefix reuse)."""
+        self.lens[slot] = max(0, min(self.lens[slot], n))
+
+    def clear(self, slot: int = 0) -> None:
+        self.lens[slot] = 0
+
+    def move(self, slot: int, src: int, dst: int, n: int) -> None:
+        """Move n tokens of ``slot`` from index src to dst (dst < src; part of a context shift)."""
+        for lst in (self.k, self.v):
+            for t in lst:
+                t[slot, :, dst:dst + n] = t[slot, :, src:src + n].clone()
+
+
+class SlotView:
+    """The cache as one sequence sees it: what ``block``/``attend`` get from ``forward(slot=)``."""
+
+    def __init__(self, pool: KVCache, slot: int):
+        self.pool, self.slot = pool, slot
+
+    def update(self, il, start, k, v):
+        return self.pool.update(il, start, k, v, self.slot)
+
+    @property
+    def n(self) -> int:
+        return self.pool.lens[self.slot]
+
+
+class BatchView:
+    """The cache as a batched decode step sees it: token b belongs to ``slots[b]`` at ``pos[b]``.
+    ``update`` writes each new key/value into its own slot and returns the B slots' K/V gathered to
+    [B, n_kv, max(pos)+1, D] (rows past a sequence's length are padding its mask hides)."""
+
+    def __init__(self, pool: KVCache, slots: list[int], pos: torch.Tensor):
+        self.pool, self.slots, self.pos = pool, slots, pos
+        self.idx = torch.tensor(slots, dtype=torch.long, device=pos.device)
+        self.end = int(pos.max()) + 1
+        s0 = slots[0]
+        self.contiguous = slots == list(range(s0, s0 + len(slots)))  # a slice instead of a gather
+
+    def update(self, il, start, k, v):
+        p, K, V = self.pool, self.pool.k[il], self.pool.v[il]
+        # k/v [n_kv, B, D]; K[idx, :, pos] addresses [B, n_kv, D]
+        K[self.idx, :, self.pos] = k.transpose(0, 1).to(K.dtype)
+        V[self.idx, :, self.pos] = v.transpose(0, 1).to(V.dtype)
+        if self.contiguous:
+            s = self.slots[0]
+            kk, vv = K[s:s + len(self.slots), :, :self.end], V[s:s + len(self.slots), :, :self.end]
+        else:
+            kk = K[:, :, :self.end].index_select(0, self.idx)
+            vv = V[:, :, :self.end].index_select(0, self.idx)
+        return kk.to(k.dtype), vv.to(v.dtype)
