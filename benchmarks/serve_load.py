@@ -180,7 +180,7 @@ def alone_answers(url: str, model: str, max_tokens: int) -> dict:
                                     extra_body={"ignore_eos": True}).choices[0].text for p in PROMPTS}
 
 
-def overhead(url: str, a, reps: int = 3) -> dict:
+def overhead(url: str, a, reps: int = 5) -> dict:
     """One request through the server (non-streaming, end to end) vs Model.generate in this process,
     called from the main thread and from a worker thread (the server's engine runs in one: with
     OpenMP, a busy machine treats the two very differently, so both are reported)."""
