@@ -1,4 +1,8 @@
-"""Hyper-parameters, read once from `{general.architecture}.*` metadata into a frozen dataclass."""
+"""Hyper-parameters, read once from `{general.architecture}.*` metadata into a frozen dataclass.
+
+What llama_model_base::load_hparams reads for every architecture is read here for every architecture;
+the per-architecture keys and defaults (llama_model_<arch>::load_arch_hparams) are in the tables below.
+"""
 from __future__ import annotations
 
 import math
@@ -8,8 +12,20 @@ from ..errors import ModelError
 
 # RoPE layout per architecture (llama_model_rope_type): "normal" rotates adjacent pairs (the converter
 # permuted Q/K for llama), "neox" rotates the two halves of each head.
-ROPE_TYPES = {"llama": "normal", "qwen2": "neox", "qwen3": "neox", "gemma3": "neox"}
+ROPE_TYPES = {"llama": "normal", "qwen2": "neox", "qwen3": "neox", "gemma3": "neox", "qwen3moe": "neox",
+              "gpt-oss": "neox", "gemma2": "neox", "phi3": "neox", "granite": "normal", "olmo2": "neox",
+              "smollm3": "normal", "mistral3": "normal"}
 SUPPORTED = tuple(ROPE_TYPES)
+# load_swa_pattern(ml, n) per architecture: layer il is sliding-window when il % n < n - 1
+SWA_PATTERN = {"gemma3": 6, "gemma2": 2, "gpt-oss": 2, "olmo2": 4}
+SWA_DEFAULT = {"gemma2": 4096}  # hparams.n_swa when the file has no attention.sliding_window
+# MoE gating (llama_expert_gating_func_type) and whether the chosen weights are renormalized (norm_w),
+# as each architecture's graph passes them to build_moe_ffn
+MOE_GATING = {"llama": ("softmax", True), "qwen3moe": ("softmax", True), "gpt-oss": ("softmax_weight", False),
+              "granite": ("softmax", True), "mistral3": ("softmax", True), "phi3": ("softmax", True)}
+# keys an architecture needs beyond the common ones (ml.get_key without `false`)
+REQUIRED = {"gpt-oss": ("expert_feed_forward_length", "attention.sliding_window"), "granite": ("logit_scale",),
+            "qwen3moe": ("expert_count", "expert_used_count")}
 
 
 @dataclass(frozen=True)
@@ -28,16 +44,39 @@ class Config:
     rope_type: str
     n_rot: int
     rope_base: float
-    rope_freq_scale: float  # 1 / rope.scaling.factor for linear scaling
-    rope_base_local: float  # gemma3's sliding-window layers
+    rope_freq_scale: float  # 1 / rope.scaling.factor (linear and YaRN)
+    rope_base_local: float  # the sliding-window layers' base (rope.freq_base_swa)
     sliding_window: int  # 0 = none
-    swa_period: int  # every swa_period-th layer is global (gemma3: 6)
+    swa_period: int  # load_swa_pattern's n (kept for callers of is_swa)
     attn_scale: float
     embed_scale: float
+    # RoPE scaling (llama_context's cparams.yarn_*): ext_factor 0 = plain (linear) scaling
+    rope_scaling: str = "linear"
+    yarn_ext_factor: float = 0.0
+    yarn_attn_factor: float = 1.0
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    n_ctx_orig: int = 0
+    swa_layers: tuple = ()  # per layer: True = sliding-window attention
+    attn_softcap: float = 0.0  # gemma2: tanh cap on the attention scores (0 = none)
+    final_softcap: float = 0.0  # gemma2: tanh cap on the logits
+    residual_scale: float = 0.0  # granite: both branch outputs times this (0 = none)
+    logit_scale: float = 0.0  # granite: logits divided by this (0 = none)
+    attn_temp_scale: float = 0.0  # mistral3: Q times 1 + s*ln(floor(pos/n_ctx_orig) + 1) (0 = none)
+    no_rope_step: int = 0  # smollm3: layers with (il + 1) % step == 0 have no RoPE
+    n_expert: int = 0
+    n_expert_used: int = 0
+    n_ff_exp: int = 0
+    expert_gating: str = "softmax"
+    expert_norm: bool = False
+    expert_weights_scale: float = 0.0
 
     def is_swa(self, il: int) -> bool:
-        """llama_hparams::set_swa_pattern: layers whose index is not (period-1) mod period are local."""
-        return self.sliding_window > 0 and self.swa_period > 0 and (il % self.swa_period) < self.swa_period - 1
+        """llama_hparams::is_swa: the per-layer pattern set by load_swa_pattern."""
+        return self.sliding_window > 0 and il < len(self.swa_layers) and bool(self.swa_layers[il])
+
+    def has_rope(self, il: int) -> bool:
+        return not (self.no_rope_step and (il + 1) % self.no_rope_step == 0)
 
     @classmethod
     def from_gguf(cls, f) -> "Config":
@@ -54,7 +93,10 @@ class Config:
         def scalar(v):  # per-layer arrays: these models use one value for all layers
             return int(v[0]) if hasattr(v, "__len__") else int(v)
 
+        for k in REQUIRED.get(arch, ()):
+            need(k)
         n_embd = int(need("embedding_length"))
+        n_layer = int(need("block_count"))
         n_head = scalar(need("attention.head_count"))
         n_head_kv = scalar(f.arch_key("attention.head_count_kv", n_head))
         head_dim = int(f.arch_key("attention.key_length", n_embd // n_head))
@@ -64,32 +106,107 @@ class Config:
         if n_vocab <= 0:
             emb = f.tensors.get("token_embd.weight")
             n_vocab = emb.shape[1] if emb else 0
-        scaling = f.arch_key("rope.scaling.type", "none")
-        factor = float(f.arch_key("rope.scaling.factor", 0.0) or 0.0)
-        freq_scale = 1.0 / factor if scaling == "linear" and factor > 0 else 1.0
-        gemma = arch == "gemma3"
         if n_head <= 0 or n_head_kv <= 0 or n_head % n_head_kv:
             raise ModelError(f"head_count {n_head} is not a multiple of head_count_kv {n_head_kv}")
+        n_ctx_train = int(f.arch_key("context_length", 4096))
+        rope_base = float(f.arch_key("rope.freq_base", 10000.0))
+
+        # RoPE scaling (llama_model_base::load_hparams, then llama_context's constructor)
+        scaling = str(f.arch_key("rope.scaling.type", "linear"))
+        factor = float(f.arch_key("rope.scaling.factor", 0.0) or f.arch_key("rope.scale_linear", 0.0) or 0.0)
+        freq_scale = 1.0 / factor if factor else 1.0
+        if scaling == "none":
+            freq_scale = 1.0
+        n_ctx_orig = int(f.arch_key("rope.scaling.original_context_length", 0) or n_ctx_train)
+        ext = 1.0 if scaling == "yarn" else 0.0
+        attn_factor = 1.0
+        if ext:
+            def mscale(s, m):
+                return 1.0 if s <= 1.0 else 0.1 * m * math.log(s) + 1.0
+            fac = 1.0 / freq_scale
+            log_mul = float(f.arch_key("rope.scaling.yarn_log_multiplier", 0.0) or 0.0)
+            attn_factor = mscale(fac, 1.0) / mscale(fac, log_mul) if log_mul else mscale(fac, 1.0)
+            attn_factor /= 1.0 + 0.1 * math.log(fac)  # ggml's rope multiplies this back in
+        attn_factor *= float(f.arch_key("rope.scaling.attn_factor", 1.0) or 1.0)
+
+        # sliding-window attention (load_swa_pattern)
+        window = int(f.arch_key("attention.sliding_window", SWA_DEFAULT.get(arch, 0)) or 0)
+        period = SWA_PATTERN.get(arch, 0) if window else 0
+        pattern = f.arch_key("attention.sliding_window_pattern")
+        if hasattr(pattern, "__len__") and window:
+            swa_layers = tuple(bool(x) for x in list(pattern)[:n_layer])
+        else:
+            if pattern is not None and window:
+                period = int(pattern)
+            swa_layers = tuple(period == 0 or il % period < period - 1 for il in range(n_layer)) if period else ()
+        if not any(swa_layers):  # no sliding-window layer (phi3: llama.cpp disables its SWA; llama/qwen2 ignore it)
+            window, swa_layers = 0, ()
+        base_swa = float(f.arch_key("rope.freq_base_swa", 10000.0 if arch == "gemma3" else rope_base))
+
+        # experts
+        n_expert = int(f.arch_key("expert_count", 0) or 0)
+        n_used = scalar(f.arch_key("expert_used_count", 0) or 0)
+        n_ff = scalar(f.arch_key("feed_forward_length", 0) or 0)
+        if not n_ff and arch != "gpt-oss":
+            need("feed_forward_length")
+        n_ff_exp = scalar(f.arch_key("expert_feed_forward_length", 0) or 0)
+        if n_expert and not n_ff_exp:
+            n_ff_exp = n_ff // n_used if arch == "qwen3moe" and n_used else n_ff
+        if n_expert and not 0 < n_used <= n_expert:
+            raise ModelError(f"{arch}.expert_used_count is {n_used}; expected 1..{n_expert} (expert_count)")
+        gating, norm_w = MOE_GATING.get(arch, ("softmax", True))
+        gating = {1: "softmax", 2: "sigmoid", 3: "softmax_weight"}.get(
+            int(f.arch_key("expert_gating_func", 0) or 0), gating)
+        if f.arch_key("expert_weights_norm") is not None and arch not in MOE_GATING:
+            norm_w = bool(f.arch_key("expert_weights_norm"))
+
+        # attention scale: gemma2/gemma3 1/sqrt(key_length); granite/mistral3/llama attention.scale
+        attn_scale = 1.0 / math.sqrt(head_dim)
+        if arch == "granite" and f.arch_key("attention.scale"):  # the only one here that reads it
+            attn_scale = float(f.arch_key("attention.scale"))
+        gemma = arch in ("gemma2", "gemma3")
+        embed_scale = math.sqrt(n_embd) if gemma else 1.0
+        if arch == "granite" and f.arch_key("embedding_scale"):
+            embed_scale = float(f.arch_key("embedding_scale"))
+        temp = float(f.arch_key("attention.temperature_scale", 0.0) or 0.0) if arch == "mistral3" else 0.0
         return cls(
             arch=arch,
             n_vocab=n_vocab,
             n_embd=n_embd,
-            n_layer=int(need("block_count")),
+            n_layer=n_layer,
             n_head=n_head,
             n_head_kv=n_head_kv,
             head_dim=head_dim,
             head_dim_v=head_dim_v,
-            n_ff=scalar(need("feed_forward_length")),
-            n_ctx_train=int(f.arch_key("context_length", 4096)),
+            n_ff=n_ff,
+            n_ctx_train=n_ctx_train,
             rms_eps=float(f.arch_key("attention.layer_norm_rms_epsilon", 1e-5)),
             rope_type=ROPE_TYPES[arch],
             n_rot=int(f.arch_key("rope.dimension_count", head_dim)),
-            rope_base=float(f.arch_key("rope.freq_base", 10000.0)),
+            rope_base=rope_base,
             rope_freq_scale=freq_scale,
-            rope_base_local=float(f.arch_key("rope.freq_base_swa", 10000.0)) if gemma else 0.0,
-            sliding_window=int(f.arch_key("attention.sliding_window", 0) or 0) if gemma else 0,
-            swa_period=6 if gemma else 0,
-            # gemma3: llama_model::load_hparams sets f_attention_scale = 1/sqrt(key_length)
-            attn_scale=1.0 / math.sqrt(head_dim),
-            embed_scale=math.sqrt(n_embd) if gemma else 1.0,
+            rope_base_local=base_swa,
+            sliding_window=window,
+            swa_period=period,
+            attn_scale=attn_scale,
+            embed_scale=embed_scale,
+            rope_scaling=scaling,
+            yarn_ext_factor=ext,
+            yarn_attn_factor=attn_factor,
+            yarn_beta_fast=float(f.arch_key("rope.scaling.yarn_beta_fast", 32.0)),
+            yarn_beta_slow=float(f.arch_key("rope.scaling.yarn_beta_slow", 1.0)),
+            n_ctx_orig=n_ctx_orig,
+            swa_layers=swa_layers,
+            attn_softcap=float(f.arch_key("attn_logit_softcapping", 50.0)) if arch == "gemma2" else 0.0,
+            final_softcap=float(f.arch_key("final_logit_softcapping", 30.0)) if arch == "gemma2" else 0.0,
+            residual_scale=float(f.arch_key("residual_scale", 0.0) or 0.0) if arch == "granite" else 0.0,
+            logit_scale=float(f.arch_key("logit_scale", 0.0) or 0.0) if arch == "granite" else 0.0,
+            attn_temp_scale=temp,
+            no_rope_step=4 if arch == "smollm3" else 0,
+            n_expert=n_expert,
+            n_expert_used=n_used,
+            n_ff_exp=n_ff_exp,
+            expert_gating=gating,
+            expert_norm=norm_w,
+            expert_weights_scale=float(f.arch_key("expert_weights_scale", 0.0) or 0.0),
         )
