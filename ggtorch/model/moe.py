@@ -209,10 +209,12 @@ def fuse_experts(gate: Experts, up: Experts) -> dict | None:
     """Fast mode: each expert's gate and up as one matrix (quant.kernels.fuse), when their kernels agree."""
     if not gate or not up:
         return None
-    from ..quant.kernels import fuse
+    from ..quant.kernels import fuse, int4_kernel
 
     out = {}
     for e in range(len(up)):
+        if gate[e].kernel is int4_kernel and gate[e].out_features % 64:
+            continue  # the CPU int4 packing works in blocks of 64 rows: smaller parts do not concatenate
         f = fuse([gate[e], up[e]])
         if f is not None:
             out[e] = f
