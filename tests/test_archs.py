@@ -294,3 +294,71 @@ def test_pre_tokenizer_choice_matters(fname, other):
     meta["tokenizer.ggml.pre"] = other
     tok = Tokenizer(meta)
     assert sum(tok.tokenize(it["text"]) != it["ids"] for it in TOKENIZE[fname]) >= 3
+
+
+# ---- traces use llama.cpp's MoE callback names; diff works across quantizations -------------------
+def moe_trace(path):
+    from ggtorch.debug.trace import record
+
+    return record(ggtorch.load(str(path), fast=False).net, PROMPT)
+
+
+def test_moe_trace_names_and_diff_against_requantized_copy(tmp_path):
+    from ggtorch.debug.diff import diff
+
+    f32 = moe_trace(ARCHS / "tiny-qwen3moe-F32.gguf")
+    for n in ("ffn_moe_logits-1", "ffn_moe_probs-1", "ffn_moe_topk-1", "ffn_moe_weights-1",
+              "ffn_moe_weights_norm-1", "ffn_moe_gate-1", "ffn_moe_up-1", "ffn_moe_down-1", "ffn_moe_out-1"):
+        assert n in f32.tensors
+    T, k = len(PROMPT), 2
+    assert list(f32.tensors["ffn_moe_probs-0"].shape) == [T, 4]
+    assert list(f32.tensors["ffn_moe_down-0"].shape) == [T, k, 256]
+    assert torch.allclose(f32.tensors["ffn_moe_weights_norm-0"].sum(-1), torch.ones(T))
+    r = diff(moe_trace(ARCHS / "tiny-qwen3moe-Q8_0.gguf"), f32)  # llama.cpp's requantized copy
+    assert r.ok, r.first_divergence
+    assert {"ffn_moe_out-0", "ffn_moe_weights-1"} <= {x.name for x in r.rows}
+
+    def bad_router(t):  # layer 1's router rows in another order: the first wrong tensor is its logits
+        raw, ty, shape = t["blk.1.ffn_gate_inp.weight"]
+        t["blk.1.ffn_gate_inp.weight"] = (np.ascontiguousarray(raw.view(np.float32).reshape(4, -1)[::-1]).view(np.uint8).reshape(-1), ty, shape)
+
+    bad = rewrite(ARCHS / "tiny-qwen3moe-F32.gguf", str(tmp_path / "bad.gguf"), edit=bad_router)
+    assert diff(moe_trace(bad), f32).first_divergence == "ffn_moe_logits-1"
+
+
+def test_cli_diff_moe_file_against_requantized_copy(capsys):
+    from ggtorch.cli import main
+
+    rc = main(["diff", str(ARCHS / "tiny-llama-moe-Q8_0.gguf"), str(ARCHS / "tiny-llama-moe-F32.gguf"),
+               "--tokens", ",".join(map(str, PROMPT)), "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["ok"] and any(t["tensor"] == "ffn_moe_out-1" for t in out["tensors"])
+
+
+# ---- inspect and check know the architectures ------------------------------------------------------
+def test_inspect_shows_how_the_architecture_runs(capsys):
+    from ggtorch.cli import main
+
+    assert main(["inspect", str(ARCHS / "tiny-gpt-oss-MXFP4.gguf"), "--json"]) == 0
+    model = json.loads(capsys.readouterr().out)["model"]
+    assert model["experts"] == {"count": 4, "used": 2, "width": 64, "gating": "softmax_weight", "renormalize": False}
+    assert model["sliding_window"] == 8 and model["swa_layers"] == [0] and model["rope_scaling"] == "yarn"
+    assert main(["inspect", str(ARCHS / "tiny-gemma2-F32.gguf")]) == 0
+    out = capsys.readouterr().out
+    assert "attn_softcap = 8.0" in out and "final_softcap = 6.0" in out
+
+
+def test_check_validates_moe_hyper_parameters(tmp_path):
+    from ggtorch.debug.check import check
+
+    ok = check(str(ARCHS / "tiny-qwen3moe-Q4_K.gguf"), compare=False)
+    assert ok["ok"] and any("2 of 4 experts" in n for n in ok["notes"])
+    f = GGUFFile(ARCHS / "tiny-qwen3moe-Q4_K.gguf")
+    w = GGUFWriter()
+    for k, v in f.metadata.items():
+        w.add(k, 3 if k == "qwen3moe.expert_count" else v, f.value_types[k])
+    for ti in f:
+        w.add_tensor(ti.name, np.array(f.raw(ti.name)), ti.type, ti.shape)
+    w.write(tmp_path / "x.gguf")
+    bad = check(str(tmp_path / "x.gguf"), compare=False)
+    assert not bad["ok"] and any("ffn_gate_inp.weight routes to 4 experts; expert_count is 3" in p for p in bad["problems"])

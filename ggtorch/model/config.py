@@ -210,3 +210,58 @@ class Config:
             expert_norm=norm_w,
             expert_weights_scale=float(f.arch_key("expert_weights_scale", 0.0) or 0.0),
         )
+
+
+def describe(cfg: Config) -> dict:
+    """The hyper-parameters that shape an architecture's graph, as ggtorch reads them (for inspect)."""
+    d = {"arch": cfg.arch, "n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "n_head": cfg.n_head,
+         "n_head_kv": cfg.n_head_kv, "head_dim": cfg.head_dim, "n_rot": cfg.n_rot, "rope": cfg.rope_type,
+         "rope_base": cfg.rope_base, "rope_scaling": cfg.rope_scaling if cfg.rope_freq_scale != 1.0 else "none",
+         "n_ff": cfg.n_ff, "rms_eps": cfg.rms_eps, "attn_scale": round(cfg.attn_scale, 6)}
+    if cfg.rope_freq_scale != 1.0:
+        d["rope_factor"] = 1.0 / cfg.rope_freq_scale
+    if cfg.yarn_ext_factor:
+        d["yarn"] = {"n_ctx_orig": cfg.n_ctx_orig, "attn_factor": cfg.yarn_attn_factor,
+                     "beta_fast": cfg.yarn_beta_fast, "beta_slow": cfg.yarn_beta_slow}
+    if cfg.sliding_window:
+        d["sliding_window"] = cfg.sliding_window
+        d["swa_layers"] = [il for il in range(cfg.n_layer) if cfg.is_swa(il)]
+    if cfg.n_expert:
+        d["experts"] = {"count": cfg.n_expert, "used": cfg.n_expert_used, "width": cfg.n_ff_exp,
+                        "gating": cfg.expert_gating, "renormalize": cfg.expert_norm}
+    for k in ("attn_softcap", "final_softcap", "residual_scale", "logit_scale", "attn_temp_scale", "no_rope_step"):
+        if getattr(cfg, k):
+            d[k] = getattr(cfg, k)
+    if cfg.embed_scale != 1.0:
+        d["embed_scale"] = cfg.embed_scale
+    return d
+
+
+def validate(f, cfg: Config) -> list[str]:
+    """Problems llama.cpp would refuse the file for, beyond what from_gguf already raises: tensor
+    shapes against the hyper-parameters (experts, router, fused QKV, RoPE width)."""
+    problems = []
+    if cfg.n_rot > cfg.head_dim or cfg.n_rot % 2:
+        problems.append(f"{cfg.arch}.rope.dimension_count {cfg.n_rot} must be even and at most the head size {cfg.head_dim}")
+    if cfg.arch in ("llama", "granite", "smollm3", "mistral3", "qwen3moe") and cfg.n_rot != cfg.head_dim:
+        problems.append(f"{cfg.arch}: rope.dimension_count {cfg.n_rot} differs from the head size {cfg.head_dim}")
+    if cfg.arch in ("qwen3moe", "gpt-oss") and not cfg.n_expert:
+        problems.append(f"{cfg.arch} needs {cfg.arch}.expert_count > 0")
+    n_q, n_kv = cfg.n_head * cfg.head_dim, cfg.n_head_kv * cfg.head_dim
+    for il in range(cfg.n_layer):
+        p = f"blk.{il}."
+        gi = f.tensors.get(p + "ffn_gate_inp.weight")
+        if cfg.n_expert and gi is None:
+            problems.append(f"{p}ffn_gate_inp.weight is missing but expert_count is {cfg.n_expert}")
+        elif gi is not None and gi.shape[-1] != cfg.n_expert:
+            problems.append(f"{p}ffn_gate_inp.weight routes to {gi.shape[-1]} experts; expert_count is {cfg.n_expert}")
+        for n in ("ffn_up_exps", "ffn_gate_exps", "ffn_down_exps"):
+            t = f.tensors.get(p + n + ".weight")
+            if t is not None and (len(t.shape) != 3 or t.shape[2] != cfg.n_expert):
+                problems.append(f"{p}{n}.weight has shape {list(t.shape)}; expected {{.., .., {cfg.n_expert}}}")
+        qkv = f.tensors.get(p + "attn_qkv.weight")
+        if qkv is not None and qkv.shape[-1] != n_q + n_kv + cfg.n_head_kv * cfg.head_dim_v:
+            problems.append(f"{p}attn_qkv.weight has {qkv.shape[-1]} rows; expected {n_q} + {n_kv} + {n_kv}")
+        if qkv is None and f.tensors.get(p + "attn_q.weight") is None:
+            problems.append(f"{p}: neither attn_qkv nor attn_q/k/v")
+    return problems

@@ -221,12 +221,36 @@ def fuse_experts(gate: Experts, up: Experts) -> dict | None:
     return out or None
 
 
-def expert_bytes(exps: list[Experts], chosen: torch.Tensor) -> int:
-    """Bytes of expert weights a forward reads for the chosen experts (the GGUF blocks, or the repacked
-    copies in fast mode): what decoding one token costs in expert memory traffic."""
-    total = 0
-    for e in torch.unique(chosen).tolist():
-        for ex in exps:
-            if ex:
-                total += ex[e].nbytes() if ex[e].kernel is not None or ex[e].state else ex[e].raw.numel()
-    return total
+def _nbytes(w) -> int:
+    """Bytes a matmul with ``w`` reads: its kernel's repacked copy, else its float copy, else its GGUF blocks."""
+    st = [v for v in getattr(w, "state", {}).values() if torch.is_tensor(v)]
+    if st:
+        return sum(v.numel() * v.element_size() for v in st)
+    if getattr(w, "dense", None) is not None:
+        return w.dense.numel() * w.dense.element_size()
+    return w.raw.numel()
+
+
+def expert_nbytes(L: dict, e: int) -> int:
+    """Bytes of expert ``e``'s weights in layer dict ``L`` as the forward reads them (fused gate|up
+    in fast mode, else gate and up; down)."""
+    fused = L.get("ffn_gate_up_exps") or {}
+    n = _nbytes(fused[e]) if e in fused else sum(_nbytes(L[k][e]) for k in ("ffn_gate_exps", "ffn_up_exps") if L[k])
+    return n + _nbytes(L["ffn_down_exps"][e])
+
+
+def decode_expert_traffic(net, prompt: list[int], n_gen: int = 16) -> dict:
+    """Greedy-decode ``n_gen`` tokens after ``prompt`` and count the expert bytes each decoded token
+    reads (the distinct experts it was routed to in every layer), against all expert bytes."""
+    cache = net.new_cache(len(prompt) + n_gen + 1)
+    logits = net.forward(prompt, cache)
+    per_token = []
+    for _ in range(n_gen):
+        net.expert_log = []
+        logits = net.forward([int(logits[-1].argmax())], cache)
+        per_token.append(sum(expert_nbytes(net.layers[il], e) for il, ex in net.expert_log
+                             for e in torch.unique(ex).tolist()))
+    net.expert_log = None
+    total = sum(expert_nbytes(L, e) for L in net.layers if L.get("ffn_up_exps") for e in range(len(L["ffn_up_exps"])))
+    return {"expert_bytes_per_token": sum(per_token) / len(per_token), "expert_bytes_all": total,
+            "fraction": sum(per_token) / len(per_token) / total}
