@@ -202,7 +202,9 @@ class Config:
             residual_scale=float(f.arch_key("residual_scale", 0.0) or 0.0) if arch == "granite" else 0.0,
             logit_scale=float(f.arch_key("logit_scale", 0.0) or 0.0) if arch == "granite" else 0.0,
             attn_temp_scale=temp,
-            no_rope_step=4 if arch == "smollm3" else 0,
+            # smollm3: n_no_rope_layer_step 4; granite: rope.scaling.finetuned false switches RoPE off (step 1)
+            no_rope_step=4 if arch == "smollm3" else (
+                1 if arch == "granite" and f.arch_key("rope.scaling.finetuned", True) is False else 0),
             n_expert=n_expert,
             n_expert_used=n_used,
             n_ff_exp=n_ff_exp,
