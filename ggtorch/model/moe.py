@@ -89,11 +89,11 @@ def route(logits: torch.Tensor, n_used: int, gating: str = "softmax", norm_w: bo
     weights = probs.gather(-1, experts)
     if trace:
         trace(f"ffn_moe_topk-{il}", experts.to(torch.int32))
-        trace(f"ffn_moe_weights-{il}", weights)
+        trace(f"ffn_moe_weights-{il}", weights[..., None])  # ggml_get_rows gives [1, k, T]
     if gating == "softmax_weight":
         weights = torch.softmax(weights, dim=-1)
         if trace:
-            trace(f"ffn_moe_weights_softmax-{il}", weights)
+            trace(f"ffn_moe_weights_softmax-{il}", weights[..., None])
     if norm_w:
         weights = weights / weights.sum(-1, keepdim=True).clamp(min=_MIN_SUM)
         if trace:
@@ -101,7 +101,7 @@ def route(logits: torch.Tensor, n_used: int, gating: str = "softmax", norm_w: bo
     if scale not in (0.0, 1.0):
         weights = weights * scale
         if trace:
-            trace(f"ffn_moe_weights_scaled-{il}", weights)
+            trace(f"ffn_moe_weights_scaled-{il}", weights[..., None])
     return experts, weights
 
 
