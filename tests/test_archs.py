@@ -362,3 +362,19 @@ def test_check_validates_moe_hyper_parameters(tmp_path):
     w.write(tmp_path / "x.gguf")
     bad = check(str(tmp_path / "x.gguf"), compare=False)
     assert not bad["ok"] and any("ffn_gate_inp.weight routes to 4 experts; expert_count is 3" in p for p in bad["problems"])
+
+
+@pytest.mark.parametrize("key", ["tiny-qwen3moe-Q4_K", "tiny-gpt-oss-F32"])
+def test_moe_trace_lines_up_with_llama_cpp(key):
+    """Every MoE tensor name and shape matches llama.cpp's eval callback (needs llama-cpp-python)."""
+    pytest.importorskip("llama_cpp")
+    from ggtorch.debug.diff import diff
+    from ggtorch.debug.llamacpp import capture
+
+    path = str(ARCHS / MANIFEST["models"][key]["file"])
+    ours = moe_trace(path)
+    r = diff(ours, capture(path, PROMPT, set(ours.names)))
+    moe_rows = [x for x in r.rows if x.name.startswith("ffn_moe_")]
+    assert r.ok, r.first_divergence
+    assert {"ffn_moe_logits-1", "ffn_moe_probs-1", "ffn_moe_weights-1", "ffn_moe_gate-1", "ffn_moe_down-1",
+            "ffn_moe_out-1"} <= {x.name for x in moe_rows}

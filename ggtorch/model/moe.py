@@ -128,17 +128,18 @@ def moe_ffn(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, up: E
         else:
             u = qmatmul(xe, up[e])
             g = qmatmul(xe, gate[e]) if gate else None
+        raw = (g, u)  # the callbacks ffn_moe_gate/up/down name the products before the biases
         if up_b is not None:
             u = u + up_b[e]
         if g is not None and gate_b is not None:
             g = g + gate_b[e]
         h = act(g, u) if g is not None else act(u, torch.ones_like(u))  # no gate experts: act(up)
         y = qmatmul(h, down[e])
+        if keep is not None:
+            keep[e] = (rows, slots, raw[0], raw[1], y)
         if down_b is not None:
             y = y + down_b[e]
         out.index_add_(0, rows, y * weights[rows, slots, None])
-        if keep is not None:
-            keep[e] = (rows, slots, g, u, y)
     if keep:
         _trace_experts(trace, il, keep, T, k, x.device)
     return out
