@@ -118,27 +118,20 @@ def moe_ffn(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, up: E
     expert, so a token never touches the weights of experts it was not routed to. ``fused`` maps an
     expert to its fast-mode gate|up matrix. Without gate experts the activation takes up alone."""
     T, k = experts.shape
-    out = torch.zeros(T, down.n_out, dtype=torch.float32, device=x.device)
     keep = {} if trace else None
+    if T == 1 and keep is None:  # one decode token: its k experts in slot order, no gather
+        out = None
+        for j, e in enumerate(experts[0].tolist()):
+            y = _expert(x, e, up, gate, down, act, up_b, gate_b, down_b, fused)[0] * weights[0, j]
+            out = y if out is None else out + y
+        return out
+    out = torch.zeros(T, down.n_out, dtype=torch.float32, device=x.device)
     for e in torch.unique(experts).tolist():  # only the experts some token chose
         rows, slots = (experts == e).nonzero(as_tuple=True)
         xe = x[rows]
-        if fused is not None and e in fused:
-            g, u = qmatmul(xe, fused[e]).split(fused[e].parts, dim=-1)
-        else:
-            u = qmatmul(xe, up[e])
-            g = qmatmul(xe, gate[e]) if gate else None
-        raw = (g, u)  # the callbacks ffn_moe_gate/up/down name the products before the biases
-        if up_b is not None:
-            u = u + up_b[e]
-        if g is not None and gate_b is not None:
-            g = g + gate_b[e]
-        h = act(g, u) if g is not None else act(u, torch.ones_like(u))  # no gate experts: act(up)
-        y = qmatmul(h, down[e])
+        y, g, u, y0 = _expert(xe, e, up, gate, down, act, up_b, gate_b, down_b, fused)
         if keep is not None:
-            keep[e] = (rows, slots, raw[0], raw[1], y)
-        if down_b is not None:
-            y = y + down_b[e]
+            keep[e] = (rows, slots, g, u, y0)
         out.index_add_(0, rows, y * weights[rows, slots, None])
     if keep:
         _trace_experts(trace, il, keep, T, k, x.device)
@@ -192,6 +185,24 @@ def moe(net, L: dict, x: torch.Tensor, trace=None, il: int = 0, act: Callable = 
     if seen is not None:
         seen.append((il, experts))
     return out
+
+
+def _expert(xe, e, up, gate, down, act, up_b, gate_b, down_b, fused):
+    """One expert on its gathered tokens: down(act(gate(x) + b, up(x) + b)) + b -> (y, gate, up, down before bias)."""
+    if fused is not None and e in fused:
+        g, u = qmatmul(xe, fused[e]).split(fused[e].parts, dim=-1)
+    else:
+        u = qmatmul(xe, up[e])
+        g = qmatmul(xe, gate[e]) if gate else None
+    raw = (g, u)  # the callbacks ffn_moe_gate/up/down name the products before the biases
+    if up_b is not None:
+        u = u + up_b[e]
+    if g is not None and gate_b is not None:
+        g = g + gate_b[e]
+    h = act(g, u) if g is not None else act(u, torch.ones_like(u))  # no gate experts: act(up)
+    y0 = qmatmul(h, down[e])
+    y = y0 + down_b[e] if down_b is not None else y0
+    return y, raw[0], raw[1], y0
 
 
 def _trace_experts(trace, il, keep, T, k, device) -> None:
