@@ -378,3 +378,18 @@ def test_moe_trace_lines_up_with_llama_cpp(key):
     assert r.ok, r.first_divergence
     assert {"ffn_moe_logits-1", "ffn_moe_probs-1", "ffn_moe_weights-1", "ffn_moe_gate-1", "ffn_moe_down-1",
             "ffn_moe_out-1"} <= {x.name for x in moe_rows}
+
+
+def test_gemma2_softcap_defaults_apply_when_keys_are_absent(tmp_path):
+    """llama.cpp's defaults (50 / 30) when the file has no softcap keys: the logits move."""
+    src = GGUFFile(ARCHS / "tiny-gemma2-F32.gguf")
+    w = GGUFWriter()
+    for k, v in src.metadata.items():
+        if not k.endswith("_softcapping"):
+            w.add(k, v, src.value_types[k])
+    for ti in src:
+        w.add_tensor(ti.name, np.array(src.raw(ti.name)), ti.type, ti.shape)
+    w.write(tmp_path / "g.gguf")
+    m = ggtorch.load(str(tmp_path / "g.gguf"), fast=False)
+    assert (m.cfg.attn_softcap, m.cfg.final_softcap) == (50.0, 30.0)
+    moved(m, "tiny-gemma2-F32")
