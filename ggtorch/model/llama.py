@@ -44,7 +44,7 @@ class Llama(Transformer):
         return ctx
 
     def block(self, il, x, cache, start, ctx, trace):
-        c, L, T = self.cfg, self.layers[il], x.shape[0]
+        c, L = self.cfg, self.layers[il]
         cur = rms_norm(x, L["attn_norm"], self.eps())
         if trace:
             trace(f"attn_norm-{il}", cur)
