@@ -8,7 +8,7 @@ import numpy as np
 
 from ..errors import GGTorchError
 from ..gguf.reader import GGUFFile
-from ..progress import Progress
+from tqdm import tqdm
 from .common import add_model, add_sampling, load, parse_ids, print_json, sampling_kwargs
 
 
@@ -18,13 +18,30 @@ def cmd_inspect(a) -> int:
     from ..packaged import resolve
 
     with GGUFFile(resolve(a.file)) as f:
+        model = _model_summary(f)
         if a.json:
             r = report(f)
-            print_json({"metadata": r["metadata"], "tensors": r["tensors"],
+            print_json({"metadata": r["metadata"], "tensors": r["tensors"], "model": model,
                          **{k: v for k, v in r.items() if k not in ("metadata", "tensors")}})
         else:
-            print(format_text(f))
+            text = format_text(f)
+            lines = [f"  {k} = {v}" for k, v in model.items()] if isinstance(model, dict) else [f"  {model}"]
+            head, sep, rest = text.partition("\n\nmetadata:")
+            print(head + "\n\nmodel (as ggtorch runs it):\n" + "\n".join(lines) + sep + rest)
     return 0
+
+
+def _model_summary(f):
+    """The architecture's graph-shaping hyper-parameters (model.config.describe), or why it cannot run."""
+    from ..errors import ModelError
+    from ..model.config import SUPPORTED, Config, describe
+
+    if f.architecture not in SUPPORTED:
+        return f"architecture {f.architecture!r} is not supported; supported: {', '.join(SUPPORTED)}"
+    try:
+        return describe(Config.from_gguf(f))
+    except ModelError as e:
+        return str(e)
 
 
 def cmd_dequant(a) -> int:
@@ -35,11 +52,12 @@ def cmd_dequant(a) -> int:
         for n in names:
             f.info(n)  # fail before any work on an unknown name
         arrays = {}
-        with Progress(len(names), "dequant") as bar:
+        with tqdm(total=len(names), desc="dequant", disable=None) as bar:  # shown on a terminal only
             for n in names:
                 ti = f.info(n)
                 arrays[n] = dequantize(f.raw(n), ti.type, ti.shape).numpy()
-                bar.update(1, n)
+                bar.set_postfix_str(n, refresh=False)
+                bar.update(1)
         out = a.out if a.out.endswith(".npz") else a.out + ".npz"
         tmp = out + ".part.npz"
         np.savez(tmp, **arrays)
@@ -103,11 +121,12 @@ def cmd_perplexity(a) -> int:
     except OSError as e:
         raise GGTorchError(f"cannot read {a.file}: {e.strerror}") from None
     m = load(a)
-    bar = Progress(1, "perplexity")
+    bar = tqdm(total=1, desc="perplexity", disable=None)
 
     def prog(done, total, ppl):
         bar.total = total
-        bar.update(done - bar.n, f"ppl {ppl:.4f}")
+        bar.set_postfix_str(f"ppl {ppl:.4f}", refresh=False)
+        bar.update(done - bar.n)
 
     keep = bool(a.save_logits or a.kl_base)
     r = m.perplexity(text, ctx=a.ctx, chunks=a.chunks, progress=prog, keep_logprobs=keep)
