@@ -162,9 +162,12 @@ class Model:
     def chat_stream(self, messages, **kw) -> Iterator[str]:
         """The assistant's answer as text pieces (never a broken UTF-8 character); keywords as :meth:`chat`."""
         _, _, _, steps = self.chat_steps(messages, **kw)
-        for step in steps:
-            if step.piece:
-                yield step.piece
+        try:
+            for step in steps:
+                if step.piece:
+                    yield step.piece
+        finally:  # stopping early (close, Ctrl-C) leaves the session cache consistent
+            steps.close()
 
     def chat(self, messages, **kw):
         """Answer a conversation through the model's chat template: ``messages`` are ``{"role", "content"}``
@@ -185,6 +188,8 @@ class Model:
 
     def reset_chat(self) -> None:
         """Forget the chat session's KV cache."""
+        if getattr(self, "_session", None) is not None:
+            self._session.reset()
         self._session = None
 
     def perplexity(self, text: str, ctx: int = 256, chunks: int | None = None, progress=None,

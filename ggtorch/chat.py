@@ -159,6 +159,8 @@ def content_caps(source: str) -> tuple[bool, bool]:
     jinja::caps does; cached per template."""
     caps = _CAPS.get(source)
     if caps is None:
+        if len(_CAPS) > 64:
+            _CAPS.clear()
         caps = _CAPS[source] = (_probe(source, "ggtorch-probe"), _probe(source, [{"type": "text", "text": "ggtorch-probe"}]))
     return caps
 
@@ -212,17 +214,30 @@ class ChatSession:
         self.model = model
         self.cache = None
         self.ids: list[int] = []  # the tokens whose K/V the cache holds, in order
+        self._active = None  # the running turn's generator: a new turn closes it first
 
     def reset(self) -> None:
+        self.close()
         self.cache, self.ids = None, []
 
+    def close(self) -> None:
+        if self._active is not None:
+            self._active.close()  # runs its finally: ids match what the cache holds
+            self._active = None
+
     def steps(self, prompt_ids: list[int], max_tokens: int, params, stop, ignore_eos, timings):
+        """The turn's :class:`~ggtorch.generate.Step`s; not thread-safe (one session, one conversation)."""
+        self.close()
+        self._active = self._run(list(prompt_ids), max_tokens, params, stop, ignore_eos, timings)
+        return self._active
+
+    def _run(self, prompt_ids, max_tokens, params, stop, ignore_eos, timings):
         from .generate import generate_tokens
 
         n = min(common_prefix(self.ids, prompt_ids), len(prompt_ids) - 1)  # the last token is always evaluated
         if self.cache is None:
             self.cache, n = self.model.net.new_cache(len(prompt_ids) + max_tokens + 1), 0
-        self.ids = list(prompt_ids[:n])  # until the forward below, only the kept prefix is known to be there
+        self.ids = prompt_ids[:n]  # until the forward below, only the kept prefix is known to be there
         out: list[int] = []
         try:
             for step in generate_tokens(self.model, prompt_ids, max_tokens, params, stop, ignore_eos, timings,
@@ -230,4 +245,4 @@ class ChatSession:
                 out.append(step.token)
                 yield step
         finally:  # also when the caller stops early (Ctrl-C): what the cache holds stays reusable
-            self.ids = (list(prompt_ids) + out)[:self.cache.n]
+            self.ids = (prompt_ids + out)[:self.cache.n]

@@ -321,7 +321,10 @@ class Tokenizer:
             # llama_decode_text: alphabet characters back to bytes, others as UTF-8
             return b"".join(bytes([_U2B[c]]) if c in _U2B else c.encode("utf-8", "surrogateescape") for c in text)
         if a & A_BYTE:
-            return bytes([int(text[3:5], 16)]) if self.model == "llama" else bytes([_U2B[text[0]]]) if text else b""
+            if self.model == "llama":
+                return bytes([int(text[3:5], 16)])
+            b = _U2B.get(text[:1])  # BPE byte tokens are one character of the byte alphabet
+            return bytes([b]) if b is not None else text.encode("utf-8", "surrogateescape")
         return b""
 
     def detokenize_bytes(self, ids, special: bool = False) -> bytes:

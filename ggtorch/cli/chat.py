@@ -40,7 +40,11 @@ class Chat:
     def answer(self, text: str, out=sys.stdout) -> dict:
         """One turn: stream the answer to ``out``; Ctrl-C stops it and keeps what was said."""
         self.history.append({"role": "user", "content": text})
-        ids, timings, _, steps = self.m.chat_steps(self.messages(), **self.kw)
+        try:
+            ids, timings, _, steps = self.m.chat_steps(self.messages(), **self.kw)
+        except BaseException:  # the template refused these messages, or Ctrl-C: the turn did not happen
+            self.history.pop()
+            raise
         pieces, reason, n = [], "length", 0
         try:
             for step in steps:
@@ -87,7 +91,7 @@ class Chat:
 
     def interactive(self) -> int:
         try:
-            import readline  # noqa: F401 - line editing and history for input()
+            import readline  # noqa: F401 - importing it gives input() line editing and history
         except ImportError:
             pass
         while True:
@@ -106,7 +110,12 @@ class Chat:
                 if not self.command(line):
                     return 0
                 continue
-            self.answer(line)
+            try:
+                self.answer(line)
+            except GGTorchError as e:  # e.g. a template that takes no system prompt: say so, keep chatting
+                print(f"[error: {e}]", file=sys.stderr)
+            except KeyboardInterrupt:
+                print(file=sys.stderr)
 
 
 def _kwargs(s):
