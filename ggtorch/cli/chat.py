@@ -37,8 +37,10 @@ class Chat:
     def messages(self) -> list[dict]:
         return ([{"role": "system", "content": self.system}] if self.system else []) + self.history
 
-    def answer(self, text: str, out=sys.stdout) -> dict:
-        """One turn: stream the answer to ``out``; Ctrl-C stops it and keeps what was said."""
+    def answer(self, text: str, out=None) -> dict:
+        """One turn: stream the answer to ``out`` (default: the current sys.stdout, looked up at call
+        time); Ctrl-C stops it and keeps what was said."""
+        out = out or sys.stdout
         self.history.append({"role": "user", "content": text})
         try:
             ids, timings, _, steps = self.m.chat_steps(self.messages(), **self.kw)
