@@ -24,14 +24,16 @@ class Step:
 
 @dataclass
 class Timings:
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0  # evaluated by the prefill
     prompt_s: float = 0.0
     gen_tokens: int = 0
     gen_s: float = 0.0
+    cached_tokens: int = 0  # prompt tokens whose K/V a reused cache already held (chat sessions)
     context_shifts: int = 0  # times the cache was full and its oldest tokens were dropped (context_shift)
 
     def as_dict(self) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "prompt_ms": round(self.prompt_s * 1e3, 3),
+        return {"prompt_tokens": self.prompt_tokens, "cached_tokens": self.cached_tokens,
+                "prompt_ms": round(self.prompt_s * 1e3, 3),
                 "prompt_tok_s": self.prompt_tokens / self.prompt_s if self.prompt_s else None,
                 "gen_tokens": self.gen_tokens, "gen_ms": round(self.gen_s * 1e3, 3),
                 "gen_tok_s": self.gen_tokens / self.gen_s if self.gen_s else None,
@@ -97,6 +99,7 @@ def generate_tokens(model, prompt_ids: list[int], max_tokens: int | None, params
     t0 = time.perf_counter()
     logits = net.forward(prompt_ids[n_cached:], cache, start=n_cached)[-1]
     timings.prompt_tokens, timings.prompt_s = len(prompt_ids) - n_cached, time.perf_counter() - t0
+    timings.cached_tokens = n_cached
     history = list(prompt_ids)
     dec = StreamDecoder(tok, first=False)
     held = ""
