@@ -179,3 +179,13 @@ def test_kv_cache_types(kind):
     assert err < {"f32": 1e-6, "f16": 5e-3, "bf16": 5e-2}[kind]
     with pytest.raises(GGTorchError):
         ggtorch.load(LLAMA, fast=False, kv_dtype="q8")
+
+
+def test_bench_reports_kv_cache_bytes():
+    from ggtorch.bench import bench, format_table
+
+    r = bench(LLAMA, n_prompt=8, n_gen=4, reps=1, fast=False, kv_dtype="f16")
+    m = ggtorch.load(LLAMA, fast=False)
+    assert r["kv_type"] == "f16" and r["kv_bytes_per_token"] == m.kv_bytes_per_token()
+    assert r["kv_mb"] == pytest.approx(m.kv_bytes_per_token() * 12 / 1e6)
+    assert "KiB/tok" in format_table([r])
