@@ -10,7 +10,7 @@ import json
 import sys
 
 from ..errors import GGTorchError
-from .common import add_model, add_sampling, load, print_json, sampling_kwargs
+from .common import add_context, add_model, add_sampling, load, print_json, sampling_kwargs
 
 HELP = "/reset starts over, /system TEXT sets the system prompt, /exit leaves; Ctrl-C stops an answer, Ctrl-D leaves"
 
@@ -183,4 +183,5 @@ def register(sub) -> None:
                    help="add BIAS to token ID's logit (repeatable)")
     p.add_argument("--json", action="store_true", help="one JSON object per answer (text, finish_reason, usage)")
     add_sampling(p)
+    add_context(p)
     p.set_defaults(max_tokens=512)

@@ -9,7 +9,8 @@ import numpy as np
 from ..errors import GGTorchError
 from ..gguf.reader import GGUFFile
 from tqdm import tqdm
-from .common import add_model, add_sampling, load, parse_ids, print_json, sampling_kwargs
+
+from .common import add_context, add_model, add_sampling, load, parse_ids, print_json, sampling_kwargs, show_context
 
 
 def cmd_inspect(a) -> int:
@@ -73,6 +74,7 @@ def cmd_dequant(a) -> int:
 def cmd_run(a) -> int:
     m = load(a)
     ids, timings, steps = m.steps(a.prompt, **sampling_kwargs(a))
+    show_context(m)
     out, text = [], []
     for step in steps:
         out.append(step.token)
@@ -155,7 +157,7 @@ def cmd_bench(a) -> int:
     from ..bench import bench, format_table
 
     r = bench(a.model, n_prompt=a.n_prompt, n_gen=a.n_gen, reps=a.repetitions, device=a.device, threads=a.threads,
-              fast=a.fast)
+              fast=a.fast, kv_dtype=a.cache_type)
     if a.json:
         print_json(r)
     else:
@@ -178,6 +180,7 @@ def register(sub) -> None:
     p.add_argument("-p", "--prompt", required=True)
     p.add_argument("--json", action="store_true")
     add_sampling(p)
+    add_context(p)
 
     p = sub.add_parser("tokenize", help="token ids of a text")
     add_model(p)
@@ -194,7 +197,8 @@ def register(sub) -> None:
     p = sub.add_parser("perplexity", help="perplexity of a text file, llama-perplexity's method")
     add_model(p)
     p.add_argument("--file", required=True)
-    p.add_argument("--ctx", type=int, default=256)
+    p.add_argument("--ctx", type=int, default=256, help="tokens per chunk, also the context n_ctx (default 256)")
+    p.add_argument("--cache-type", default=None, choices=["f16", "bf16", "f32"], help="KV cache type (default f16)")
     p.add_argument("--chunks", type=int, default=None)
     p.add_argument("--json", action="store_true")
     p.add_argument("--save-logits", default=None, help="save the scored logits' log-probs to an .npz for --kl-base")
@@ -205,4 +209,5 @@ def register(sub) -> None:
     p.add_argument("-p", "--n-prompt", type=int, default=512)
     p.add_argument("-n", "--n-gen", type=int, default=128)
     p.add_argument("-r", "--repetitions", type=int, default=3)
+    p.add_argument("--cache-type", default=None, choices=["f16", "bf16", "f32"], help="KV cache type (default f16)")
     p.add_argument("--json", action="store_true")
