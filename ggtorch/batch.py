@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 from .errors import GenerationError
-from .generate import Result, StopText, Timings
+from .generate import Result, StopText, Timings, check_fits
 from .sampling import SamplingParams, make_generator, sample
 
 
@@ -392,9 +392,12 @@ def generate_batch(model, prompts: list, parallel: int = 4, n_ctx: int | None = 
     parsed = model._params(dict(kw))
     params, max_tokens, stop, ignore_eos = parsed
     ids_list = [model._prompt_ids(p) for p in prompts]
-    longest = max((len(i) for i in ids_list), default=0)
-    engine = BatchEngine(model, n_slots=max(1, min(parallel, len(prompts))),
-                         n_ctx=n_ctx or longest + max_tokens + 1, max_queue=len(prompts))
+    n_ctx = n_ctx or model.n_ctx  # per sequence, like Model.generate's context
+    for ids in ids_list:
+        check_fits(len(ids), max_tokens, n_ctx, False)
+    if max_tokens is None:  # until the context is full
+        max_tokens = n_ctx
+    engine = BatchEngine(model, n_slots=max(1, min(parallel, len(prompts))), n_ctx=n_ctx, max_queue=len(prompts))
     for ids in ids_list:
         res = Result(ids, [], "", "length", Timings(prompt_tokens=len(ids)))
         parts: list[str] = []
