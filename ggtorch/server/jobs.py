@@ -45,10 +45,17 @@ class Job:
                                               on_event=lambda ev, idx=idx: self._on_event(idx, ev)))
                 self.choices.append(Choice(idx))
         self.n_prompts = len(prompts)
+        self.pending: list[list[Event]] = [[] for _ in self.choices]  # engine thread only
 
     # ---- engine thread -> event loop -------------------------------------------------------------
     def _on_event(self, idx: int, ev: Event) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, (idx, ev))
+        # a whole answer (stream: false) wakes the event loop once, at its end, not once per token:
+        # on 2 cores every wake-up takes a core from the model's threads
+        if not self.spec.stream and ev.finish_reason is None:
+            self.pending[idx].append(ev)
+            return
+        evs, self.pending[idx] = self.pending[idx] + [ev], []
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, (idx, evs))
 
     def cancel(self) -> None:
         for r in self.reqs:
@@ -58,24 +65,26 @@ class Job:
         """(choice, new text, new tokens, finished?) until every choice has finished."""
         left = len(self.reqs)
         while left:
-            if disconnected is None:
-                idx, ev = await self.queue.get()
-            else:
+            if disconnected is not None:
                 get = asyncio.ensure_future(self.queue.get())
                 done, _ = await asyncio.wait({get, disconnected}, return_when=asyncio.FIRST_COMPLETED)
                 if get not in done:
                     get.cancel()
                     raise ClientGone()
-                idx, ev = get.result()
+                idx, evs = get.result()
+            else:
+                idx, evs = await self.queue.get()
             c = self.choices[idx]
-            tokens = ev.tokens[:-1] if ev.eog else ev.tokens
-            c.text.append(ev.text)
-            c.tokens.extend(tokens)
-            if ev.finish_reason:
-                left -= 1
-                c.finish, c.error = ev.finish_reason, ev.error
-                c.prompt_tokens, c.cached_tokens, c.completion_tokens = ev.prompt_tokens, ev.cached_tokens, ev.completion_tokens
-            yield c, ev.text, tokens, ev.finish_reason is not None
+            for ev in evs:
+                tokens = ev.tokens[:-1] if ev.eog else ev.tokens
+                c.text.append(ev.text)
+                c.tokens.extend(tokens)
+                if ev.finish_reason:
+                    left -= 1
+                    c.finish, c.error = ev.finish_reason, ev.error
+                    c.prompt_tokens, c.cached_tokens, c.completion_tokens = \
+                        ev.prompt_tokens, ev.cached_tokens, ev.completion_tokens
+                yield c, ev.text, tokens, ev.finish_reason is not None
 
     def usage(self) -> dict:
         firsts = self.choices[:: self.spec.n]  # the prompt counts once per prompt, not once per choice
