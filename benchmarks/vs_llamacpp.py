@@ -41,6 +41,15 @@ print(json.dumps({"model": path.rsplit("/", 1)[-1], "backend": "llama.cpp", "thr
 """
 
 
+def _expert_traffic(path, a):
+    """MoE files: the expert bytes ggtorch reads per decoded token (ggtorch.model.moe.decode_expert_traffic)."""
+    code = ("import json,sys; sys.path.insert(0, %r); import ggtorch; from ggtorch.model.moe import decode_expert_traffic; "
+            "m = ggtorch.load(%r, threads=%d, fast=%r); "
+            "print(json.dumps(decode_expert_traffic(m.net, [1] + list(range(10, 25)), 32) if m.cfg.n_expert else None))"
+            % (os.path.join(os.path.dirname(__file__), ".."), path, a.threads, not a.exact))
+    return json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("models", nargs="*", default=["smollm2-135m", "gemma3-270m"])
@@ -68,6 +77,11 @@ def main():
                                          check=True).stdout)
         ours["backend"] = "ggtorch" + (" exact" if a.exact else "")
         rows.append(ours)
+        moe = _expert_traffic(path, a)
+        if moe:
+            print(f"{m}: expert weights read per decoded token {moe['expert_bytes_per_token'] / 1024:.1f} KiB of "
+                  f"{moe['expert_bytes_all'] / 1024:.1f} KiB in all experts ({100 * moe['fraction']:.0f}%)",
+                  file=sys.stderr)
         if have:
             ref = json.loads(subprocess.run([sys.executable, "-c", LLAMA_CPP_CHILD, path, str(a.p), str(a.n), str(a.r),
                                              str(a.threads)], capture_output=True, text=True, check=True).stdout)

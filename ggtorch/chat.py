@@ -225,24 +225,29 @@ class ChatSession:
             self._active.close()  # runs its finally: ids match what the cache holds
             self._active = None
 
-    def steps(self, prompt_ids: list[int], max_tokens: int, params, stop, ignore_eos, timings):
+    def steps(self, prompt_ids: list[int], max_tokens: int, params, stop, ignore_eos, timings,
+              context_shift: bool = False, n_keep: int = 0):
         """The turn's :class:`~ggtorch.generate.Step`s; not thread-safe (one session, one conversation)."""
         self.close()
-        self._active = self._run(list(prompt_ids), max_tokens, params, stop, ignore_eos, timings)
+        self._active = self._run(list(prompt_ids), max_tokens, params, stop, ignore_eos, timings,
+                                 context_shift, n_keep)
         return self._active
 
-    def _run(self, prompt_ids, max_tokens, params, stop, ignore_eos, timings):
+    def _run(self, prompt_ids, max_tokens, params, stop, ignore_eos, timings, context_shift, n_keep):
         from .generate import generate_tokens
 
         n = min(common_prefix(self.ids, prompt_ids), len(prompt_ids) - 1)  # the last token is always evaluated
         if self.cache is None:
-            self.cache, n = self.model.net.new_cache(len(prompt_ids) + max_tokens + 1), 0
-        self.ids = prompt_ids[:n]  # until the forward below, only the kept prefix is known to be there
+            self.cache, n = self.model.new_cache(), 0  # the model's n_ctx and KV type
+        self.ids = list(prompt_ids[:n])  # until the forward below, only the kept prefix is known to be there
         out: list[int] = []
         try:
             for step in generate_tokens(self.model, prompt_ids, max_tokens, params, stop, ignore_eos, timings,
-                                        cache=self.cache, n_cached=n):
+                                        cache=self.cache, n_cached=n, context_shift=context_shift, n_keep=n_keep):
                 out.append(step.token)
                 yield step
         finally:  # also when the caller stops early (Ctrl-C): what the cache holds stays reusable
-            self.ids = (prompt_ids + out)[:self.cache.n]
+            self.ids = (list(prompt_ids) + out)[:self.cache.n]
+            if timings.context_shifts:  # the cache no longer holds a prefix of this history
+                self.cache.truncate(0)
+                self.ids = []

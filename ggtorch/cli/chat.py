@@ -10,7 +10,7 @@ import json
 import sys
 
 from ..errors import GGTorchError
-from .common import add_model, add_sampling, load, print_json, sampling_kwargs
+from .common import add_context, add_model, add_sampling, load, print_json, sampling_kwargs
 
 HELP = "/reset starts over, /system TEXT sets the system prompt, /exit leaves; Ctrl-C stops an answer, Ctrl-D leaves"
 
@@ -38,8 +38,9 @@ class Chat:
         return ([{"role": "system", "content": self.system}] if self.system else []) + self.history
 
     def answer(self, text: str, out=None) -> dict:
-        """One turn: stream the answer to ``out`` (stdout); Ctrl-C stops it and keeps what was said."""
-        out = out or sys.stdout  # looked up now: stdout may have been replaced since import
+        """One turn: stream the answer to ``out`` (default: the current sys.stdout, looked up at call
+        time); Ctrl-C stops it and keeps what was said."""
+        out = out or sys.stdout
         self.history.append({"role": "user", "content": text})
         try:
             ids, timings, _, steps = self.m.chat_steps(self.messages(), **self.kw)
@@ -182,4 +183,5 @@ def register(sub) -> None:
                    help="add BIAS to token ID's logit (repeatable)")
     p.add_argument("--json", action="store_true", help="one JSON object per answer (text, finish_reason, usage)")
     add_sampling(p)
+    add_context(p)
     p.set_defaults(max_tokens=512)

@@ -14,7 +14,8 @@ from ..errors import ContextError, ModelError
 from ..gguf.reader import GGUFFile
 from ..quant.linear import QWeight, embedding, qmatmul
 from .config import Config
-from .layers import BatchView, KVCache, SlotView, attention, attention_mask, rms_norm, rope, rope_cache
+from .layers import (BatchView, KVCache, SlotView, attention, attention_ext, attention_mask, rms_norm, rope,
+                     rope_cache, rope_cache_yarn, softcap)
 
 Tracer = Callable[[str, torch.Tensor], None]
 
@@ -88,9 +89,18 @@ class Transformer:
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return embedding(ids, self.tok_embd)
 
-    def rope_tables(self, pos: torch.Tensor, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope_tables(self, pos: torch.Tensor, base: float, yarn: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [T, 1, n_rot/2] for ggml_rope_ext with the file's scaling (linear or YaRN);
+        ``yarn=False``: unscaled (olmo2's sliding-window layers)."""
         c = self.cfg
-        cos, sin = rope_cache(pos, c.n_rot, base, c.rope_freq_scale, self.freq_factors)
+        if c.yarn_ext_factor and yarn:
+            cos, sin = rope_cache_yarn(pos, c.n_rot, base, c.rope_freq_scale, c.yarn_ext_factor,
+                                       c.yarn_attn_factor, c.yarn_beta_fast, c.yarn_beta_slow, c.n_ctx_orig,
+                                       self.freq_factors)
+        else:
+            cos, sin = rope_cache(pos, c.n_rot, base, c.rope_freq_scale if yarn else 1.0, self.freq_factors)
+            if c.yarn_attn_factor != 1.0 and yarn:
+                cos, sin = cos * c.yarn_attn_factor, sin * c.yarn_attn_factor
         return cos[:, None], sin[:, None]  # broadcast over heads of [T, H, D]
 
     def _check_ids(self, ids) -> torch.Tensor:
@@ -170,7 +180,7 @@ class Transformer:
         x = rms_norm(x, self.output_norm, self.eps())
         if trace:
             trace("result_norm", x)
-        logits = qmatmul(x, self.output)
+        logits = self.head(x)
         if trace:
             trace("result_output", logits)
         return logits
@@ -208,6 +218,17 @@ class Transformer:
         cos, sin = rope_cache(delta, c.n_rot, base, c.rope_freq_scale, self.freq_factors)  # [1, n_rot/2]
         return rope(k, cos, sin, c.rope_type == "neox")
 
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """The output projection of the normed hidden state, with the architectures' final scalings:
+        granite divides by logit_scale, gemma2 soft-caps (cap * tanh(logits / cap))."""
+        logits = qmatmul(x, self.output)
+        c = self.cfg
+        if c.logit_scale:
+            logits = logits * (1.0 / c.logit_scale)
+        if c.final_softcap:
+            logits = softcap(logits, c.final_softcap)
+        return logits
+
     def eps(self) -> float:
         return self.faults.get("rms_eps", self.cfg.rms_eps)
 
@@ -232,14 +253,19 @@ class Transformer:
             numerics.install(w)
         self.numerics = True
 
-    def attend(self, il, q, k, v, cache, start, mask, scale):
-        """Store k/v in the cache and attend; q [H, T, D], k/v [Hkv, T, D] -> [T, H*Dv]."""
+    def attend(self, il, q, k, v, cache, start, mask, scale, softcap: float = 0.0, sinks=None):
+        """Store k/v in the cache and attend; q [H, T, D], k/v [Hkv, T, D] -> [T, H*Dv].
+        ``softcap``: gemma2's tanh cap on the scores; ``sinks`` [H]: gpt-oss's attention sinks."""
         if self.numerics:
             from . import numerics
 
             kk, vv = cache.update(il, start, numerics.round_kv(k), numerics.round_kv(v))
+            if softcap or sinks is not None:  # F16 K/V as ggml has them; the products in float32
+                return attention_ext(q.half().float(), kk, vv, mask, scale, softcap, sinks)
             return numerics.ggml_attention(q, kk, vv, mask, scale)
         kk, vv = cache.update(il, start, k, v)
+        if softcap or sinks is not None:
+            return attention_ext(q, kk, vv, mask, scale, softcap, sinks)
         return attention(q, kk, vv, mask, scale)
 
     def install_fast(self) -> None:
@@ -255,6 +281,10 @@ class Transformer:
                 f = fuse([L.get(n) for n in names])
                 if f is not None:
                     L[key] = f
+            if L.get("ffn_up_exps"):  # MoE: each expert's gate|up as one matrix
+                from .moe import fuse_experts
+
+                L["ffn_gate_up_exps"] = fuse_experts(L["ffn_gate_exps"], L["ffn_up_exps"])
         trim_heap()
 
     def prepare(self, pos: torch.Tensor, rope_pos: torch.Tensor, n_kv: int) -> dict:
@@ -263,3 +293,40 @@ class Transformer:
 
     def block(self, il: int, x: torch.Tensor, cache: KVCache, start: int, ctx: dict, trace) -> torch.Tensor:
         raise NotImplementedError
+
+    # ---- shared by the architectures (issue 12) -------------------------------------------------
+    def load_qkv(self, L: dict, p: str, n_q: int, n_k: int, n_v: int, required: bool = True) -> None:
+        """llama_model_base::create_tensor_qkv: a fused ``attn_qkv`` (rows [Q; K; V], optional fused
+        bias or separate Q/K/V biases), or separate ``attn_q/k/v`` with optional biases."""
+        qkv = self.weight(p + "attn_qkv.weight", required=False)
+        if qkv is not None:
+            if qkv.out_features != n_q + n_k + n_v:
+                raise ModelError(f"{p}attn_qkv.weight has {qkv.out_features} rows; expected {n_q} + {n_k} + {n_v}")
+            qkv.parts = [n_q, n_k, n_v]  # project() splits the product like the fused fast-mode matrices
+            L["attn_qkv"] = qkv
+            b = self.vector(p + "attn_qkv.bias", required=False)
+            if b is not None:
+                b = tuple(b.split([n_q, n_k, n_v]))
+            for i, n in enumerate(("attn_q", "attn_k", "attn_v")):
+                L[n] = None
+                L[n + ".bias"] = b[i] if b is not None else self.vector(p + n + ".bias", required=False)
+            return
+        for n in ("attn_q", "attn_k", "attn_v"):
+            L[n] = self.weight(p + n + ".weight", required=required)
+            L[n + ".bias"] = self.vector(p + n + ".bias", required=False)
+
+    def qkv(self, L: dict, x: torch.Tensor, hd_q: int | None = None, reshape: bool = True):
+        """llm_graph_context::build_qkv: Q, K, V [T, heads, head_dim] (or [T, width] with reshape=False)."""
+        c, T = self.cfg, x.shape[0]
+        q, k, v = self.project(x, L, ("attn_q", "attn_k", "attn_v"), "attn_qkv")
+        if L.get("attn_q.bias") is not None:
+            q = q + L["attn_q.bias"]
+        if L.get("attn_k.bias") is not None:
+            k = k + L["attn_k.bias"]
+        if L.get("attn_v.bias") is not None:
+            v = v + L["attn_v.bias"]
+        if not reshape:
+            return q, k, v
+        hd = hd_q or c.head_dim
+        return (q.reshape(T, c.n_head, hd), k.reshape(T, c.n_head_kv, hd),
+                v.reshape(T, c.n_head_kv, c.head_dim_v if hd_q is None else hd))

@@ -206,3 +206,74 @@ class BatchView:
             kk = K[:, :, :self.end].index_select(0, self.idx)
             vv = V[:, :, :self.end].index_select(0, self.idx)
         return kk.to(k.dtype), vv.to(v.dtype)
+
+# ---- pieces of the architectures after llama (issue 12) ------------------------------------------
+def rope_cache_yarn(positions: torch.Tensor, n_rot: int, base: float, freq_scale: float, ext_factor: float,
+                    attn_factor: float, beta_fast: float, beta_slow: float, n_ctx_orig: int,
+                    freq_factors: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [T, n_rot/2] of ggml_rope_ext with YaRN (ggml-cpu rope_yarn / ggml_rope_yarn_corr_dims):
+    each frequency mixes the interpolated angle (freq_scale * theta) with the extrapolated one by a ramp
+    over the dimensions between the two correction dims, and cos/sin are scaled by
+    attn_factor * (1 + 0.1 ln(1/freq_scale)). With ext_factor 0 this is plain linear scaling."""
+    i = torch.arange(0, n_rot // 2, dtype=torch.float64, device=positions.device)
+    inv = base ** (-2.0 * i / n_rot)
+    if freq_factors is not None:
+        inv = inv / freq_factors.to(torch.float64)
+    extrap = positions.to(torch.float64)[:, None] * inv[None, :]
+    interp = freq_scale * extrap
+    mscale = attn_factor
+    if ext_factor != 0.0:
+        def corr_dim(n_rot_beta):
+            return n_rot * math.log(n_ctx_orig / (n_rot_beta * 2 * math.pi)) / (2 * math.log(base))
+        low = max(0.0, math.floor(corr_dim(beta_fast)))
+        high = min(n_rot - 1.0, math.ceil(corr_dim(beta_slow)))
+        y = (i - low) / max(0.001, high - low)
+        mix = (1 - y.clamp(0, 1)) * ext_factor
+        theta = interp * (1 - mix) + extrap * mix
+        mscale = attn_factor * (1.0 + 0.1 * math.log(1.0 / freq_scale))
+    else:
+        theta = interp
+    return (torch.cos(theta) * mscale).float(), (torch.sin(theta) * mscale).float()
+
+
+def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(x / cap) (gemma2's attention and final logit soft-capping)."""
+    return torch.tanh(x / cap) * cap
+
+
+def attention_ext(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                  cap: float = 0.0, sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """build_attn_mha without flash attention, for what SDPA cannot express: kq = k.q, soft-capped
+    (cap * tanh(kq / cap)) before the scale, as llm_graph_context::build_attn_mha does; then
+    soft_max_ext(kq * scale + mask) with per-head ``sinks``: an extra logit in each head's normalizer
+    that takes probability mass but contributes no value (ggml_soft_max_add_sinks).
+    q [H, T, D], k/v [Hkv, S, D] -> [T, H*Dv]. A batched decode step (k/v [B, Hkv, S, D], q [H, B, D],
+    mask [B, S]) runs each sequence against its own row."""
+    if k.dim() == 4:
+        return torch.cat([attention_ext(q[:, b:b + 1], k[b], v[b], None if mask is None else mask[b:b + 1],
+                                        scale, cap, sinks) for b in range(k.shape[0])])
+    H, T, _ = q.shape
+    rep = H // k.shape[0]
+    kk = k.repeat_interleave(rep, 0) if rep > 1 else k
+    vv = v.repeat_interleave(rep, 0) if rep > 1 else v
+    kq = torch.matmul(q, kk.transpose(1, 2))  # [H, T, S]
+    if cap:
+        kq = softcap(kq, cap)
+    kq = kq * scale
+    if mask is not None:
+        kq = kq.masked_fill(~mask[None], float("-inf"))
+    if sinks is not None:
+        s = sinks.reshape(H, 1, 1).expand(H, T, 1).to(kq.dtype)
+        p = torch.softmax(torch.cat((kq, s), dim=-1), dim=-1)[..., :-1]
+    else:
+        p = torch.softmax(kq, dim=-1)
+    out = torch.matmul(p, vv)  # [H, T, Dv]
+    return out.transpose(0, 1).reshape(T, -1)
+
+
+def swiglu_oai(gate: torch.Tensor, up: torch.Tensor, alpha: float = 1.702, limit: float = 7.0) -> torch.Tensor:
+    """ggml_swiglu_oai (gpt-oss): x = min(gate, limit), y = clamp(up, -limit, limit),
+    x * sigmoid(alpha * x) * (y + 1)."""
+    x = gate.clamp(max=limit)
+    y = up.clamp(-limit, limit)
+    return x * torch.sigmoid(alpha * x) * (y + 1)
