@@ -93,7 +93,7 @@ class Model:
         kv = self.kv_type
         mib = self.kv_bytes_per_token() * self.n_ctx / 2**20
         return (f"n_ctx {self.n_ctx} (trained {self.n_ctx_train}), KV cache {kv}: "
-                f"{self.kv_bytes_per_token() / 1024:.1f} KiB per token, {mib:.0f} MiB when full")
+                f"{self.kv_bytes_per_token() / 1024:.1f} KiB per token, {mib:.1f} MiB when full")
 
     @property
     def n_vocab(self) -> int:

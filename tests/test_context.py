@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import TINY, tiny_manifest
+from conftest import FIXTURES, TINY, tiny_manifest
 import ggtorch
 from ggtorch.cli import main
 from ggtorch.errors import ContextError, GGTorchError
@@ -96,7 +96,7 @@ def test_context_shift_equals_a_fresh_run_over_the_kept_tokens(name):
     assert (stale - want).abs().max() > 1e-2
 
 
-def shifted_cache_vs_offset_run(net, ids, n_discard, dtype="f32"):
+def shifted_cache_vs_offset_run(net, ids, n_discard, dtype="f32", per_layer=False):
     """Every layer: RoPE attention depends on relative positions only, so the whole sequence run at
     positions -n_discard.. stores, for the tokens after the dropped ones, exactly the K/V that a
     shift (n_keep 0) must leave at positions 0.."""
@@ -110,9 +110,10 @@ def shifted_cache_vs_offset_run(net, ids, n_discard, dtype="f32"):
     finally:
         del net.faults["position_offset"]
     m = len(ids) - n_discard
-    return max(max(float((cache.k[il][0, :, :m] - ref.k[il][0, :, n_discard:]).abs().max()),
-                   float((cache.v[il][0, :, :m] - ref.v[il][0, :, n_discard:]).abs().max()))
-               for il in range(net.cfg.n_layer))
+    errs = [max(float((cache.k[il][0, :, :m] - ref.k[il][0, :, n_discard:]).abs().max()),
+                float((cache.v[il][0, :, :m] - ref.v[il][0, :, n_discard:]).abs().max()))
+            for il in range(net.cfg.n_layer)]
+    return errs if per_layer else max(errs)
 
 
 @pytest.mark.parametrize("name", ["tiny-llama-F32", "tiny-qwen2-F32", "tiny-qwen3-Q8_0"])
@@ -121,6 +122,21 @@ def test_context_shift_rerotates_the_keys_of_every_layer(name):
     assert shifted_cache_vs_offset_run(net, IDS, 13) < 1e-4
     net.rope_shift = lambda il, k, delta: k  # can fail
     assert shifted_cache_vs_offset_run(net, IDS, 13) > 1e-2
+
+
+ARCHS = FIXTURES / "archs"
+
+
+@pytest.mark.parametrize("name", ["gemma2", "gpt-oss", "granite", "llama-moe", "mistral3", "olmo2", "phi3", "qwen3moe",
+                                  "smollm3"])
+def test_context_shift_on_the_other_architectures(name):
+    """Sliding-window bases (gpt-oss, olmo2 unscaled), YaRN (gpt-oss, mistral3), partial rotary (phi3),
+    layers without RoPE (smollm3), no RoPE at all (granite)."""
+    net = ggtorch.load(str(ARCHS / f"tiny-{name}-F32.gguf"), fast=False).net
+    errs = shifted_cache_vs_offset_run(net, IDS, 13, per_layer=True)
+    # mistral3 scales Q by its absolute position (attention temperature): only layer 0's K/V are
+    # independent of where the sequence starts
+    assert max(errs[:1] if name == "mistral3" else errs) < 1e-4, errs
 
 
 def test_context_shift_with_freq_factors_and_f16_cache():

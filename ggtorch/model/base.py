@@ -204,19 +204,28 @@ class Transformer:
         cache.lens[slot] = n_keep + m
 
     def rope_base(self, il: int) -> float | None:
-        """Layer il's RoPE base (None: the layer has no RoPE); gemma3's local layers override it."""
-        return self.cfg.rope_base
+        """Layer il's RoPE base: rope.freq_base_swa on sliding-window layers (gemma3, gpt-oss, olmo2),
+        None where the layer has no RoPE (smollm3's every 4th layer, granite without RoPE)."""
+        c = self.cfg
+        if not c.has_rope(il):
+            return None
+        return c.rope_base_local if c.is_swa(il) else c.rope_base
+
+    def rope_yarn(self, il: int) -> bool:
+        """Whether layer il's RoPE takes the file's YaRN/linear scaling (olmo2's local layers do not)."""
+        return True
 
     def rope_shift(self, il: int, k: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """Keys k [n_kv, T, D] of layer il rotated by ``delta`` positions, with the layer's base,
-        layout (normal/neox), frequency scale and factors (build_rope_shift). Architectures whose
-        RoPE differs (YaRN ramps, layers without RoPE) override this."""
+        """Keys k [n_kv, T, D] of layer il rotated by ``delta`` positions with the layer's own RoPE:
+        base, layout (normal/neox), frequency scale and factors, YaRN's per-dimension frequencies
+        (build_rope_shift). YaRN's attention factor scales cos and sin, and the stored keys already
+        carry it: a shift divides it out, so it is a pure rotation."""
         base = self.rope_base(il)
         if base is None:
             return k
-        c = self.cfg
-        cos, sin = rope_cache(delta, c.n_rot, base, c.rope_freq_scale, self.freq_factors)  # [1, n_rot/2]
-        return rope(k, cos, sin, c.rope_type == "neox")
+        cos, sin = self.rope_tables(delta, base, self.rope_yarn(il))  # [1, 1, n_rot/2]
+        mag = torch.hypot(cos[:, 0], sin[:, 0])
+        return rope(k, cos[:, 0] / mag, sin[:, 0] / mag, self.cfg.rope_type == "neox")
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """The output projection of the normed hidden state, with the architectures' final scalings:

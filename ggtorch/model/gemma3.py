@@ -27,10 +27,6 @@ class Gemma3(Transformer):
         return {"global": (g_cos, g_sin, self.mask(pos, n_kv)),
                 "local": (l_cos, l_sin, self.mask(pos, n_kv, self.window()))}
 
-    def rope_base(self, il: int) -> float:
-        c = self.cfg
-        return c.rope_base_local if c.is_swa(il) else c.rope_base
-
     def window(self) -> int:
         return int(self.faults.get("sliding_window", self.cfg.sliding_window))
 

@@ -34,6 +34,9 @@ class Olmo2(Transformer):
                 self.mask(pos, n_kv, c.sliding_window),)
         return ctx
 
+    def rope_yarn(self, il: int) -> bool:  # the context shift rotates as prepare() does
+        return not self.cfg.is_swa(il)
+
     def block(self, il, x, cache, start, ctx, trace):
         c, L, T = self.cfg, self.layers[il], x.shape[0]
         eps = self.eps()
