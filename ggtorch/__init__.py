@@ -5,11 +5,11 @@ __version__ = "0.1.0"
 
 
 def load(model: str = "smollm2-135m", device: str = "cpu", threads: int | None = None, fast: bool = True,
-         ggml_numerics: bool = False):
+         ggml_numerics: bool = False, **kw):
     """Load a .gguf file or a packaged model name ("smollm2-135m", "gemma3-270m"); see api.load."""
     from .api import load as _load
 
-    return _load(model, device=device, threads=threads, fast=fast, ggml_numerics=ggml_numerics)
+    return _load(model, device=device, threads=threads, fast=fast, ggml_numerics=ggml_numerics, **kw)
 
 
 __all__ = ["load", "GGTorchError", "GGUFError", "GenerationError", "ModelError", "QuantError", "TokenizerError"]

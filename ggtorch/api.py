@@ -23,7 +23,7 @@ from .tokenizer import Tokenizer
 
 class Model:
     def __init__(self, path: str, device: str = "cpu", threads: int | None = None, fast: bool = True,
-                 ggml_numerics: bool = False):
+                 ggml_numerics: bool = False, cache: bool = True):
         fast = fast and not ggml_numerics  # the numerics mode runs on the exact path
         if threads:
             torch.set_num_threads(int(threads))
@@ -35,8 +35,9 @@ class Model:
         self.net = build(self.file, device)
         self.cfg = self.net.cfg
         self.fast = fast
+        self.repack_cache = "off"  # "hit", "miss" (repacked, then stored) or "off" (see quant.cache)
         if fast:
-            self.net.install_fast()
+            self.repack_cache = self.net.install_fast(cache)
         if ggml_numerics:
             self.net.use_ggml_numerics()
         self.tokenizer = Tokenizer(self.file.metadata)
@@ -126,12 +127,15 @@ class Model:
 
 
 def load(model: str = "smollm2-135m", device: str = "cpu", threads: int | None = None, fast: bool = True,
-         ggml_numerics: bool = False) -> Model:
+         ggml_numerics: bool = False, cache: bool = True) -> Model:
     """Load a .gguf file or a packaged model name ("smollm2-135m", "gemma3-270m").
 
     By default each quantized weight gets the fastest kernel for its type (int4 repacking or int8
     rows, bf16 activations; see ggtorch.quant.kernels). ``fast=False`` is the exact float32
     reference: weights stay as GGUF blocks and are dequantized on every call.
     ``ggml_numerics=True`` rounds activations, the KV cache and attention as llama.cpp's CPU backend
-    does (see ggtorch.model.numerics): slow, for bit-level comparisons."""
-    return Model(model, device=device, threads=threads, fast=fast, ggml_numerics=ggml_numerics)
+    does (see ggtorch.model.numerics): slow, for bit-level comparisons.
+    ``cache=False`` repacks the weights without reading or writing the repack cache (by default the
+    repacked form is kept in ~/.cache/ggtorch/repack and memory-mapped on the next load; see
+    ggtorch.quant.cache)."""
+    return Model(model, device=device, threads=threads, fast=fast, ggml_numerics=ggml_numerics, cache=cache)

@@ -21,6 +21,8 @@ def add_model(p, optional=False):
                         "is a fast kernel per type (int4-repacked Q4_0/Q4_1/Q4_K, int8 rows otherwise, bf16 activations)")
     p.add_argument("--fast", dest="fast", action="store_true",
                    help="the fast kernels (the default, except for trace and diff, which compare numbers)")
+    p.add_argument("--no-cache", dest="cache", action="store_false",
+                   help="repack the weights without reading or writing the repack cache (~/.cache/ggtorch/repack)")
     p.add_argument("--ggml-numerics", action="store_true",
                    help="round activations, KV cache and attention like llama.cpp's CPU backend (slow)")
 
@@ -58,7 +60,7 @@ def load(a):
     from ..api import load as _load
 
     return _load(a.model, device=a.device, threads=a.threads, fast=a.fast,
-                 ggml_numerics=getattr(a, "ggml_numerics", False))
+                 ggml_numerics=getattr(a, "ggml_numerics", False), cache=getattr(a, "cache", True))
 
 
 def sampling_kwargs(a) -> dict:

@@ -23,6 +23,7 @@ from .linear import QWeight
 
 INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
 INT8_MAX_ROWS = 16  # above this many activation rows, widen int8 to bf16 and use a GEMM
+FORMAT = "1"  # the repacked layout's version: bump when what install() stores changes (keys the repack cache)
 
 
 def _int4_parts(w: QWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -114,7 +115,9 @@ _libc = None
 class Fused:
     """Several weights with one input, concatenated along the output dimension."""
 
-    def __init__(self, ws: list[QWeight]):
+    def __init__(self, ws: list[QWeight] | None):
+        if ws is None:  # filled by from_state
+            return
         self.parts = [w.out_features for w in ws]
         self.out_features, self.in_features = sum(self.parts), ws[0].in_features
         self.kernel = ws[0].kernel
@@ -123,6 +126,14 @@ class Fused:
                           "sz": torch.cat([w.state["sz"] for w in ws], dim=1).contiguous()}
         else:
             self.state = {"q8": torch.cat([w.state["q8"] for w in ws]), "s8": torch.cat([w.state["s8"] for w in ws])}
+
+    @classmethod
+    def from_state(cls, kernel, state: dict, parts: list[int], in_features: int) -> "Fused":
+        """A fused matrix rebuilt from stored state (the repack cache)."""
+        f = cls(None)
+        f.kernel, f.state, f.parts = kernel, state, [int(p) for p in parts]
+        f.out_features, f.in_features = sum(f.parts), int(in_features)
+        return f
 
 
 def fuse(ws: list[QWeight]) -> Fused | None:
@@ -135,3 +146,7 @@ def fuse(ws: list[QWeight]) -> Fused | None:
     for w in ws:  # the parts' own copies are no longer needed
         w.state, w.kernel = {}, None
     return f
+
+
+KERNELS_BY_NAME = {"int4": int4_kernel, "int8": int8_kernel}
+KERNEL_NAMES = {k: n for n, k in KERNELS_BY_NAME.items()}
