@@ -5,7 +5,7 @@ import torch
 
 from conftest import GOLDENS, TINY, golden, tiny_manifest
 import ggtorch
-from ggtorch.quant.kernels import _int4_parts, install
+from ggtorch.quant.kernels import _int4_parts, _plane_parts, install, planes_kernel
 
 
 @pytest.mark.parametrize("t", ["Q4_0", "Q4_1", "Q4_K"])
@@ -17,7 +17,21 @@ def test_int4_repacking_reproduces_dequantized_weights(t):
     assert torch.allclose(rebuilt, w.dequantize(), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("t", ["Q4_0", "Q4_1", "Q4_K", "Q6_K", "Q8_0"])
+@pytest.mark.parametrize("t", ["Q8_0", "Q5_0", "Q5_1", "Q5_K"])
+def test_two_plane_repacking_keeps_the_block_scales(t):
+    """Q8_0/Q5_x as [hi | lo] int4 planes with per-32 scales: the dequantized weights come back exactly."""
+    m = ggtorch.load(str(TINY / f"tiny-llama-{t}.gguf"), fast=False)
+    w = m.net.layers[0]["ffn_down"]
+    assert w.type.name == t
+    q, s, z = _plane_parts(w, w.raw)
+    assert int(q.min()) >= 0 and int(q.max()) <= 15 and q.shape == (w.out_features, 2 * w.in_features)
+    planes = ((q.float() - 8).view(w.out_features, -1, 32) * s[..., None] + z[..., None]).view(w.out_features, 2, -1)
+    assert torch.equal(planes.sum(1), w.dequantize())
+    install(w)
+    assert w.kernel is planes_kernel
+
+
+@pytest.mark.parametrize("t", ["Q4_0", "Q4_1", "Q4_K", "Q6_K", "Q8_0", "Q5_0", "Q5_K"])
 def test_fast_kernels_close_to_exact(t):
     m = ggtorch.load(str(TINY / f"tiny-llama-{t}.gguf"), fast=False)
     ids = tiny_manifest()["prompt_ids"]

@@ -18,18 +18,23 @@ from __future__ import annotations
 
 import torch
 
-from .dequant import _f16, _k_scale_min, _nibbles
+from .dequant import _bits, _f16, _k_scale_min, _nibbles, _q5
 from .linear import QWeight
 
 INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
+PLANE_TYPES = ("Q8_0", "Q5_0", "Q5_1", "Q5_K")  # two int4 planes per weight (see _plane_parts)
 INT8_MAX_ROWS = 16  # above this many activation rows, widen int8 to bf16 and use a GEMM
-FORMAT = "1"  # the repacked layout's version: bump when what install() stores changes (keys the repack cache)
+FORMAT = "2"  # the repacked layout's version: bump when what install() stores changes (keys the repack cache)
 
 
 def _int4_parts(w: QWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q [N, K] int32 in 0..15, scale and zero [N, K/32] float32."""
-    N, K, t = w.out_features, w.in_features, w.type.name
-    b = w.raw.reshape(-1, w.type.type_size)
+    return _int4_parts_rows(w, w.raw)
+
+
+def _int4_parts_rows(w: QWeight, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    N, K, t = raw.shape[0], w.in_features, w.type.name
+    b = raw.reshape(-1, w.type.type_size)
     if t in ("Q4_0", "Q4_1"):
         at = 2 if t == "Q4_0" else 4
         q = _nibbles(b[:, at:at + 16]).reshape(-1, 32)
@@ -46,11 +51,66 @@ def _int4_parts(w: QWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return q.reshape(N, K), s.reshape(N, K // 32), z.reshape(N, K // 32)
 
 
+def _affine_parts(w: QWeight, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For the types with one scale per 32 values: integers q [n, K] and a, b [n, K/32] float32 with
+    value = a * q + b, read from the blocks (ggml's dequantize_row_q8_0 / q5_0 / q5_1 / q5_K)."""
+    t, K = w.type.name, w.in_features
+    b = raw.reshape(-1, w.type.type_size)
+    if t == "Q8_0":
+        q, a = b[:, 2:34].contiguous().view(torch.int8).to(torch.int32), _f16(b, 0)
+        off = torch.zeros_like(a)
+    elif t == "Q5_0":
+        q, a = _q5(b, 2, 6), _f16(b, 0)
+        off = -16 * a
+    elif t == "Q5_1":
+        q, a, off = _q5(b, 4, 8), _f16(b, 0), _f16(b, 2)
+    else:  # Q5_K: 8 groups of 32 per 256-element block, 6-bit scales and mins
+        n = b.shape[0]
+        d, dmin = _f16(b, 0), _f16(b, 2)
+        sc, mn = _k_scale_min(b[:, 4:16])
+        a, off = d * sc.float(), -dmin * mn.float()
+        ql = _nibbles(b[:, 48:176].reshape(n * 4, 32)).reshape(n, 8, 32)
+        q = ql | (_bits(b[:, 16:48], 8).transpose(1, 2) << 4)
+    rows = raw.shape[0]
+    return q.reshape(rows, K), a.reshape(rows, K // 32), off.reshape(rows, K // 32)
+
+
+def _plane_parts(w: QWeight, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The weights as two int4 planes side by side, [hi | lo] along K, for the int4 kernel: with
+    q = 16 hi + lo (lo in 0..15, hi in -8..7), a*q + b = (hi + 8 - 8) * 16a + ((lo - 8) * a + 8a + b).
+    So x @ W.T = [x, x] @ [H, L].T with H's groups scaled 16a (zero 0) and L's scaled a (zero 8a + b):
+    the file's block scales are kept, and the product is exact before bf16 rounding (16a and 8a are
+    a's bf16 rounding times a power of two)."""
+    q, a, b = _affine_parts(w, raw)
+    hi, lo = (q >> 4) + 8, q & 15
+    return (torch.cat((hi, lo), 1), torch.cat((16 * a, a), 1), torch.cat((torch.zeros_like(a), 8 * a + b), 1))
+
+
 def int4_kernel(x: torch.Tensor, w) -> torch.Tensor:
     shape = x.shape
     y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]).to(torch.bfloat16), w.state["packed"], 32,
                                           w.state["sz"])
     return y.float().reshape(*shape[:-1], w.out_features)
+
+
+def planes_kernel(x: torch.Tensor, w) -> torch.Tensor:
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
+    y = torch._weight_int4pack_mm_for_cpu(torch.cat((x2, x2), 1), w.state["packed"], 32, w.state["sz"])
+    return y.float().reshape(*shape[:-1], w.out_features)
+
+
+def _pack(parts, w: QWeight, chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    """int4-pack ``parts(w, raw rows)`` a chunk of rows at a time (the int32 temporaries stay small);
+    chunks are multiples of 64 rows, the packed layout's row block, so they concatenate."""
+    packed, sz = [], []
+    for i in range(0, w.out_features, chunk):
+        q, s, z = parts(w, w.raw[i:i + chunk])
+        packed.append(torch._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1))
+        sz.append(torch.stack((s.T.to(torch.bfloat16), z.T.to(torch.bfloat16)), dim=-1))
+        if w.release is not None:
+            w.release(i * w.row_bytes, (i + chunk) * w.row_bytes)
+    return torch.cat(packed), torch.cat(sz, dim=1).contiguous()
 
 
 def int8_kernel(x: torch.Tensor, w) -> torch.Tensor:
@@ -83,11 +143,13 @@ def install(w: QWeight) -> None:
     """Give ``w`` its fast kernel (on CPU), then let the file's pages of the repacked bytes go."""
     if w.dense is not None or w.device.type != "cpu" or w.kernel is not None:
         return
-    if w.type.name in INT4_TYPES and w.in_features % 32 == 0 and hasattr(torch, "_weight_int4pack_mm_for_cpu"):
-        q, s, z = _int4_parts(w)
-        w.state["packed"] = torch._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
-        w.state["sz"] = torch.stack((s.T, z.T), dim=-1).contiguous().to(torch.bfloat16)
+    int4 = w.in_features % 32 == 0 and hasattr(torch, "_weight_int4pack_mm_for_cpu")
+    if w.type.name in INT4_TYPES and int4:
+        w.state["packed"], w.state["sz"] = _pack(_int4_parts_rows, w)
         w.kernel = int4_kernel
+    elif w.type.name in PLANE_TYPES and int4:
+        w.state["packed"], w.state["sz"] = _pack(_plane_parts, w)
+        w.kernel = planes_kernel
     else:
         w.state["q8"], w.state["s8"] = _int8_rows(w)
         w.kernel = int8_kernel
@@ -121,7 +183,7 @@ class Fused:
         self.parts = [w.out_features for w in ws]
         self.out_features, self.in_features = sum(self.parts), ws[0].in_features
         self.kernel = ws[0].kernel
-        if self.kernel is int4_kernel:
+        if self.kernel in (int4_kernel, planes_kernel):
             self.state = {"packed": torch.cat([w.state["packed"] for w in ws]),
                           "sz": torch.cat([w.state["sz"] for w in ws], dim=1).contiguous()}
         else:
@@ -138,7 +200,7 @@ class Fused:
 
 def fuse(ws: list[QWeight]) -> Fused | None:
     """One matrix for weights that share an input and a kernel; None when they cannot be fused."""
-    if any(w is None or w.kernel not in (int4_kernel, int8_kernel) for w in ws):
+    if any(w is None or w.kernel not in (int4_kernel, planes_kernel, int8_kernel) for w in ws):
         return None
     if len({w.kernel for w in ws}) != 1 or len({w.in_features for w in ws}) != 1:
         return None
@@ -148,5 +210,5 @@ def fuse(ws: list[QWeight]) -> Fused | None:
     return f
 
 
-KERNELS_BY_NAME = {"int4": int4_kernel, "int8": int8_kernel}
+KERNELS_BY_NAME = {"int4": int4_kernel, "int4x2": planes_kernel, "int8": int8_kernel}
 KERNEL_NAMES = {k: n for n, k in KERNELS_BY_NAME.items()}
