@@ -3,13 +3,20 @@ in the repack cache (ggtorch.quant.cache) so the next load of the same file only
 from __future__ import annotations
 
 from ..quant import cache as repack_cache
-from ..quant.kernels import FORMAT, KERNEL_NAMES, KERNELS_BY_NAME, Fused, fuse, install, trim_heap
+from ..quant.kernels import FORMAT, KERNEL_NAMES, KERNELS_BY_NAME, REFINE_TOP, Fused, fuse, install, trim_heap
 
 FUSIONS = (("attn_qkv", ("attn_q", "attn_k", "attn_v")), ("ffn_gate_up", ("ffn_gate", "ffn_up")))
 
 
 def install_fast(net, use_cache: bool = True) -> str:
     """Fast kernels for ``net``'s weights; returns "hit", "miss" (repacked and stored) or "off"."""
+    how = _install(net, use_cache)
+    if net.output.kernel is not None:  # the logits' largest values in float32 (quant.kernels._finish)
+        net.output.refine_top = REFINE_TOP
+    return how
+
+
+def _install(net, use_cache: bool) -> str:
     if net.device.type != "cpu":
         use_cache = False
     key = None
