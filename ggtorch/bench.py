@@ -15,11 +15,11 @@ def peak_rss_mb() -> float:
 
 
 def bench(model: str, n_prompt: int = 512, n_gen: int = 128, reps: int = 3, device: str = "cpu",
-          threads: int | None = None, fast: bool = True) -> dict:
+          threads: int | None = None, fast: bool = True, cache: bool = True) -> dict:
     from .api import load
 
     t0 = time.perf_counter()
-    m = load(model, device=device, threads=threads, fast=fast)
+    m = load(model, device=device, threads=threads, fast=fast, cache=cache)
     load_s = time.perf_counter() - t0
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, m.n_vocab, (n_prompt,), generator=g).tolist()
@@ -46,7 +46,7 @@ def bench(model: str, n_prompt: int = 512, n_gen: int = 128, reps: int = 3, devi
     return {"model": m.path.rsplit("/", 1)[-1], "device": device + ("" if fast else " exact"), "threads": torch.get_num_threads(),
             "load_s": load_s, f"pp{n_prompt}_tok_s": statistics.median(pp), f"tg{n_gen}_tok_s": statistics.median(tg),
             "first_token_s": first_token_s, "peak_rss_mb": peak_rss_mb(), "n_prompt": n_prompt, "n_gen": n_gen,
-            "reps": reps}
+            "reps": reps, "repack_cache": getattr(m, "repack_cache", "off")}
 
 
 def format_table(rows: list[dict]) -> str:
