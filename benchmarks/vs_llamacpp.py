@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
@@ -76,13 +77,22 @@ def child(code, *args, env=None) -> str:
     return r.stdout.strip().splitlines()[-1]
 
 
+def wall(cmd, env=None) -> float:
+    t = time.perf_counter()
+    subprocess.run(cmd, capture_output=True, check=True, env=env)
+    return time.perf_counter() - t
+
+
 def run_one(path: str, a, have_llama: bool) -> tuple[dict, dict | None]:
     root = os.path.join(HERE, "..")
     with tempfile.TemporaryDirectory(prefix="ggtorch-bench-cache-") as d:
-        env = {**os.environ, "GGTORCH_REPACK_CACHE": d}
+        env = {**os.environ, "GGTORCH_REPACK_CACHE": d, "PYTHONPATH": root}
         fast = int(not a.exact)
         cold = json.loads(child(GGTORCH_CHILD, root, path, a.p, a.n, a.r, a.threads, fast, 1, env=env))
         ours = json.loads(child(GGTORCH_CHILD, root, path, a.p, a.n, a.r, a.threads, fast, 0, env=env))
+        # time to first token from the command line, warm cache: `ggtorch run -n 1`, process start to exit
+        ours["ttft_cli_s"] = wall([sys.executable, "-m", "ggtorch", "run", path, "-p", "Hello", "-n", "1",
+                                   "--threads", str(a.threads)] + (["--exact"] if a.exact else []), env=env)
     ours.update(backend="ggtorch" + (" exact" if a.exact else ""), load_cold_s=cold["load_s"],
                 cold_peak_rss_mb=cold["peak_rss_mb"], load_warm_s=ours["load_s"],
                 warm_cache=ours.get("repack_cache"), cold_cache=cold["repack_cache"])
@@ -118,11 +128,12 @@ def main():
         print("llama-cpp-python is not installed: llama.cpp rows skipped (pip install llama-cpp-python)",
               file=sys.stderr)
     torch_floor = float(child(FLOOR_CHILD, "torch"))
+    import_torch_s = wall([sys.executable, "-c", "import torch"])
     llama_floor = float(child(FLOOR_CHILD, "llama_cpp")) if have else 0.0
-    print(f"peak RSS floors: import torch {torch_floor:.0f} MB, import llama_cpp {llama_floor:.0f} MB",
-          file=sys.stderr)
+    print(f"peak RSS floors: import torch {torch_floor:.0f} MB, import llama_cpp {llama_floor:.0f} MB; "
+          f"`python -c 'import torch'` takes {import_torch_s:.2f} s", file=sys.stderr)
     out = ["| model | backend | load cold s | load warm s | prefill pp%d tok/s | decode tg%d tok/s | peak RSS MB "
-           "| above floor MB |" % (a.p, a.n), "|---|---|---|---|---|---|---|---|"]
+           "| above floor MB | `run -n 1` s |" % (a.p, a.n), "|---|---|---|---|---|---|---|---|---|"]
     rows = []
     for m in models:
         path = resolve(m)
@@ -130,21 +141,23 @@ def main():
         ours, ref = run_one(path, a, have)
         ours_above = ours["peak_rss_mb"] - torch_floor
         out.append(f"| {name} | {ours['backend']} | {ours['load_cold_s']:.2f} | {ours['load_warm_s']:.2f} "
-                   f"| {ours['pp_tok_s']:.1f} | {ours['tg_tok_s']:.1f} | {ours['peak_rss_mb']:.0f} | {ours_above:.0f} |")
+                   f"| {ours['pp_tok_s']:.1f} | {ours['tg_tok_s']:.1f} | {ours['peak_rss_mb']:.0f} | {ours_above:.0f} "
+                   f"| {ours['ttft_cli_s']:.2f} |")
         rows.append(ours)
         if ref:
             ref_above = ref["peak_rss_mb"] - llama_floor
             out.append(f"| | llama.cpp | {ref['load_s']:.2f} | | {ref['pp_tok_s']:.1f} | {ref['tg_tok_s']:.1f} "
-                       f"| {ref['peak_rss_mb']:.0f} | {ref_above:.0f} |")
+                       f"| {ref['peak_rss_mb']:.0f} | {ref_above:.0f} | |")
             out.append(f"| | ratio | {ours['load_cold_s'] / ref['load_s']:.1f}× | {ours['load_warm_s'] / ref['load_s']:.1f}× "
                        f"| **{ours['pp_tok_s'] / ref['pp_tok_s']:.2f}×** | **{ours['tg_tok_s'] / ref['tg_tok_s']:.2f}×** "
-                       f"| {ours['peak_rss_mb'] / ref['peak_rss_mb']:.2f}× | {ours_above / ref_above:.2f}× |")
+                       f"| {ours['peak_rss_mb'] / ref['peak_rss_mb']:.2f}× | {ours_above / ref_above:.2f}× | |")
             rows.append(ref)
         print(out[-1] if not ref else out[-3], file=sys.stderr)
     print("\n".join(out))
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"torch_floor_mb": torch_floor, "llama_cpp_floor_mb": llama_floor, "rows": rows}, f, indent=1)
+            json.dump({"torch_floor_mb": torch_floor, "llama_cpp_floor_mb": llama_floor, "import_torch_s": import_torch_s,
+                       "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -32,12 +32,17 @@ def _int4_parts(w: QWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _int4_parts_rows(w, w.raw)
 
 
+def _nibbles_u8(qs: torch.Tensor) -> torch.Tensor:
+    """[n, 16] bytes -> [n, 32] uint8: low nibbles, then high nibbles (ggml's q4 order), no widening."""
+    return torch.cat((qs & 15, qs >> 4), dim=1)
+
+
 def _int4_parts_rows(w: QWeight, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     N, K, t = raw.shape[0], w.in_features, w.type.name
     b = raw.reshape(-1, w.type.type_size)
     if t in ("Q4_0", "Q4_1"):
         at = 2 if t == "Q4_0" else 4
-        q = _nibbles(b[:, at:at + 16]).reshape(-1, 32)
+        q = _nibbles_u8(b[:, at:at + 16])
         d = _f16(b, 0)
         z = torch.zeros_like(d) if t == "Q4_0" else _f16(b, 2) + 8 * d
         return q.reshape(N, K), d.reshape(N, K // 32), z.reshape(N, K // 32)
@@ -47,7 +52,7 @@ def _int4_parts_rows(w: QWeight, raw: torch.Tensor) -> tuple[torch.Tensor, torch
     sc, mn = _k_scale_min(b[:, 4:16])
     s = d * sc.float()
     z = 8 * s - dmin * mn.float()
-    q = _nibbles(b[:, 16:144].reshape(n * 4, 32)).reshape(n, 256)
+    q = _nibbles_u8(b[:, 16:144].reshape(n * 4, 32)).reshape(n, 256)
     return q.reshape(N, K), s.reshape(N, K // 32), z.reshape(N, K // 32)
 
 
@@ -82,7 +87,7 @@ def _plane_parts(w: QWeight, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     the file's block scales are kept, and the product is exact before bf16 rounding (16a and 8a are
     a's bf16 rounding times a power of two)."""
     q, a, b = _affine_parts(w, raw)
-    hi, lo = (q >> 4) + 8, q & 15
+    hi, lo = ((q >> 4) + 8).to(torch.uint8), (q & 15).to(torch.uint8)
     return (torch.cat((hi, lo), 1), torch.cat((16 * a, a), 1), torch.cat((torch.zeros_like(a), 8 * a + b), 1))
 
 
@@ -125,11 +130,40 @@ def _pack(parts, w: QWeight, chunk: int = 2048) -> tuple[torch.Tensor, torch.Ten
     packed, sz = [], []
     for i in range(0, w.out_features, chunk):
         q, s, z = parts(w, w.raw[i:i + chunk])
-        packed.append(torch._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1))
+        packed.append(_int4pack(q))
         sz.append(torch.stack((s.T.to(torch.bfloat16), z.T.to(torch.bfloat16)), dim=-1))
         if w.release is not None:
             w.release(i * w.row_bytes, (i + chunk) * w.row_bytes)
     return torch.cat(packed), torch.cat(sz, dim=1).contiguous()
+
+
+def _int4pack_bytes(q: torch.Tensor) -> torch.Tensor:
+    """PyTorch's CPU int4 layout with AVX-512 (weight_to_int4pack_kernel), written with byte ops: per
+    64-row block and column k, 32 bytes; byte d < 16 holds rows d and d+32, byte 16+d rows 16+d and
+    48+d (low nibble first). 10x less memory traffic than the int32 input the converter takes."""
+    N, K = q.shape
+    u = q.to(torch.uint8).view(N // 64, 4, 16, K)
+    b = torch.cat((u[:, 0] | (u[:, 2] << 4), u[:, 1] | (u[:, 3] << 4)), dim=1)  # [N/64, 32, K]
+    return b.transpose(1, 2).contiguous().view(N, K // 2)
+
+
+def _byte_packing_matches() -> bool:
+    """Whether _int4pack_bytes reproduces this build's converter (checked once, on a random matrix)."""
+    global _BYTES_OK
+    if _BYTES_OK is None:
+        q = torch.randint(0, 16, (128, 96), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+        _BYTES_OK = torch.equal(_int4pack_bytes(q), torch._convert_weight_to_int4pack_for_cpu(q, 1))
+    return _BYTES_OK
+
+
+_BYTES_OK = None
+
+
+def _int4pack(q: torch.Tensor) -> torch.Tensor:
+    """q [N, K] in 0..15 -> the packed weight for _weight_int4pack_mm_for_cpu."""
+    if q.shape[0] % 64 == 0 and _byte_packing_matches():
+        return _int4pack_bytes(q)
+    return torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
 
 
 def int8_kernel(x: torch.Tensor, w) -> torch.Tensor:
