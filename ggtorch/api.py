@@ -123,6 +123,78 @@ class Model:
                 reason = step.finish_reason
         return Result(ids, out, "".join(text), reason, timings)
 
+    # ---- chat (ggtorch/chat.py) -------------------------------------------------------------------
+    def chat_template(self, name: str | None = None) -> tuple[str, str]:
+        """(source, description) of the chat template: the file's own, a named variant, a built-in or a
+        template file; llama.cpp's default (ChatML) for a file without one."""
+        from .chat import model_template
+
+        return model_template(self.file.metadata, name)
+
+    def apply_chat_template(self, messages, tools=None, add_generation_prompt: bool = True, tokenize: bool = False,
+                            template: str | None = None, **kwargs):
+        """The prompt text (or, with ``tokenize``, its token ids) for ``messages``, as Hugging Face's
+        ``apply_chat_template``; ``kwargs`` reach the template (``enable_thinking`` ...). As llama.cpp does,
+        a BOS that the template renders first is dropped when the tokenizer adds one itself, and the text
+        is tokenized with special tokens parsed."""
+        from .chat import apply_template, fit_content, normalize_messages
+
+        tok = self.tokenizer
+        source, _ = self.chat_template(template)
+        bos = tok.detokenize([tok.bos_id], special=True) if tok.bos_id is not None else ""
+        eos = tok.detokenize([tok.eos_id], special=True) if tok.eos_id is not None else ""
+        msgs = fit_content(source, normalize_messages(messages))
+        text = apply_template(source, msgs, tools=tools, add_generation_prompt=add_generation_prompt,
+                              bos_token=bos, eos_token=eos, **kwargs)
+        if tok.add_bos and bos and text.startswith(bos):  # common_chat_template_direct_apply_impl
+            text = text[len(bos):]
+        if tok.add_eos and eos and text.endswith(eos):
+            text = text[:-len(eos)]
+        return tok.tokenize(text, special=True, bos=True, eos=True) if tokenize else text
+
+    def chat_steps(self, messages, tools=None, template: str | None = None, chat_template_kwargs=None, **kw):
+        """(prompt ids, timings, description of the template, steps): a turn on the session's KV cache."""
+        from .chat import ChatSession
+
+        kw.setdefault("max_tokens", 512)
+        params, max_tokens, stop, ignore_eos = self._params(dict(kw))
+        ids = self.apply_chat_template(messages, tools=tools, tokenize=True, template=template,
+                                       **(chat_template_kwargs or {}))
+        ids = self._prompt_ids(ids)
+        if getattr(self, "_session", None) is None:
+            self._session = ChatSession(self)
+        timings = Timings()
+        steps = self._session.steps(ids, max_tokens, params, stop, ignore_eos, timings)
+        return ids, timings, self.chat_template(template)[1], steps
+
+    def chat_stream(self, messages, **kw) -> Iterator[str]:
+        """The assistant's answer as text pieces (never a broken UTF-8 character); keywords as :meth:`chat`."""
+        _, _, _, steps = self.chat_steps(messages, **kw)
+        for step in steps:
+            if step.piece:
+                yield step.piece
+
+    def chat(self, messages, **kw):
+        """Answer a conversation through the model's chat template: ``messages`` are ``{"role", "content"}``
+        dicts. Keywords: tools, template (a variant name, "chatml", "gemma" or a file), chat_template_kwargs
+        (e.g. ``{"enable_thinking": False}``) and the sampling keywords of :meth:`generate`
+        (max_tokens defaults to 512). Generation stops at the model's end-of-turn tokens. A follow-up turn
+        reuses the KV cache of the previous one for the common prefix (:meth:`reset_chat` drops it)."""
+        from .chat import ChatResult
+
+        ids, timings, label, steps = self.chat_steps(messages, **kw)
+        out, text, reason = [], [], "length"
+        for step in steps:
+            out.append(step.token)
+            text.append(step.piece)
+            reason = step.finish_reason or reason
+        usage = {"prompt_tokens": len(ids), "completion_tokens": len(out), "total_tokens": len(ids) + len(out)}
+        return ChatResult("".join(text), reason, usage, ids, out, timings, label)
+
+    def reset_chat(self) -> None:
+        """Forget the chat session's KV cache."""
+        self._session = None
+
     def perplexity(self, text: str, ctx: int = 256, chunks: int | None = None, progress=None,
                    keep_logprobs: bool = False):
         from .perplexity import perplexity

@@ -26,3 +26,8 @@ class TokenizerError(GGTorchError):
 
 class GenerationError(GGTorchError):
     """A generation or sampling parameter is out of range."""
+
+
+class ChatTemplateError(GGTorchError):
+    """A chat template does not parse, refuses the messages (raise_exception), breaks the sandbox's
+    rules, or exceeds its output/time limits."""

@@ -22,13 +22,15 @@ class Step:
 
 @dataclass
 class Timings:
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0  # evaluated by the prefill
     prompt_s: float = 0.0
     gen_tokens: int = 0
     gen_s: float = 0.0
+    cached_tokens: int = 0  # prompt tokens whose K/V a reused cache already held (chat sessions)
 
     def as_dict(self) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "prompt_ms": round(self.prompt_s * 1e3, 3),
+        return {"prompt_tokens": self.prompt_tokens, "cached_tokens": self.cached_tokens,
+                "prompt_ms": round(self.prompt_s * 1e3, 3),
                 "prompt_tok_s": self.prompt_tokens / self.prompt_s if self.prompt_s else None,
                 "gen_tokens": self.gen_tokens, "gen_ms": round(self.gen_s * 1e3, 3),
                 "gen_tok_s": self.gen_tokens / self.gen_s if self.gen_s else None}
@@ -44,18 +46,26 @@ class Result:
 
 
 def generate_tokens(model, prompt_ids: list[int], max_tokens: int, params: SamplingParams,
-                    stop: list[str] = (), ignore_eos: bool = False, timings: Timings | None = None) -> Iterator[Step]:
+                    stop: list[str] = (), ignore_eos: bool = False, timings: Timings | None = None,
+                    cache=None, n_cached: int = 0) -> Iterator[Step]:
     """Yields :class:`Step`s. Stop strings are held back until they can no longer match, and the
-    matched stop string itself is not emitted (as llama-cpp-python does)."""
+    matched stop string itself is not emitted (as llama-cpp-python does).
+
+    ``cache``/``n_cached``: continue in an existing KV cache whose first ``n_cached`` positions already
+    hold ``prompt_ids[:n_cached]`` (a chat session's prefix); only the rest of the prompt is evaluated."""
     from .tokenizer import StreamDecoder
 
     timings = timings if timings is not None else Timings()
     net, tok = model.net, model.tokenizer
     gen = make_generator(params.seed)
-    cache = net.new_cache(len(prompt_ids) + max_tokens + 1)
+    if cache is None:
+        cache, n_cached = net.new_cache(len(prompt_ids) + max_tokens + 1), 0
+    n_cached = max(0, min(n_cached, len(prompt_ids) - 1))  # at least the last prompt token is evaluated
+    cache.truncate(n_cached)
     t0 = time.perf_counter()
-    logits = net.forward(prompt_ids, cache)[-1]
-    timings.prompt_tokens, timings.prompt_s = len(prompt_ids), time.perf_counter() - t0
+    logits = net.forward(prompt_ids[n_cached:], cache, start=n_cached)[-1]
+    timings.prompt_tokens, timings.prompt_s = len(prompt_ids) - n_cached, time.perf_counter() - t0
+    timings.cached_tokens = n_cached
     history = list(prompt_ids)
     dec = StreamDecoder(tok, first=False)
     held = ""

@@ -16,6 +16,7 @@ import numpy as np
 import regex
 
 from .errors import TokenizerError
+from .special_tokens import A_BYTE, A_CONTROL, A_NORMAL, A_UNKNOWN, A_USER_DEFINED, SpecialTokens
 
 # token types (llama_token_type) and what they mean as attributes
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -57,9 +58,6 @@ PRE_TOKENIZERS: dict[str, tuple[str, bool, bool, bool]] = {
     "deepseek-llm": ("deepseek-llm", False, False, False), "deepseek-coder": ("deepseek-coder", False, False, False),
     "falcon": ("falcon", True, False, False),
 }
-# texts llama.cpp treats as end-of-generation when they are control tokens (llama_vocab::impl::load)
-_EOG_TEXTS = {"<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<EOT>", "<|end▁of▁sentence|>",
-              "<|return|>", "<|call|>", "<|eom_id|>"}
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -126,13 +124,16 @@ class Tokenizer:
         self.bos_id = _id("bos_token_id", 1 if spm else None)
         self.eos_id = _id("eos_token_id", 2 if spm else None)
         self.unk_id = _id("unknown_token_id", 0 if spm else None)
-        self.eot_id = _id("eot_token_id")
-        self.eog_ids = {i for i in (self.eos_id, self.eot_id) if i is not None}
-        for i in np.nonzero(self.types == CONTROL)[0]:
-            if self.tokens[i] in _EOG_TEXTS:
-                self.eog_ids.add(int(i))
-        # special tokens that the partition step looks for, longest text first
-        sp = np.nonzero((self.types == CONTROL) | (self.types == USER_DEFINED) | (self.types == UNKNOWN))[0]
+        # attributes and end-of-generation ids as llama_vocab::impl::load corrects them (special_tokens.py)
+        st = SpecialTokens(self.tokens, self.types, {
+            "bos": self.bos_id, "eos": self.eos_id, "eot": _id("eot_token_id"), "eom": _id("eom_token_id"),
+            "fim_pre": _id("fim_pre_token_id"), "fim_suf": _id("fim_suf_token_id"), "fim_mid": _id("fim_mid_token_id"),
+            "fim_pad": _id("fim_pad_token_id"), "fim_rep": _id("fim_rep_token_id"), "fim_sep": _id("fim_sep_token_id")})
+        self.attrs = st.attrs
+        self.eot_id, self.eom_id = st.ids.get("eot"), st.ids.get("eom")
+        self.eog_ids = st.eog_ids
+        # special tokens that the partition step looks for, longest text first (cache_special_tokens)
+        sp = np.nonzero(self.attrs & (A_CONTROL | A_USER_DEFINED | A_UNKNOWN))[0]
         self.special = sorted(((self.tokens[i], int(i)) for i in sp if self.tokens[i]), key=lambda x: -len(x[0]))
         if spm:
             self.byte_ids = [self.token_to_id.get(f"<0x{b:02X}>") for b in range(256)]
@@ -153,7 +154,7 @@ class Tokenizer:
         """Split out special tokens (tokenizer_st_partition); control/unknown ones only when ``special``."""
         frags: list[str | int] = [text]
         for tok, tid in self.special:
-            if not special and self.types[tid] in (CONTROL, UNKNOWN):
+            if not special and self.attrs[tid] & (A_CONTROL | A_UNKNOWN):
                 continue
             out: list[str | int] = []
             for f in frags:
@@ -292,22 +293,20 @@ class Tokenizer:
         """The bytes of one token (llama_token_to_piece)."""
         if not 0 <= tid < len(self.tokens):
             raise TokenizerError(f"token id {tid} is outside the vocabulary (0..{len(self.tokens) - 1})")
-        t = int(self.types[tid])
+        a = int(self.attrs[tid])
         text = self.tokens[tid]
-        if t == CONTROL:
+        # llama_vocab::impl::token_to_piece: CONTROL/UNKNOWN only with special; those and USER_DEFINED as text
+        if a & (A_CONTROL | A_UNKNOWN):
             return text.encode("utf-8", "surrogateescape") if special else b""
-        if t == USER_DEFINED:
+        if a & A_USER_DEFINED:
             return text.encode("utf-8", "surrogateescape")
-        if self.model == "llama":
-            if t == BYTE:
-                return bytes([int(text[3:5], 16)])
-            if t == UNKNOWN:
-                return "\u2585".encode()
-            if t == NORMAL:
+        if a & A_NORMAL:
+            if self.model == "llama":
                 return text.replace("\u2581", " ").encode("utf-8", "surrogateescape")
-            return b""
-        if t == NORMAL:  # llama_decode_text: alphabet characters back to bytes, others as UTF-8
+            # llama_decode_text: alphabet characters back to bytes, others as UTF-8
             return b"".join(bytes([_U2B[c]]) if c in _U2B else c.encode("utf-8", "surrogateescape") for c in text)
+        if a & A_BYTE:
+            return bytes([int(text[3:5], 16)]) if self.model == "llama" else bytes([_U2B[text[0]]]) if text else b""
         return b""
 
     def detokenize_bytes(self, ids, special: bool = False) -> bytes:
