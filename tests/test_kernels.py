@@ -66,3 +66,13 @@ def test_fast_mode_accuracy(name, golden_name, min_agree, max_kl):
         kls.append(float((ref.softmax(-1) * (ref.log_softmax(-1) - lg[n - 1].double().log_softmax(-1))).sum()))
     print(name, "fast: agreement", agree / 160, "mean KL", np.mean(kls))
     assert agree / 160 >= min_agree and np.mean(kls) <= max_kl
+
+
+def test_int4_packing_matches_torch_converter():
+    """The byte-op packer (used when it matches this CPU's layout) and torch's converter agree."""
+    from ggtorch.quant.kernels import _int4pack
+
+    g = torch.Generator().manual_seed(1)
+    for n, k in [(64, 32), (192, 576), (80, 64)]:  # 80 rows: not whole 64-row blocks, the converter's path
+        q = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=g)
+        assert torch.equal(_int4pack(q.to(torch.uint8)), torch._convert_weight_to_int4pack_for_cpu(q, 1))

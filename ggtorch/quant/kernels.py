@@ -196,7 +196,8 @@ def install(w: QWeight) -> None:
     """Give ``w`` its fast kernel (on CPU), then let the file's pages of the repacked bytes go."""
     if w.dense is not None or w.device.type != "cpu" or w.kernel is not None:
         return
-    int4 = w.in_features % 32 == 0 and hasattr(torch, "_weight_int4pack_mm_for_cpu")
+    # the int4 layout needs whole 32-value groups and rows in multiples of 16 (the converter's rule)
+    int4 = w.in_features % 32 == 0 and w.out_features % 16 == 0 and hasattr(torch, "_weight_int4pack_mm_for_cpu")
     if w.type.name in INT4_TYPES and int4:
         w.state["packed"], w.state["sz"] = _pack(_int4_parts_rows, w)
         w.kernel = int4_kernel
