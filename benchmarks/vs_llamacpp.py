@@ -152,7 +152,7 @@ def main():
                        f"| **{ours['pp_tok_s'] / ref['pp_tok_s']:.2f}×** | **{ours['tg_tok_s'] / ref['tg_tok_s']:.2f}×** "
                        f"| {ours['peak_rss_mb'] / ref['peak_rss_mb']:.2f}× | {ours_above / ref_above:.2f}× | |")
             rows.append(ref)
-        print(out[-1] if not ref else out[-3], file=sys.stderr)
+        print("\n".join(out[-3:] if ref else out[-1:]), file=sys.stderr, flush=True)
     print("\n".join(out))
     if a.json:
         with open(a.json, "w") as f:
