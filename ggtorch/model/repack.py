@@ -5,6 +5,9 @@ from __future__ import annotations
 from ..quant import cache as repack_cache
 from ..quant.kernels import FORMAT, KERNEL_NAMES, KERNELS_BY_NAME, REFINE_TOP, Fused, fuse, install, trim_heap
 
+# Two int4 planes (exact block scales) for Q8_0/Q5_x: everywhere, or only for the output matrix, whose
+# rounding reaches the logits directly; elsewhere int8 rows read fewer bytes (8 vs 10 bits a weight).
+PLANES_EVERYWHERE = False
 FUSIONS = (("attn_qkv", ("attn_q", "attn_k", "attn_v")), ("ffn_gate_up", ("ffn_gate", "ffn_up")))
 
 
@@ -38,7 +41,7 @@ def _install(net, use_cache: bool) -> str:
 
 def _repack(net) -> None:
     for i, w in enumerate(net._weights.values()):
-        install(w)
+        install(w, planes=PLANES_EVERYWHERE or w is net.output)
         if i % 8 == 7:
             trim_heap()  # repacking frees multi-MB temporaries; hand them back so they don't add to the peak
     for L in getattr(net, "layers", []):

@@ -24,7 +24,7 @@ from .linear import QWeight
 INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
 PLANE_TYPES = ("Q8_0", "Q5_0", "Q5_1", "Q5_K")  # two int4 planes per weight (see _plane_parts)
 INT8_MAX_ROWS = 16  # above this many activation rows, widen int8 to bf16 and use a GEMM
-FORMAT = "2"  # the repacked layout's version: bump when what install() stores changes (keys the repack cache)
+FORMAT = "3"  # the repacked layout's version: bump when what install() stores changes (keys the repack cache)
 
 
 def _int4_parts(w: QWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -192,7 +192,7 @@ def _int8_rows(w: QWeight, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tenso
     return q, s
 
 
-def install(w: QWeight) -> None:
+def install(w: QWeight, planes: bool = True) -> None:
     """Give ``w`` its fast kernel (on CPU), then let the file's pages of the repacked bytes go."""
     if w.dense is not None or w.device.type != "cpu" or w.kernel is not None:
         return
@@ -201,7 +201,7 @@ def install(w: QWeight) -> None:
     if w.type.name in INT4_TYPES and int4:
         w.state["packed"], w.state["sz"] = _pack(_int4_parts_rows, w)
         w.kernel = int4_kernel
-    elif w.type.name in PLANE_TYPES and int4:
+    elif w.type.name in PLANE_TYPES and int4 and planes:
         w.state["packed"], w.state["sz"] = _pack(_plane_parts, w)
         w.kernel = planes_kernel
     else:
