@@ -83,6 +83,15 @@ def wall(cmd, env=None) -> float:
     return time.perf_counter() - t
 
 
+def _expert_traffic(root, path, a, env):
+    """MoE files: the expert bytes ggtorch reads per decoded token (ggtorch.model.moe.decode_expert_traffic)."""
+    code = ("import json,sys; sys.path.insert(0, %r); import ggtorch; from ggtorch.model.moe import decode_expert_traffic; "
+            "m = ggtorch.load(%r, threads=%d, fast=%r); "
+            "print(json.dumps(decode_expert_traffic(m.net, [1] + list(range(10, 25)), 32) if m.cfg.n_expert else None))"
+            % (root, path, a.threads, not a.exact))
+    return json.loads(child(code, env=env))
+
+
 def run_one(path: str, a, have_llama: bool) -> tuple[dict, dict | None]:
     root = os.path.join(HERE, "..")
     with tempfile.TemporaryDirectory(prefix="ggtorch-bench-cache-") as d:
@@ -90,6 +99,7 @@ def run_one(path: str, a, have_llama: bool) -> tuple[dict, dict | None]:
         fast = int(not a.exact)
         cold = json.loads(child(GGTORCH_CHILD, root, path, a.p, a.n, a.r, a.threads, fast, 1, env=env))
         ours = json.loads(child(GGTORCH_CHILD, root, path, a.p, a.n, a.r, a.threads, fast, 0, env=env))
+        ours["moe"] = _expert_traffic(root, path, a, env)
         # time to first token from the command line, warm cache: `ggtorch run -n 1`, process start to exit
         ours["ttft_cli_s"] = wall([sys.executable, "-m", "ggtorch", "run", path, "-p", "Hello", "-n", "1",
                                    "--threads", str(a.threads)] + (["--exact"] if a.exact else []), env=env)
@@ -153,6 +163,11 @@ def main():
                        f"| {ours['peak_rss_mb'] / ref['peak_rss_mb']:.2f}× | {ours_above / ref_above:.2f}× | |")
             rows.append(ref)
         print("\n".join(out[-3:] if ref else out[-1:]), file=sys.stderr, flush=True)
+        moe = ours.get("moe")
+        if moe:
+            print(f"{name}: expert weights read per decoded token {moe['expert_bytes_per_token'] / 1024:.1f} KiB of "
+                  f"{moe['expert_bytes_all'] / 1024:.1f} KiB in all experts ({100 * moe['fraction']:.0f}%)",
+                  file=sys.stderr)
     print("\n".join(out))
     if a.json:
         with open(a.json, "w") as f:

@@ -1,15 +1,16 @@
 """ggtorch: run, inspect and debug GGUF language models on PyTorch, matching llama.cpp."""
-from .errors import GGTorchError, GGUFError, GenerationError, ModelError, QuantError, TokenizerError
+from .errors import ContextError, GGTorchError, GGUFError, GenerationError, ModelError, QuantError, TokenizerError
 
 __version__ = "0.1.0"
 
 
 def load(model: str = "smollm2-135m", device: str = "cpu", threads: int | None = None, fast: bool = True,
          ggml_numerics: bool = False, **kw):
-    """Load a .gguf file or a packaged model name ("smollm2-135m", "gemma3-270m"); see api.load."""
+    """Load a .gguf file or a packaged model name ("smollm2-135m", "gemma3-270m"); see api.load
+    (keywords such as n_ctx, kv_dtype, context_shift pass through)."""
     from .api import load as _load
 
     return _load(model, device=device, threads=threads, fast=fast, ggml_numerics=ggml_numerics, **kw)
 
 
-__all__ = ["load", "GGTorchError", "GGUFError", "GenerationError", "ModelError", "QuantError", "TokenizerError"]
+__all__ = ["load", "ContextError", "GGTorchError", "GGUFError", "GenerationError", "ModelError", "QuantError", "TokenizerError"]

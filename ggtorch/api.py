@@ -8,22 +8,39 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from functools import cached_property
 from typing import Iterator
 
 import torch
 
-from .errors import GenerationError, ModelError
-from .generate import Result, Timings, generate_tokens
+from .errors import ContextError, GenerationError, ModelError
+from .generate import Result, Timings, check_fits, generate_tokens
 from .gguf.reader import GGUFFile
 from .model import build
 from .packaged import resolve
 from .sampling import SamplingParams
 
 
+N_CTX_CAP = 4096  # the default context: the trained one, capped here (a KV cache grows only as used)
+KV_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+DEFAULT_KV = "f16"  # llama.cpp's default; keeps the fidelity bounds (tests/test_real_models.py)
+
+
+def kv_dtype_of(name) -> torch.dtype:
+    if isinstance(name, torch.dtype) and name in KV_DTYPES.values():
+        return name
+    key = str(name).lower().removeprefix("torch.").replace("float", "f")
+    key = {"f": "f32", "half": "f16", "bfloat16": "bf16", "bf": "bf16"}.get(key, key)
+    if key not in KV_DTYPES:
+        raise GenerationError(f"KV cache type must be one of {', '.join(KV_DTYPES)}, got {name!r}")
+    return KV_DTYPES[key]
+
+
 class Model:
     def __init__(self, path: str, device: str = "cpu", threads: int | None = None, fast: bool = True,
-                 ggml_numerics: bool = False, cache: bool = True):
+                 ggml_numerics: bool = False, n_ctx: int | None = None, kv_dtype=None, context_shift: bool = False,
+                 cache: bool = True):
         fast = fast and not ggml_numerics  # the numerics mode runs on the exact path
         if threads:
             torch.set_num_threads(int(threads))
@@ -41,6 +58,7 @@ class Model:
         if ggml_numerics:
             self.net.use_ggml_numerics()
         self.device = device
+        self._set_context(n_ctx, kv_dtype, context_shift)
         self.load_s = time.perf_counter() - t0
 
     @cached_property
@@ -50,6 +68,41 @@ class Model:
         from .tokenizer import Tokenizer
 
         return Tokenizer(self.file.metadata)
+
+    def _set_context(self, n_ctx, kv_dtype, context_shift) -> None:
+        self.n_ctx_train = self.cfg.n_ctx_train
+        if n_ctx is None or int(n_ctx) == 0:  # 0 = the default, as llama.cpp's -c 0 means "from the model"
+            n_ctx = min(self.n_ctx_train, N_CTX_CAP) if self.n_ctx_train > 0 else N_CTX_CAP
+        n_ctx = int(n_ctx)
+        if n_ctx < 1:
+            raise ContextError(f"n_ctx must be a positive number of tokens, got {n_ctx}")
+        if 0 < self.n_ctx_train < n_ctx:
+            warnings.warn(f"n_ctx {n_ctx} is above the model's trained context ({self.n_ctx_train} tokens): "
+                          f"text past {self.n_ctx_train} tokens may be unreliable", stacklevel=3)
+        self.n_ctx = n_ctx
+        self.kv_dtype = kv_dtype_of(DEFAULT_KV if kv_dtype is None else kv_dtype)
+        self.net.kv_dtype = self.kv_dtype
+        self.context_shift = bool(context_shift)
+
+    def new_cache(self):
+        """A one-sequence KV cache of this model's n_ctx and KV type (memory grows as it fills)."""
+        return self.net.new_pool(1, self.n_ctx)
+
+    def kv_bytes_per_token(self) -> int:
+        """KV cache bytes per token of context (all layers, K and V, this model's KV type)."""
+        c = self.cfg
+        return c.n_layer * c.n_head_kv * (c.head_dim + c.head_dim_v) * torch.empty(0, dtype=self.kv_dtype).element_size()
+
+    @property
+    def kv_type(self) -> str:
+        return {v: k for k, v in KV_DTYPES.items()}[self.kv_dtype]
+
+    def context_info(self) -> str:
+        """One line: the context and KV cache chosen (shown by the CLI on stderr)."""
+        kv = self.kv_type
+        mib = self.kv_bytes_per_token() * self.n_ctx / 2**20
+        return (f"n_ctx {self.n_ctx} (trained {self.n_ctx_train}), KV cache {kv}: "
+                f"{self.kv_bytes_per_token() / 1024:.1f} KiB per token, {mib:.0f} MiB when full")
 
     @property
     def n_vocab(self) -> int:
@@ -78,15 +131,18 @@ class Model:
     def logits(self, ids, batch: int = 512) -> torch.Tensor:
         """float32 [len(ids), n_vocab]: the logits at every position."""
         ids = self._prompt_ids(ids)
+        if len(ids) > self.n_ctx:
+            raise ContextError(f"{len(ids)} tokens do not fit the context n_ctx {self.n_ctx}")
         cache = self.net.new_cache(len(ids))
         outs = [self.net.forward(ids[i:i + batch], cache, all_logits=True) for i in range(0, len(ids), batch)]
         return torch.cat(outs).float().cpu()
 
     # ---- generation ------------------------------------------------------------------------------
-    def _params(self, kw) -> tuple[SamplingParams, int, list[str], bool]:
-        max_tokens = int(kw.pop("max_tokens", 64))
-        if max_tokens < 0:
-            raise GenerationError("max_tokens must be >= 0")
+    def _params(self, kw) -> tuple[SamplingParams, int | None, list[str], bool]:
+        max_tokens = kw.pop("max_tokens", 64)
+        max_tokens = None if max_tokens is None or int(max_tokens) == -1 else int(max_tokens)  # -1: to the context
+        if max_tokens is not None and max_tokens < 0:
+            raise GenerationError("max_tokens must be >= 0 (or -1 / None: until the context is full)")
         stop = kw.pop("stop", None) or []
         stop = [stop] if isinstance(stop, str) else list(stop)
         ignore_eos = bool(kw.pop("ignore_eos", False))
@@ -97,10 +153,15 @@ class Model:
         return params, max_tokens, stop, ignore_eos
 
     def steps(self, prompt, **kw):
-        params, max_tokens, stop, ignore_eos = self._params(dict(kw))
+        kw = dict(kw)
+        shift = bool(kw.pop("context_shift", self.context_shift))
+        n_keep = int(kw.pop("n_keep", 0))
+        params, max_tokens, stop, ignore_eos = self._params(kw)
         ids = self._prompt_ids(prompt)
+        check_fits(len(ids), max_tokens, self.n_ctx, shift)  # before any work
         timings = Timings()
-        return ids, timings, generate_tokens(self, ids, max_tokens, params, stop, ignore_eos, timings)
+        return ids, timings, generate_tokens(self, ids, max_tokens, params, stop, ignore_eos, timings,
+                                             context_shift=shift, n_keep=n_keep)
 
     def stream(self, prompt, **kw) -> Iterator[str]:
         """Text pieces as they are generated (never a broken UTF-8 character)."""
@@ -113,7 +174,9 @@ class Model:
         """Generate a continuation: ``prompt`` is text (BOS added as the metadata says, special tokens
         parsed) or token ids. Keywords: max_tokens, temperature, top_k, top_p, min_p, typical_p,
         repeat_penalty, repeat_last_n, presence_penalty, frequency_penalty, logit_bias, seed, stop,
-        ignore_eos."""
+        ignore_eos; context_shift (default: as loaded) and n_keep (tokens kept after BOS when the
+        context shifts). ``max_tokens=None`` generates until the context is full. A prompt plus
+        max_tokens over n_ctx raises :class:`ggtorch.errors.ContextError` before any work."""
         ids, timings, it = self.steps(prompt, **kw)
         out, text, reason = [], [], "length"
         for step in it:
@@ -156,23 +219,31 @@ class Model:
         """(prompt ids, timings, description of the template, steps): a turn on the session's KV cache."""
         from .chat import ChatSession
 
+        kw = dict(kw)
         kw.setdefault("max_tokens", 512)
-        params, max_tokens, stop, ignore_eos = self._params(dict(kw))
+        shift = bool(kw.pop("context_shift", self.context_shift))
+        n_keep = int(kw.pop("n_keep", 0))
+        params, max_tokens, stop, ignore_eos = self._params(kw)
         ids = self.apply_chat_template(messages, tools=tools, tokenize=True, template=template,
                                        **(chat_template_kwargs or {}))
         ids = self._prompt_ids(ids)
+        check_fits(len(ids), max_tokens, self.n_ctx, shift)  # the whole history must fit, before any work
         if getattr(self, "_session", None) is None:
             self._session = ChatSession(self)
         timings = Timings()
-        steps = self._session.steps(ids, max_tokens, params, stop, ignore_eos, timings)
+        steps = self._session.steps(ids, max_tokens, params, stop, ignore_eos, timings,
+                                    context_shift=shift, n_keep=n_keep)
         return ids, timings, self.chat_template(template)[1], steps
 
     def chat_stream(self, messages, **kw) -> Iterator[str]:
         """The assistant's answer as text pieces (never a broken UTF-8 character); keywords as :meth:`chat`."""
         _, _, _, steps = self.chat_steps(messages, **kw)
-        for step in steps:
-            if step.piece:
-                yield step.piece
+        try:
+            for step in steps:
+                if step.piece:
+                    yield step.piece
+        finally:  # stopping early (close, Ctrl-C) leaves the session cache consistent
+            steps.close()
 
     def chat(self, messages, **kw):
         """Answer a conversation through the model's chat template: ``messages`` are ``{"role", "content"}``
@@ -193,6 +264,8 @@ class Model:
 
     def reset_chat(self) -> None:
         """Forget the chat session's KV cache."""
+        if getattr(self, "_session", None) is not None:
+            self._session.reset()
         self._session = None
 
     def perplexity(self, text: str, ctx: int = 256, chunks: int | None = None, progress=None,
@@ -206,7 +279,8 @@ class Model:
 
 
 def load(model: str = "smollm2-135m", device: str = "cpu", threads: int | None = None, fast: bool = True,
-         ggml_numerics: bool = False, cache: bool = True) -> Model:
+         ggml_numerics: bool = False, n_ctx: int | None = None, kv_dtype=None, context_shift: bool = False,
+         cache: bool = True) -> Model:
     """Load a .gguf file or a packaged model name ("smollm2-135m", "gemma3-270m").
 
     By default each quantized weight gets the fastest kernel for its type (int4 repacking or int8
@@ -214,7 +288,13 @@ def load(model: str = "smollm2-135m", device: str = "cpu", threads: int | None =
     reference: weights stay as GGUF blocks and are dequantized on every call.
     ``ggml_numerics=True`` rounds activations, the KV cache and attention as llama.cpp's CPU backend
     does (see ggtorch.model.numerics): slow, for bit-level comparisons.
+
+    ``n_ctx``: the context window in tokens (default: the model's trained context, capped at 4096;
+    ``m.n_ctx`` says which; above the trained context warns). ``kv_dtype``: "f16" (default, as
+    llama.cpp), "bf16" or "f32" for the KV cache. ``context_shift``: when generation fills the
+    context, drop the oldest half of the tokens after the first n_keep and go on.
     ``cache=False`` repacks the weights without reading or writing the repack cache (by default the
     repacked form is kept in ~/.cache/ggtorch/repack and memory-mapped on the next load; see
     ggtorch.quant.cache)."""
-    return Model(model, device=device, threads=threads, fast=fast, ggml_numerics=ggml_numerics, cache=cache)
+    return Model(model, device=device, threads=threads, fast=fast, ggml_numerics=ggml_numerics, n_ctx=n_ctx,
+                 kv_dtype=kv_dtype, context_shift=context_shift, cache=cache)

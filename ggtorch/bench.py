@@ -15,11 +15,12 @@ def peak_rss_mb() -> float:
 
 
 def bench(model: str, n_prompt: int = 512, n_gen: int = 128, reps: int = 3, device: str = "cpu",
-          threads: int | None = None, fast: bool = True, cache: bool = True) -> dict:
+          threads: int | None = None, fast: bool = True, kv_dtype=None, cache: bool = True) -> dict:
     from .api import load
 
     t0 = time.perf_counter()
-    m = load(model, device=device, threads=threads, fast=fast, cache=cache)
+    m = load(model, device=device, threads=threads, fast=fast, kv_dtype=kv_dtype, n_ctx=max(n_prompt + n_gen + 1, 8),
+             cache=cache)
     load_s = time.perf_counter() - t0
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, m.n_vocab, (n_prompt,), generator=g).tolist()
@@ -46,15 +47,24 @@ def bench(model: str, n_prompt: int = 512, n_gen: int = 128, reps: int = 3, devi
     return {"model": m.path.rsplit("/", 1)[-1], "device": device + ("" if fast else " exact"), "threads": torch.get_num_threads(),
             "load_s": load_s, f"pp{n_prompt}_tok_s": statistics.median(pp), f"tg{n_gen}_tok_s": statistics.median(tg),
             "first_token_s": first_token_s, "peak_rss_mb": peak_rss_mb(), "n_prompt": n_prompt, "n_gen": n_gen,
-            "reps": reps, "repack_cache": getattr(m, "repack_cache", "off")}
+            "reps": reps, "kv_type": m.kv_type, "kv_bytes_per_token": m.kv_bytes_per_token(),
+            "kv_mb": m.kv_bytes_per_token() * (n_prompt + n_gen) / 1e6,
+            "repack_cache": getattr(m, "repack_cache", "off")}
+
+
+def kv_cell(r: dict) -> str:
+    """KV cache MB at the benchmark's n_prompt + n_gen tokens, its type and bytes per token."""
+    if "kv_mb" not in r:
+        return ""
+    return f"{r['kv_mb']:.1f} ({r['kv_type']}, {r['kv_bytes_per_token'] / 1024:.1f} KiB/tok)"
 
 
 def format_table(rows: list[dict]) -> str:
-    out = ["| model | backend | threads | load s | prefill tok/s | decode tok/s | peak RSS MB |",
-           "|---|---|---|---|---|---|---|"]
+    out = ["| model | backend | threads | load s | prefill tok/s | decode tok/s | peak RSS MB | KV MB |",
+           "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         pp = next(v for k, v in r.items() if k.startswith("pp") and k.endswith("tok_s"))
         tg = next(v for k, v in r.items() if k.startswith("tg") and k.endswith("tok_s"))
         out.append(f"| {r['model']} | {r.get('backend') or 'ggtorch ' + r['device']} | {r['threads']} | {r['load_s']:.2f} "
-                   f"| {pp:.1f} | {tg:.1f} | {r['peak_rss_mb']:.0f} |")
+                   f"| {pp:.1f} | {tg:.1f} | {r['peak_rss_mb']:.0f} | {kv_cell(r)} |")
     return "\n".join(out)

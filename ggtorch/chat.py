@@ -159,6 +159,8 @@ def content_caps(source: str) -> tuple[bool, bool]:
     jinja::caps does; cached per template."""
     caps = _CAPS.get(source)
     if caps is None:
+        if len(_CAPS) > 64:
+            _CAPS.clear()
         caps = _CAPS[source] = (_probe(source, "ggtorch-probe"), _probe(source, [{"type": "text", "text": "ggtorch-probe"}]))
     return caps
 
@@ -212,22 +214,40 @@ class ChatSession:
         self.model = model
         self.cache = None
         self.ids: list[int] = []  # the tokens whose K/V the cache holds, in order
+        self._active = None  # the running turn's generator: a new turn closes it first
 
     def reset(self) -> None:
+        self.close()
         self.cache, self.ids = None, []
 
-    def steps(self, prompt_ids: list[int], max_tokens: int, params, stop, ignore_eos, timings):
+    def close(self) -> None:
+        if self._active is not None:
+            self._active.close()  # runs its finally: ids match what the cache holds
+            self._active = None
+
+    def steps(self, prompt_ids: list[int], max_tokens: int, params, stop, ignore_eos, timings,
+              context_shift: bool = False, n_keep: int = 0):
+        """The turn's :class:`~ggtorch.generate.Step`s; not thread-safe (one session, one conversation)."""
+        self.close()
+        self._active = self._run(list(prompt_ids), max_tokens, params, stop, ignore_eos, timings,
+                                 context_shift, n_keep)
+        return self._active
+
+    def _run(self, prompt_ids, max_tokens, params, stop, ignore_eos, timings, context_shift, n_keep):
         from .generate import generate_tokens
 
         n = min(common_prefix(self.ids, prompt_ids), len(prompt_ids) - 1)  # the last token is always evaluated
         if self.cache is None:
-            self.cache, n = self.model.net.new_cache(len(prompt_ids) + max_tokens + 1), 0
+            self.cache, n = self.model.new_cache(), 0  # the model's n_ctx and KV type
         self.ids = list(prompt_ids[:n])  # until the forward below, only the kept prefix is known to be there
         out: list[int] = []
         try:
             for step in generate_tokens(self.model, prompt_ids, max_tokens, params, stop, ignore_eos, timings,
-                                        cache=self.cache, n_cached=n):
+                                        cache=self.cache, n_cached=n, context_shift=context_shift, n_keep=n_keep):
                 out.append(step.token)
                 yield step
         finally:  # also when the caller stops early (Ctrl-C): what the cache holds stays reusable
             self.ids = (list(prompt_ids) + out)[:self.cache.n]
+            if timings.context_shifts:  # the cache no longer holds a prefix of this history
+                self.cache.truncate(0)
+                self.ids = []

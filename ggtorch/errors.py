@@ -31,3 +31,8 @@ class GenerationError(GGTorchError):
 class ChatTemplateError(GGTorchError):
     """A chat template does not parse, refuses the messages (raise_exception), breaks the sandbox's
     rules, or exceeds its output/time limits."""
+
+
+class ContextError(GenerationError):
+    """The tokens do not fit the context window (n_ctx): the prompt plus the requested tokens, or a
+    sequence that reached the end of its KV cache slot."""

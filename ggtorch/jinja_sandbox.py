@@ -87,10 +87,7 @@ _BUDGET: contextvars.ContextVar[_Budget | None] = contextvars.ContextVar("ggtorc
 
 def _budget() -> _Budget:
     b = _BUDGET.get()
-    if b is None:  # compile-time constant folding outside a rendering
-        b = _Budget(LIMITS)
-        _BUDGET.set(b)
-    return b
+    return b if b is not None else _Budget(LIMITS)  # outside render(): the default limits, a fresh clock
 
 
 def _size(v: Any, limit: int) -> int:

@@ -29,6 +29,17 @@ _QWEN2 = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L
 _DEEPSEEK_LLM_LETTERS = (
     "A-Za-zµÀ-ÖØ-öø-ƺƼ-ƿǄ-ʓʕ-ʯͰ-ͳͶͷͻ-ͽͿΆΈ-ΊΌΎ-ΡΣ-ϵϷ-ҁҊ-ԯԱ-ՖႠ-ჅᎠ-Ᏽᏸ-ᏽᲐ-ᲺᲽ-Ჿᴀ-ᴫᵫ-ᵷᵹ-ᶚḀ-ἕἘ-Ἕἠ-ὅὈ-Ὅὐ-ὗὙὛὝὟ-ώᾀ-ᾴᾶ-ᾼιῂ-ῄῆ-ῌῐ-ΐῖ-Ίῠ-Ῥῲ-ῴῶ-ῼℂℇℊ-ℓℕℙ-ℝℤΩℨK-ℭℯ-ℴℹℼ-ℿⅅ-ⅉⅎↃↄⰀ-ⱻⱾ-ⳤⳫ-ⳮⳲⳳꙀ-ꙭꚀ-ꚛꜢ-ꝯꝱ-ꞇꞋ-ꞎꭰ-ꮿﬀ-ﬆﬓ-ﬗＡ-Ｚａ-ｚ𐐀-𐑏𐒰-𐓓𐓘-𐓻𐲀-𐲲𐳀-𐳲𑢠-𑣟𞤀-𞥃")
 
+# gpt-4o / tekken: llama-vocab.cpp's forms of the tokenizer.json regexes, where "an upper-case letter" is
+# ((?=[\p{L}])([^a-z])) and "a lower-case one" ((?=[\p{L}])([^A-Z])): llama.cpp runs them on text whose
+# non-ASCII letters are collapsed into one letter class, so any non-ASCII letter counts as both cases;
+# with Python's regex on the real text these two lookahead forms select exactly the same characters.
+_CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
+_UPPER, _LOWER = r"((?=[\p{L}])([^a-z]))", r"((?=[\p{L}])([^A-Z]))"
+_GPT4O = (rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+{_CONTRACTIONS}?|[^\r\n\p{{L}}\p{{N}}]?{_UPPER}+{_LOWER}*{_CONTRACTIONS}?"
+          r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_TEKKEN = (rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+|[^\r\n\p{{L}}\p{{N}}]?{_UPPER}+{_LOWER}*"
+           r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
 # regex sets of llm_tokenizer_bpe's constructor, by llama.cpp pre-tokenizer type
 _REGEXES: dict[str, list[str]] = {
     "default": [r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"],
@@ -40,6 +51,8 @@ _REGEXES: dict[str, list[str]] = {
                      r"[一-龥ࠀ-一가-퟿]+", r"\p{N}+"],
     "deepseek-coder": [r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", r"[一-龥ࠀ-一가-퟿]+", r"\p{N}"],
     "falcon": [r"[\p{P}\$\+<=>\^~\|`]+", _GPT2, r"[0-9][0-9][0-9]"],
+    "gpt-4o": [_GPT4O],
+    "tekken": [_TEKKEN],
 }
 # tokenizer.ggml.pre -> (regex set, clean_spaces, ignore_merges, add_bos default), as llama_vocab::impl::load
 PRE_TOKENIZERS: dict[str, tuple[str, bool, bool, bool]] = {
@@ -57,6 +70,8 @@ PRE_TOKENIZERS: dict[str, tuple[str, bool, bool, bool]] = {
     "stablelm2": ("qwen2", True, False, False), "megrez": ("qwen2", True, False, False),
     "deepseek-llm": ("deepseek-llm", False, False, False), "deepseek-coder": ("deepseek-coder", False, False, False),
     "falcon": ("falcon", True, False, False),
+    "gpt-4o": ("gpt-4o", False, False, False), "llama4": ("gpt-4o", False, False, False),
+    "tekken": ("tekken", False, True, True),
 }
 
 
@@ -306,7 +321,10 @@ class Tokenizer:
             # llama_decode_text: alphabet characters back to bytes, others as UTF-8
             return b"".join(bytes([_U2B[c]]) if c in _U2B else c.encode("utf-8", "surrogateescape") for c in text)
         if a & A_BYTE:
-            return bytes([int(text[3:5], 16)]) if self.model == "llama" else bytes([_U2B[text[0]]]) if text else b""
+            if self.model == "llama":
+                return bytes([int(text[3:5], 16)])
+            b = _U2B.get(text[:1])  # BPE byte tokens are one character of the byte alphabet
+            return bytes([b]) if b is not None else text.encode("utf-8", "surrogateescape")
         return b""
 
     def detokenize_bytes(self, ids, special: bool = False) -> bytes:

@@ -1,5 +1,6 @@
 """Model.chat / chat_stream / apply_chat_template on the packaged models, the session cache, `ggtorch chat -p`."""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -95,13 +96,24 @@ def test_stopping_early_keeps_the_cache_consistent(smollm):
     a = smollm.chat(Q, max_tokens=8)
     smollm.reset_chat()
     assert smollm.chat(Q, max_tokens=8).ids == a.ids
+    # a new turn closes a turn still being read: it can no longer write into the shared cache
+    old = smollm.chat_stream(Q, max_tokens=40)
+    next(old)
+    assert smollm.chat(Q, max_tokens=8).ids == a.ids
+    with pytest.raises(StopIteration):
+        next(old)
 
 
-def test_cli_chat_answers_once_and_stops(capsys):
+def test_cli_chat_answers_once_and_stops(capsys, smollm):
     assert main(["chat", "smollm2-135m", "-p", "What is the capital of France?"]) == 0
     out, err = capsys.readouterr()
+    smollm.reset_chat()
+    r = smollm.chat(Q)  # the same answer through the API ends with <|im_end|>
+    assert r.ids[-1] == smollm.tokenizer.token_to_id["<|im_end|>"] and out == r.text + "\n"
     assert "Paris" in out and "<|im_end|>" not in out and out.endswith("\n")
     assert "[template: the file's tokenizer.chat_template]" in err and "[prompt 37 tok" in err
+    n = int(re.search(r"answer (\d+) tok", err).group(1))
+    assert n == len(r.ids) < 512  # ended by <|im_end|>, not by the 512-token limit
 
 
 def test_cli_chat_json_and_bad_template(capsys):
@@ -111,3 +123,18 @@ def test_cli_chat_json_and_bad_template(capsys):
     assert out["finish_reason"] == "stop" and "<end_of_turn>" not in out["text"]
     assert main(["chat", "smollm2-135m", "-p", "x", "--chat-template", "nope"]) == 2
     assert "no chat template named 'nope'" in capsys.readouterr().err
+
+
+def test_cli_turn_refused_by_the_template_leaves_no_trace(smollm):
+    from ggtorch.cli import build_parser
+    from ggtorch.cli.chat import Chat
+    from ggtorch.errors import ChatTemplateError
+
+    a = build_parser().parse_args(["chat", "--chat-template", str(DATA / "chat_templates" / "google-gemma-2-2b-it.jinja"),
+                                   "--system", "Be brief.", "-n", "2"])
+    c = Chat(smollm, a)
+    with pytest.raises(ChatTemplateError, match="System role not supported"):
+        c.answer("Hi")
+    assert c.history == []  # the interactive loop prints the error and goes on
+    c.command("/system")
+    assert c.answer("Hi")["finish_reason"] in ("stop", "length") and len(c.history) == 2

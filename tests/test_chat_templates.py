@@ -50,3 +50,32 @@ def test_rendering_equals_transformers(rec, frozen_now):
         assert out == rec["output"]
         if rec["case"] == "jinja_literal":  # message text is data, never template code
             assert "{{ 7*7 }}" in out and "49" not in out
+
+
+def test_template_choice_follows_llama_cpp(tmp_path):
+    from ggtorch.chat import CHATML, GEMMA, model_template
+
+    md = {"tokenizer.chat_template": "main", "tokenizer.chat_template.tool_use": "tools", "tokenizer.chat_template.rag": "r"}
+    assert model_template(md) == ("main", "the file's tokenizer.chat_template")
+    assert model_template(md, "rag")[0] == "r" and model_template(md, "gemma")[0] == GEMMA
+    # no default template: a tool_use variant is taken, else ChatML (common_chat_templates_init)
+    assert model_template({"tokenizer.chat_template.tool_use": "tools"})[0] == "tools"
+    assert model_template({})[0] == CHATML and "chatml" in model_template({})[1]
+    f = tmp_path / "t.jinja"
+    f.write_text("{{ messages[0].content }}")
+    assert model_template({}, str(f))[0] == "{{ messages[0].content }}"
+    with pytest.raises(ChatTemplateError, match="expected one of the file's variants \\['rag', 'tool_use'\\]"):
+        model_template(md, "missing")
+
+
+def test_globals_and_filters_templates_use(monkeypatch):
+    monkeypatch.setattr(jinja_sandbox, "_now", lambda: datetime(2025, 1, 2))
+    src = ("{{ strftime_now('%d %b %Y') }}|{{ tools | tojson }}|{{ tools | tojson(indent=2) }}|"
+           "{% set ns = namespace(n=0) %}{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}"
+           "{% set ns.n = ns.n + 1 %}{% endfor %}{{ ns.n }}|{{ extra }}|{{ bos_token }}{{ eos_token }}|"
+           "{% generation %}{{ add_generation_prompt }}{% endgeneration %}")
+    tools = [{"name": "météo", "x": [1]}]
+    out = chat.apply_template(src, [{"role": "user", "content": "a"}] * 3, tools=tools, extra="kw",
+                              bos_token="<s>", eos_token="</s>")
+    assert out == ("02 Jan 2025|" + json.dumps(tools, ensure_ascii=False) + "|"
+                   + json.dumps(tools, ensure_ascii=False, indent=2) + "|1|kw|<s></s>|True")

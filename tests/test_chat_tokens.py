@@ -72,3 +72,13 @@ def test_loader_rules_on_a_synthetic_vocabulary():
     assert st.eog_ids == {1, 2, 5, 6}
     assert st.attrs[0] == A_USER_DEFINED and st.attrs[3] == A_USER_DEFINED and st.attrs[4] == A_NORMAL
     assert st.attrs[6] & A_CONTROL and st.ids["fim_pad"] == 6
+
+
+@pytest.mark.parametrize("i", range(len(REC["builtin_templates"])))
+def test_builtin_templates_equal_llama_cpps_formats(i):
+    """`--chat-template chatml|gemma` and the no-template fallback render as llama_chat_apply_template."""
+    from ggtorch.chat import BUILTIN, apply_template
+
+    r = REC["builtin_templates"][i]
+    assert apply_template(BUILTIN[r["template"]], r["messages"],
+                          add_generation_prompt=r["add_generation_prompt"]) == r["output"]

@@ -25,8 +25,33 @@ TEXTS = [
 ]
 
 
+CHATS = {
+    "single": [("user", "What is the capital of France?")],
+    "system_user": [("system", "  Be brief.  "), ("user", " What is the capital of France? ")],
+    "multi_turn": [("system", "Be brief."), ("user", "Hi"), ("assistant", " Hello! "), ("user", "Bye\n")],
+    "no_system": [("user", "Hi"), ("assistant", "Hello!"), ("user", "Bye")],
+}
+
+
+def builtin_chats() -> list[dict]:
+    """llama.cpp's own (non-Jinja) chatml and gemma formats, llama_chat_apply_template."""
+    import ctypes
+
+    recs = []
+    for name in ("chatml", "gemma"):
+        for case, msgs in CHATS.items():
+            for add_ass in (True, False):
+                arr = (llama_cpp.llama_chat_message * len(msgs))(
+                    *[llama_cpp.llama_chat_message(role=r.encode(), content=c.encode()) for r, c in msgs])
+                buf = ctypes.create_string_buffer(8192)
+                n = llama_cpp.llama_chat_apply_template(name.encode(), arr, len(msgs), add_ass, buf, len(buf))
+                recs.append({"template": name, "messages": [{"role": r, "content": c} for r, c in msgs],
+                             "add_generation_prompt": add_ass, "output": buf.raw[:n].decode()})
+    return recs
+
+
 def main() -> int:
-    out = {"llama_cpp_python": llama_cpp.__version__, "models": {}}
+    out = {"llama_cpp_python": llama_cpp.__version__, "models": {}, "builtin_templates": builtin_chats()}
     for name in ("smollm2-135m", "gemma3-270m"):
         llm = llama_cpp.Llama(resolve(name), vocab_only=True, verbose=False)
         vocab = llama_cpp.llama_model_get_vocab(llm.model)

@@ -10,7 +10,7 @@ import json
 import sys
 
 from ..errors import GGTorchError
-from .common import add_model, add_sampling, load, print_json, sampling_kwargs
+from .common import add_context, add_model, add_sampling, load, print_json, sampling_kwargs
 
 HELP = "/reset starts over, /system TEXT sets the system prompt, /exit leaves; Ctrl-C stops an answer, Ctrl-D leaves"
 
@@ -37,10 +37,16 @@ class Chat:
     def messages(self) -> list[dict]:
         return ([{"role": "system", "content": self.system}] if self.system else []) + self.history
 
-    def answer(self, text: str, out=sys.stdout) -> dict:
-        """One turn: stream the answer to ``out``; Ctrl-C stops it and keeps what was said."""
+    def answer(self, text: str, out=None) -> dict:
+        """One turn: stream the answer to ``out`` (default: the current sys.stdout, looked up at call
+        time); Ctrl-C stops it and keeps what was said."""
+        out = out or sys.stdout
         self.history.append({"role": "user", "content": text})
-        ids, timings, _, steps = self.m.chat_steps(self.messages(), **self.kw)
+        try:
+            ids, timings, _, steps = self.m.chat_steps(self.messages(), **self.kw)
+        except BaseException:  # the template refused these messages, or Ctrl-C: the turn did not happen
+            self.history.pop()
+            raise
         pieces, reason, n = [], "length", 0
         try:
             for step in steps:
@@ -87,7 +93,7 @@ class Chat:
 
     def interactive(self) -> int:
         try:
-            import readline  # noqa: F401 - line editing and history for input()
+            import readline  # noqa: F401 - importing it gives input() line editing and history
         except ImportError:
             pass
         while True:
@@ -106,7 +112,12 @@ class Chat:
                 if not self.command(line):
                     return 0
                 continue
-            self.answer(line)
+            try:
+                self.answer(line)
+            except GGTorchError as e:  # e.g. a template that takes no system prompt: say so, keep chatting
+                print(f"[error: {e}]", file=sys.stderr)
+            except KeyboardInterrupt:
+                print(file=sys.stderr)
 
 
 def _kwargs(s):
@@ -172,4 +183,5 @@ def register(sub) -> None:
                    help="add BIAS to token ID's logit (repeatable)")
     p.add_argument("--json", action="store_true", help="one JSON object per answer (text, finish_reason, usage)")
     add_sampling(p)
+    add_context(p)
     p.set_defaults(max_tokens=512)

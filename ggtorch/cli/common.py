@@ -45,6 +45,21 @@ def add_sampling(p):
     g.add_argument("--ignore-eos", action="store_true")
 
 
+def add_context(p, ctx_help=None):
+    """--ctx, --cache-type, --context-shift, --keep: the context window (run, chat, serve; perplexity has --ctx)."""
+    g = p.add_argument_group("context")
+    g.add_argument("-c", "--ctx", type=int, default=None, metavar="N",
+                   help=ctx_help or "context window in tokens (default: the model's trained context, capped at "
+                                    "4096); a prompt plus -n that does not fit is refused")
+    g.add_argument("--cache-type", default=None, choices=["f16", "bf16", "f32"],
+                   help="KV cache storage type (default f16, as llama.cpp)")
+    g.add_argument("--context-shift", action="store_true",
+                   help="when the context fills during generation, drop the oldest half of the tokens after "
+                        "the first --keep and go on (llama.cpp's --context-shift)")
+    g.add_argument("--keep", type=int, default=0, metavar="N",
+                   help="tokens kept at the start (after BOS) when the context shifts (llama.cpp's --keep)")
+
+
 def add_input(p):
     p.add_argument("-p", "--prompt", default=None, help="text (BOS added as the model asks, special tokens parsed)")
     p.add_argument("--tokens", default=None, help="comma-separated token ids instead of a prompt")
@@ -57,17 +72,36 @@ def add_inject(p):
 
 
 def load(a):
+    """The model the options name (with --ctx/--cache-type/--context-shift where the command has them).
+    A context above the trained one warns: :func:`show_context` prints that with the choice made."""
+    import warnings
+
     from ..api import load as _load
 
-    return _load(a.model, device=a.device, threads=a.threads, fast=a.fast,
-                 ggml_numerics=getattr(a, "ggml_numerics", False), cache=getattr(a, "cache", True))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m = _load(a.model, device=a.device, threads=a.threads, fast=a.fast,
+                  ggml_numerics=getattr(a, "ggml_numerics", False), n_ctx=getattr(a, "ctx", None),
+                  kv_dtype=getattr(a, "cache_type", None), context_shift=getattr(a, "context_shift", False),
+                  cache=getattr(a, "cache", True))
+    m.load_warnings = [str(w.message) for w in caught]
+    return m
+
+
+def show_context(m) -> None:
+    """One stderr line with the context and KV cache chosen (after the input was checked, so that bad
+    input still gets exactly one line), preceded by the warning, if any."""
+    for w in getattr(m, "load_warnings", []):
+        print(f"warning: {w}", file=sys.stderr)
+    print(f"[{m.context_info()}]", file=sys.stderr)
 
 
 def sampling_kwargs(a) -> dict:
     return dict(max_tokens=a.max_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
                 typical_p=a.typical_p, repeat_penalty=a.repeat_penalty, repeat_last_n=a.repeat_last_n,
                 presence_penalty=a.presence_penalty, frequency_penalty=a.frequency_penalty, seed=a.seed,
-                stop=a.stop, ignore_eos=a.ignore_eos)
+                stop=a.stop, ignore_eos=a.ignore_eos,
+                **({"n_keep": a.keep} if hasattr(a, "keep") else {}))
 
 
 def print_json(obj) -> None:

@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 from ..errors import GGTorchError
-from ..progress import Progress
+from tqdm import tqdm
 from .common import add_inject, add_input, add_model, load, parse_ids, print_json
 
 
@@ -120,11 +120,12 @@ def cmd_check(a) -> int:
     from ..debug.check import check, format_check
     from ..packaged import resolve
 
-    bar = Progress(1, "check")
+    bar = tqdm(total=1, desc="check", disable=None)  # shown on a terminal only
 
     def prog(done, total, name):
         bar.total = total
-        bar.update(done - bar.n, name)
+        bar.set_postfix_str(name, refresh=False)
+        bar.update(done - bar.n)
 
     r = check(str(resolve(a.file)), compare=not a.no_compare, progress=prog)
     bar.close()

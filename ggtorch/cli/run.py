@@ -8,8 +8,9 @@ import numpy as np
 
 from ..errors import GGTorchError
 from ..gguf.reader import GGUFFile
-from ..progress import Progress
-from .common import add_model, add_sampling, load, parse_ids, print_json, sampling_kwargs
+from tqdm import tqdm
+
+from .common import add_context, add_model, add_sampling, load, parse_ids, print_json, sampling_kwargs, show_context
 
 
 def cmd_inspect(a) -> int:
@@ -18,13 +19,30 @@ def cmd_inspect(a) -> int:
     from ..packaged import resolve
 
     with GGUFFile(resolve(a.file)) as f:
+        model = _model_summary(f)
         if a.json:
             r = report(f)
-            print_json({"metadata": r["metadata"], "tensors": r["tensors"],
+            print_json({"metadata": r["metadata"], "tensors": r["tensors"], "model": model,
                          **{k: v for k, v in r.items() if k not in ("metadata", "tensors")}})
         else:
-            print(format_text(f))
+            text = format_text(f)
+            lines = [f"  {k} = {v}" for k, v in model.items()] if isinstance(model, dict) else [f"  {model}"]
+            head, sep, rest = text.partition("\n\nmetadata:")
+            print(head + "\n\nmodel (as ggtorch runs it):\n" + "\n".join(lines) + sep + rest)
     return 0
+
+
+def _model_summary(f):
+    """The architecture's graph-shaping hyper-parameters (model.config.describe), or why it cannot run."""
+    from ..errors import ModelError
+    from ..model.config import SUPPORTED, Config, describe
+
+    if f.architecture not in SUPPORTED:
+        return f"architecture {f.architecture!r} is not supported; supported: {', '.join(SUPPORTED)}"
+    try:
+        return describe(Config.from_gguf(f))
+    except ModelError as e:
+        return str(e)
 
 
 def cmd_dequant(a) -> int:
@@ -35,11 +53,12 @@ def cmd_dequant(a) -> int:
         for n in names:
             f.info(n)  # fail before any work on an unknown name
         arrays = {}
-        with Progress(len(names), "dequant") as bar:
+        with tqdm(total=len(names), desc="dequant", disable=None) as bar:  # shown on a terminal only
             for n in names:
                 ti = f.info(n)
                 arrays[n] = dequantize(f.raw(n), ti.type, ti.shape).numpy()
-                bar.update(1, n)
+                bar.set_postfix_str(n, refresh=False)
+                bar.update(1)
         out = a.out if a.out.endswith(".npz") else a.out + ".npz"
         tmp = out + ".part.npz"
         np.savez(tmp, **arrays)
@@ -55,6 +74,7 @@ def cmd_dequant(a) -> int:
 def cmd_run(a) -> int:
     m = load(a)
     ids, timings, steps = m.steps(a.prompt, **sampling_kwargs(a))
+    show_context(m)
     out, text = [], []
     for step in steps:
         out.append(step.token)
@@ -103,11 +123,12 @@ def cmd_perplexity(a) -> int:
     except OSError as e:
         raise GGTorchError(f"cannot read {a.file}: {e.strerror}") from None
     m = load(a)
-    bar = Progress(1, "perplexity")
+    bar = tqdm(total=1, desc="perplexity", disable=None)
 
     def prog(done, total, ppl):
         bar.total = total
-        bar.update(done - bar.n, f"ppl {ppl:.4f}")
+        bar.set_postfix_str(f"ppl {ppl:.4f}", refresh=False)
+        bar.update(done - bar.n)
 
     keep = bool(a.save_logits or a.kl_base)
     r = m.perplexity(text, ctx=a.ctx, chunks=a.chunks, progress=prog, keep_logprobs=keep)
@@ -136,7 +157,7 @@ def cmd_bench(a) -> int:
     from ..bench import bench, format_table
 
     r = bench(a.model, n_prompt=a.n_prompt, n_gen=a.n_gen, reps=a.repetitions, device=a.device, threads=a.threads,
-              fast=a.fast, cache=getattr(a, "cache", True))
+              fast=a.fast, kv_dtype=a.cache_type, cache=getattr(a, "cache", True))
     if a.json:
         print_json(r)
     else:
@@ -159,6 +180,7 @@ def register(sub) -> None:
     p.add_argument("-p", "--prompt", required=True)
     p.add_argument("--json", action="store_true")
     add_sampling(p)
+    add_context(p)
 
     p = sub.add_parser("tokenize", help="token ids of a text")
     add_model(p)
@@ -175,7 +197,8 @@ def register(sub) -> None:
     p = sub.add_parser("perplexity", help="perplexity of a text file, llama-perplexity's method")
     add_model(p)
     p.add_argument("--file", required=True)
-    p.add_argument("--ctx", type=int, default=256)
+    p.add_argument("--ctx", type=int, default=256, help="tokens per chunk, also the context n_ctx (default 256)")
+    p.add_argument("--cache-type", default=None, choices=["f16", "bf16", "f32"], help="KV cache type (default f16)")
     p.add_argument("--chunks", type=int, default=None)
     p.add_argument("--json", action="store_true")
     p.add_argument("--save-logits", default=None, help="save the scored logits' log-probs to an .npz for --kl-base")
@@ -186,4 +209,5 @@ def register(sub) -> None:
     p.add_argument("-p", "--n-prompt", type=int, default=512)
     p.add_argument("-n", "--n-gen", type=int, default=128)
     p.add_argument("-r", "--repetitions", type=int, default=3)
+    p.add_argument("--cache-type", default=None, choices=["f16", "bf16", "f32"], help="KV cache type (default f16)")
     p.add_argument("--json", action="store_true")

@@ -36,8 +36,28 @@ def check_metadata(f: GGUFFile) -> tuple[list[str], list[str], list[str]]:
     if arch not in SUPPORTED:
         warns.append(f"architecture {arch!r} is not one ggtorch runs ({', '.join(SUPPORTED)})")
     for k in _NEED:
-        if f.arch_key(k) is None:
+        if f.arch_key(k) is None and not (k == "feed_forward_length" and arch == "gpt-oss"):
             problems.append(f"missing hyper-parameter {arch}.{k}")
+    if arch in SUPPORTED:  # the architecture's own keys and the tensor shapes they imply
+        from ..errors import ModelError
+        from ..model.config import Config, validate
+
+        try:
+            cfg = Config.from_gguf(f)
+        except ModelError as e:
+            problems.append(str(e))
+        else:
+            problems += [p for p in validate(f, cfg) if p not in problems]
+            if arch == "gemma2":
+                for k, d in (("attn_logit_softcapping", 50), ("final_logit_softcapping", 30)):
+                    if f.arch_key(k) is None:
+                        warns.append(f"{arch}.{k} is absent (default: {d})")
+            if cfg.n_expert:
+                notes.append(f"mixture of experts: {cfg.n_expert_used} of {cfg.n_expert} experts per token, "
+                             f"{cfg.expert_gating} gating")
+            if cfg.sliding_window:
+                notes.append(f"sliding-window attention ({cfg.sliding_window} tokens) on layers "
+                             f"{[il for il in range(cfg.n_layer) if cfg.is_swa(il)]}")
     for k, default in _DEFAULTED.items():
         if f.arch_key(k) is None:
             (problems if k.endswith("epsilon") and arch in SUPPORTED else warns).append(

@@ -13,14 +13,18 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
-from . import safetensors
+from ..errors import GGTorchError
+
+
+class TraceFileError(GGTorchError):
+    """A trace file that is not a readable safetensors file."""
 
 # The order in which a block's tensors appear in llama.cpp's graphs; used to sort files with no "order".
 BLOCK_ORDER = ["attn_norm", "Qcur", "Kcur", "Vcur", "kqv_out", "attn_out", "attn_post_norm", "ffn_inp",
@@ -76,19 +80,37 @@ class Trace:
             raise ValueError("this trace kept no tensors (record with keep=True)")
         meta = {"format": "ggtorch-trace/1", "tokens": json.dumps(self.tokens),
                 "order": json.dumps(list(self.tensors)), "source": self.source}
-        safetensors.write(path, {n: t.numpy() for n, t in self.tensors.items()}, meta)
+        from safetensors.torch import save_file
+
+        tmp = path + ".part"
+        save_file({n: t.contiguous() for n, t in self.tensors.items()}, tmp, metadata=meta)
+        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str) -> "Trace":
-        arrays, meta = safetensors.read(path)
+        arrays, meta = _read(path)
         order = _json_list(meta.get("order"), path, "order") or sorted(arrays, key=graph_key)
         missing = [n for n in order if n not in arrays]
         if missing:
-            raise safetensors.TraceFileError(f"{path}: metadata 'order' names tensors not in the file: {missing[:3]}")
+            raise TraceFileError(f"{path}: metadata 'order' names tensors not in the file: {missing[:3]}")
         order += [n for n in sorted(arrays, key=graph_key) if n not in order]
-        tensors = {n: torch.from_numpy(np.ascontiguousarray(arrays[n])).float() for n in order}
+        tensors = {n: arrays[n].float() for n in order}
         tokens = [int(t) for t in (_json_list(meta.get("tokens"), path, "tokens") or [])]
         return cls(tokens, {n: tensor_stats(t) for n, t in tensors.items()}, tensors, meta.get("source", path))
+
+
+def _read(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and string metadata of a safetensors file, through the safetensors package."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as fh:
+            meta = fh.metadata() or {}
+            return {n: fh.get_tensor(n) for n in fh.keys()}, dict(meta)
+    except Exception as e:  # the package's SafetensorError, or an I/O error
+        if isinstance(e, FileNotFoundError):
+            raise TraceFileError(f"{path}: no such trace file") from None
+        raise TraceFileError(f"{path}: not a readable safetensors file ({e})") from None
 
 
 def _json_list(s, path, key):
@@ -99,7 +121,7 @@ def _json_list(s, path, key):
     except json.JSONDecodeError:
         v = None
     if not isinstance(v, list):
-        raise safetensors.TraceFileError(f"{path}: metadata {key!r} must be a JSON list")
+        raise TraceFileError(f"{path}: metadata {key!r} must be a JSON list")
     return v
 
 

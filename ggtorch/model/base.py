@@ -10,11 +10,12 @@ from typing import Callable
 
 import torch
 
-from ..errors import ModelError
+from ..errors import ContextError, ModelError
 from ..gguf.reader import GGUFFile
 from ..quant.linear import QWeight, embedding, qmatmul
 from .config import Config
-from .layers import KVCache, attention, attention_mask, rms_norm, rope_cache
+from .layers import (BatchView, KVCache, SlotView, attention, attention_ext, attention_mask, rms_norm, rope,
+                     rope_cache, rope_cache_yarn, softcap)
 
 Tracer = Callable[[str, torch.Tensor], None]
 
@@ -32,6 +33,7 @@ class Transformer:
         self.numerics = False  # llama.cpp's roundings (see model.numerics); use_ggml_numerics() turns it on
         self.ubatch = 256  # tokens per forward slice (measured: as fast as 512 on SmolLM2, 20 MB less peak)
         self.faults: dict = {}  # fault injection for debugging tools (see ggtorch.debug)
+        self.kv_dtype = torch.float32  # the KV cache's storage type (the API sets it: f16 like llama.cpp)
 
     # ---- weights -------------------------------------------------------------------------------
     def weight(self, name: str, required: bool = True) -> QWeight | None:
@@ -72,38 +74,99 @@ class Transformer:
         return self._weights
 
     # ---- running -------------------------------------------------------------------------------
-    def new_cache(self, capacity: int = 256) -> KVCache:
+    def new_cache(self, capacity: int = 256, dtype=None) -> KVCache:
+        """A one-sequence cache (slot 0) that grows as needed."""
         c = self.cfg
-        return KVCache(c.n_layer, c.n_head_kv, c.head_dim, c.head_dim_v, capacity, self.device)
+        return KVCache(c.n_layer, c.n_head_kv, c.head_dim, c.head_dim_v, capacity, self.device,
+                       dtype or self.kv_dtype)
+
+    def new_pool(self, n_slots: int, n_ctx: int, dtype=None, capacity: int = 256) -> KVCache:
+        """A pool of ``n_slots`` sequences of at most ``n_ctx`` tokens each (memory grows lazily)."""
+        c = self.cfg
+        return KVCache(c.n_layer, c.n_head_kv, c.head_dim, c.head_dim_v, capacity, self.device,
+                       dtype or self.kv_dtype, n_slots=n_slots, n_ctx=n_ctx)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return embedding(ids, self.tok_embd)
 
-    def rope_tables(self, pos: torch.Tensor, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope_tables(self, pos: torch.Tensor, base: float, yarn: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [T, 1, n_rot/2] for ggml_rope_ext with the file's scaling (linear or YaRN);
+        ``yarn=False``: unscaled (olmo2's sliding-window layers)."""
         c = self.cfg
-        cos, sin = rope_cache(pos, c.n_rot, base, c.rope_freq_scale, self.freq_factors)
+        if c.yarn_ext_factor and yarn:
+            cos, sin = rope_cache_yarn(pos, c.n_rot, base, c.rope_freq_scale, c.yarn_ext_factor,
+                                       c.yarn_attn_factor, c.yarn_beta_fast, c.yarn_beta_slow, c.n_ctx_orig,
+                                       self.freq_factors)
+        else:
+            cos, sin = rope_cache(pos, c.n_rot, base, c.rope_freq_scale if yarn else 1.0, self.freq_factors)
+            if c.yarn_attn_factor != 1.0 and yarn:
+                cos, sin = cos * c.yarn_attn_factor, sin * c.yarn_attn_factor
         return cos[:, None], sin[:, None]  # broadcast over heads of [T, H, D]
 
-    @torch.inference_mode()
-    def forward(self, ids, cache: KVCache, start: int | None = None, all_logits: bool = False,
-                trace: Tracer | None = None) -> torch.Tensor:
-        """Run tokens ``ids`` at positions start.. through the model; returns logits [T, n_vocab]
-        (all positions) or [1, n_vocab] (the last). The cache is extended by T tokens."""
+    def _check_ids(self, ids) -> torch.Tensor:
         ids = torch.as_tensor(ids, dtype=torch.long, device=self.device).reshape(-1)
         if ids.numel() == 0:
             raise ModelError("forward needs at least one token")
         if int(ids.min()) < 0 or int(ids.max()) >= self.cfg.n_vocab:
             raise ModelError(f"token ids must lie in 0..{self.cfg.n_vocab - 1}")
-        start = cache.n if start is None else start
+        return ids
+
+    @staticmethod
+    def _check_room(cache: KVCache, slot: int, end: int) -> None:
+        if cache.n_ctx is not None and end > cache.n_ctx:
+            raise ContextError(f"{end} tokens do not fit the context of {cache.n_ctx} (slot {slot})")
+
+    @torch.inference_mode()
+    def forward(self, ids, cache: KVCache, start: int | None = None, all_logits: bool = False,
+                trace: Tracer | None = None, slot: int = 0) -> torch.Tensor:
+        """Run tokens ``ids`` at positions start.. (default: the slot's length) of sequence ``slot``;
+        returns logits [T, n_vocab] (all positions) or [1, n_vocab] (the last). The slot now holds
+        start + T tokens."""
+        ids = self._check_ids(ids)
+        start = cache.lens[slot] if start is None else start
         T = ids.numel()
+        self._check_room(cache, slot, start + T)
         ub = self.ubatch
         if T > ub and trace is None:  # long prompts in slices, like llama.cpp's n_ubatch: less working memory
-            outs = [self.forward(ids[i:i + ub], cache, start + i, all_logits) for i in range(0, T, ub)]
+            outs = [self.forward(ids[i:i + ub], cache, start + i, all_logits, slot=slot) for i in range(0, T, ub)]
             return torch.cat(outs) if all_logits else outs[-1]
         cache.reserve(start + T)
         pos = torch.arange(start, start + T, device=self.device)
+        x = self._run(ids, pos, start + T, SlotView(cache, slot), start, trace)
+        cache.lens[slot] = start + T
+        return self._head(x if all_logits else x[-1:], trace)
+
+    @torch.inference_mode()
+    def forward_batch(self, tokens, slots, cache: KVCache) -> torch.Tensor:
+        """One decode step for B sequences: token b goes to slot ``slots[b]`` at that slot's length
+        (its position). Per-sequence RoPE positions and masks; attention reads only each sequence's
+        own slot. Returns logits [B, n_vocab]; each slot grows by one."""
+        ids = self._check_ids(tokens)
+        slots = [int(s) for s in slots]
+        if len(slots) != ids.numel():
+            raise ModelError(f"forward_batch got {ids.numel()} tokens for {len(slots)} slots")
+        if len(set(slots)) != len(slots):
+            raise ModelError(f"forward_batch: a slot appears twice in {slots}")
+        if any(not 0 <= s < cache.n_slots for s in slots):
+            raise ModelError(f"forward_batch: slots must lie in 0..{cache.n_slots - 1}, got {slots}")
+        if self.numerics:  # the ggml-numerics attention is single-sequence: one forward per slot
+            return torch.cat([self.forward(ids[b:b + 1], cache, slot=s) for b, s in enumerate(slots)])
+        lens = [cache.lens[s] for s in slots]
+        for s, n in zip(slots, lens):
+            self._check_room(cache, s, n + 1)
+        end = max(lens) + 1
+        cache.reserve(end)
+        pos = torch.tensor(lens, dtype=torch.long, device=self.device)
+        x = self._run(ids, pos, end, BatchView(cache, slots, pos), pos, None)
+        for s in slots:
+            cache.lens[s] += 1
+        return self._head(x, None)
+
+    def _run(self, ids, pos, n_kv, cache, start, trace) -> torch.Tensor:
+        """Embeddings through every block: ``pos`` [T] are the tokens' positions, ``cache`` the view
+        the blocks write to (one slot, or one slot per token)."""
         rope_pos = pos + int(self.faults.get("position_offset", 0))
-        ctx = self.prepare(pos, rope_pos, start + T)
+        ctx = self.prepare(pos, rope_pos, n_kv)
         x = self.embed(ids)
         if self.cfg.embed_scale != 1.0:
             x = x * self.cfg.embed_scale
@@ -111,15 +174,59 @@ class Transformer:
             trace("inp_embd", x)
         for il in range(self.cfg.n_layer):
             x = self.block(il, x, cache, start, ctx, trace)
-        cache.n = start + T
-        if not all_logits:
-            x = x[-1:]
+        return x
+
+    def _head(self, x, trace) -> torch.Tensor:
         x = rms_norm(x, self.output_norm, self.eps())
         if trace:
             trace("result_norm", x)
-        logits = qmatmul(x, self.output)
+        logits = self.head(x)
         if trace:
             trace("result_output", logits)
+        return logits
+
+    # ---- context shift ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def shift_context(self, cache: KVCache, n_keep: int, n_discard: int, slot: int = 0) -> None:
+        """Drop tokens n_keep .. n_keep+n_discard-1 of ``slot`` and move the rest down by n_discard,
+        re-rotating the moved keys to their new positions (llama.cpp's context shift:
+        llama_memory_seq_rm, then seq_add by -n_discard, applied as the K-shift of
+        llama_kv_cache::build_graph_shift). RoPE is a rotation, so rotating by -n_discard is exact."""
+        n = cache.lens[slot]
+        if not (0 <= n_keep and 0 < n_discard and n_keep + n_discard <= n):
+            raise ModelError(f"context shift: cannot keep {n_keep} and drop {n_discard} of {n} tokens")
+        m = n - n_keep - n_discard
+        cache.move(slot, n_keep + n_discard, n_keep, m)
+        delta = torch.tensor([-n_discard], device=self.device)
+        for il in range(self.cfg.n_layer):
+            k = cache.k[il][slot, :, n_keep:n_keep + m]
+            cache.k[il][slot, :, n_keep:n_keep + m] = self.rope_shift(il, k.float(), delta).to(k.dtype)
+        cache.lens[slot] = n_keep + m
+
+    def rope_base(self, il: int) -> float | None:
+        """Layer il's RoPE base (None: the layer has no RoPE); gemma3's local layers override it."""
+        return self.cfg.rope_base
+
+    def rope_shift(self, il: int, k: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """Keys k [n_kv, T, D] of layer il rotated by ``delta`` positions, with the layer's base,
+        layout (normal/neox), frequency scale and factors (build_rope_shift). Architectures whose
+        RoPE differs (YaRN ramps, layers without RoPE) override this."""
+        base = self.rope_base(il)
+        if base is None:
+            return k
+        c = self.cfg
+        cos, sin = rope_cache(delta, c.n_rot, base, c.rope_freq_scale, self.freq_factors)  # [1, n_rot/2]
+        return rope(k, cos, sin, c.rope_type == "neox")
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """The output projection of the normed hidden state, with the architectures' final scalings:
+        granite divides by logit_scale, gemma2 soft-caps (cap * tanh(logits / cap))."""
+        logits = qmatmul(x, self.output)
+        c = self.cfg
+        if c.logit_scale:
+            logits = logits * (1.0 / c.logit_scale)
+        if c.final_softcap:
+            logits = softcap(logits, c.final_softcap)
         return logits
 
     def eps(self) -> float:
@@ -146,14 +253,19 @@ class Transformer:
             numerics.install(w)
         self.numerics = True
 
-    def attend(self, il, q, k, v, cache, start, mask, scale):
-        """Store k/v in the cache and attend; q [H, T, D], k/v [Hkv, T, D] -> [T, H*Dv]."""
+    def attend(self, il, q, k, v, cache, start, mask, scale, softcap: float = 0.0, sinks=None):
+        """Store k/v in the cache and attend; q [H, T, D], k/v [Hkv, T, D] -> [T, H*Dv].
+        ``softcap``: gemma2's tanh cap on the scores; ``sinks`` [H]: gpt-oss's attention sinks."""
         if self.numerics:
             from . import numerics
 
             kk, vv = cache.update(il, start, numerics.round_kv(k), numerics.round_kv(v))
+            if softcap or sinks is not None:  # F16 K/V as ggml has them; the products in float32
+                return attention_ext(q.half().float(), kk, vv, mask, scale, softcap, sinks)
             return numerics.ggml_attention(q, kk, vv, mask, scale)
         kk, vv = cache.update(il, start, k, v)
+        if softcap or sinks is not None:
+            return attention_ext(q, kk, vv, mask, scale, softcap, sinks)
         return attention(q, kk, vv, mask, scale)
 
     def install_fast(self, cache: bool = True) -> str:
@@ -169,3 +281,40 @@ class Transformer:
 
     def block(self, il: int, x: torch.Tensor, cache: KVCache, start: int, ctx: dict, trace) -> torch.Tensor:
         raise NotImplementedError
+
+    # ---- shared by the architectures (issue 12) -------------------------------------------------
+    def load_qkv(self, L: dict, p: str, n_q: int, n_k: int, n_v: int, required: bool = True) -> None:
+        """llama_model_base::create_tensor_qkv: a fused ``attn_qkv`` (rows [Q; K; V], optional fused
+        bias or separate Q/K/V biases), or separate ``attn_q/k/v`` with optional biases."""
+        qkv = self.weight(p + "attn_qkv.weight", required=False)
+        if qkv is not None:
+            if qkv.out_features != n_q + n_k + n_v:
+                raise ModelError(f"{p}attn_qkv.weight has {qkv.out_features} rows; expected {n_q} + {n_k} + {n_v}")
+            qkv.parts = [n_q, n_k, n_v]  # project() splits the product like the fused fast-mode matrices
+            L["attn_qkv"] = qkv
+            b = self.vector(p + "attn_qkv.bias", required=False)
+            if b is not None:
+                b = tuple(b.split([n_q, n_k, n_v]))
+            for i, n in enumerate(("attn_q", "attn_k", "attn_v")):
+                L[n] = None
+                L[n + ".bias"] = b[i] if b is not None else self.vector(p + n + ".bias", required=False)
+            return
+        for n in ("attn_q", "attn_k", "attn_v"):
+            L[n] = self.weight(p + n + ".weight", required=required)
+            L[n + ".bias"] = self.vector(p + n + ".bias", required=False)
+
+    def qkv(self, L: dict, x: torch.Tensor, hd_q: int | None = None, reshape: bool = True):
+        """llm_graph_context::build_qkv: Q, K, V [T, heads, head_dim] (or [T, width] with reshape=False)."""
+        c, T = self.cfg, x.shape[0]
+        q, k, v = self.project(x, L, ("attn_q", "attn_k", "attn_v"), "attn_qkv")
+        if L.get("attn_q.bias") is not None:
+            q = q + L["attn_q.bias"]
+        if L.get("attn_k.bias") is not None:
+            k = k + L["attn_k.bias"]
+        if L.get("attn_v.bias") is not None:
+            v = v + L["attn_v.bias"]
+        if not reshape:
+            return q, k, v
+        hd = hd_q or c.head_dim
+        return (q.reshape(T, c.n_head, hd), k.reshape(T, c.n_head_kv, hd),
+                v.reshape(T, c.n_head_kv, c.head_dim_v if hd_q is None else hd))

@@ -14,8 +14,8 @@ class Gemma3(Transformer):
         self.layers = []
         for il in range(cfg.n_layer):
             p = f"blk.{il}."
-            L = {n: self.weight(p + n + ".weight") for n in
-                 ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")}
+            L = {n: self.weight(p + n + ".weight") for n in ("attn_output", "ffn_gate", "ffn_up", "ffn_down")}
+            self.load_qkv(L, p, cfg.n_head * cfg.head_dim, cfg.n_head_kv * cfg.head_dim, cfg.n_head_kv * cfg.head_dim_v)
             for n in ("attn_norm", "attn_q_norm", "attn_k_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm"):
                 L[n] = self.vector(p + n + ".weight")
             self.layers.append(L)
@@ -27,20 +27,23 @@ class Gemma3(Transformer):
         return {"global": (g_cos, g_sin, self.mask(pos, n_kv)),
                 "local": (l_cos, l_sin, self.mask(pos, n_kv, self.window()))}
 
+    def rope_base(self, il: int) -> float:
+        c = self.cfg
+        return c.rope_base_local if c.is_swa(il) else c.rope_base
+
     def window(self) -> int:
         return int(self.faults.get("sliding_window", self.cfg.sliding_window))
 
     def block(self, il, x, cache, start, ctx, trace):
-        c, L, T = self.cfg, self.layers[il], x.shape[0]
+        c, L = self.cfg, self.layers[il]
         cos, sin, mask = ctx["local" if c.is_swa(il) else "global"]
         eps = self.eps()
         cur = rms_norm(x, L["attn_norm"], eps)
         if trace:
             trace(f"attn_norm-{il}", cur)
-        q, k, v = self.project(cur, L, ("attn_q", "attn_k", "attn_v"), "attn_qkv")
-        q = rms_norm(q.reshape(T, c.n_head, c.head_dim), L["attn_q_norm"], eps)
-        k = rms_norm(k.reshape(T, c.n_head_kv, c.head_dim), L["attn_k_norm"], eps)
-        v = v.reshape(T, c.n_head_kv, c.head_dim_v)
+        q, k, v = self.qkv(L, cur)
+        q = rms_norm(q, L["attn_q_norm"], eps)
+        k = rms_norm(k, L["attn_k_norm"], eps)
         q = rope(q, cos, sin, True)
         k = rope(k, cos, sin, True)
         if trace:

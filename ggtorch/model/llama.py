@@ -1,5 +1,6 @@
-"""The llama family: llama (SmolLM2, TinyLlama, Llama 2/3, Mistral), qwen2 (Q/K/V biases) and qwen3
-(per-head Q/K RMS norms). Mirrors llm_build_llama / llm_build_qwen2 / llm_build_qwen3."""
+"""The llama family: llama (SmolLM2, TinyLlama, Llama 2/3, Mistral; Mixtral-style MoE files with
+ffn_gate_inp + ffn_{gate,up,down}_exps; a fused attn_qkv), qwen2 (Q/K/V biases) and qwen3 (per-head
+Q/K RMS norms). Mirrors src/models/llama.cpp, qwen2.cpp and qwen3.cpp."""
 from __future__ import annotations
 
 import torch
@@ -8,6 +9,7 @@ import torch.nn.functional as F
 from ..quant.linear import qmatmul
 from .base import Transformer
 from .layers import rms_norm, rope
+from .moe import load_moe, moe
 
 
 class Llama(Transformer):
@@ -16,60 +18,88 @@ class Llama(Transformer):
         self.layers = []
         for il in range(cfg.n_layer):
             p = f"blk.{il}."
-            L = {n: self.weight(p + n + ".weight") for n in
-                 ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")}
-            for n in ("attn_norm", "ffn_norm"):
-                L[n] = self.vector(p + n + ".weight")
-            for n in ("attn_q", "attn_k", "attn_v"):  # qwen2 biases
-                L[n + ".bias"] = self.vector(p + n + ".bias", required=False)
+            L = {"attn_norm": self.vector(p + "attn_norm.weight"), "ffn_norm": self.vector(p + "ffn_norm.weight")}
+            hq, hkv = cfg.n_head * cfg.head_dim, cfg.n_head_kv * cfg.head_dim
+            self.load_qkv(L, p, hq, hkv, cfg.n_head_kv * cfg.head_dim_v)  # qwen2: Q/K/V biases
+            L["attn_output"] = self.weight(p + "attn_output.weight")
+            L["attn_output.bias"] = self.vector(p + "attn_output.bias", required=False)
             for n in ("attn_q_norm", "attn_k_norm"):  # qwen3 per-head norms
-                L[n] = self.vector(p + n + ".weight", required=False)
+                L[n] = self.vector(p + n + ".weight", required=cfg.arch == "qwen3moe")
+            if cfg.n_expert:  # Mixtral-style experts (llama), qwen3moe
+                load_moe(self, L, p)
+            else:
+                for n in ("ffn_gate", "ffn_up", "ffn_down"):
+                    L[n] = self.weight(p + n + ".weight")
+                    L[n + ".bias"] = self.vector(p + n + ".bias", required=False)
             self.layers.append(L)
 
     def prepare(self, pos, rope_pos, n_kv):
         cos, sin = self.rope_tables(rope_pos, self.cfg.rope_base)
         cis = torch.complex(cos, sin) if self.cfg.rope_type != "neox" else None
-        return {"cos": cos, "sin": sin, "cis": cis, "mask": self.mask(pos, n_kv)}
+        ctx = {"cos": cos, "sin": sin, "cis": cis, "mask": self.mask(pos, n_kv)}
+        t = self.cfg.attn_temp_scale
+        if t:  # mistral3 (llm_graph_input_attn_temp::set_input)
+            scale = torch.log(torch.floor(pos.double() / self.cfg.n_ctx_orig) + 1.0) * t + 1.0
+            ctx["attn_temp"] = scale.float()[:, None, None]
+        return ctx
 
     def block(self, il, x, cache, start, ctx, trace):
-        c, L, T = self.cfg, self.layers[il], x.shape[0]
+        c, L = self.cfg, self.layers[il]
         cur = rms_norm(x, L["attn_norm"], self.eps())
         if trace:
             trace(f"attn_norm-{il}", cur)
-        q, k, v = self.project(cur, L, ("attn_q", "attn_k", "attn_v"), "attn_qkv")
-        if L["attn_q.bias"] is not None:  # qwen2
-            q, k, v = q + L["attn_q.bias"], k + L["attn_k.bias"], v + L["attn_v.bias"]
-        q = q.reshape(T, c.n_head, c.head_dim)
-        k = k.reshape(T, c.n_head_kv, c.head_dim)
-        v = v.reshape(T, c.n_head_kv, c.head_dim_v)
+        q, k, v = self.qkv(L, cur)
         if L["attn_q_norm"] is not None:  # qwen3
             q = rms_norm(q, L["attn_q_norm"], self.eps())
             k = rms_norm(k, L["attn_k_norm"], self.eps())
-        neox = c.rope_type == "neox"
-        q = rope(q, ctx["cos"], ctx["sin"], neox, ctx["cis"])
-        k = rope(k, ctx["cos"], ctx["sin"], neox, ctx["cis"])
+        if c.has_rope(il):  # smollm3: no RoPE on every 4th layer
+            neox = c.rope_type == "neox"
+            q = rope(q, ctx["cos"], ctx["sin"], neox, ctx["cis"])
+            k = rope(k, ctx["cos"], ctx["sin"], neox, ctx["cis"])
         if trace:
             trace(f"Qcur-{il}", q)
             trace(f"Kcur-{il}", k)
             trace(f"Vcur-{il}", v)
+        if "attn_temp" in ctx:  # mistral3: Q times the per-position attention temperature
+            q = q * ctx["attn_temp"]
         q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
-        att = self.attend(il, q, k, v, cache, start, ctx["mask"], c.head_dim ** -0.5)
+        att = self.attend(il, q, k, v, cache, start, ctx["mask"], c.attn_scale)
         if trace:
             trace(f"kqv_out-{il}", att)
         cur = qmatmul(att, L["attn_output"])
+        if L["attn_output.bias"] is not None:
+            cur = cur + L["attn_output.bias"]
         if trace:
             trace(f"attn_out-{il}", cur)
+        if c.residual_scale:  # granite
+            cur = cur * c.residual_scale
         ffn_inp = cur + x
         if trace:
             trace(f"ffn_inp-{il}", ffn_inp)
         cur = rms_norm(ffn_inp, L["ffn_norm"], self.eps())
         if trace:
             trace(f"ffn_norm-{il}", cur)
-        gate, up = self.project(cur, L, ("ffn_gate", "ffn_up"), "ffn_gate_up")
-        cur = qmatmul(F.silu(gate) * up, L["ffn_down"])
+        if c.n_expert:
+            cur = moe(self, L, cur, trace, il)
+        else:
+            cur = self.ffn(L, cur)
         if trace:
             trace(f"ffn_out-{il}", cur)
+        if c.residual_scale:  # granite
+            cur = cur * c.residual_scale
         out = cur + ffn_inp
         if trace:
             trace(f"l_out-{il}", out)
+        return out
+
+    def ffn(self, L, x):
+        """build_ffn with LLM_FFN_SILU, LLM_FFN_PAR and the optional biases."""
+        gate, up = self.project(x, L, ("ffn_gate", "ffn_up"), "ffn_gate_up")
+        if L.get("ffn_gate.bias") is not None:
+            gate = gate + L["ffn_gate.bias"]
+        if L.get("ffn_up.bias") is not None:
+            up = up + L["ffn_up.bias"]
+        out = qmatmul(F.silu(gate) * up, L["ffn_down"])
+        if L.get("ffn_down.bias") is not None:
+            out = out + L["ffn_down.bias"]
         return out

@@ -49,6 +49,10 @@ def _repack(net) -> None:
             f = fuse([L.get(n) for n in names])
             if f is not None:
                 L[key] = f
+        if L.get("ffn_up_exps"):  # MoE: each expert's gate|up as one matrix
+            from .moe import fuse_experts
+
+            L["ffn_gate_up_exps"] = fuse_experts(L["ffn_gate_exps"], L["ffn_up_exps"])
     trim_heap()
 
 
@@ -67,6 +71,10 @@ def _collect(net) -> tuple[dict, dict]:
                 fused[f"{il}/{key}"] = [KERNEL_NAMES[f.kernel], sorted(f.state), f.parts, f.in_features]
                 for k, t in f.state.items():
                     tensors[f"{il}/{key}/{k}"] = t
+        for e, f in (L.get("ffn_gate_up_exps") or {}).items():  # MoE experts' fused gate|up
+            fused[f"{il}/ffn_gate_up_exps/{e}"] = [KERNEL_NAMES[f.kernel], sorted(f.state), f.parts, f.in_features]
+            for k, t in f.state.items():
+                tensors[f"{il}/ffn_gate_up_exps/{e}/{k}"] = t
     return tensors, {"weights": weights, "fused": fused}
 
 
@@ -82,16 +90,21 @@ def _apply(net, tensors: dict, manifest: dict) -> bool:
         layers = getattr(net, "layers", [])
         fplan = []
         for fk, (kname, keys, parts, n_in) in manifest["fused"].items():
-            il, key = fk.split("/")
+            il, key, *expert = fk.split("/")
             il = int(il)
             if il >= len(layers):
                 return False
-            fplan.append((layers[il], key, Fused.from_state(KERNELS_BY_NAME[kname], {k: tensors[f"{fk}/{k}"] for k in keys},
-                                                            parts, n_in)))
+            f = Fused.from_state(KERNELS_BY_NAME[kname], {k: tensors[f"{fk}/{k}"] for k in keys}, parts, n_in)
+            fplan.append((layers[il], key, int(expert[0]) if expert else None, f))
     except (KeyError, ValueError, TypeError):
         return False
     for w, kernel, state in plan:
         w.kernel, w.state = kernel, state
-    for L, key, f in fplan:
-        L[key] = f
+    for L, key, e, f in fplan:
+        if e is None:
+            L[key] = f
+        else:
+            if not L.get(key):
+                L[key] = {}
+            L[key][e] = f
     return True

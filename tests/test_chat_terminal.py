@@ -1,0 +1,136 @@
+"""`ggtorch chat` in a real terminal: a pseudo-terminal driven from Python (always), and tmux with
+send-keys/capture-pane where tmux is installed. History, the cache across turns, /system, /reset,
+Ctrl-C stopping an answer without leaving, /exit."""
+import os
+import pty
+import re
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+CMD = [sys.executable, "-m", "ggtorch", "chat", "smollm2-135m", "-n", "400", "--threads", "2"]
+STORY = "Write a very long story about a dragon who learns to cook, with many chapters."
+
+
+class Term:
+    """A child process on a pseudo-terminal, read with a deadline."""
+
+    def __init__(self, argv):
+        env = dict(os.environ, TERM="dumb", COLUMNS="200")
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:  # the child: the pty is its controlling terminal, so ^C is a SIGINT
+            os.execvpe(argv[0], argv, env)
+        self.buf, self.pos = "", 0
+
+    def read_until(self, pattern, timeout=180.0) -> re.Match:
+        rx, end = re.compile(pattern), time.monotonic() + timeout
+        while True:
+            m = rx.search(self.buf, self.pos)
+            if m:
+                self.pos = m.end()
+                return m
+            left = end - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no {pattern!r} within {timeout} s; screen so far:\n{self.buf[-3000:]}")
+            r, _, _ = select.select([self.fd], [], [], min(left, 1.0))
+            if r:
+                try:
+                    data = os.read(self.fd, 65536)
+                except OSError:  # the child closed the terminal
+                    data = b""
+                if not data:
+                    raise AssertionError(f"terminal closed before {pattern!r}:\n{self.buf[-3000:]}")
+                self.buf += data.decode("utf-8", "replace").replace("\r\n", "\n")
+
+    def send(self, text: str) -> None:
+        os.write(self.fd, text.encode())
+
+    def wait(self, timeout=60.0) -> int:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                return os.waitstatus_to_exitcode(status)
+            try:
+                select.select([self.fd], [], [], 0.2) and os.read(self.fd, 65536)
+            except OSError:
+                pass
+        os.kill(self.pid, signal.SIGKILL)
+        raise AssertionError("ggtorch chat did not exit")
+
+
+def test_interactive_chat_in_a_pseudo_terminal():
+    t = Term(CMD)
+    try:
+        t.read_until(r"template: the file's tokenizer\.chat_template")
+        t.read_until(r"\n> ")
+        t.send("What is the capital of France?\r")
+        t.read_until(r"Paris")
+        t.read_until(r"\[prompt 37 tok \d+ ms \| answer \d+ tok")  # the speed line
+        t.read_until(r"\n> ")
+        t.send("And of Germany?\r")  # history: the model knows what "And" refers to; the prefix is cached
+        t.read_until(r"Germany")
+        t.read_until(r"\[prompt \d+ tok \(\+\d+ cached\)")
+        t.read_until(r"\n> ")
+        t.send(STORY + "\r")
+        t.read_until(re.escape(STORY[-20:]) + r"\n(?:.|\n){40}")  # the answer is streaming
+        t.send("\x03")  # Ctrl-C stops the answer, not the program
+        t.read_until(r"\[stopped\]")
+        t.read_until(r"\[prompt \d+ tok")
+        t.read_until(r"\n> ")
+        t.send("/system Answer in one word.\r")
+        t.read_until(r"\[system prompt set")
+        t.send("/reset\r")
+        t.read_until(r"\[conversation cleared\]")
+        t.send("/exit\r")
+        assert t.wait() == 0
+    finally:
+        try:
+            os.kill(t.pid, signal.SIGKILL)
+            os.waitpid(t.pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+        os.close(t.fd)
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (the pty test covers the terminal)")
+def test_interactive_chat_in_tmux(tmp_path):
+    sock, name = f"ggtorch-test-{uuid.uuid4().hex[:8]}", "chat"
+    tmux = ["tmux", "-L", sock]
+
+    def screen() -> str:
+        return subprocess.run(tmux + ["capture-pane", "-p", "-J", "-S", "-200", "-t", name],
+                              capture_output=True, text=True).stdout.rstrip()  # tmux pads with blank lines
+
+    def wait_for(pattern, timeout=180.0) -> str:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            s = screen()
+            if re.search(pattern, s):
+                return s
+            time.sleep(0.3)
+        raise AssertionError(f"no {pattern!r} on the screen:\n{screen()}")
+
+    cmd = " ".join(CMD) + f"; echo EXIT=$? > {tmp_path / 'rc'}; sleep 30"
+    subprocess.run(tmux + ["new-session", "-d", "-s", name, "-x", "160", "-y", "50", cmd], check=True)
+    try:
+        wait_for(r"template: the file's tokenizer\.chat_template(.|\n)*\n>$")
+        subprocess.run(tmux + ["send-keys", "-t", name, "What is the capital of France?", "Enter"], check=True)
+        wait_for(r"Paris(.|\n)*\[prompt 37 tok(.|\n)*\n>$")
+        subprocess.run(tmux + ["send-keys", "-t", name, STORY, "Enter"], check=True)
+        wait_for(re.escape(STORY[-20:]) + r"\n(.|\n){40}")
+        subprocess.run(tmux + ["send-keys", "-t", name, "C-c"], check=True)
+        wait_for(r"\[stopped\](.|\n)*\[prompt \d+ tok \(\+\d+ cached\)(.|\n)*\n>$")
+        subprocess.run(tmux + ["send-keys", "-t", name, "C-d"], check=True)  # Ctrl-D leaves
+        end = time.monotonic() + 60
+        while not (tmp_path / "rc").exists() and time.monotonic() < end:
+            time.sleep(0.3)
+        assert (tmp_path / "rc").read_text().strip() == "EXIT=0"
+    finally:
+        subprocess.run(tmux + ["kill-server"], capture_output=True)
