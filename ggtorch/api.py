@@ -186,6 +186,14 @@ class Model:
                 reason = step.finish_reason
         return Result(ids, out, "".join(text), reason, timings)
 
+    def generate_batch(self, prompts, parallel: int = 4, **kw) -> list[Result]:
+        """Generate for several prompts at once, ``parallel`` sequences decoded together in one
+        forward per step (continuous batching, see ggtorch.batch); keywords as :meth:`generate`.
+        Returns one Result per prompt, in order."""
+        from .batch import generate_batch
+
+        return generate_batch(self, list(prompts), parallel=parallel, **kw)
+
     # ---- chat (ggtorch/chat.py) -------------------------------------------------------------------
     def chat_template(self, name: str | None = None) -> tuple[str, str]:
         """(source, description) of the chat template: the file's own, a named variant, a built-in or a

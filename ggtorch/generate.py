@@ -77,8 +77,6 @@ def generate_tokens(model, prompt_ids: list[int], max_tokens: int | None, params
     The context is the cache's ``n_ctx`` (a new cache gets the model's). ``max_tokens=None``: until the
     context is full (the last step then ends with "length"). ``context_shift``: when the cache is full,
     keep the first ``n_keep`` tokens (plus BOS), drop the oldest half of the rest and go on."""
-    from .tokenizer import StreamDecoder
-
     timings = timings if timings is not None else Timings()
     net, tok = model.net, model.tokenizer
     if cache is None:
@@ -101,8 +99,7 @@ def generate_tokens(model, prompt_ids: list[int], max_tokens: int | None, params
     timings.prompt_tokens, timings.prompt_s = len(prompt_ids) - n_cached, time.perf_counter() - t0
     timings.cached_tokens = n_cached
     history = list(prompt_ids)
-    dec = StreamDecoder(tok, first=False)
-    held = ""
+    text = StopText(tok, stop)
     t1 = time.perf_counter()
     i = 0
     while True:
@@ -111,22 +108,18 @@ def generate_tokens(model, prompt_ids: list[int], max_tokens: int | None, params
         timings.gen_tokens += 1
         if not ignore_eos and tid in tok.eog_ids:
             timings.gen_s = time.perf_counter() - t1
-            yield Step(tid, held + dec.flush(), "stop")
+            yield Step(tid, text.flush(), "stop")
             return
-        held += dec.feed(tid)
-        hit = min((held.find(s) for s in stop if s and s in held), default=-1)
-        if hit >= 0:
+        out, hit = text.feed(tid)
+        if hit:
             timings.gen_s = time.perf_counter() - t1
-            yield Step(tid, held[:hit], "stop")
+            yield Step(tid, out, "stop")
             return
-        # emit what can no longer be the start of a stop string
-        hold = max((_overlap(held, s) for s in stop if s), default=0)
         full = n_ctx is not None and cache.n >= n_ctx and not context_shift
         if i == max_tokens - 1 or full:
             timings.gen_s = time.perf_counter() - t1
-            yield Step(tid, held + dec.flush(), "length")
+            yield Step(tid, out + text.flush(), "length")
             return
-        out, held = (held[: len(held) - hold], held[len(held) - hold:]) if hold else (held, "")
         yield Step(tid, out)
         if n_ctx is not None and cache.n >= n_ctx:  # context shift (llama.cpp's context_shift in the server/cli)
             k = min(keep, cache.n - 2)
@@ -134,6 +127,38 @@ def generate_tokens(model, prompt_ids: list[int], max_tokens: int | None, params
             timings.context_shifts += 1
         logits = net.forward([tid], cache)[-1]
         i += 1
+
+
+class StopText:
+    """Token ids -> text pieces, with stop strings that may span token boundaries.
+
+    Text that could still be the start of a stop string is held back until it can no longer match;
+    the matched stop string itself (and anything after it) is not emitted, as llama-cpp-python does.
+    Shared by :func:`generate_tokens` and the continuous-batching engine (ggtorch.batch)."""
+
+    def __init__(self, tok, stop=()):
+        from .tokenizer import StreamDecoder
+
+        self.dec = StreamDecoder(tok, first=False)
+        self.stop = [s for s in stop if s]
+        self.held = ""
+
+    def feed(self, tid: int) -> tuple[str, bool]:
+        """Text that is now safe to emit, and whether a stop string was reached."""
+        self.held += self.dec.feed(tid)
+        hit = min((self.held.find(s) for s in self.stop if s in self.held), default=-1)
+        if hit >= 0:
+            out, self.held = self.held[:hit], ""
+            return out, True
+        keep = max((_overlap(self.held, s) for s in self.stop), default=0)
+        cut = len(self.held) - keep
+        out, self.held = self.held[:cut], self.held[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        """Everything held back (at the end of generation)."""
+        out, self.held = self.held + self.dec.flush(), ""
+        return out
 
 
 def _overlap(text: str, stop: str) -> int:

@@ -1,0 +1,50 @@
+"""`ggtorch serve`: the OpenAI-compatible server (ggtorch.server) over continuous batching."""
+from __future__ import annotations
+
+import logging
+import sys
+
+from ..errors import GGTorchError
+from .common import add_context, add_model, load, show_context
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching",
+                       description="Serve one model over an OpenAI-compatible API (/v1/chat/completions, "
+                                   "/v1/completions, /v1/models, /health, /tokenize, /detokenize, /apply-template). "
+                                   "Up to --parallel requests are decoded together in one batch; more wait in a queue.")
+    add_model(p, optional=True)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    p.add_argument("--parallel", "-np", type=int, default=4, help="sequences decoded together (slots; default 4)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (except /health, /v1/models)")
+    p.add_argument("--queue", type=int, default=64, help="requests that may wait for a slot (default 64); "
+                                                         "beyond that: 503 with Retry-After")
+    p.add_argument("--max-body", type=int, default=8 << 20, help="largest request body in bytes (default 8 MiB)")
+    p.add_argument("--alias", default=None, help="model id reported to clients (default: the MODEL argument)")
+    add_context(p, ctx_help="context in tokens, shared equally by the slots as llama-server does (default: the "
+                            "model's trained context, capped at 4096); a prompt longer than a slot's share is refused")
+
+
+def cmd_serve(a) -> int:
+    from ..server import serve
+
+    if a.parallel < 1 or a.parallel > 256:
+        raise GGTorchError(f"--parallel must be in 1..256, got {a.parallel}")
+    if a.context_shift:
+        raise GGTorchError("serve does not shift the context: a sequence that fills its slot ends with "
+                           "finish_reason 'length'")
+    if not 0 < a.port < 65536:
+        raise GGTorchError(f"--port must be in 1..65535, got {a.port}")
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    m = load(a)
+    n_ctx = m.n_ctx
+    if n_ctx // a.parallel < 2:
+        raise GGTorchError(f"--ctx {n_ctx} leaves fewer than 2 tokens per slot for --parallel {a.parallel}")
+    show_context(m)
+    name = a.alias or a.model
+    print(f"ggtorch serve: {name} on http://{a.host}:{a.port} ({a.parallel} slots x {n_ctx // a.parallel} tokens)",
+          file=sys.stderr)
+    serve(m, host=a.host, port=a.port, parallel=a.parallel, n_ctx=n_ctx, api_key=a.api_key, max_queue=a.queue,
+          max_body=a.max_body, model_name=name)
+    return 0
