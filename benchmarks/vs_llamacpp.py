@@ -1,20 +1,27 @@
 """ggtorch vs llama.cpp (through llama-cpp-python) on the same file, same thread count, one run.
 
     python benchmarks/vs_llamacpp.py [MODEL ...] [-p 512] [-n 128] [-r 3] [--threads 2] [--exact]
+    python benchmarks/vs_llamacpp.py --synthetic [--synthetic-dir DIR] [--types Q4_0,Q8_0,Q4_K_M]
 
-Prints a markdown table and the ratios. llama-cpp-python is optional (pip install llama-cpp-python,
-~10 min to build); without it the llama.cpp rows are skipped with a message.
+Each measurement runs in its own process, so peak RSS is its own. ggtorch's load is measured twice,
+with a fresh repack cache (cold: repack, then store) and with the stored one (warm: memory-mapped);
+prefill, decode and peak RSS come from the warm process. The repack cache is a temporary directory,
+never the user's. Peak RSS is printed in total and above a floor: `import torch` alone for ggtorch,
+`import llama_cpp` alone for llama.cpp, both measured in the same run.
+`--synthetic` adds the random-weight 1.1B models (TinyLlama's shape) made by make_synthetic.py.
+llama-cpp-python is optional; without it the llama.cpp rows are skipped with a message.
 """
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from ggtorch.bench import bench, format_table  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, HERE)
 from ggtorch.packaged import resolve  # noqa: E402
 
 LLAMA_CPP_CHILD = r"""
@@ -36,30 +43,93 @@ for _ in range(reps):
     tg.append(n_gen / (time.perf_counter() - t))
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(json.dumps({"model": path.rsplit("/", 1)[-1], "backend": "llama.cpp", "threads": threads, "load_s": load_s,
-                  f"pp{n_prompt}_tok_s": statistics.median(pp), f"tg{n_gen}_tok_s": statistics.median(tg),
-                  "peak_rss_mb": rss}))
+                  "pp_tok_s": statistics.median(pp), "tg_tok_s": statistics.median(tg), "peak_rss_mb": rss}))
+"""
+
+GGTORCH_CHILD = r"""
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+import torch  # imported before the clock starts, as in any program that calls ggtorch.load
+from ggtorch.bench import bench, peak_rss_mb
+path, n_prompt, n_gen, reps, threads, fast, load_only = sys.argv[2], *map(int, sys.argv[3:9])
+if load_only:
+    import ggtorch
+    t = time.perf_counter()
+    m = ggtorch.load(path, threads=threads, fast=bool(fast))
+    print(json.dumps({"load_s": time.perf_counter() - t, "peak_rss_mb": peak_rss_mb(), "repack_cache": m.repack_cache}))
+else:
+    r = bench(path, n_prompt, n_gen, reps, threads=threads, fast=bool(fast))
+    r["pp_tok_s"], r["tg_tok_s"] = r[f"pp{n_prompt}_tok_s"], r[f"tg{n_gen}_tok_s"]
+    print(json.dumps(r))
+"""
+
+FLOOR_CHILD = r"""
+import resource, sys
+__import__(sys.argv[1])
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 """
 
 
-def _expert_traffic(path, a):
+def child(code, *args, env=None) -> str:
+    r = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise SystemExit(f"benchmark child failed:\n{r.stderr[-2000:]}")
+    return r.stdout.strip().splitlines()[-1]
+
+
+def wall(cmd, env=None) -> float:
+    t = time.perf_counter()
+    subprocess.run(cmd, capture_output=True, check=True, env=env)
+    return time.perf_counter() - t
+
+
+def _expert_traffic(root, path, a, env):
     """MoE files: the expert bytes ggtorch reads per decoded token (ggtorch.model.moe.decode_expert_traffic)."""
     code = ("import json,sys; sys.path.insert(0, %r); import ggtorch; from ggtorch.model.moe import decode_expert_traffic; "
             "m = ggtorch.load(%r, threads=%d, fast=%r); "
             "print(json.dumps(decode_expert_traffic(m.net, [1] + list(range(10, 25)), 32) if m.cfg.n_expert else None))"
-            % (os.path.join(os.path.dirname(__file__), ".."), path, a.threads, not a.exact))
-    return json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+            % (root, path, a.threads, not a.exact))
+    return json.loads(child(code, env=env))
+
+
+def run_one(path: str, a, have_llama: bool) -> tuple[dict, dict | None]:
+    root = os.path.join(HERE, "..")
+    with tempfile.TemporaryDirectory(prefix="ggtorch-bench-cache-") as d:
+        env = {**os.environ, "GGTORCH_REPACK_CACHE": d, "PYTHONPATH": root}
+        fast = int(not a.exact)
+        cold = json.loads(child(GGTORCH_CHILD, root, path, a.p, a.n, a.r, a.threads, fast, 1, env=env))
+        ours = json.loads(child(GGTORCH_CHILD, root, path, a.p, a.n, a.r, a.threads, fast, 0, env=env))
+        ours["moe"] = _expert_traffic(root, path, a, env)
+        # time to first token from the command line, warm cache: `ggtorch run -n 1`, process start to exit
+        ours["ttft_cli_s"] = wall([sys.executable, "-m", "ggtorch", "run", path, "-p", "Hello", "-n", "1",
+                                   "--threads", str(a.threads)] + (["--exact"] if a.exact else []), env=env)
+    ours.update(backend="ggtorch" + (" exact" if a.exact else ""), load_cold_s=cold["load_s"],
+                cold_peak_rss_mb=cold["peak_rss_mb"], load_warm_s=ours["load_s"],
+                warm_cache=ours.get("repack_cache"), cold_cache=cold["repack_cache"])
+    ref = None
+    if have_llama:
+        ref = json.loads(child(LLAMA_CPP_CHILD, path, a.p, a.n, a.r, a.threads))
+    return ours, ref
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("models", nargs="*", default=["smollm2-135m", "gemma3-270m"])
+    ap.add_argument("models", nargs="*")
     ap.add_argument("-p", type=int, default=512)
     ap.add_argument("-n", type=int, default=128)
     ap.add_argument("-r", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--exact", action="store_true", help="ggtorch's float32 reference path instead of its kernels")
+    ap.add_argument("--synthetic", action="store_true", help="add the random 1.1B models (TinyLlama shape)")
+    ap.add_argument("--synthetic-dir", default="/tmp/ggtorch-synthetic")
+    ap.add_argument("--types", default="Q4_0,Q8_0,Q4_K_M", help="synthetic model types")
+    ap.add_argument("--json", default=None, help="also write every row to this file")
     a = ap.parse_args()
-    rows = []
+    models = list(a.models) or ([] if a.synthetic else ["smollm2-135m", "gemma3-270m"])
+    if a.synthetic:
+        from make_synthetic import make
+
+        models += list(make(a.synthetic_dir, a.types.split(",")).values())
     try:
         import llama_cpp  # noqa: F401
         have = True
@@ -67,30 +137,42 @@ def main():
         have = False
         print("llama-cpp-python is not installed: llama.cpp rows skipped (pip install llama-cpp-python)",
               file=sys.stderr)
-    for m in a.models:
+    torch_floor = float(child(FLOOR_CHILD, "torch"))
+    import_torch_s = wall([sys.executable, "-c", "import torch"])
+    llama_floor = float(child(FLOOR_CHILD, "llama_cpp")) if have else 0.0
+    print(f"peak RSS floors: import torch {torch_floor:.0f} MB, import llama_cpp {llama_floor:.0f} MB; "
+          f"`python -c 'import torch'` takes {import_torch_s:.2f} s", file=sys.stderr)
+    out = ["| model | backend | load cold s | load warm s | prefill pp%d tok/s | decode tg%d tok/s | peak RSS MB "
+           "| above floor MB | `run -n 1` s |" % (a.p, a.n), "|---|---|---|---|---|---|---|---|---|"]
+    rows = []
+    for m in models:
         path = resolve(m)
-        # each measurement in its own process, so peak RSS is its own
-        code = ("import json,sys; sys.path.insert(0, %r); from ggtorch.bench import bench; "
-                "print(json.dumps(bench(%r, %d, %d, %d, threads=%d, fast=%r)))"
-                % (os.path.join(os.path.dirname(__file__), ".."), path, a.p, a.n, a.r, a.threads, not a.exact))
-        ours = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                         check=True).stdout)
-        ours["backend"] = "ggtorch" + (" exact" if a.exact else "")
+        name = os.path.basename(path)
+        ours, ref = run_one(path, a, have)
+        ours_above = ours["peak_rss_mb"] - torch_floor
+        out.append(f"| {name} | {ours['backend']} | {ours['load_cold_s']:.2f} | {ours['load_warm_s']:.2f} "
+                   f"| {ours['pp_tok_s']:.1f} | {ours['tg_tok_s']:.1f} | {ours['peak_rss_mb']:.0f} | {ours_above:.0f} "
+                   f"| {ours['ttft_cli_s']:.2f} |")
         rows.append(ours)
-        moe = _expert_traffic(path, a)
+        if ref:
+            ref_above = ref["peak_rss_mb"] - llama_floor
+            out.append(f"| | llama.cpp | {ref['load_s']:.2f} | | {ref['pp_tok_s']:.1f} | {ref['tg_tok_s']:.1f} "
+                       f"| {ref['peak_rss_mb']:.0f} | {ref_above:.0f} | |")
+            out.append(f"| | ratio | {ours['load_cold_s'] / ref['load_s']:.1f}× | {ours['load_warm_s'] / ref['load_s']:.1f}× "
+                       f"| **{ours['pp_tok_s'] / ref['pp_tok_s']:.2f}×** | **{ours['tg_tok_s'] / ref['tg_tok_s']:.2f}×** "
+                       f"| {ours['peak_rss_mb'] / ref['peak_rss_mb']:.2f}× | {ours_above / ref_above:.2f}× | |")
+            rows.append(ref)
+        print("\n".join(out[-3:] if ref else out[-1:]), file=sys.stderr, flush=True)
+        moe = ours.get("moe")
         if moe:
-            print(f"{m}: expert weights read per decoded token {moe['expert_bytes_per_token'] / 1024:.1f} KiB of "
+            print(f"{name}: expert weights read per decoded token {moe['expert_bytes_per_token'] / 1024:.1f} KiB of "
                   f"{moe['expert_bytes_all'] / 1024:.1f} KiB in all experts ({100 * moe['fraction']:.0f}%)",
                   file=sys.stderr)
-        if have:
-            ref = json.loads(subprocess.run([sys.executable, "-c", LLAMA_CPP_CHILD, path, str(a.p), str(a.n), str(a.r),
-                                             str(a.threads)], capture_output=True, text=True, check=True).stdout)
-            rows.append(ref)
-            pk, tk = f"pp{a.p}_tok_s", f"tg{a.n}_tok_s"
-            print(f"{m}: prefill {ours[pk] / ref[pk]:.2f}x, decode {ours[tk] / ref[tk]:.2f}x, "
-                  f"RSS {ours['peak_rss_mb'] / ref['peak_rss_mb']:.2f}x, load {ours['load_s'] / ref['load_s']:.2f}x "
-                  f"of llama.cpp", file=sys.stderr)
-    print(format_table(rows))
+    print("\n".join(out))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"torch_floor_mb": torch_floor, "llama_cpp_floor_mb": llama_floor, "import_torch_s": import_torch_s,
+                       "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

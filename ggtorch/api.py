@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from functools import cached_property
 from typing import Iterator
 
 import torch
@@ -19,7 +20,6 @@ from .gguf.reader import GGUFFile
 from .model import build
 from .packaged import resolve
 from .sampling import SamplingParams
-from .tokenizer import Tokenizer
 
 
 N_CTX_CAP = 4096  # the default context: the trained one, capped here (a KV cache grows only as used)
@@ -39,7 +39,8 @@ def kv_dtype_of(name) -> torch.dtype:
 
 class Model:
     def __init__(self, path: str, device: str = "cpu", threads: int | None = None, fast: bool = True,
-                 ggml_numerics: bool = False, n_ctx: int | None = None, kv_dtype=None, context_shift: bool = False):
+                 ggml_numerics: bool = False, n_ctx: int | None = None, kv_dtype=None, context_shift: bool = False,
+                 cache: bool = True):
         fast = fast and not ggml_numerics  # the numerics mode runs on the exact path
         if threads:
             torch.set_num_threads(int(threads))
@@ -51,14 +52,22 @@ class Model:
         self.net = build(self.file, device)
         self.cfg = self.net.cfg
         self.fast = fast
+        self.repack_cache = "off"  # "hit", "miss" (repacked, then stored) or "off" (see quant.cache)
         if fast:
-            self.net.install_fast()
+            self.repack_cache = self.net.install_fast(cache)
         if ggml_numerics:
             self.net.use_ggml_numerics()
-        self.tokenizer = Tokenizer(self.file.metadata)
         self.device = device
         self._set_context(n_ctx, kv_dtype, context_shift)
         self.load_s = time.perf_counter() - t0
+
+    @cached_property
+    def tokenizer(self) -> "Tokenizer":  # noqa: F821
+        """Built on first use (its tables take ~30 MB and ~0.1 s on a 49k vocabulary): scoring token
+        ids and benchmarks never need it."""
+        from .tokenizer import Tokenizer
+
+        return Tokenizer(self.file.metadata)
 
     def _set_context(self, n_ctx, kv_dtype, context_shift) -> None:
         self.n_ctx_train = self.cfg.n_ctx_train
@@ -278,7 +287,8 @@ class Model:
 
 
 def load(model: str = "smollm2-135m", device: str = "cpu", threads: int | None = None, fast: bool = True,
-         ggml_numerics: bool = False, n_ctx: int | None = None, kv_dtype=None, context_shift: bool = False) -> Model:
+         ggml_numerics: bool = False, n_ctx: int | None = None, kv_dtype=None, context_shift: bool = False,
+         cache: bool = True) -> Model:
     """Load a .gguf file or a packaged model name ("smollm2-135m", "gemma3-270m").
 
     By default each quantized weight gets the fastest kernel for its type (int4 repacking or int8
@@ -290,6 +300,9 @@ def load(model: str = "smollm2-135m", device: str = "cpu", threads: int | None =
     ``n_ctx``: the context window in tokens (default: the model's trained context, capped at 4096;
     ``m.n_ctx`` says which; above the trained context warns). ``kv_dtype``: "f16" (default, as
     llama.cpp), "bf16" or "f32" for the KV cache. ``context_shift``: when generation fills the
-    context, drop the oldest half of the tokens after the first n_keep and go on."""
+    context, drop the oldest half of the tokens after the first n_keep and go on.
+    ``cache=False`` repacks the weights without reading or writing the repack cache (by default the
+    repacked form is kept in ~/.cache/ggtorch/repack and memory-mapped on the next load; see
+    ggtorch.quant.cache)."""
     return Model(model, device=device, threads=threads, fast=fast, ggml_numerics=ggml_numerics, n_ctx=n_ctx,
-                 kv_dtype=kv_dtype, context_shift=context_shift)
+                 kv_dtype=kv_dtype, context_shift=context_shift, cache=cache)

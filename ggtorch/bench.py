@@ -15,11 +15,12 @@ def peak_rss_mb() -> float:
 
 
 def bench(model: str, n_prompt: int = 512, n_gen: int = 128, reps: int = 3, device: str = "cpu",
-          threads: int | None = None, fast: bool = True, kv_dtype=None) -> dict:
+          threads: int | None = None, fast: bool = True, kv_dtype=None, cache: bool = True) -> dict:
     from .api import load
 
     t0 = time.perf_counter()
-    m = load(model, device=device, threads=threads, fast=fast, kv_dtype=kv_dtype, n_ctx=max(n_prompt + n_gen + 1, 8))
+    m = load(model, device=device, threads=threads, fast=fast, kv_dtype=kv_dtype, n_ctx=max(n_prompt + n_gen + 1, 8),
+             cache=cache)
     load_s = time.perf_counter() - t0
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, m.n_vocab, (n_prompt,), generator=g).tolist()
@@ -47,7 +48,8 @@ def bench(model: str, n_prompt: int = 512, n_gen: int = 128, reps: int = 3, devi
             "load_s": load_s, f"pp{n_prompt}_tok_s": statistics.median(pp), f"tg{n_gen}_tok_s": statistics.median(tg),
             "first_token_s": first_token_s, "peak_rss_mb": peak_rss_mb(), "n_prompt": n_prompt, "n_gen": n_gen,
             "reps": reps, "kv_type": m.kv_type, "kv_bytes_per_token": m.kv_bytes_per_token(),
-            "kv_mb": m.kv_bytes_per_token() * (n_prompt + n_gen) / 1e6}
+            "kv_mb": m.kv_bytes_per_token() * (n_prompt + n_gen) / 1e6,
+            "repack_cache": getattr(m, "repack_cache", "off")}
 
 
 def kv_cell(r: dict) -> str:

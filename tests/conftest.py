@@ -1,5 +1,8 @@
+import atexit
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +12,12 @@ SHARED = Path(os.environ.get("GGTORCH_SHARED", ROOT.parent / "shared"))
 FIXTURES = SHARED / "fixtures"
 TINY = FIXTURES / "tiny"
 GOLDENS = FIXTURES / "goldens"
+
+# the repack cache (ggtorch.quant.cache) of every load in this test session, CLI subprocesses included,
+# goes to a temporary directory: tests never read or write the user's ~/.cache/ggtorch/repack
+_REPACK = tempfile.mkdtemp(prefix="ggtorch-test-repack-")
+os.environ["GGTORCH_REPACK_CACHE"] = _REPACK
+atexit.register(shutil.rmtree, _REPACK, True)
 
 
 def tiny_manifest() -> dict:

@@ -5,7 +5,7 @@ import torch
 
 from conftest import GOLDENS, TINY, golden, tiny_manifest
 import ggtorch
-from ggtorch.quant.kernels import _int4_parts, install
+from ggtorch.quant.kernels import _int4_parts, _plane_parts, install, planes_kernel
 
 
 @pytest.mark.parametrize("t", ["Q4_0", "Q4_1", "Q4_K"])
@@ -17,7 +17,21 @@ def test_int4_repacking_reproduces_dequantized_weights(t):
     assert torch.allclose(rebuilt, w.dequantize(), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("t", ["Q4_0", "Q4_1", "Q4_K", "Q6_K", "Q8_0"])
+@pytest.mark.parametrize("t", ["Q8_0", "Q5_0", "Q5_1", "Q5_K"])
+def test_two_plane_repacking_keeps_the_block_scales(t):
+    """Q8_0/Q5_x as [hi | lo] int4 planes with per-32 scales: the dequantized weights come back exactly."""
+    m = ggtorch.load(str(TINY / f"tiny-llama-{t}.gguf"), fast=False)
+    w = m.net.layers[0]["ffn_down"]
+    assert w.type.name == t
+    q, s, z = _plane_parts(w, w.raw)
+    assert int(q.min()) >= 0 and int(q.max()) <= 15 and q.shape == (w.out_features, 2 * w.in_features)
+    planes = ((q.float() - 8).view(w.out_features, -1, 32) * s[..., None] + z[..., None]).view(w.out_features, 2, -1)
+    assert torch.equal(planes.sum(1), w.dequantize())
+    install(w)
+    assert w.kernel is planes_kernel
+
+
+@pytest.mark.parametrize("t", ["Q4_0", "Q4_1", "Q4_K", "Q6_K", "Q8_0", "Q5_0", "Q5_K"])
 def test_fast_kernels_close_to_exact(t):
     m = ggtorch.load(str(TINY / f"tiny-llama-{t}.gguf"), fast=False)
     ids = tiny_manifest()["prompt_ids"]
@@ -31,8 +45,11 @@ def test_fast_kernels_close_to_exact(t):
     assert np.abs(fast.numpy() - ref).max() / ref.std() < 0.2
 
 
+# KL ceilings at 0.6x the accuracy goals (0.01, 0.015). Measured: SmolLM2 0.0044, Gemma 0.0078 (two int4
+# planes keeping the output matrix's Q8_0 block scales, float32 top logits); int8 rows per row scale gave 0.0089 and
+# 0.0138, which these bounds reject.
 @pytest.mark.parametrize("name,golden_name,min_agree,max_kl", [
-    ("smollm2-135m", "smollm2-135m-q4_1", 0.93, 0.01), ("gemma3-270m", "gemma3-270m-q4_k_m", 0.92, 0.015)])
+    ("smollm2-135m", "smollm2-135m-q4_1", 0.93, 0.006), ("gemma3-270m", "gemma3-270m-q4_k_m", 0.95, 0.009)])
 def test_fast_mode_accuracy(name, golden_name, min_agree, max_kl):
     """Fast mode (int4 repacks, int8 row requantization, bf16 activations, fused Q/K/V) keeps the
     accuracy goals the exact mode is held to."""
@@ -49,3 +66,13 @@ def test_fast_mode_accuracy(name, golden_name, min_agree, max_kl):
         kls.append(float((ref.softmax(-1) * (ref.log_softmax(-1) - lg[n - 1].double().log_softmax(-1))).sum()))
     print(name, "fast: agreement", agree / 160, "mean KL", np.mean(kls))
     assert agree / 160 >= min_agree and np.mean(kls) <= max_kl
+
+
+def test_int4_packing_matches_torch_converter():
+    """The byte-op packer (used when it matches this CPU's layout) and torch's converter agree."""
+    from ggtorch.quant.kernels import _int4pack
+
+    g = torch.Generator().manual_seed(1)
+    for n, k in [(64, 32), (192, 576), (80, 64)]:  # 80 rows: not whole 64-row blocks, the converter's path
+        q = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=g)
+        assert torch.equal(_int4pack(q.to(torch.uint8)), torch._convert_weight_to_int4pack_for_cpu(q, 1))

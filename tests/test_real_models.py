@@ -13,6 +13,9 @@ CASES = {  # golden name: (agreement floor, KL ceiling, perplexity tolerance)
 
 
 MODES = ["fast", "exact"]
+# fast mode's own KL ceilings, 0.6x the goals above: measured 0.0044 (SmolLM2) and 0.0078 (Gemma) with
+# the output matrix's block scales kept (quant.kernels: two int4 planes, float32 top logits); int8 rows gave 0.0089, 0.0138
+FAST_KL = {"smollm2-135m-q4_1": 0.006, "gemma3-270m-q4_k_m": 0.009}
 
 
 def model(request, name, mode):
@@ -23,6 +26,8 @@ def model(request, name, mode):
 @pytest.mark.parametrize("name", list(CASES))
 def test_teacher_forced_agreement_and_kl(request, name, mode):
     _, floor, kl_max, _ = CASES[name]
+    if mode == "fast":
+        kl_max = FAST_KL[name]
     m = model(request, name, mode)
     assert m.kv_type == "f16"  # these bounds hold with llama.cpp's F16 KV cache, the default
     g = golden(name)

@@ -21,6 +21,8 @@ def add_model(p, optional=False):
                         "is a fast kernel per type (int4-repacked Q4_0/Q4_1/Q4_K, int8 rows otherwise, bf16 activations)")
     p.add_argument("--fast", dest="fast", action="store_true",
                    help="the fast kernels (the default, except for trace and diff, which compare numbers)")
+    p.add_argument("--no-cache", dest="cache", action="store_false",
+                   help="repack the weights without reading or writing the repack cache (~/.cache/ggtorch/repack)")
     p.add_argument("--ggml-numerics", action="store_true",
                    help="round activations, KV cache and attention like llama.cpp's CPU backend (slow)")
 
@@ -80,7 +82,8 @@ def load(a):
         warnings.simplefilter("always")
         m = _load(a.model, device=a.device, threads=a.threads, fast=a.fast,
                   ggml_numerics=getattr(a, "ggml_numerics", False), n_ctx=getattr(a, "ctx", None),
-                  kv_dtype=getattr(a, "cache_type", None), context_shift=getattr(a, "context_shift", False))
+                  kv_dtype=getattr(a, "cache_type", None), context_shift=getattr(a, "context_shift", False),
+                  cache=getattr(a, "cache", True))
     m.load_warnings = [str(w.message) for w in caught]
     return m
 

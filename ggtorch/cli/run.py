@@ -157,7 +157,7 @@ def cmd_bench(a) -> int:
     from ..bench import bench, format_table
 
     r = bench(a.model, n_prompt=a.n_prompt, n_gen=a.n_gen, reps=a.repetitions, device=a.device, threads=a.threads,
-              fast=a.fast, kv_dtype=a.cache_type)
+              fast=a.fast, kv_dtype=a.cache_type, cache=getattr(a, "cache", True))
     if a.json:
         print_json(r)
     else:

@@ -277,24 +277,12 @@ class Transformer:
             return attention_ext(q, kk, vv, mask, scale, softcap, sinks)
         return attention(q, kk, vv, mask, scale)
 
-    def install_fast(self) -> None:
-        """Fast kernels for every weight, and fused Q/K/V and gate/up matrices (see quant.kernels)."""
-        from ..quant.kernels import fuse, install, trim_heap
+    def install_fast(self, cache: bool = True) -> str:
+        """Fast kernels for every weight, and fused Q/K/V and gate/up matrices (see quant.kernels),
+        read from / stored in the repack cache unless ``cache`` is False (see model.repack)."""
+        from .repack import install_fast
 
-        for i, w in enumerate(self._weights.values()):
-            install(w)
-            if i % 8 == 7:
-                trim_heap()  # repacking frees multi-MB temporaries; hand them back so they don't add to the peak
-        for L in getattr(self, "layers", []):
-            for key, names in (("attn_qkv", ("attn_q", "attn_k", "attn_v")), ("ffn_gate_up", ("ffn_gate", "ffn_up"))):
-                f = fuse([L.get(n) for n in names])
-                if f is not None:
-                    L[key] = f
-            if L.get("ffn_up_exps"):  # MoE: each expert's gate|up as one matrix
-                from .moe import fuse_experts
-
-                L["ffn_gate_up_exps"] = fuse_experts(L["ffn_gate_exps"], L["ffn_up_exps"])
-        trim_heap()
+        return install_fast(self, cache)
 
     def prepare(self, pos: torch.Tensor, rope_pos: torch.Tensor, n_kv: int) -> dict:
         """Per-forward tables shared by all layers (RoPE, masks)."""

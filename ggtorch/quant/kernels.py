@@ -18,20 +18,31 @@ from __future__ import annotations
 
 import torch
 
-from .dequant import _f16, _k_scale_min, _nibbles
+from .dequant import _bits, _f16, _k_scale_min, _nibbles, _q5
 from .linear import QWeight
 
 INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
+PLANE_TYPES = ("Q8_0", "Q5_0", "Q5_1", "Q5_K")  # two int4 planes per weight (see _plane_parts)
 INT8_MAX_ROWS = 16  # above this many activation rows, widen int8 to bf16 and use a GEMM
+FORMAT = "3"  # the repacked layout's version: bump when what install() stores changes (keys the repack cache)
 
 
 def _int4_parts(w: QWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q [N, K] int32 in 0..15, scale and zero [N, K/32] float32."""
-    N, K, t = w.out_features, w.in_features, w.type.name
-    b = w.raw.reshape(-1, w.type.type_size)
+    return _int4_parts_rows(w, w.raw)
+
+
+def _nibbles_u8(qs: torch.Tensor) -> torch.Tensor:
+    """[n, 16] bytes -> [n, 32] uint8: low nibbles, then high nibbles (ggml's q4 order), no widening."""
+    return torch.cat((qs & 15, qs >> 4), dim=1)
+
+
+def _int4_parts_rows(w: QWeight, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    N, K, t = raw.shape[0], w.in_features, w.type.name
+    b = raw.reshape(-1, w.type.type_size)
     if t in ("Q4_0", "Q4_1"):
         at = 2 if t == "Q4_0" else 4
-        q = _nibbles(b[:, at:at + 16]).reshape(-1, 32)
+        q = _nibbles_u8(b[:, at:at + 16])
         d = _f16(b, 0)
         z = torch.zeros_like(d) if t == "Q4_0" else _f16(b, 2) + 8 * d
         return q.reshape(N, K), d.reshape(N, K // 32), z.reshape(N, K // 32)
@@ -41,15 +52,118 @@ def _int4_parts(w: QWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     sc, mn = _k_scale_min(b[:, 4:16])
     s = d * sc.float()
     z = 8 * s - dmin * mn.float()
-    q = _nibbles(b[:, 16:144].reshape(n * 4, 32)).reshape(n, 256)
+    q = _nibbles_u8(b[:, 16:144].reshape(n * 4, 32)).reshape(n, 256)
     return q.reshape(N, K), s.reshape(N, K // 32), z.reshape(N, K // 32)
+
+
+def _affine_parts(w: QWeight, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For the types with one scale per 32 values: integers q [n, K] and a, b [n, K/32] float32 with
+    value = a * q + b, read from the blocks (ggml's dequantize_row_q8_0 / q5_0 / q5_1 / q5_K)."""
+    t, K = w.type.name, w.in_features
+    b = raw.reshape(-1, w.type.type_size)
+    if t == "Q8_0":
+        q, a = b[:, 2:34].contiguous().view(torch.int8).to(torch.int32), _f16(b, 0)
+        off = torch.zeros_like(a)
+    elif t == "Q5_0":
+        q, a = _q5(b, 2, 6), _f16(b, 0)
+        off = -16 * a
+    elif t == "Q5_1":
+        q, a, off = _q5(b, 4, 8), _f16(b, 0), _f16(b, 2)
+    else:  # Q5_K: 8 groups of 32 per 256-element block, 6-bit scales and mins
+        n = b.shape[0]
+        d, dmin = _f16(b, 0), _f16(b, 2)
+        sc, mn = _k_scale_min(b[:, 4:16])
+        a, off = d * sc.float(), -dmin * mn.float()
+        ql = _nibbles(b[:, 48:176].reshape(n * 4, 32)).reshape(n, 8, 32)
+        q = ql | (_bits(b[:, 16:48], 8).transpose(1, 2) << 4)
+    rows = raw.shape[0]
+    return q.reshape(rows, K), a.reshape(rows, K // 32), off.reshape(rows, K // 32)
+
+
+def _plane_parts(w: QWeight, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The weights as two int4 planes side by side, [hi | lo] along K, for the int4 kernel: with
+    q = 16 hi + lo (lo in 0..15, hi in -8..7), a*q + b = (hi + 8 - 8) * 16a + ((lo - 8) * a + 8a + b).
+    So x @ W.T = [x, x] @ [H, L].T with H's groups scaled 16a (zero 0) and L's scaled a (zero 8a + b):
+    the file's block scales are kept, and the product is exact before bf16 rounding (16a and 8a are
+    a's bf16 rounding times a power of two)."""
+    q, a, b = _affine_parts(w, raw)
+    hi, lo = ((q >> 4) + 8).to(torch.uint8), (q & 15).to(torch.uint8)
+    return (torch.cat((hi, lo), 1), torch.cat((16 * a, a), 1), torch.cat((torch.zeros_like(a), 8 * a + b), 1))
+
+
+REFINE_TOP = 16  # output-matrix rows recomputed in float32 per token (see _finish)
+
+
+def _finish(y: torch.Tensor, x: torch.Tensor, w) -> torch.Tensor:
+    """float32 [..., out] from the kernel's bf16 [M, out]. These kernels round their output to bf16
+    (8 significant bits: a logit of 16 is known to 0.06). For the output matrix (``w.refine_top``
+    set by model.repack) the largest logits of each row are recomputed in float32 from their
+    dequantized rows, so the probable tokens get exact logits; the measured KL to llama.cpp on
+    SmolLM2 fell from 0.0056 to 0.0047 for ~0.1 ms a token."""
+    y = y.float()
+    k = getattr(w, "refine_top", 0)
+    if k:
+        xf = x.reshape(-1, x.shape[-1]).float()
+        idx = y.topk(min(k, y.shape[-1]), dim=-1).indices
+        rows = w.dequantize(idx.reshape(-1)).view(idx.shape[0], idx.shape[1], -1)
+        y.scatter_(1, idx, torch.bmm(rows, xf[:, :, None])[..., 0])
+    return y.reshape(*x.shape[:-1], w.out_features)
 
 
 def int4_kernel(x: torch.Tensor, w) -> torch.Tensor:
     shape = x.shape
     y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]).to(torch.bfloat16), w.state["packed"], 32,
                                           w.state["sz"])
-    return y.float().reshape(*shape[:-1], w.out_features)
+    return _finish(y, x, w)
+
+
+def planes_kernel(x: torch.Tensor, w) -> torch.Tensor:
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
+    y = torch._weight_int4pack_mm_for_cpu(torch.cat((x2, x2), 1), w.state["packed"], 32, w.state["sz"])
+    return _finish(y, x, w)
+
+
+def _pack(parts, w: QWeight, chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    """int4-pack ``parts(w, raw rows)`` a chunk of rows at a time (the int32 temporaries stay small);
+    chunks are multiples of 64 rows, the packed layout's row block, so they concatenate."""
+    packed, sz = [], []
+    for i in range(0, w.out_features, chunk):
+        q, s, z = parts(w, w.raw[i:i + chunk])
+        packed.append(_int4pack(q))
+        sz.append(torch.stack((s.T.to(torch.bfloat16), z.T.to(torch.bfloat16)), dim=-1))
+        if w.release is not None:
+            w.release(i * w.row_bytes, (i + chunk) * w.row_bytes)
+    return torch.cat(packed), torch.cat(sz, dim=1).contiguous()
+
+
+def _int4pack_bytes(q: torch.Tensor) -> torch.Tensor:
+    """PyTorch's CPU int4 layout with AVX-512 (weight_to_int4pack_kernel), written with byte ops: per
+    64-row block and column k, 32 bytes; byte d < 16 holds rows d and d+32, byte 16+d rows 16+d and
+    48+d (low nibble first). 10x less memory traffic than the int32 input the converter takes."""
+    N, K = q.shape
+    u = q.to(torch.uint8).view(N // 64, 4, 16, K)
+    b = torch.cat((u[:, 0] | (u[:, 2] << 4), u[:, 1] | (u[:, 3] << 4)), dim=1)  # [N/64, 32, K]
+    return b.transpose(1, 2).contiguous().view(N, K // 2)
+
+
+def _byte_packing_matches() -> bool:
+    """Whether _int4pack_bytes reproduces this build's converter (checked once, on a random matrix)."""
+    global _BYTES_OK
+    if _BYTES_OK is None:
+        q = torch.randint(0, 16, (128, 96), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+        _BYTES_OK = torch.equal(_int4pack_bytes(q), torch._convert_weight_to_int4pack_for_cpu(q, 1))
+    return _BYTES_OK
+
+
+_BYTES_OK = None
+
+
+def _int4pack(q: torch.Tensor) -> torch.Tensor:
+    """q [N, K] in 0..15 -> the packed weight for _weight_int4pack_mm_for_cpu."""
+    if q.shape[0] % 64 == 0 and _byte_packing_matches():
+        return _int4pack_bytes(q)
+    return torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
 
 
 def int8_kernel(x: torch.Tensor, w) -> torch.Tensor:
@@ -60,7 +174,7 @@ def int8_kernel(x: torch.Tensor, w) -> torch.Tensor:
         y = torch._weight_int8pack_mm(x2, q, s)
     else:  # y = (x @ q^T) * s, the same product with the int8 rows widened once per call
         y = (x2 @ q.to(torch.bfloat16).T) * s
-    return y.float().reshape(*shape[:-1], w.out_features)
+    return _finish(y, x, w)
 
 
 def _int8_rows(w: QWeight, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,15 +192,18 @@ def _int8_rows(w: QWeight, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tenso
     return q, s
 
 
-def install(w: QWeight) -> None:
+def install(w: QWeight, planes: bool = True) -> None:
     """Give ``w`` its fast kernel (on CPU), then let the file's pages of the repacked bytes go."""
     if w.dense is not None or w.device.type != "cpu" or w.kernel is not None:
         return
-    if w.type.name in INT4_TYPES and w.in_features % 32 == 0 and hasattr(torch, "_weight_int4pack_mm_for_cpu"):
-        q, s, z = _int4_parts(w)
-        w.state["packed"] = torch._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
-        w.state["sz"] = torch.stack((s.T, z.T), dim=-1).contiguous().to(torch.bfloat16)
+    # the int4 layout needs whole 32-value groups and rows in multiples of 16 (the converter's rule)
+    int4 = w.in_features % 32 == 0 and w.out_features % 16 == 0 and hasattr(torch, "_weight_int4pack_mm_for_cpu")
+    if w.type.name in INT4_TYPES and int4:
+        w.state["packed"], w.state["sz"] = _pack(_int4_parts_rows, w)
         w.kernel = int4_kernel
+    elif w.type.name in PLANE_TYPES and int4 and planes:
+        w.state["packed"], w.state["sz"] = _pack(_plane_parts, w)
+        w.kernel = planes_kernel
     else:
         w.state["q8"], w.state["s8"] = _int8_rows(w)
         w.kernel = int8_kernel
@@ -114,20 +231,30 @@ _libc = None
 class Fused:
     """Several weights with one input, concatenated along the output dimension."""
 
-    def __init__(self, ws: list[QWeight]):
+    def __init__(self, ws: list[QWeight] | None):
+        if ws is None:  # filled by from_state
+            return
         self.parts = [w.out_features for w in ws]
         self.out_features, self.in_features = sum(self.parts), ws[0].in_features
         self.kernel = ws[0].kernel
-        if self.kernel is int4_kernel:
+        if self.kernel in (int4_kernel, planes_kernel):
             self.state = {"packed": torch.cat([w.state["packed"] for w in ws]),
                           "sz": torch.cat([w.state["sz"] for w in ws], dim=1).contiguous()}
         else:
             self.state = {"q8": torch.cat([w.state["q8"] for w in ws]), "s8": torch.cat([w.state["s8"] for w in ws])}
 
+    @classmethod
+    def from_state(cls, kernel, state: dict, parts: list[int], in_features: int) -> "Fused":
+        """A fused matrix rebuilt from stored state (the repack cache)."""
+        f = cls(None)
+        f.kernel, f.state, f.parts = kernel, state, [int(p) for p in parts]
+        f.out_features, f.in_features = sum(f.parts), int(in_features)
+        return f
+
 
 def fuse(ws: list[QWeight]) -> Fused | None:
     """One matrix for weights that share an input and a kernel; None when they cannot be fused."""
-    if any(w is None or w.kernel not in (int4_kernel, int8_kernel) for w in ws):
+    if any(w is None or w.kernel not in (int4_kernel, planes_kernel, int8_kernel) for w in ws):
         return None
     if len({w.kernel for w in ws}) != 1 or len({w.in_features for w in ws}) != 1:
         return None
@@ -135,3 +262,7 @@ def fuse(ws: list[QWeight]) -> Fused | None:
     for w in ws:  # the parts' own copies are no longer needed
         w.state, w.kernel = {}, None
     return f
+
+
+KERNELS_BY_NAME = {"int4": int4_kernel, "int4x2": planes_kernel, "int8": int8_kernel}
+KERNEL_NAMES = {k: n for n, k in KERNELS_BY_NAME.items()}

@@ -34,6 +34,7 @@ class QWeight:
         self.dense: torch.Tensor | None = None  # float32 [out, in] when the kernel keeps one
         self.kernel: Callable | None = None
         self.state: dict = {}
+        self.refine_top = 0  # fast kernels: recompute this many largest outputs in float32 (the output matrix)
         self.release: Callable[..., None] | None = None  # (start, end) bytes: drop the file's pages once repacked
         if gtype.name in FLOAT_TYPES:
             # float weights: F32 is used in place; F16/BF16/F64 are widened once (exact)
