@@ -76,3 +76,31 @@ def test_int4_packing_matches_torch_converter():
     for n, k in [(64, 32), (192, 576), (80, 64)]:  # 80 rows: not whole 64-row blocks, the converter's path
         q = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=g)
         assert torch.equal(_int4pack(q.to(torch.uint8)), torch._convert_weight_to_int4pack_for_cpu(q, 1))
+
+
+@pytest.mark.parametrize("parts", [[64, 32, 32], [128, 96, 96], [256, 64, 64]])
+def test_fused_int4_equals_its_parts(parts):
+    """Fusing Q/K/V-like int4 weights must give the parts' products, whatever their row counts
+    (the CPU int4 packing works in 64-row blocks, so some shapes must stay unfused)."""
+    import numpy as np
+
+    from ggtorch.gguf.types import ggml_type
+    from ggtorch.quant import kernels
+    from ggtorch.quant.linear import QWeight, qmatmul
+
+    rng = np.random.default_rng(0)
+
+    def make(rows, k=256):
+        nb = rows * k // 32
+        raw = rng.integers(0, 256, size=(nb, 18), dtype=np.uint8)
+        raw[:, :2] = np.frombuffer(np.full(nb, 0.01, np.float16).tobytes(), np.uint8).reshape(nb, 2)
+        return QWeight(torch.from_numpy(raw.reshape(-1)), ggml_type("Q4_0"), (k, rows), "w")
+
+    ws = [make(r) for r in parts]
+    x = torch.randn(3, 256)
+    ref = torch.cat([qmatmul(x, w) for w in ws], -1)
+    for w in ws:
+        kernels.install(w)
+    f = kernels.fuse(ws)
+    got = qmatmul(x, f) if f is not None else torch.cat([qmatmul(x, w) for w in ws], -1)
+    assert (got - ref).abs().max().item() < 0.02 * ref.abs().max().item()

@@ -258,6 +258,8 @@ def fuse(ws: list[QWeight]) -> Fused | None:
         return None
     if len({w.kernel for w in ws}) != 1 or len({w.in_features for w in ws}) != 1:
         return None
+    if ws[0].kernel in (int4_kernel, planes_kernel) and any(w.out_features % 64 for w in ws):
+        return None  # the CPU int4 packing interleaves rows in blocks of 64: packed parts only concatenate whole blocks
     f = Fused(ws)
     for w in ws:  # the parts' own copies are no longer needed
         w.state, w.kernel = {}, None
