@@ -14,8 +14,9 @@ from ggtorch.gguf.writer import GGUFWriter
 SEQS = [[1, 5, 9, 300, 20, 7, 8], [1, 44], [1] + [3] * 12, [1, 900, 800, 700]]
 
 
-def batched_vs_alone(net, seqs, slots, n_slots=6, steps=1, dtype=None):
-    """Prefill every sequence but its last ``steps`` tokens into its slot, decode the rest in batched
+def batched_vs_alone(net, seqs, slots, n_slots=6, steps=1, dtype="f32"):
+    """(f32 cache by default: with F16 a last-bit difference can flip a key's f16 rounding.)
+    Prefill every sequence but its last ``steps`` tokens into its slot, decode the rest in batched
     steps; return (batched logits, alone logits) for those positions."""
     pool = net.new_pool(n_slots, 4096, dtype=dtype)
     for s, q in zip(slots, seqs):
