@@ -232,9 +232,16 @@ class Model:
         shift = bool(kw.pop("context_shift", self.context_shift))
         n_keep = int(kw.pop("n_keep", 0))
         params, max_tokens, stop, ignore_eos = self._params(kw)
-        ids = self.apply_chat_template(messages, tools=tools, tokenize=True, template=template,
-                                       **(chat_template_kwargs or {}))
-        ids = self._prompt_ids(ids)
+        messages = list(messages)
+        while True:
+            ids = self._prompt_ids(self.apply_chat_template(messages, tools=tools, tokenize=True, template=template,
+                                                            **(chat_template_kwargs or {})))
+            if not (shift and self.n_ctx and len(ids) + (max_tokens or 0) > self.n_ctx):
+                break
+            shorter = _drop_oldest_turn(messages)  # with context shift on, old turns make room
+            if shorter is None:
+                break
+            messages = shorter
         check_fits(len(ids), max_tokens, self.n_ctx, shift)  # the whole history must fit, before any work
         if getattr(self, "_session", None) is None:
             self._session = ChatSession(self)
@@ -306,3 +313,20 @@ def load(model: str = "smollm2-135m", device: str = "cpu", threads: int | None =
     ggtorch.quant.cache)."""
     return Model(model, device=device, threads=threads, fast=fast, ggml_numerics=ggml_numerics, n_ctx=n_ctx,
                  kv_dtype=kv_dtype, context_shift=context_shift, cache=cache)
+
+
+def _drop_oldest_turn(messages: list) -> list | None:
+    """``messages`` without their oldest turn: leading system messages stay; the first user message and
+    the assistant/tool messages that answer it go. None when only the last user turn is left."""
+    def role(m):
+        return m.get("role") if isinstance(m, dict) else getattr(m, "role", None)
+
+    i = 0
+    while i < len(messages) and role(messages[i]) == "system":
+        i += 1
+    j = i + 1
+    while j < len(messages) and role(messages[j]) != "user":
+        j += 1
+    if j >= len(messages):
+        return None
+    return messages[:i] + messages[j:]
