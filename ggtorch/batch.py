@@ -8,6 +8,7 @@ last sequence, so a new prompt sharing a prefix with them starts from there (the
 
     engine = BatchEngine(model, n_slots=4)
     engine.start()                                   # a background thread runs the steps
+    # or engine.run_forever() on the thread that loaded the model (see run_forever for why)
     req = engine.submit(BatchRequest(ids, params, max_tokens=32, on_event=print))
     req.cancel()                                     # leaves within one decode step
 
@@ -249,14 +250,28 @@ class BatchEngine:
             self.thread.join()
             self.thread = None
 
-    def _loop(self) -> None:
+    def _loop(self, alive: Callable[[], bool] = lambda: True, poll: float | None = None) -> None:
         while True:
             with self.cond:
                 while self.running and not self.queue and all(s.seq is None for s in self.slots):
-                    self.cond.wait()
-                if not self.running:
+                    if not alive():
+                        return
+                    self.cond.wait(poll)
+                if not self.running or not alive():
                     return
             self.step()
+
+    def run_forever(self, alive: Callable[[], bool] = lambda: True, poll: float = 0.5) -> None:
+        """Run the loop on the calling thread until stop() or until alive() turns false.
+
+        Best called on the thread that loaded the model and ran its first forward. PyTorch's CPU
+        parallelism is OpenMP, and libgomp keeps one thread team per thread that ever opened a
+        parallel region; once the teams hold more threads than there are cores, every team switches to
+        sleeping between regions, and each of the ~200 parallel kernels of a decode step then pays a
+        futex wake-up. Measured here (2 cores, SmolLM2): a decode loop on a second thread runs 1.7-2x
+        slower than the same loop on the thread that loaded the model."""
+        self.running = True
+        self._loop(alive, poll)
 
     def run_until_done(self) -> None:
         """Run steps on the calling thread until nothing is queued or active (the Python API)."""

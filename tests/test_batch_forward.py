@@ -59,9 +59,12 @@ def test_smollm_batched_decode_equals_each_alone(smollm):
     ids = smollm.tokenize(text, bos=True)
     seqs = [ids[:40], ids[100:107], ids[300:365], ids[500:502]]
     got, want = batched_vs_alone(smollm.net, seqs, [2, 0, 3, 1], n_slots=4, steps=2)
-    # fast kernels: bf16 activations, and the int4 matmul of B rows vs one row rounds differently
+    # fast kernels quantize activations to int8 per group as llama.cpp does: the matmul of B rows equals
+    # one row's bit for bit, but the batched attention's last-bit differences can move an activation to
+    # the next int8 level, which later layers carry to the logits. Measured: rows equal to 3e-5 or up to
+    # 0.42 apart, while fast vs exact differ by up to 0.85 on the same tokens.
     assert (got.argmax(-1) == want.argmax(-1)).all()
-    assert torch.allclose(got, want, atol=0.3), (got - want).abs().max()
+    assert torch.allclose(got, want, atol=0.6), (got - want).abs().max()
 
 
 def tiny_gemma3(path, window=4, n_layer=6, seed=0):

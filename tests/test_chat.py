@@ -10,7 +10,7 @@ from ggtorch.cli import main
 
 DATA = Path(__file__).parent / "data"
 REC = json.loads((DATA / "chat_renderings.json").read_text())
-Q = [{"role": "user", "content": "What is the capital of France?"}]
+Q = [{"role": "user", "content": "Name the capital city of France."}]
 
 
 def test_smollm_prompt_is_the_files_template_as_transformers_renders_it(smollm):
@@ -29,7 +29,7 @@ def test_smollm_prompt_is_the_files_template_as_transformers_renders_it(smollm):
 def test_gemma_has_no_template_so_chatml_as_llama_cpp(gemma):
     src, label = gemma.chat_template()
     assert src == CHATML and label.startswith("chatml (llama.cpp's default")
-    assert gemma.apply_chat_template(Q) == "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n" \
+    assert gemma.apply_chat_template(Q) == "<|im_start|>user\nName the capital city of France.<|im_end|>\n" \
                                            "<|im_start|>assistant\n"
 
 
@@ -49,6 +49,8 @@ def test_content_parts_reach_a_string_only_template(smollm):
 
 
 def test_smollm_answers_and_stops_at_im_end(smollm):
+    # (asked "What is the capital of France?", SmolLM2's first token is a near tie: llama.cpp and fast
+    # mode answer "L'Étoile, ..." (24.74 vs 24.65 for "The") and never stop; the exact path says "The")
     smollm.reset_chat()
     r = smollm.chat(Q, max_tokens=48)
     im_end = smollm.tokenizer.token_to_id["<|im_end|>"]
@@ -63,9 +65,10 @@ def test_smollm_answers_and_stops_at_im_end(smollm):
 def test_gemma_stops_at_end_of_turn(gemma):
     """The packaged Gemma 3 270M is a base model (p(<end_of_turn>) ~ 1e-11 after an answer; llama.cpp's
     greedy answer to the golden chat prompt never ends either), so the end token is made likely."""
-    r = gemma.chat(Q, max_tokens=16, template="gemma", logit_bias={106: 12.0})
+    q = [{"role": "user", "content": "What is the capital of France?"}]
+    r = gemma.chat(q, max_tokens=16, template="gemma", logit_bias={106: 12.0})
     assert r.finish_reason == "stop" and r.ids[-1] == 106 and "<end_of_turn>" not in r.text
-    free = gemma.chat(Q, max_tokens=4, template="gemma")
+    free = gemma.chat(q, max_tokens=4, template="gemma")
     assert free.finish_reason == "length" and 106 not in free.ids
 
 
@@ -105,7 +108,7 @@ def test_stopping_early_keeps_the_cache_consistent(smollm):
 
 
 def test_cli_chat_answers_once_and_stops(capsys, smollm):
-    assert main(["chat", "smollm2-135m", "-p", "What is the capital of France?"]) == 0
+    assert main(["chat", "smollm2-135m", "-p", "Name the capital city of France."]) == 0
     out, err = capsys.readouterr()
     smollm.reset_chat()
     r = smollm.chat(Q)  # the same answer through the API ends with <|im_end|>

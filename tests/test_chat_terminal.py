@@ -70,7 +70,7 @@ def test_interactive_chat_in_a_pseudo_terminal():
     try:
         t.read_until(r"template: the file's tokenizer\.chat_template")
         t.read_until(r"\n> ")
-        t.send("What is the capital of France?\r")
+        t.send("Name the capital city of France.\r")
         t.read_until(r"Paris")
         t.read_until(r"\[prompt 37 tok \d+ ms \| answer \d+ tok")  # the speed line
         t.read_until(r"\n> ")
@@ -121,7 +121,7 @@ def test_interactive_chat_in_tmux(tmp_path):
     subprocess.run(tmux + ["new-session", "-d", "-s", name, "-x", "160", "-y", "50", cmd], check=True)
     try:
         wait_for(r"template: the file's tokenizer\.chat_template(.|\n)*\n>$")
-        subprocess.run(tmux + ["send-keys", "-t", name, "What is the capital of France?", "Enter"], check=True)
+        subprocess.run(tmux + ["send-keys", "-t", name, "Name the capital city of France.", "Enter"], check=True)
         wait_for(r"Paris(.|\n)*\[prompt 37 tok(.|\n)*\n>$")
         subprocess.run(tmux + ["send-keys", "-t", name, STORY, "Enter"], check=True)
         wait_for(re.escape(STORY[-20:]) + r"\n(.|\n){40}")

@@ -5,40 +5,84 @@ import torch
 
 from conftest import GOLDENS, TINY, golden, tiny_manifest
 import ggtorch
-from ggtorch.quant.kernels import _int4_parts, _plane_parts, install, planes_kernel
+from ggtorch.quant import jit
+from ggtorch.quant.kernels import (_int4_parts, _plane_parts, _qdot_pack, _qdot_parts, _qdot_tiles, install, planes_kernel,
+                                   qdot_kernel, qdot_unpack)
 
 
-@pytest.mark.parametrize("t", ["Q4_0", "Q4_1", "Q4_K"])
-def test_int4_repacking_reproduces_dequantized_weights(t):
-    m = ggtorch.load(str(TINY / f"tiny-llama-{t}.gguf"))
-    w = m.net.layers[0]["ffn_down"]
-    q, s, z = _int4_parts(w)
-    rebuilt = ((q.float() - 8).view(w.out_features, -1, 32) * s[..., None] + z[..., None]).view(w.out_features, -1)
-    assert torch.allclose(rebuilt, w.dequantize(), rtol=1e-5, atol=1e-6)
+def need_jit():
+    if not jit.available():  # no C++ compiler here: the fast path uses PyTorch's kernels (tested above)
+        pytest.skip(f"JIT kernel unavailable: {jit.why()}")
 
 
-@pytest.mark.parametrize("t", ["Q8_0", "Q5_0", "Q5_1", "Q5_K"])
-def test_two_plane_repacking_keeps_the_block_scales(t):
-    """Q8_0/Q5_x as [hi | lo] int4 planes with per-32 scales: the dequantized weights come back exactly."""
+@pytest.mark.parametrize("t", ["Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0"])
+def test_qdot_layout_keeps_the_block_scales(t):
+    """The JIT kernel's layout (unsigned values, a scale and an offset per group) gives back the
+    dequantized weights: the file's block scales are kept, nothing is requantized. Stored as float16,
+    the scales of the types whose scales are float16 stay exact; K-quants' d * sc is rounded to
+    float16 (relative 2^-11)."""
     m = ggtorch.load(str(TINY / f"tiny-llama-{t}.gguf"), fast=False)
     w = m.net.layers[0]["ffn_down"]
     assert w.type.name == t
-    q, s, z = _plane_parts(w, w.raw)
-    assert int(q.min()) >= 0 and int(q.max()) <= 15 and q.shape == (w.out_features, 2 * w.in_features)
-    planes = ((q.float() - 8).view(w.out_features, -1, 32) * s[..., None] + z[..., None]).view(w.out_features, 2, -1)
-    assert torch.equal(planes.sum(1), w.dequantize())
-    install(w)
-    assert w.kernel is planes_kernel
+    u, bits, dw, mw = _qdot_parts(w, w.raw)
+    assert u.dtype == torch.uint8 and bits == (4 if t.startswith("Q4") else 8)
+    assert dw.shape[1] == w.in_features // (16 if t == "Q6_K" else 32)
+    G = w.in_features // dw.shape[1]
+    rebuilt = (u.float().view(u.shape[0], -1, G) * dw[..., None] + mw[..., None]).view(u.shape)
+    assert torch.allclose(rebuilt, w.dequantize(), rtol=1e-6, atol=1e-7)
+    st = _qdot_pack(w)
+    assert ("mw" in st) == (t in ("Q4_1", "Q4_K", "Q5_1", "Q5_K"))  # offsets that are not a multiple of the scale
+    tiled = qdot_unpack(st, w.in_features)
+    if t in ("Q4_K", "Q5_K", "Q6_K"):
+        err = (tiled - w.dequantize()).abs().max() / w.dequantize().abs().max()
+        assert 0 < err < 2 ** -10
+    else:
+        assert torch.equal(tiled, w.dequantize())
 
 
+def _random_tiles(g, bits, G, N, K, offsets):
+    u = torch.randint(0, 2 ** bits, (N, K), generator=g, dtype=torch.uint8)
+    dw = (torch.rand(N, K // G, generator=g) / 8).half().float()
+    mw = (torch.randn(N, K // G, generator=g) / 64).half().float() if offsets else None
+    return _qdot_tiles(u, bits, dw, mw)
+
+
+@pytest.mark.parametrize("bits,G,offsets,mode", [(4, 32, True, 1), (4, 32, False, 0), (8, 32, False, 0),
+                                                 (8, 16, False, 2), (8, 32, True, 1), (4, 32, True, 2)])
+def test_qdot_kernel_matches_its_reference_and_float(bits, G, offsets, mode):
+    """The vectorized loop equals the portable one (same integer dot products, float sums in another
+    order), and both stay within int8 activation rounding of the float product, for every tile shape."""
+    need_jit()
+    g = torch.Generator().manual_seed(bits * G + offsets)
+    shapes = ((1, 96, 576), (3, 36, 128), (8, 132, 640), (5, 8, 2048), (17, 64, 64))
+    if mode == 2:  # llama.cpp's Q8_K: blocks of 256
+        shapes = ((1, 96, 512), (3, 36, 256), (8, 132, 768), (5, 8, 2048))
+    for M, N, K in shapes:
+        qw, dw, mw = _random_tiles(g, bits, G, N, K, offsets)
+        st = {"qw": qw, "dw": dw, "zoff": torch.tensor([-3.0])}
+        if mw is not None:
+            st["mw"] = mw
+        x = torch.randn(M, K, generator=g)
+        y = jit.matmul(x, qw, dw, mw, -3.0, mode=mode)
+        ref = jit.matmul(x, qw, dw, mw, -3.0, ref=True, mode=mode)
+        exact = x @ qdot_unpack(st, K).T
+        assert torch.allclose(y, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+        assert (y - exact).norm() / exact.norm() < 0.02
+        assert (y - exact).norm() / exact.norm() > 0  # activations really are rounded to int8
+
+
+@pytest.mark.parametrize("qdot", [False, True], ids=["torch", "jit"])
 @pytest.mark.parametrize("t", ["Q4_0", "Q4_1", "Q4_K", "Q6_K", "Q8_0", "Q5_0", "Q5_K"])
-def test_fast_kernels_close_to_exact(t):
+def test_fast_kernels_close_to_exact(t, qdot):
+    if qdot:
+        need_jit()
     m = ggtorch.load(str(TINY / f"tiny-llama-{t}.gguf"), fast=False)
     ids = tiny_manifest()["prompt_ids"]
     exact = m.logits(ids)
     for w in m.net.weights().values():
-        install(w)
+        install(w, qdot=qdot)
     assert any(w.kernel is not None for w in m.net.weights().values())
+    assert any(w.kernel is qdot_kernel for w in m.net.weights().values()) == qdot
     fast = m.logits(ids)
     ref = np.load(TINY / f"tiny-llama-{t}.logits.npy")
     assert (fast - exact).abs().max() / ref.std() < 0.1

@@ -70,10 +70,12 @@ def test_perplexity(request, name, mode):
     assert abs(r["ppl"] / p["ppl"] - 1) <= CASES[name][3], f"ppl {r['ppl']:.4f} vs llama.cpp {p['ppl']:.4f}"
 
 
-@pytest.mark.parametrize("mode,atol", [("exact", 2e-3), ("fast", 0.5)])  # fast: bf16 noise, ~0.06 sigma
+# fast: activations are rounded to int8 per group as llama.cpp does, and prefill's and decode's attention
+# differ in the last bits, which can move an activation to the next int8 level. Measured: prefill vs
+# decode 1.23 at most (logit std 5.0), while either one vs the exact path differs by up to 1.6.
+@pytest.mark.parametrize("mode,atol", [("exact", 2e-3), ("fast", 2.0)])
 def test_gemma_long_prompt_prefill_equals_decode(request, mode, atol):
-    """1,100 tokens (> the 512-token window): prefill and token-by-token decoding agree (fast mode:
-    prefill and one-token steps use different int8 kernels, both rounding activations to bf16)."""
+    """1,100 tokens (> the 512-token window): prefill and token-by-token decoding agree."""
     gemma = model(request, "gemma3-270m-q4_k_m", mode)
     text = (FIXTURES / "text" / "gpl-3.txt").read_text(encoding="utf-8")
     ids = gemma.tokenize(text, bos=True)[:1100]

@@ -100,7 +100,7 @@ def test_completions_token_prompt(client, smollm):
 
 
 def test_chat(client, smollm):
-    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    msgs = [{"role": "user", "content": "Name the capital city of France."}]
     r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=24, temperature=0)
     c = r.choices[0]
     assert c.message.role == "assistant" and "Paris" in c.message.content

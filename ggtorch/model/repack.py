@@ -3,7 +3,7 @@ in the repack cache (ggtorch.quant.cache) so the next load of the same file only
 from __future__ import annotations
 
 from ..quant import cache as repack_cache
-from ..quant.kernels import FORMAT, KERNEL_NAMES, KERNELS_BY_NAME, REFINE_TOP, Fused, fuse, install, trim_heap
+from ..quant.kernels import KERNEL_NAMES, KERNELS_BY_NAME, REFINE_TOP, Fused, fuse, install, repack_format, trim_heap
 
 # Two int4 planes (exact block scales) for Q8_0/Q5_x: everywhere, or only for the output matrix, whose
 # rounding reaches the logits directly; elsewhere int8 rows read fewer bytes (8 vs 10 bits a weight).
@@ -25,7 +25,7 @@ def _install(net, use_cache: bool) -> str:
     key = None
     if use_cache:
         try:
-            key = repack_cache.file_key(net.file.path, FORMAT)
+            key = repack_cache.file_key(net.file.path, repack_format())
         except OSError:
             key = None
         got = repack_cache.load(key) if key else None

@@ -1,6 +1,11 @@
 """Fast kernels for QWeight, chosen per tensor type ("fast" mode; measured in shared/notes/perf-probes.md
 and benchmarks/).
 
+- With the JIT kernel (quant/jit.py, csrc/qdot.cpp; built on first use when a C++ compiler exists):
+  Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K and Q8_0 keep their block scales and multiply int8-quantized
+  activations the way llama.cpp does (per group of 32, or 16 for Q6_K). 4 or 8 bits a weight plus two
+  float32 per group. For one token it reads half the time of PyTorch's int4 kernel at 1.1B shapes, and
+  it drops the int8 per-row requantization below. Without the JIT library, PyTorch's kernels:
 - Q4_0, Q4_1, Q4_K: repacked once for PyTorch's int4 weight-only matmul (`_weight_int4pack_mm_for_cpu`),
   which computes w = (q - 8) * scale + zero per 32-element group with bf16 activations. The maps are
   exact in real arithmetic: Q4_0 scale d, zero 0; Q4_1 scale d, zero m + 8d; Q4_K scale d*sc,
@@ -24,7 +29,15 @@ from .linear import QWeight
 INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
 PLANE_TYPES = ("Q8_0", "Q5_0", "Q5_1", "Q5_K")  # two int4 planes per weight (see _plane_parts)
 INT8_MAX_ROWS = 16  # above this many activation rows, widen int8 to bf16 and use a GEMM
-FORMAT = "3"  # the repacked layout's version: bump when what install() stores changes (keys the repack cache)
+FORMAT = "6"  # the repacked layout's version: bump when what install() stores changes (keys the repack cache)
+QDOT_TYPES = ("Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0")
+
+
+def repack_format() -> str:
+    """FORMAT plus whether the JIT kernel is in use (the stored state differs)."""
+    from . import jit
+
+    return FORMAT + ("-qdot" if jit.available() else "")
 
 
 def _int4_parts(w: QWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -89,6 +102,112 @@ def _plane_parts(w: QWeight, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     q, a, b = _affine_parts(w, raw)
     hi, lo = ((q >> 4) + 8).to(torch.uint8), (q & 15).to(torch.uint8)
     return (torch.cat((hi, lo), 1), torch.cat((16 * a, a), 1), torch.cat((torch.zeros_like(a), 8 * a + b), 1))
+
+
+def _q6k_parts(w: QWeight, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q6_K as u [n, K] in 0..63 with a = d*sc per 16 values and b = -32a (ggml's dequantize_row_q6_K)."""
+    from .dequant import _shifts
+
+    n = raw.numel() // w.type.type_size
+    b = raw.reshape(n, w.type.type_size)
+    ql = b[:, 0:128].reshape(n, 2, 1, 64)
+    ql = torch.cat((ql & 0xF, ql >> 4), dim=2).reshape(n, 8, 32)
+    qh = b[:, 128:192].to(torch.int32).reshape(n, 2, 1, 32)
+    qh = ((qh >> _shifts(0, 2, 4, 6, device=b.device).reshape(1, 1, 4, 1)) & 3).to(torch.uint8).reshape(n, 8, 32)
+    u = (ql | (qh << 4)).reshape(n, 256)
+    a = _f16(b, 208) * b[:, 192:208].contiguous().view(torch.int8).float()  # [n, 16]
+    rows = raw.shape[0]
+    return u.reshape(rows, -1), a.reshape(rows, -1), (-32 * a).reshape(rows, -1)
+
+
+ZOFF = {"Q4_0": -8.0, "Q5_0": -16.0, "Q6_K": -32.0, "Q8_0": -128.0}  # types whose offset is a multiple of the scale
+# how llama.cpp quantizes the activations each weight type multiplies (its type_traits vec_dot_type)
+AMODE = {"Q4_0": 0, "Q5_0": 0, "Q8_0": 0, "Q4_1": 1, "Q5_1": 1, "Q4_K": 2, "Q5_K": 2, "Q6_K": 2}
+
+
+def _qdot_parts(w: QWeight, raw: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]:
+    """(unsigned values u [n, K] uint8, bits, dw, mw [n, K/G] float32) with value = dw[g] * u + mw[g]."""
+    t, K = w.type.name, w.in_features
+    if t in INT4_TYPES:  # value = (q - 8) * s + z
+        q, s_, z = _int4_parts_rows(w, raw)
+        u, dw, mw, bits = q, s_, z - 8 * s_, 4
+    elif t == "Q6_K":
+        u, dw, mw = _q6k_parts(w, raw)
+        bits = 8
+    else:
+        q, a, b = _affine_parts(w, raw)
+        if t == "Q8_0":  # signed: store q + 128
+            u, dw, mw = q + 128, a, b - 128 * a
+        else:
+            u, dw, mw = q, a, b
+        bits = 8
+    return u.to(torch.uint8).reshape(raw.shape[0], K), bits, dw.float(), mw.float()
+
+
+def _qdot_tiles(u: torch.Tensor, bits: int, dw: torch.Tensor, mw: torch.Tensor | None):
+    """Rows in tiles of 4, chunk by chunk (csrc/qdot.cpp's layout); scales as float16."""
+    n, K = u.shape
+    nc = K // 64
+    if bits == 4:  # per 64-value chunk: byte j = value j | value 32 + j << 4
+        v = u.view(n, nc, 2, 32)
+        u = v[:, :, 0] | (v[:, :, 1] << 4)
+    q = u.reshape(n // 4, 4, nc, -1).transpose(1, 2).reshape(n // 4, -1).contiguous()
+
+    def tiles(s):
+        return s.to(torch.float16).reshape(n // 4, 4, nc, -1).transpose(1, 2).reshape(n // 4, -1).contiguous()
+
+    return q, tiles(dw), None if mw is None else tiles(mw)
+
+
+def _qdot_pack(w: QWeight, chunk: int = 4096) -> dict:
+    qs, dws, mws = [], [], []
+    zoff = ZOFF.get(w.type.name)
+    for i in range(0, w.out_features, chunk):
+        u, bits, dw, mw = _qdot_parts(w, w.raw[i:i + chunk])
+        q, d, m = _qdot_tiles(u, bits, dw, None if zoff is not None else mw)
+        qs.append(q)
+        dws.append(d)
+        mws.append(m)
+        if w.release is not None:
+            w.release(i * w.row_bytes, (i + chunk) * w.row_bytes)
+    st = {"qw": torch.cat(qs), "dw": torch.cat(dws), "zoff": torch.tensor([zoff or 0.0]),
+          "amode": torch.tensor([AMODE[w.type.name]], dtype=torch.int32)}
+    if zoff is None:
+        st["mw"] = torch.cat(mws)
+    return st
+
+
+def qdot_unpack(st: dict, K: int) -> torch.Tensor:
+    """The float32 weights [N, K] a qdot state stands for (tests, debugging)."""
+    from .jit import layout
+
+    qw, dw = st["qw"], st["dw"]
+    bits, G = layout(K, qw, dw)
+    nc, n = K // 64, qw.shape[0] * 4
+    q = qw.view(n // 4, nc, 4, -1).transpose(1, 2).reshape(n, nc, -1)
+    if bits == 4:
+        q = torch.cat((q & 15, q >> 4), dim=2)
+    q = q.reshape(n, K).float()
+
+    def rows(s):
+        return s.view(n // 4, nc, 4, -1).transpose(1, 2).reshape(n, -1).float()
+
+    d = rows(dw)
+    m = rows(st["mw"]) if "mw" in st else float(st["zoff"]) * d
+    return (q.view(n, -1, G) * d[..., None] + m[..., None]).view(n, K)
+
+
+def qdot_kernel(x: torch.Tensor, w) -> torch.Tensor:
+    st = w.state
+    f = getattr(w, "_qdot", None)
+    if f is None or f.tensors[0] is not st["qw"]:  # built on first use (and again if the state was replaced)
+        from .jit import Linear
+
+        f = w._qdot = Linear(w.in_features, st["qw"], st["dw"], st.get("mw"), float(st["zoff"]), int(st["amode"]))
+    y = f(x.reshape(-1, w.in_features))
+    if not getattr(w, "refine_top", 0):
+        return y.view(*x.shape[:-1], w.out_features)
+    return _finish(y, x, w)
 
 
 REFINE_TOP = 16  # output-matrix rows recomputed in float32 per token (see _finish)
@@ -192,10 +311,19 @@ def _int8_rows(w: QWeight, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tenso
     return q, s
 
 
-def install(w: QWeight, planes: bool = True) -> None:
+def install(w: QWeight, planes: bool = True, qdot: bool = True) -> None:
     """Give ``w`` its fast kernel (on CPU), then let the file's pages of the repacked bytes go."""
     if w.dense is not None or w.device.type != "cpu" or w.kernel is not None:
         return
+    if qdot and w.type.name in QDOT_TYPES and w.in_features % 64 == 0 and w.out_features % 4 == 0:
+        from . import jit
+
+        if jit.available():
+            w.state = _qdot_pack(w)
+            w.kernel = qdot_kernel
+            if w.release is not None:
+                w.release()
+            return
     # the int4 layout needs whole 32-value groups and rows in multiples of 16 (the converter's rule)
     int4 = w.in_features % 32 == 0 and w.out_features % 16 == 0 and hasattr(torch, "_weight_int4pack_mm_for_cpu")
     if w.type.name in INT4_TYPES and int4:
@@ -237,7 +365,10 @@ class Fused:
         self.parts = [w.out_features for w in ws]
         self.out_features, self.in_features = sum(self.parts), ws[0].in_features
         self.kernel = ws[0].kernel
-        if self.kernel in (int4_kernel, planes_kernel):
+        if self.kernel is qdot_kernel:
+            self.state = {k: torch.cat([w.state[k] for w in ws]) for k in ws[0].state if k not in ("zoff", "amode")}
+            self.state["zoff"], self.state["amode"] = ws[0].state["zoff"], ws[0].state["amode"]
+        elif self.kernel in (int4_kernel, planes_kernel):
             self.state = {"packed": torch.cat([w.state["packed"] for w in ws]),
                           "sz": torch.cat([w.state["sz"] for w in ws], dim=1).contiguous()}
         else:
@@ -254,10 +385,13 @@ class Fused:
 
 def fuse(ws: list[QWeight]) -> Fused | None:
     """One matrix for weights that share an input and a kernel; None when they cannot be fused."""
-    if any(w is None or w.kernel not in (int4_kernel, planes_kernel, int8_kernel) for w in ws):
+    if any(w is None or w.kernel not in (int4_kernel, planes_kernel, int8_kernel, qdot_kernel) for w in ws):
         return None
     if len({w.kernel for w in ws}) != 1 or len({w.in_features for w in ws}) != 1:
         return None
+    if ws[0].kernel is qdot_kernel and len({(w.state["qw"].shape[1], w.state["dw"].shape[1], "mw" in w.state,
+                                             float(w.state["zoff"]), int(w.state["amode"])) for w in ws}) != 1:
+        return None  # one layout (bits, group) per matrix
     if ws[0].kernel in (int4_kernel, planes_kernel) and any(w.out_features % 64 for w in ws):
         return None  # the CPU int4 packing interleaves rows in blocks of 64: packed parts only concatenate whole blocks
     f = Fused(ws)
@@ -266,5 +400,5 @@ def fuse(ws: list[QWeight]) -> Fused | None:
     return f
 
 
-KERNELS_BY_NAME = {"int4": int4_kernel, "int4x2": planes_kernel, "int8": int8_kernel}
+KERNELS_BY_NAME = {"int4": int4_kernel, "int4x2": planes_kernel, "int8": int8_kernel, "qdot": qdot_kernel}
 KERNEL_NAMES = {k: n for n, k in KERNELS_BY_NAME.items()}

@@ -12,11 +12,41 @@ from .app import create_app
 
 
 def serve(model, host: str = "127.0.0.1", port: int = 8080, **kw) -> None:
-    """Run the server until interrupted (uvicorn, one process, one model)."""
+    """Run the server until interrupted (uvicorn, one process, one model).
+
+    The engine runs on the calling thread, the one that loaded the model, and uvicorn's event loop on
+    another: a decode loop on a thread other than the loader's runs up to 2x slower with PyTorch's
+    OpenMP (BatchEngine.run_forever says why). SIGINT/SIGTERM shut down gracefully; a second one
+    forces."""
+    import signal
+    import threading
+
     import uvicorn
 
-    app = create_app(model, **kw)
-    uvicorn.run(app, host=host, port=port, access_log=False, log_level="info", timeout_graceful_shutdown=2)
+    from ..errors import GGTorchError
+
+    app = create_app(model, engine_thread=False, **kw)
+    engine = app.state.server.engine
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, access_log=False, log_level="info",
+                                           timeout_graceful_shutdown=2))
+    http = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+
+    def _stop(signum, frame):
+        if server.should_exit:
+            server.force_exit = True
+        server.should_exit = True
+
+    old = {s: signal.signal(s, _stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        http.start()
+        engine.run_forever(alive=http.is_alive)  # serves in-flight requests until uvicorn has closed
+    finally:
+        server.should_exit = True
+        http.join(10)
+        for s, h in old.items():
+            signal.signal(s, h)
+    if not server.started:
+        raise GGTorchError(f"could not serve on {host}:{port} (see the error above; is the port in use?)")
 
 
 __all__ = ["create_app", "serve"]

@@ -1,4 +1,5 @@
-"""The HTTP front: FastAPI routes over one BatchEngine. The model runs on the engine's thread; the
+"""The HTTP front: FastAPI routes over one BatchEngine. The model runs on the engine's thread (the main
+thread under `ggtorch serve`, the event loop in another); the
 routes only parse, tokenize, queue and format, so requests never wait for each other here.
 
 Every client mistake is answered with an OpenAI error object and a 4xx; an unexpected failure is a
@@ -194,14 +195,18 @@ class RequestLog:
 
 
 def create_app(model, parallel: int = 4, n_ctx: int = 4096, api_key: str | None = None, max_queue: int = 64,
-               max_body: int = 8 << 20, model_name: str | None = None) -> FastAPI:
+               max_body: int = 8 << 20, model_name: str | None = None, engine_thread: bool = True) -> FastAPI:
+    """engine_thread=False leaves running the engine to the caller: app.state.server.engine.run_forever()
+    on the thread that loaded the model is faster than a thread of its own (see BatchEngine.run_forever)."""
     srv = Server(model, parallel, n_ctx, api_key, max_queue, max_body, model_name)
 
     @asynccontextmanager
     async def lifespan(app):
-        srv.engine.start()
+        if engine_thread:
+            srv.engine.start()
         yield
-        srv.engine.stop()
+        if engine_thread:
+            srv.engine.stop()
 
     app = FastAPI(title="ggtorch", version=__version__, lifespan=lifespan, openapi_url=None, docs_url=None,
                   redoc_url=None)

@@ -1,0 +1,202 @@
+"""The JIT kernel (csrc/qdot.cpp): built on first use with the machine's C++ compiler, kept in a cache.
+
+Nothing is compiled at install time. The first process that wants the kernel compiles it
+(``-O3 -march=native -fopenmp``, about a second) into ``~/.cache/ggtorch/jit/<key>/``, where the key
+covers the source, the compiler and the CPU; later processes load the cached library. It is written
+to a temporary name and renamed, so concurrent processes never load half a file. When there is no
+compiler, the build fails, or ``GGTORCH_JIT=0`` is set, :func:`library` returns None and the fast
+path uses PyTorch's own kernels.
+
+The library is linked against ``libgomp.so.1`` like PyTorch's CPU build, so its OpenMP loops run on
+the thread team PyTorch already has (the dynamic linker resolves the soname to the loaded copy).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("ggtorch.jit")
+
+SOURCE = Path(__file__).with_name("csrc") / "qdot.cpp"
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-fno-math-errno"]
+
+_lib: ctypes.CDLL | None | bool = None  # False: tried and unavailable
+_why = ""
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("GGTORCH_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ggtorch")
+    return Path(base) / "jit"
+
+
+def _compiler() -> str | None:
+    for c in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if c and shutil.which(c):
+            return shutil.which(c)
+    return None
+
+
+def _cpu_id() -> str:
+    """What -march=native depends on: the CPU's model and flags."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f.read().splitlines() if ln.startswith(("model name", "flags"))][:2]
+        return "\n".join(lines)
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _key(cxx: str) -> str:
+    try:
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        version = ""
+    h = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), cxx.encode(), version.encode(), " ".join(FLAGS).encode(), _cpu_id().encode(),
+                 platform.machine().encode()):
+        h.update(part)
+        h.update(b"\0")
+    return h.hexdigest()[:20]
+
+
+def _build(cxx: str, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".qdot-", suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        r = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+        if r.returncode != 0:
+            raise RuntimeError(f"{Path(cxx).name} failed: {r.stderr.strip()[-400:]}")
+        os.replace(tmp, out)  # atomic: another process sees the old state or the whole library
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+class QW(ctypes.Structure):
+    """csrc/qdot.cpp's struct QWeight: one weight's layout and pointers, built once per weight."""
+    _fields_ = [("bits", ctypes.c_int32), ("G", ctypes.c_int32), ("mode", ctypes.c_int32), ("qw", ctypes.c_void_p), ("dw", ctypes.c_void_p),
+                ("mw", ctypes.c_void_p), ("zoff", ctypes.c_float), ("N", ctypes.c_int64), ("K", ctypes.c_int64)]
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    P, I64, I, F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    lib.qdot_has_vnni.restype = I
+    lib.qdot_quantize.argtypes = [P, I64, I64, I, I, P, P, P]
+    lib.qdot_quantize.restype = None
+    lib.qdot_linear.argtypes = [P, P, I64, P]
+    lib.qdot_linear.restype = None
+    for f in (lib.qdot_mm, lib.qdot_mm_ref):
+        f.argtypes = [I, I, P, P, P, F, I64, I64, P, P, P, I64, P, I64]
+        f.restype = None
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library, building it if needed; None when it cannot be had (see why())."""
+    global _lib, _why
+    if _lib is not None:
+        return _lib or None
+    _lib = False
+    if os.environ.get("GGTORCH_JIT", "1").strip().lower() in ("0", "false", "no", "off"):
+        _why = "disabled by GGTORCH_JIT=0"
+        return None
+    if platform.system() != "Linux":
+        _why = f"built only on Linux (this is {platform.system()})"
+        return None
+    cxx = _compiler()
+    if cxx is None:
+        _why = "no C++ compiler found (set CXX, or install g++)"
+        return None
+    path = cache_dir() / _key(cxx) / "qdot.so"
+    try:
+        if not path.exists():
+            _build(cxx, path)
+        lib = ctypes.CDLL(str(path))
+        _declare(lib)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        _why = f"could not build or load {path}: {e}"
+        log.warning("ggtorch: JIT kernel unavailable, using PyTorch's kernels (%s)", _why)
+        return None
+    _lib = lib
+    return lib
+
+
+def why() -> str:
+    return _why
+
+
+def available() -> bool:
+    return library() is not None
+
+
+MODES = {"q8_0": 0, "q8_1": 1, "q8_K": 2}  # llama.cpp's activation types (csrc/qdot.cpp qdot_quantize)
+
+
+def quantize(lib, x: torch.Tensor, G: int, mode: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float32 [M, K] -> (int8 [M, K], group scales spread over lanes [M, K/4], scale*sum(q) placed as
+    the tile scales are [M, K/4]); see qdot_quantize."""
+    M, K = x.shape
+    xq = torch.empty(M, K, dtype=torch.int8)
+    dxe = torch.empty(M, K // 4)
+    sxe = torch.empty(M, K // 4)
+    lib.qdot_quantize(x.data_ptr(), M, K, G, mode, xq.data_ptr(), dxe.data_ptr(), sxe.data_ptr())
+    return xq, dxe, sxe
+
+
+def layout(K: int, qw: torch.Tensor, dw: torch.Tensor) -> tuple[int, int]:
+    """(bits, G) of a weight in the tiled layout, from its shapes."""
+    nc = K // 64
+    bits = 8 if qw.shape[1] == nc * 4 * 64 else 4
+    return bits, 64 // (dw.shape[1] // (nc * 4))
+
+
+def matmul(x: torch.Tensor, qw: torch.Tensor, dw: torch.Tensor, mw: torch.Tensor | None, zoff: float = 0.0,
+           ref: bool = False, mode: int = 0) -> torch.Tensor:
+    """x [M, K] float32 @ W.T -> float32 [M, N], W in the tiled layout csrc/qdot.cpp describes."""
+    lib = _lib or library()
+    assert lib, "matmul() without the JIT library"
+    if x.dtype != torch.float32 or not x.is_contiguous():
+        x = x.float().contiguous()
+    M, K = x.shape
+    N = qw.shape[0] * 4
+    bits, G = layout(K, qw, dw)
+    xq, dxe, sxe = quantize(lib, x, G, mode)
+    out = torch.empty(M, N)
+    f = lib.qdot_mm_ref if ref else lib.qdot_mm
+    f(bits, G, qw.data_ptr(), dw.data_ptr(), None if mw is None else mw.data_ptr(), zoff, N, K, xq.data_ptr(),
+      dxe.data_ptr(), sxe.data_ptr(), M, out.data_ptr(), N)
+    return out
+
+
+class Linear:
+    """A weight's tensors plus the struct that points at them: x @ W.T in one foreign call."""
+
+    __slots__ = ("tensors", "qw", "ref", "N", "K", "fn")
+
+    def __init__(self, K: int, qw: torch.Tensor, dw: torch.Tensor, mw: torch.Tensor | None, zoff: float,
+                 mode: int = 0):
+        lib = library()
+        assert lib is not None, "Linear() without the JIT library"
+        assert qw.is_contiguous() and dw.is_contiguous() and (mw is None or mw.is_contiguous())
+        bits, G = layout(K, qw, dw)
+        self.tensors = (qw, dw, mw)  # the struct points into these: keep them alive
+        self.N, self.K = qw.shape[0] * 4, K
+        self.qw = QW(bits, G, mode, qw.data_ptr(), dw.data_ptr(), None if mw is None else mw.data_ptr(), zoff, self.N, K)
+        self.ref = ctypes.addressof(self.qw)
+        self.fn = lib.qdot_linear
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32 or not x.is_contiguous():
+            x = x.float().contiguous()
+        out = torch.empty(x.shape[0], self.N)
+        self.fn(self.ref, x.data_ptr(), x.shape[0], out.data_ptr())
+        return out
