@@ -3,7 +3,7 @@ in the repack cache (ggtorch.quant.cache) so the next load of the same file only
 from __future__ import annotations
 
 from ..quant import cache as repack_cache
-from ..quant.kernels import KERNEL_NAMES, KERNELS_BY_NAME, REFINE_TOP, Fused, fuse, install, repack_format, trim_heap
+from ..quant.kernels import KERNEL_NAMES, KERNELS_BY_NAME, REFINE_TOP, Fused, fuse, install, qdot_kernel, repack_format, trim_heap
 
 # Two int4 planes (exact block scales) for Q8_0/Q5_x: everywhere, or only for the output matrix, whose
 # rounding reaches the logits directly; elsewhere int8 rows read fewer bytes (8 vs 10 bits a weight).
@@ -14,7 +14,9 @@ FUSIONS = (("attn_qkv", ("attn_q", "attn_k", "attn_v")), ("ffn_gate_up", ("ffn_g
 def install_fast(net, use_cache: bool = True) -> str:
     """Fast kernels for ``net``'s weights; returns "hit", "miss" (repacked and stored) or "off"."""
     how = _install(net, use_cache)
-    if net.output.kernel is not None:  # the logits' largest values in float32 (quant.kernels._finish)
+    # PyTorch's kernels round the logits to bf16: their largest values are recomputed in float32
+    # (quant.kernels._finish). The JIT kernel's logits are float32 and already rounded as llama.cpp's are.
+    if net.output.kernel is not None and net.output.kernel is not qdot_kernel:
         net.output.refine_top = REFINE_TOP
     return how
 
