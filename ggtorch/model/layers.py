@@ -9,10 +9,17 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..quant import jit as _jit
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """ggml_rms_norm then a multiply by the weight (llm_graph_context::build_norm, LLM_NORM_RMS):
-    x / sqrt(mean(x^2) + eps) * w, in one fused PyTorch op."""
+    x / sqrt(mean(x^2) + eps) * w. On CPU, the JIT library's loop (ggml's arithmetic: the squares summed
+    in double) takes ~2 us where PyTorch's fused op takes 18-40 on a 576-wide row; else PyTorch's."""
+    if x.numel() and x.device.type == "cpu":
+        y = _jit.rms_norm(x, weight, eps)
+        if y is not None:
+            return y
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 

@@ -93,6 +93,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.qdot_has_vnni.restype = I
     lib.qdot_quantize.argtypes = [P, I64, I64, I, I, P, P, P]
     lib.qdot_quantize.restype = None
+    lib.qdot_rms_norm.argtypes = [P, P, F, I64, I64, P]
+    lib.qdot_rms_norm.restype = None
     lib.qdot_linear.argtypes = [P, P, I64, P]
     lib.qdot_linear.restype = None
     for f in (lib.qdot_mm, lib.qdot_mm_ref):
@@ -200,3 +202,19 @@ class Linear:
         out = torch.empty(x.shape[0], self.N)
         self.fn(self.ref, x.data_ptr(), x.shape[0], out.data_ptr())
         return out
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tensor | None:
+    """ggml's RMS norm (double-precision sum of squares) times w, for float32 CPU tensors; None when the
+    library is unavailable or the tensors do not qualify (the caller then uses PyTorch's)."""
+    lib = _lib if _lib is not None else library()
+    if not lib or x.dtype != torch.float32 or x.device.type != "cpu":
+        return None
+    if w is not None and (w.dtype != torch.float32 or not w.is_contiguous() or w.numel() != x.shape[-1]):
+        return None
+    x = x.contiguous()  # one arithmetic for every layout (a batch's rows must equal the same rows alone)
+    y = torch.empty_like(x)
+    K = x.shape[-1]
+    lib.qdot_rms_norm(x.data_ptr(), None if w is None else w.data_ptr(), eps, x.numel() // K if K else 0, K,
+                      y.data_ptr())
+    return y

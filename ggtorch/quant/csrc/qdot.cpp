@@ -325,3 +325,21 @@ EXPORT void qdot_linear(const QWeight *w, const float *x, int64_t M, float *out)
     free(xq);
     free(dxe);
 }
+
+// y = x / sqrt(mean(x^2) + eps) * w per row of x [M, K], as ggml_compute_forward_rms_norm_f32 computes
+// it (squares summed in double, the scale in float) followed by ggml_mul with the weight (w may be null).
+EXPORT void qdot_rms_norm(const float *x, const float *w, float eps, int64_t M, int64_t K, float *y) {
+#pragma omp parallel for schedule(static) if (M * K > 262144)
+    for (int64_t m = 0; m < M; m++) {
+        const float *xr = x + m * K;
+        float *yr = y + m * K;
+        double sum = 0.0;
+        for (int64_t k = 0; k < K; k++) sum += (double)(xr[k] * xr[k]);
+        const float mean = (float)(sum / (double)K);
+        const float scale = 1.0f / sqrtf(mean + eps);
+        if (w)
+            for (int64_t k = 0; k < K; k++) yr[k] = (xr[k] * scale) * w[k];
+        else
+            for (int64_t k = 0; k < K; k++) yr[k] = xr[k] * scale;
+    }
+}
