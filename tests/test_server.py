@@ -317,10 +317,16 @@ def test_one_log_line_per_request(server, caplog):
     with caplog.at_level(logging.INFO, logger="ggtorch.server"):
         httpx.post(server.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=30)
         httpx.get(server.url + "/health")
+
+        def lines():
+            return [r.getMessage() for r in caplog.records if r.name == "ggtorch.server"]
+
+        t0 = time.time()  # the line is written once the response is done: wait for it on a busy machine
+        while time.time() - t0 < 10 and not any("GET /health 200" in x for x in lines()):
+            time.sleep(0.05)
         time.sleep(0.2)
-    lines = [r.getMessage() for r in caplog.records if r.name == "ggtorch.server"]
-    assert len([x for x in lines if "POST /v1/completions 200" in x and "completion=2" in x]) == 1
-    assert len([x for x in lines if "GET /health 200" in x]) == 1
+    assert len([x for x in lines() if "POST /v1/completions 200" in x and "completion=2" in x]) == 1
+    assert len([x for x in lines() if "GET /health 200" in x]) == 1
 
 
 def test_concurrent_equals_alone(server):

@@ -144,55 +144,58 @@ MODES = {"q8_0": 0, "q8_1": 1, "q8_K": 2}  # llama.cpp's activation types (csrc/
 
 
 def quantize(lib, x: torch.Tensor, G: int, mode: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """float32 [M, K] -> (int8 [M, K], group scales spread over lanes [M, K/4], scale*sum(q) placed as
-    the tile scales are [M, K/4]); see qdot_quantize."""
+    """float32 [M, K] -> (int8 [M, K], activation scale per weight group [M, K/G], scale*sum(q) per
+    weight group [M, K/G]); see qdot_quantize."""
     M, K = x.shape
     xq = torch.empty(M, K, dtype=torch.int8)
-    dxe = torch.empty(M, K // 4)
-    sxe = torch.empty(M, K // 4)
-    lib.qdot_quantize(x.data_ptr(), M, K, G, mode, xq.data_ptr(), dxe.data_ptr(), sxe.data_ptr())
-    return xq, dxe, sxe
+    dx = torch.empty(M, K // G)
+    sx = torch.empty(M, K // G)
+    lib.qdot_quantize(x.data_ptr(), M, K, G, mode, xq.data_ptr(), dx.data_ptr(), sx.data_ptr())
+    return xq, dx, sx
 
 
 def layout(K: int, qw: torch.Tensor, dw: torch.Tensor) -> tuple[int, int]:
-    """(bits, G) of a weight in the tiled layout, from its shapes."""
-    nc = K // 64
-    bits = 8 if qw.shape[1] == nc * 4 * 64 else 4
-    return bits, 64 // (dw.shape[1] // (nc * 4))
+    """(bits, G) of a weight in the 16-row layout (csrc/qdot.cpp), from its shapes."""
+    ng = dw.shape[1] // 16
+    G = K // ng
+    return (8 if qw.shape[1] // ng == 16 * G else 4), G
 
 
 def matmul(x: torch.Tensor, qw: torch.Tensor, dw: torch.Tensor, mw: torch.Tensor | None, zoff: float = 0.0,
-           ref: bool = False, mode: int = 0) -> torch.Tensor:
-    """x [M, K] float32 @ W.T -> float32 [M, N], W in the tiled layout csrc/qdot.cpp describes."""
+           ref: bool = False, mode: int = 0, n: int | None = None) -> torch.Tensor:
+    """x [M, K] float32 @ W.T -> float32 [M, n], W in the layout csrc/qdot.cpp describes (its rows padded
+    to a multiple of 16; n: the real row count, default all)."""
     lib = _lib or library()
     assert lib, "matmul() without the JIT library"
     if x.dtype != torch.float32 or not x.is_contiguous():
         x = x.float().contiguous()
     M, K = x.shape
-    N = qw.shape[0] * 4
+    N = qw.shape[0] * 16
     bits, G = layout(K, qw, dw)
-    xq, dxe, sxe = quantize(lib, x, G, mode)
+    xq, dx, sx = quantize(lib, x, G, mode)
     out = torch.empty(M, N)
     f = lib.qdot_mm_ref if ref else lib.qdot_mm
     f(bits, G, qw.data_ptr(), dw.data_ptr(), None if mw is None else mw.data_ptr(), zoff, N, K, xq.data_ptr(),
-      dxe.data_ptr(), sxe.data_ptr(), M, out.data_ptr(), N)
-    return out
+      dx.data_ptr(), sx.data_ptr(), M, out.data_ptr(), N)
+    return out if n is None or n == N else out[:, :n].contiguous()
 
 
 class Linear:
     """A weight's tensors plus the struct that points at them: x @ W.T in one foreign call."""
 
-    __slots__ = ("tensors", "qw", "ref", "N", "K", "fn")
+    __slots__ = ("tensors", "qw", "ref", "N", "n", "K", "fn")
 
     def __init__(self, K: int, qw: torch.Tensor, dw: torch.Tensor, mw: torch.Tensor | None, zoff: float,
-                 mode: int = 0):
+                 mode: int = 0, n: int | None = None):
         lib = library()
         assert lib is not None, "Linear() without the JIT library"
         assert qw.is_contiguous() and dw.is_contiguous() and (mw is None or mw.is_contiguous())
         bits, G = layout(K, qw, dw)
         self.tensors = (qw, dw, mw)  # the struct points into these: keep them alive
-        self.N, self.K = qw.shape[0] * 4, K
-        self.qw = QW(bits, G, mode, qw.data_ptr(), dw.data_ptr(), None if mw is None else mw.data_ptr(), zoff, self.N, K)
+        self.N, self.K = qw.shape[0] * 16, K
+        self.n = self.N if n is None else n
+        self.qw = QW(bits, G, mode, qw.data_ptr(), dw.data_ptr(), None if mw is None else mw.data_ptr(), zoff,
+                     self.N, K)
         self.ref = ctypes.addressof(self.qw)
         self.fn = lib.qdot_linear
 
@@ -201,7 +204,7 @@ class Linear:
             x = x.float().contiguous()
         out = torch.empty(x.shape[0], self.N)
         self.fn(self.ref, x.data_ptr(), x.shape[0], out.data_ptr())
-        return out
+        return out if self.n == self.N else out[:, :self.n].contiguous()
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tensor | None:

@@ -29,7 +29,7 @@ from .linear import QWeight
 INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
 PLANE_TYPES = ("Q8_0", "Q5_0", "Q5_1", "Q5_K")  # two int4 planes per weight (see _plane_parts)
 INT8_MAX_ROWS = 16  # above this many activation rows, widen int8 to bf16 and use a GEMM
-FORMAT = "6"  # the repacked layout's version: bump when what install() stores changes (keys the repack cache)
+FORMAT = "7"  # the repacked layout's version: bump when what install() stores changes (keys the repack cache)
 QDOT_TYPES = ("Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0")
 
 
@@ -145,16 +145,24 @@ def _qdot_parts(w: QWeight, raw: torch.Tensor) -> tuple[torch.Tensor, int, torch
 
 
 def _qdot_tiles(u: torch.Tensor, bits: int, dw: torch.Tensor, mw: torch.Tensor | None):
-    """Rows in tiles of 4, chunk by chunk (csrc/qdot.cpp's layout); scales as float16."""
+    """csrc/qdot.cpp's layout: rows padded to a multiple of 16 (zero scales), 16 rows side by side group
+    by group, 4 values of each row per 64-byte step; scales as float16 [tiles, groups * 16]."""
     n, K = u.shape
-    nc = K // 64
-    if bits == 4:  # per 64-value chunk: byte j = value j | value 32 + j << 4
-        v = u.view(n, nc, 2, 32)
-        u = v[:, :, 0] | (v[:, :, 1] << 4)
-    q = u.reshape(n // 4, 4, nc, -1).transpose(1, 2).reshape(n // 4, -1).contiguous()
+    ng = dw.shape[1]
+    G = K // ng
+    pad = -n % 16
+    if pad:
+        u = torch.cat((u, u.new_zeros(pad, K)))
+        dw = torch.cat((dw, dw.new_zeros(pad, ng)))
+        mw = None if mw is None else torch.cat((mw, mw.new_zeros(pad, ng)))
+    t = (n + pad) // 16
+    q = u.reshape(t, 16, ng, G // 4, 4).permute(0, 2, 3, 1, 4)  # [tile, group, step, row, 4]
+    if bits == 4:  # steps 2p (low nibbles) and 2p + 1 (high nibbles) share 64 bytes
+        q = q[:, :, 0::2] | (q[:, :, 1::2] << 4)
+    q = q.reshape(t, -1).contiguous()
 
     def tiles(s):
-        return s.to(torch.float16).reshape(n // 4, 4, nc, -1).transpose(1, 2).reshape(n // 4, -1).contiguous()
+        return s.to(torch.float16).reshape(t, 16, ng).transpose(1, 2).reshape(t, -1).contiguous()
 
     return q, tiles(dw), None if mw is None else tiles(mw)
 
@@ -178,23 +186,23 @@ def _qdot_pack(w: QWeight, chunk: int = 4096) -> dict:
 
 
 def qdot_unpack(st: dict, K: int) -> torch.Tensor:
-    """The float32 weights [N, K] a qdot state stands for (tests, debugging)."""
+    """The float32 weights [N (padded to 16), K] a qdot state stands for (tests, debugging)."""
     from .jit import layout
 
     qw, dw = st["qw"], st["dw"]
     bits, G = layout(K, qw, dw)
-    nc, n = K // 64, qw.shape[0] * 4
-    q = qw.view(n // 4, nc, 4, -1).transpose(1, 2).reshape(n, nc, -1)
+    t, ng = qw.shape[0], K // G
+    q = qw.view(t, ng, -1, 16, 4)  # [tile, group, step or step pair, row, 4]
     if bits == 4:
-        q = torch.cat((q & 15, q >> 4), dim=2)
-    q = q.reshape(n, K).float()
+        q = torch.stack((q & 15, q >> 4), dim=3).reshape(t, ng, -1, 16, 4)
+    q = q.permute(0, 3, 1, 2, 4).reshape(t * 16, K).float()
 
     def rows(s):
-        return s.view(n // 4, nc, 4, -1).transpose(1, 2).reshape(n, -1).float()
+        return s.view(t, ng, 16).transpose(1, 2).reshape(t * 16, ng).float()
 
     d = rows(dw)
     m = rows(st["mw"]) if "mw" in st else float(st["zoff"]) * d
-    return (q.view(n, -1, G) * d[..., None] + m[..., None]).view(n, K)
+    return (q.view(t * 16, ng, G) * d[..., None] + m[..., None]).view(t * 16, K)
 
 
 def qdot_kernel(x: torch.Tensor, w) -> torch.Tensor:
@@ -203,7 +211,8 @@ def qdot_kernel(x: torch.Tensor, w) -> torch.Tensor:
     if f is None or f.tensors[0] is not st["qw"]:  # built on first use (and again if the state was replaced)
         from .jit import Linear
 
-        f = w._qdot = Linear(w.in_features, st["qw"], st["dw"], st.get("mw"), float(st["zoff"]), int(st["amode"]))
+        f = w._qdot = Linear(w.in_features, st["qw"], st["dw"], st.get("mw"), float(st["zoff"]), int(st["amode"]),
+                             n=w.out_features)
     y = f(x.reshape(-1, w.in_features))
     if not getattr(w, "refine_top", 0):
         return y.view(*x.shape[:-1], w.out_features)
@@ -315,7 +324,7 @@ def install(w: QWeight, planes: bool = True, qdot: bool = True) -> None:
     """Give ``w`` its fast kernel (on CPU), then let the file's pages of the repacked bytes go."""
     if w.dense is not None or w.device.type != "cpu" or w.kernel is not None:
         return
-    if qdot and w.type.name in QDOT_TYPES and w.in_features % 64 == 0 and w.out_features % 4 == 0:
+    if qdot and w.type.name in QDOT_TYPES:
         from . import jit
 
         if jit.available():
@@ -389,9 +398,10 @@ def fuse(ws: list[QWeight]) -> Fused | None:
         return None
     if len({w.kernel for w in ws}) != 1 or len({w.in_features for w in ws}) != 1:
         return None
-    if ws[0].kernel is qdot_kernel and len({(w.state["qw"].shape[1], w.state["dw"].shape[1], "mw" in w.state,
-                                             float(w.state["zoff"]), int(w.state["amode"])) for w in ws}) != 1:
-        return None  # one layout (bits, group) per matrix
+    if ws[0].kernel is qdot_kernel and (any(w.out_features % 16 for w in ws) or len(
+            {(w.state["qw"].shape[1], w.state["dw"].shape[1], "mw" in w.state, float(w.state["zoff"]),
+              int(w.state["amode"])) for w in ws}) != 1):
+        return None  # one layout (bits, group) per matrix, and parts of whole 16-row tiles
     if ws[0].kernel in (int4_kernel, planes_kernel) and any(w.out_features % 64 for w in ws):
         return None  # the CPU int4 packing interleaves rows in blocks of 64: packed parts only concatenate whole blocks
     f = Fused(ws)
