@@ -134,6 +134,10 @@ class SlotPool:
             return self.net.forward(tokens, self.cache, slot=slots[0])
         return self.net.forward_batch(tokens, slots, self.cache)
 
+    def mixed(self, tokens: list[int], slots: list[int], rows: list[int]) -> torch.Tensor:
+        """Decode tokens and prompt chunks in one forward; logits for the token indices ``rows``."""
+        return self.net.forward_batch(tokens, slots, self.cache, rows=rows)
+
 
 def make_backend(net, n_slots: int, n_ctx: int):
     if hasattr(net, "forward_batch") and hasattr(net, "new_pool"):
@@ -180,13 +184,14 @@ class BatchEngine:
     other sequences are decoding (like llama.cpp's n_batch)."""
 
     def __init__(self, model, n_slots: int = 4, n_ctx: int = 1024, max_queue: int = 64,
-                 prefill_chunk: int = 128):
+                 prefill_chunk: int = 128, mixed_chunk: int = 32):
         if n_slots < 1:
             raise GenerationError(f"the number of slots must be >= 1, got {n_slots}")
         if n_ctx < 2:
             raise GenerationError(f"the context per slot must be >= 2 tokens, got {n_ctx}")
         self.model, self.tok = model, model.tokenizer
         self.n_slots, self.n_ctx, self.max_queue, self.prefill_chunk = n_slots, n_ctx, max_queue, prefill_chunk
+        self.mixed_chunk = mixed_chunk  # prompt tokens that may ride along with a decode step
         self.backend = make_backend(model.net, n_slots, n_ctx)
         self.slots = [_Slot() for _ in range(n_slots)]
         self.queue: deque[BatchRequest] = deque()
@@ -286,8 +291,9 @@ class BatchEngine:
             for s in self.slots:
                 if s.seq is not None and s.seq.req.cancelled:
                     self._finish(s.seq, "cancelled")
-            self._prefill()
-            self._decode()
+            if not self._mixed():
+                self._prefill()
+                self._decode()
         except Exception as e:  # a bug must not kill the loop: fail the sequences involved, keep serving
             for i, s in enumerate(self.slots):
                 if s.seq is not None:
@@ -335,12 +341,45 @@ class BatchEngine:
             if not q.pending:
                 self._next(q, logits)
 
+    def _mixed(self) -> bool:
+        """Short prompts ride along with the decode step: one forward over every decoding sequence's
+        next token plus the pending prompts' tokens (llama.cpp's server mixes them in one batch too), so
+        a new request costs no extra pass over the weights. Only prompts of at most ``mixed_chunk``
+        tokens: a longer one goes through ``_prefill``. False when there is nothing to mix."""
+        if not getattr(self.backend, "mixed", None):
+            return False
+        batch = [s.seq for s in self.slots if s.seq is not None and s.seq.next is not None]
+        todo = sorted((s.seq for s in self.slots if s.seq is not None and 0 < len(s.seq.pending) <= self.mixed_chunk),
+                      key=lambda x: x.req.submitted)
+        if not batch or not todo or any(s.seq is not None and len(s.seq.pending) > self.mixed_chunk
+                                        for s in self.slots):
+            return False
+        tokens, slots = [q.next for q in batch], [q.slot for q in batch]
+        rows, budget = list(range(len(batch))), self.mixed_chunk
+        for q in todo:
+            if len(q.pending) > budget:
+                break
+            tokens += q.pending
+            slots += [q.slot] * len(q.pending)
+            rows.append(len(tokens) - 1)
+            budget -= len(q.pending)
+        prompts = todo[:len(rows) - len(batch)]
+        logits = self.backend.mixed(tokens, slots, rows)
+        self._decoded(batch, logits[:len(batch)])
+        for k, q in enumerate(prompts):
+            self.slots[q.slot].tokens += q.pending
+            q.pending = []
+            self._next(q, logits[len(batch) + k])
+        return True
+
     def _decode(self) -> None:
         batch = [s.seq for s in self.slots if s.seq is not None and s.seq.next is not None]
         if not batch:
             return
         tokens = [q.next for q in batch]
-        logits = self.backend.decode(tokens, [q.slot for q in batch])
+        self._decoded(batch, self.backend.decode(tokens, [q.slot for q in batch]))
+
+    def _decoded(self, batch: list[_Seq], logits: torch.Tensor) -> None:
         self.steps += 1
         # plain greedy rows (no penalties, no bias) take one argmax over the whole batch
         greedy = logits.argmax(-1).tolist() if any(q.plain_greedy for q in batch) else None

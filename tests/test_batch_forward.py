@@ -198,6 +198,34 @@ def test_pool_limits_and_bad_batches():
     with pytest.raises(ContextError):
         net.forward(list(range(1, 10)), pool, slot=0)
     with pytest.raises(ModelError):
-        net.forward_batch([5, 6], [0, 0], pool)
-    with pytest.raises(ModelError):
         net.forward_batch([5], [2], pool)
+    with pytest.raises(ModelError):
+        net.forward_batch([5, 6], [0, 0], pool, rows=[2])
+    with pytest.raises(ContextError):  # slot 0's chunk of 9 tokens does not fit its 8
+        net.forward_batch([5] * 9, [0] * 9, pool)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_prompt_chunk_rides_along_with_decode_tokens(fast):
+    """A mixed step (two sequences decoding, a third's prompt chunk in the same forward) gives each
+    sequence what it gets alone: the chunk's last logits equal a plain prefill's, the decoding rows
+    equal single steps; the slots grow by their token counts."""
+    net = ggtorch.load(str(TINY / "tiny-llama-Q8_0.gguf"), fast=fast).net
+    pool = net.new_pool(3, 64, dtype="f32")
+    net.forward([1, 5, 9, 300], pool, slot=0)
+    net.forward([1, 44], pool, slot=2)
+    net.forward([1, 7, 7], pool, slot=1)  # slot 1 already holds 3 tokens; its chunk continues at 3
+    chunk = [20, 21, 22, 23, 24]
+    lg = net.forward_batch([8, 45] + chunk, [0, 2] + [1] * 5, pool, rows=[0, 1, 6])
+    assert lg.shape == (3, net.cfg.n_vocab) and pool.lens == [5, 8, 3]
+    want = []
+    for ids, nxt in (([1, 5, 9, 300], [8]), ([1, 44], [45]), ([1, 7, 7], chunk)):
+        c = net.new_cache(16, dtype="f32")
+        net.forward(ids, c)
+        want.append(net.forward(nxt, c))
+    want = torch.cat(want)
+    assert torch.allclose(lg, want, atol=1e-4, rtol=1e-4), (lg - want).abs().max()
+    # the chunk's keys landed at positions 3..7 of slot 1: one more token there continues correctly
+    c = net.new_cache(16, dtype="f32")
+    net.forward([1, 7, 7] + chunk, c)
+    assert torch.allclose(net.forward_batch([99, 3], [1, 2], pool)[0], net.forward([99], c)[0], atol=1e-4, rtol=1e-4)

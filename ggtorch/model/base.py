@@ -137,32 +137,51 @@ class Transformer:
         return self._head(x if all_logits else x[-1:], trace)
 
     @torch.inference_mode()
-    def forward_batch(self, tokens, slots, cache: KVCache) -> torch.Tensor:
-        """One decode step for B sequences: token b goes to slot ``slots[b]`` at that slot's length
-        (its position). Per-sequence RoPE positions and masks; attention reads only each sequence's
-        own slot. Returns logits [B, n_vocab]; each slot grows by one."""
+    def forward_batch(self, tokens, slots, cache: KVCache, rows: list[int] | None = None) -> torch.Tensor:
+        """One step over several sequences: token i goes to slot ``slots[i]`` at that slot's next
+        position. A slot may appear several times (a prompt chunk riding along with other sequences'
+        decode tokens, as llama.cpp's server mixes them in one batch): its tokens take consecutive
+        positions in the order given. Per-token RoPE positions and causal masks; attention reads only
+        the token's own slot. Returns logits [len(rows), n_vocab] for the token indices ``rows``
+        (default: every token); each slot grows by its number of tokens."""
         ids = self._check_ids(tokens)
         slots = [int(s) for s in slots]
         if len(slots) != ids.numel():
             raise ModelError(f"forward_batch got {ids.numel()} tokens for {len(slots)} slots")
-        if len(set(slots)) != len(slots):
-            raise ModelError(f"forward_batch: a slot appears twice in {slots}")
         if any(not 0 <= s < cache.n_slots for s in slots):
             raise ModelError(f"forward_batch: slots must lie in 0..{cache.n_slots - 1}, got {slots}")
-        if self.numerics or len(slots) == 1:  # one sequence: the single-sequence path (no gather, no padding
+        if rows is not None and any(not 0 <= r < len(slots) for r in rows):
+            raise ModelError(f"forward_batch: rows must lie in 0..{len(slots) - 1}, got {rows}")
+        seen: dict[int, int] = {}
+        lens = []
+        for s in slots:
+            lens.append(cache.lens[s] + seen.get(s, 0))
+            seen[s] = seen.get(s, 0) + 1
+        for s, k in seen.items():
+            self._check_room(cache, s, cache.lens[s] + k)
+        if self.numerics or len(seen) == 1:  # one sequence: the single-sequence path (no gather, no padding
             # mask; 10% less time per step for a server's lone request); the ggml-numerics attention is
             # single-sequence anyway
-            return torch.cat([self.forward(ids[b:b + 1], cache, slot=s) for b, s in enumerate(slots)])
-        lens = [cache.lens[s] for s in slots]
-        for s, n in zip(slots, lens):
-            self._check_room(cache, s, n + 1)
+            want = list(range(len(slots))) if rows is None else list(rows)
+            got, i = {}, 0
+            while i < len(slots):  # runs of one slot's consecutive tokens
+                j = i
+                while j < len(slots) and slots[j] == slots[i]:
+                    j += 1
+                need = [r for r in want if i <= r < j]
+                every = need != [j - 1] and bool(need)  # the last token's logits alone need no all_logits
+                lg = self.forward(ids[i:j], cache, slot=slots[i], all_logits=every)
+                for r in need:
+                    got[r] = lg[r - i:r - i + 1] if every else lg
+                i = j
+            return torch.cat([got[r] for r in want]) if want else torch.empty(0, self.cfg.n_vocab)
         end = max(lens) + 1
         cache.reserve(end)
         pos = torch.tensor(lens, dtype=torch.long, device=self.device)
         x = self._run(ids, pos, end, BatchView(cache, slots, pos), pos, None)
-        for s in slots:
-            cache.lens[s] += 1
-        return self._head(x, None)
+        for s, k in seen.items():
+            cache.lens[s] += k
+        return self._head(x if rows is None else x[rows], None)
 
     def _run(self, ids, pos, n_kv, cache, start, trace) -> torch.Tensor:
         """Embeddings through every block: ``pos`` [T] are the tokens' positions, ``cache`` the view
