@@ -1,4 +1,6 @@
 """Fast kernels: the int4 repacking is exact before bf16 rounding, and fast mode keeps the accuracy goals."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -150,3 +152,31 @@ def test_fused_int4_equals_its_parts(parts):
     f = kernels.fuse(ws)
     got = qmatmul(x, f) if f is not None else torch.cat([qmatmul(x, w) for w in ws], -1)
     assert (got - ref).abs().max().item() < 0.02 * ref.abs().max().item()
+
+
+def test_jit_library_is_built_once_and_rebuilt_when_damaged(tmp_path, monkeypatch):
+    """The kernel library is compiled into the cache on first use, loaded from it afterwards, and a
+    damaged cached file is replaced by a fresh build instead of failing."""
+    need_jit()
+    monkeypatch.setenv("GGTORCH_JIT_CACHE", str(tmp_path))
+    monkeypatch.setattr(jit, "_lib", None)
+    lib = jit.library()
+    assert lib is not None and lib.qdot_has_vnni() in (0, 1)
+    built = list(tmp_path.glob("*/qdot.so"))
+    assert len(built) == 1
+    mtime = built[0].stat().st_mtime_ns
+    monkeypatch.setattr(jit, "_lib", None)
+    assert jit.library() is not None and built[0].stat().st_mtime_ns == mtime  # reused, not rebuilt
+    bad = tmp_path / "bad"
+    bad.write_bytes(b"not a shared library")
+    os.replace(bad, built[0])  # as another process might leave it (this one keeps its loaded copy mapped)
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", "from ggtorch.quant import jit; print(jit.library() is not None)"],
+                       capture_output=True, text=True, env={**os.environ, "GGTORCH_JIT_CACHE": str(tmp_path)})
+    assert r.returncode == 0 and r.stdout.strip() == "True", r.stderr
+    assert built[0].stat().st_size > 1000  # rebuilt
+    x = torch.randn(3, 64)
+    assert torch.allclose(jit.rms_norm(x, None, 1e-6), torch.nn.functional.rms_norm(x, (64,), None, 1e-6), atol=1e-6)
+    monkeypatch.setattr(jit, "_lib", None)  # the next test loads the default library again

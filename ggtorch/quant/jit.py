@@ -34,8 +34,11 @@ _why = ""
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("GGTORCH_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ggtorch")
-    return Path(base) / "jit"
+    """``$GGTORCH_JIT_CACHE``, else ``$XDG_CACHE_HOME/ggtorch/jit``, else ``~/.cache/ggtorch/jit``."""
+    if os.environ.get("GGTORCH_JIT_CACHE"):
+        return Path(os.environ["GGTORCH_JIT_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "ggtorch" / "jit"
 
 
 def _compiler() -> str | None:
@@ -122,9 +125,14 @@ def library() -> ctypes.CDLL | None:
     try:
         if not path.exists():
             _build(cxx, path)
-        lib = ctypes.CDLL(str(path))
-        _declare(lib)
-    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        try:
+            lib = ctypes.CDLL(str(path))
+            _declare(lib)
+        except (OSError, AttributeError):  # a damaged or foreign file in the cache: build it again, once
+            _build(cxx, path)
+            lib = ctypes.CDLL(str(path))
+            _declare(lib)
+    except (OSError, AttributeError, RuntimeError, subprocess.SubprocessError) as e:
         _why = f"could not build or load {path}: {e}"
         log.warning("ggtorch: JIT kernel unavailable, using PyTorch's kernels (%s)", _why)
         return None
