@@ -27,7 +27,8 @@ def test_qdot_layout_keeps_the_block_scales(t):
     w = m.net.layers[0]["ffn_down"]
     assert w.type.name == t
     u, bits, dw, mw = _qdot_parts(w, w.raw)
-    assert u.dtype == torch.uint8 and bits == (4 if t.startswith("Q4") else 8)
+    assert u.dtype == torch.uint8 and bits == {"Q4": 4, "Q5": 5, "Q6": 6, "Q8": 8}[t[:2]]
+    assert int(u.max()) < 2 ** bits
     assert dw.shape[1] == w.in_features // (16 if t == "Q6_K" else 32)
     G = w.in_features // dw.shape[1]
     rebuilt = (u.float().view(u.shape[0], -1, G) * dw[..., None] + mw[..., None]).view(u.shape)
@@ -50,7 +51,9 @@ def _random_tiles(g, bits, G, N, K, offsets):
 
 
 @pytest.mark.parametrize("bits,G,offsets,mode", [(4, 32, True, 1), (4, 32, False, 0), (8, 32, False, 0),
-                                                 (8, 16, False, 2), (8, 32, True, 1), (4, 32, True, 2)])
+                                                 (8, 16, False, 2), (8, 32, True, 1), (4, 32, True, 2),
+                                                 (5, 32, False, 0), (5, 32, True, 1), (5, 32, True, 2),
+                                                 (6, 16, False, 2)])
 def test_qdot_kernel_matches_its_reference_and_float(bits, G, offsets, mode):
     """The vectorized loop equals the portable one (same integer dot products, float sums in another
     order), and both stay within int8 activation rounding of the float product, for every tile shape."""

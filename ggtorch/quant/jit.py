@@ -166,7 +166,8 @@ def layout(K: int, qw: torch.Tensor, dw: torch.Tensor) -> tuple[int, int]:
     """(bits, G) of a weight in the 16-row layout (csrc/qdot.cpp), from its shapes."""
     ng = dw.shape[1] // 16
     G = K // ng
-    return (8 if qw.shape[1] // ng == 16 * G else 4), G
+    gb = qw.shape[1] // ng  # bytes of a tile's group: 16 rows x G values
+    return {16 * G: 8, 8 * G: 4}.get(gb, 5 if G == 32 else 6), G
 
 
 def matmul(x: torch.Tensor, qw: torch.Tensor, dw: torch.Tensor, mw: torch.Tensor | None, zoff: float = 0.0,

@@ -29,7 +29,7 @@ from .linear import QWeight
 INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
 PLANE_TYPES = ("Q8_0", "Q5_0", "Q5_1", "Q5_K")  # two int4 planes per weight (see _plane_parts)
 INT8_MAX_ROWS = 16  # above this many activation rows, widen int8 to bf16 and use a GEMM
-FORMAT = "7"  # the repacked layout's version: bump when what install() stores changes (keys the repack cache)
+FORMAT = "8"  # the repacked layout's version: bump when what install() stores changes (keys the repack cache)
 QDOT_TYPES = ("Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0")
 
 
@@ -133,14 +133,13 @@ def _qdot_parts(w: QWeight, raw: torch.Tensor) -> tuple[torch.Tensor, int, torch
         u, dw, mw, bits = q, s_, z - 8 * s_, 4
     elif t == "Q6_K":
         u, dw, mw = _q6k_parts(w, raw)
-        bits = 8
+        bits = 6
     else:
         q, a, b = _affine_parts(w, raw)
         if t == "Q8_0":  # signed: store q + 128
-            u, dw, mw = q + 128, a, b - 128 * a
-        else:
-            u, dw, mw = q, a, b
-        bits = 8
+            u, dw, mw, bits = q + 128, a, b - 128 * a, 8
+        else:  # Q5_0, Q5_1, Q5_K: 0..31
+            u, dw, mw, bits = q, a, b, 5
     return u.to(torch.uint8).reshape(raw.shape[0], K), bits, dw.float(), mw.float()
 
 
@@ -157,9 +156,17 @@ def _qdot_tiles(u: torch.Tensor, bits: int, dw: torch.Tensor, mw: torch.Tensor |
         mw = None if mw is None else torch.cat((mw, mw.new_zeros(pad, ng)))
     t = (n + pad) // 16
     q = u.reshape(t, 16, ng, G // 4, 4).permute(0, 2, 3, 1, 4)  # [tile, group, step, row, 4]
-    if bits == 4:  # steps 2p (low nibbles) and 2p + 1 (high nibbles) share 64 bytes
-        q = q[:, :, 0::2] | (q[:, :, 1::2] << 4)
-    q = q.reshape(t, -1).contiguous()
+    if bits == 8:
+        q = q.reshape(t, -1).contiguous()
+    else:  # steps 2p (low nibbles) and 2p + 1 (high nibbles) share 64 bytes
+        lo = q & 15
+        parts = [(lo[:, :, 0::2] | (lo[:, :, 1::2] << 4)).reshape(t, ng, -1)]
+        if bits > 4:  # then one 64-byte block of the high bits: step s at bit (bits - 4) * s of each byte
+            hi = (q >> 4).to(torch.int32)
+            hb = bits - 4
+            packed = sum(hi[:, :, s] << (hb * s) for s in range(G // 4))  # [tile, group, row, 4]
+            parts.append(packed.to(torch.uint8).reshape(t, ng, 64))
+        q = torch.cat(parts, dim=2).reshape(t, -1).contiguous()
 
     def tiles(s):
         return s.to(torch.float16).reshape(t, 16, ng).transpose(1, 2).reshape(t, -1).contiguous()
@@ -192,9 +199,17 @@ def qdot_unpack(st: dict, K: int) -> torch.Tensor:
     qw, dw = st["qw"], st["dw"]
     bits, G = layout(K, qw, dw)
     t, ng = qw.shape[0], K // G
-    q = qw.view(t, ng, -1, 16, 4)  # [tile, group, step or step pair, row, 4]
-    if bits == 4:
-        q = torch.stack((q & 15, q >> 4), dim=3).reshape(t, ng, -1, 16, 4)
+    if bits == 8:
+        q = qw.view(t, ng, -1, 16, 4)  # [tile, group, step, row, 4]
+    else:
+        g = qw.view(t, ng, -1)
+        lo = g[:, :, :8 * G].reshape(t, ng, -1, 16, 4)  # step pairs
+        q = torch.stack((lo & 15, lo >> 4), dim=3).reshape(t, ng, G // 4, 16, 4)
+        if bits > 4:
+            hb = bits - 4
+            h = g[:, :, 8 * G:].reshape(t, ng, 1, 16, 4).to(torch.int32)
+            steps = torch.arange(G // 4, dtype=torch.int32).view(1, 1, -1, 1, 1)
+            q = q | (((h >> (hb * steps)) & ((1 << hb) - 1)) << 4).to(torch.uint8)
     q = q.permute(0, 3, 1, 2, 4).reshape(t * 16, K).float()
 
     def rows(s):

@@ -6,7 +6,7 @@
 // The arithmetic is llama.cpp's for its quantized dot products (ggml_vec_dot_q4_0_q8_0 and kin):
 // activations are quantized to int8 the way llama.cpp quantizes them for the weight's type, each
 // group's integer dot product is exact, and the groups are summed in float. Weights are stored
-// unsigned: value = dw[g] * u + mw[g], u in 0..15 (4-bit) or 0..255 (8-bit), so that one group of G
+// unsigned: value = dw[g] * u + mw[g], u in 0..15, 0..31, 0..63 (4, 5, 6 bits) or 0..255 (8-bit), so that one group of G
 // values contributes dx[g] * dw[g] * dot(u, xq) + mw[g] * dx[g] * sum(xq). Every GGUF type of this
 // shape maps onto it without changing its scales (Q4_0: dw = d, mw = -8d; Q8_0: u = q + 128,
 // mw = -128d; Q4_K: dw = d*sc, mw = -dmin*m; Q6_K: G = 16, mw = -32 dw; ...).
@@ -97,8 +97,9 @@ EXPORT void qdot_quantize(const float *x, int64_t M, int64_t K, int G, int mode,
     }
 }
 
-// bytes of one tile's group: 16 rows x G values
-static inline int64_t group_bytes(int bits, int G) { return bits == 8 ? 16 * G : 8 * G; }
+// bytes of one tile's group: 16 rows x G values; 5- and 6-bit values are a 4-bit part plus a 64-byte
+// block of high bits (bit s, or bits 2s..2s+1, of byte 4r + t: row r's value 4s + t)
+static inline int64_t group_bytes(int bits, int G) { return bits == 8 ? 16 * G : bits == 4 ? 8 * G : 8 * G + 64; }
 
 #if QDOT_VNNI
 template <int MT>
@@ -116,11 +117,22 @@ static void tile(int bits, int G, const uint8_t *qt, const uint16_t *dt, const u
         _mm_prefetch((const char *)(q + 2 * gb + 128), _MM_HINT_T0);
         _mm_prefetch((const char *)(q + 2 * gb + 192), _MM_HINT_T0);
         __m512i w[8];
-        if (bits == 4) {
+        if (bits != 8) {
             for (int p = 0; p < steps / 2; p++) {
                 const __m512i v = _mm512_loadu_si512((const void *)(q + 64 * p));
                 w[2 * p] = _mm512_and_si512(v, m4);
                 w[2 * p + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+            }
+            if (bits != 4) {  // the high bits, moved to bit 4 (and 5) of each byte
+                const __m512i h = _mm512_loadu_si512((const void *)(q + 8 * G));
+                const int hb = bits - 4;
+                const __m512i mask = _mm512_set1_epi8((char)(((1 << hb) - 1) << 4));
+                for (int st = 0; st < steps; st++) {
+                    const int sh = 4 - hb * st;  // where step st's bits are, relative to bit 4
+                    const __m512i t = sh >= 0 ? _mm512_sll_epi16(h, _mm_cvtsi32_si128(sh))
+                                              : _mm512_srl_epi16(h, _mm_cvtsi32_si128(-sh));
+                    w[st] = _mm512_or_si512(w[st], _mm512_and_si512(t, mask));
+                }
             }
         } else {
             for (int s = 0; s < steps; s++) w[s] = _mm512_loadu_si512((const void *)(q + 64 * s));
@@ -160,6 +172,10 @@ static float dot_row(int bits, int G, const uint8_t *qw, const uint16_t *dw, con
             else {
                 const uint8_t b = q[64 * (step / 2) + 4 * r + j];
                 u = step % 2 ? (b >> 4) : (b & 15);
+                if (bits != 4) {
+                    const int hb = bits - 4;
+                    u |= ((q[8 * G + 4 * r + j] >> (hb * step)) & ((1 << hb) - 1)) << 4;
+                }
             }
             s += u * (int32_t)xr[g * G + k];
         }
