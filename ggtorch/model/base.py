@@ -13,6 +13,7 @@ import torch
 from ..errors import ContextError, ModelError
 from ..gguf.reader import GGUFFile
 from ..quant.linear import QWeight, embedding, qmatmul
+from . import fastpath
 from .config import Config
 from .layers import (BatchView, KVCache, SlotView, attention, attention_ext, attention_mask, rms_norm, rope,
                      rope_cache, rope_cache_yarn, softcap)
@@ -188,6 +189,8 @@ class Transformer:
         the blocks write to (one slot, or one slot per token)."""
         rope_pos = pos + int(self.faults.get("position_offset", 0))
         ctx = self.prepare(pos, rope_pos, n_kv)
+        # one token of one sequence, or a batched step: the JIT library's attention (model/fastpath.py)
+        ctx["rows"] = fastpath.rows(cache, start) if fastpath.usable(self, ids.numel(), cache, trace) else None
         x = self.embed(ids)
         if self.cfg.embed_scale != 1.0:
             x = x * self.cfg.embed_scale

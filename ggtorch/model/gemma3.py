@@ -4,6 +4,7 @@ tied output. The GGUF converter already folded Gemma's (1 + w) into the norm wei
 from __future__ import annotations
 
 from ..quant.linear import qmatmul
+from . import fastpath
 from .base import Transformer
 from .layers import gelu_tanh, rms_norm, rope
 
@@ -37,17 +38,23 @@ class Gemma3(Transformer):
         cur = rms_norm(x, L["attn_norm"], eps)
         if trace:
             trace(f"attn_norm-{il}", cur)
-        q, k, v = self.qkv(L, cur)
-        q = rms_norm(q, L["attn_q_norm"], eps)
-        k = rms_norm(k, L["attn_k_norm"], eps)
-        q = rope(q, cos, sin, True)
-        k = rope(k, cos, sin, True)
-        if trace:
-            trace(f"Qcur-{il}", q)
-            trace(f"Kcur-{il}", k)
-            trace(f"Vcur-{il}", v)
-        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
-        att = self.attend(il, q, k, v, cache, start, mask, c.attn_scale)
+        if ctx["rows"] is not None:  # norms, RoPE, cache and attention in one call
+            qkv, parts = fastpath.qkv_row(self, L, cur)
+            att = fastpath.attend(self, il, qkv, parts, cache, ctx["rows"], (cos, sin), True,
+                                   self.window() if c.is_swa(il) else 0, L["attn_q_norm"], L["attn_k_norm"],
+                                   c.attn_scale)
+        else:
+            q, k, v = self.qkv(L, cur)
+            q = rms_norm(q, L["attn_q_norm"], eps)
+            k = rms_norm(k, L["attn_k_norm"], eps)
+            q = rope(q, cos, sin, True)
+            k = rope(k, cos, sin, True)
+            if trace:
+                trace(f"Qcur-{il}", q)
+                trace(f"Kcur-{il}", k)
+                trace(f"Vcur-{il}", v)
+            q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+            att = self.attend(il, q, k, v, cache, start, mask, c.attn_scale)
         if trace:
             trace(f"kqv_out-{il}", att)
         cur = qmatmul(att, L["attn_output"])
@@ -62,8 +69,11 @@ class Gemma3(Transformer):
         cur = rms_norm(sa_out, L["ffn_norm"], eps)
         if trace:
             trace(f"ffn_norm-{il}", cur)
-        gate, up = self.project(cur, L, ("ffn_gate", "ffn_up"), "ffn_gate_up")
-        cur = qmatmul(gelu_tanh(gate) * up, L["ffn_down"])
+        act = fastpath.gated(self, L, cur, "gelu")
+        if act is None:
+            gate, up = self.project(cur, L, ("ffn_gate", "ffn_up"), "ffn_gate_up")
+            act = gelu_tanh(gate) * up
+        cur = qmatmul(act, L["ffn_down"])
         if trace:
             trace(f"ffn_out-{il}", cur)
         cur = rms_norm(cur, L["post_ffw_norm"], eps)

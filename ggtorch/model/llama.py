@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ..quant.linear import qmatmul
+from . import fastpath
 from .base import Transformer
 from .layers import rms_norm, rope
 from .moe import load_moe, moe
@@ -48,6 +49,12 @@ class Llama(Transformer):
         cur = rms_norm(x, L["attn_norm"], self.eps())
         if trace:
             trace(f"attn_norm-{il}", cur)
+        if ctx["rows"] is not None and "attn_temp" not in ctx:  # norms, RoPE, cache and attention in one call
+            qkv, parts = fastpath.qkv_row(self, L, cur)
+            rope_cs = (ctx["cos"], ctx["sin"]) if c.has_rope(il) else None
+            att = fastpath.attend(self, il, qkv, parts, cache, ctx["rows"], rope_cs, c.rope_type == "neox", 0,
+                                   L["attn_q_norm"], L["attn_k_norm"], c.attn_scale)
+            return self.block_rest(il, L, x, att, trace)
         q, k, v = self.qkv(L, cur)
         if L["attn_q_norm"] is not None:  # qwen3
             q = rms_norm(q, L["attn_q_norm"], self.eps())
@@ -64,6 +71,11 @@ class Llama(Transformer):
             q = q * ctx["attn_temp"]
         q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
         att = self.attend(il, q, k, v, cache, start, ctx["mask"], c.attn_scale)
+        return self.block_rest(il, L, x, att, trace)
+
+    def block_rest(self, il, L, x, att, trace):
+        """From the attention's output to the layer's output."""
+        c = self.cfg
         if trace:
             trace(f"kqv_out-{il}", att)
         cur = qmatmul(att, L["attn_output"])
@@ -94,6 +106,10 @@ class Llama(Transformer):
 
     def ffn(self, L, x):
         """build_ffn with LLM_FFN_SILU, LLM_FFN_PAR and the optional biases."""
+        act = fastpath.gated(self, L, x, "silu")
+        if act is not None:
+            return qmatmul(act, L["ffn_down"]) if L.get("ffn_down.bias") is None else \
+                qmatmul(act, L["ffn_down"]) + L["ffn_down.bias"]
         gate, up = self.project(x, L, ("ffn_gate", "ffn_up"), "ffn_gate_up")
         if L.get("ffn_gate.bias") is not None:
             gate = gate + L["ffn_gate.bias"]

@@ -1,4 +1,4 @@
-"""The JIT kernel (csrc/qdot.cpp): built on first use with the machine's C++ compiler, kept in a cache.
+"""The JIT library (csrc/qdot.cpp: the matrix kernel; csrc/ops.cpp: a decode step's small operations): built on first use with the machine's C++ compiler, kept in a cache.
 
 Nothing is compiled at install time. The first process that wants the kernel compiles it
 (``-O3 -march=native -fopenmp``, about a second) into ``~/.cache/ggtorch/jit/<key>/``, where the key
@@ -26,7 +26,7 @@ import torch
 
 log = logging.getLogger("ggtorch.jit")
 
-SOURCE = Path(__file__).with_name("csrc") / "qdot.cpp"
+SOURCES = [Path(__file__).with_name("csrc") / n for n in ("qdot.cpp", "ops.cpp")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-fno-math-errno"]
 
 _lib: ctypes.CDLL | None | bool = None  # False: tried and unavailable
@@ -64,7 +64,7 @@ def _key(cxx: str) -> str:
     except (OSError, subprocess.SubprocessError):
         version = ""
     h = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), cxx.encode(), version.encode(), " ".join(FLAGS).encode(), _cpu_id().encode(),
+    for part in (*(s.read_bytes() for s in SOURCES), cxx.encode(), version.encode(), " ".join(FLAGS).encode(), _cpu_id().encode(),
                  platform.machine().encode()):
         h.update(part)
         h.update(b"\0")
@@ -76,7 +76,7 @@ def _build(cxx: str, out: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".qdot-", suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        r = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+        r = subprocess.run([cxx, *FLAGS, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True, timeout=300)
         if r.returncode != 0:
             raise RuntimeError(f"{Path(cxx).name} failed: {r.stderr.strip()[-400:]}")
         os.replace(tmp, out)  # atomic: another process sees the old state or the whole library
@@ -100,6 +100,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.qdot_rms_norm.restype = None
     lib.qdot_linear.argtypes = [P, P, I64, P]
     lib.qdot_linear.restype = None
+    lib.qdot_attend.argtypes = [P, I64, I64, I, I, I, I, P, P, F, P, P, I, I, P, P, I, I64, P, P, I64, F, P]
+    lib.qdot_attend.restype = None
+    lib.qdot_glu.argtypes = [P, P, I64, I64, I64, I64, I, P]
+    lib.qdot_glu.restype = None
     for f in (lib.qdot_mm, lib.qdot_mm_ref):
         f.argtypes = [I, I, P, P, P, F, I64, I64, P, P, P, I64, P, I64]
         f.restype = None

@@ -1,0 +1,104 @@
+"""The JIT library's decode-step operations (model/fastpath.py, quant/csrc/ops.cpp) compute what the
+PyTorch path computes: attention with its norms, RoPE, KV-cache writes and sliding windows, for one
+token and for batched steps, and the gated FFN activations."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import TINY
+from test_batch_forward import SEQS, batched_vs_alone, tiny_gemma3
+import ggtorch
+from ggtorch.model import fastpath
+from ggtorch.model.layers import gelu_tanh
+from ggtorch.quant import jit
+
+
+@pytest.fixture(autouse=True)
+def need_jit():
+    if not jit.available():  # without a compiler the PyTorch path is the only one (tested everywhere else)
+        pytest.skip(f"JIT library unavailable: {jit.why()}")
+
+
+@pytest.fixture(scope="module")
+def gemma_tiny(tmp_path_factory):
+    return str(tiny_gemma3(tmp_path_factory.mktemp("gemma3") / "tiny-gemma3.gguf"))
+
+
+def decode(net, seq, kv, steps):
+    """Prefill all but the last ``steps`` tokens, then one token at a time: (logits, cache)."""
+    c = net.new_cache(8, dtype=kv)
+    net.forward(seq[:-steps], c)
+    return torch.cat([net.forward([t], c) for t in seq[-steps:]]), c
+
+
+def counting(monkeypatch):
+    calls = []
+    real = fastpath.attend
+
+    def attend(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(fastpath, "attend", attend)
+    return calls
+
+
+@pytest.mark.parametrize("kv", ["f32", "f16", "bf16"])
+@pytest.mark.parametrize("name", ["tiny-llama-F32", "tiny-qwen3-F32", "tiny-qwen2-Q8_0", "gemma3"])
+def test_one_token_step_equals_the_pytorch_path(name, kv, gemma_tiny, monkeypatch):
+    """llama (adjacent-pair RoPE), qwen3 (per-head Q/K norms, NEOX), qwen2 (Q/K/V biases), gemma3 (norms,
+    NEOX, a 4-token sliding window on most layers: the sequence is longer): same logits and the same
+    keys and values in the cache."""
+    net = ggtorch.load(gemma_tiny if name == "gemma3" else str(TINY / f"{name}.gguf"), fast=False).net
+    seq = SEQS[0] + [11, 12, 13, 14]
+    calls = counting(monkeypatch)
+    got, cg = decode(net, seq, kv, 5)
+    assert len(calls) == 5 * net.cfg.n_layer  # every layer of every one-token step took the JIT path
+    monkeypatch.setattr(fastpath, "ENABLED", False)
+    want, cw = decode(net, seq, kv, 5)
+    assert len(calls) == 5 * net.cfg.n_layer
+    # a last-bit difference before the cache's rounding can round a key to the neighbouring f16/bf16 value
+    lt = {"f32": 1e-4, "f16": 5e-4, "bf16": 2e-3}[kv]
+    assert torch.allclose(got, want, atol=lt, rtol=lt), (got - want).abs().max()
+    tol = {"f32": 1e-5, "f16": 2e-3, "bf16": 2e-2}[kv]  # one rounding step of the cache's type
+    for il in range(net.cfg.n_layer):
+        n = len(seq)
+        for a, b in ((cg.k[il], cw.k[il]), (cg.v[il], cw.v[il])):
+            assert torch.allclose(a[0, :, :n].float(), b[0, :, :n].float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("name", ["gemma3", "tiny-llama-Q4_0"])
+def test_batched_step_takes_the_same_arithmetic(name, gemma_tiny, monkeypatch):
+    """A batched step (several slots; then one slot three times: a prompt chunk riding along) runs the
+    same loop per token as one token alone. With the JIT matmul (whose rows do not depend on how many
+    there are) each row equals its sequence decoded alone bit for bit; with float32 weights PyTorch's
+    GEMM blocks by the batch size, so last bits may differ."""
+    fast = name != "gemma3"
+    net = ggtorch.load(gemma_tiny if name == "gemma3" else str(TINY / f"{name}.gguf"), fast=fast).net
+    calls = counting(monkeypatch)
+    seqs = [SEQS[0] + [11, 12, 13], SEQS[2], SEQS[3]]  # longer than gemma3's window of 4
+    got, want = batched_vs_alone(net, seqs, [2, 0, 1], n_slots=3, steps=2, dtype="f16")
+    assert calls
+    pool = net.new_pool(2, 64, dtype="f16")
+    net.forward(SEQS[0], pool, slot=0)
+    mixed = net.forward_batch([5, 1, 44, 9], [0, 1, 1, 1], pool)  # slot 1's three prompt tokens in one step
+    alone = net.new_cache(8, dtype="f16")
+    ref = torch.cat([net.forward([t], alone) for t in (1, 44, 9)])
+    if fast:
+        assert torch.equal(got, want) and torch.equal(mixed[1:], ref)
+    else:
+        # (and a last-bit difference can round a key to the neighbouring float16)
+        assert torch.allclose(got, want, atol=5e-4, rtol=5e-4) and torch.allclose(mixed[1:], ref, atol=5e-4, rtol=5e-4)
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu"])
+def test_gated_activation(act):
+    g = torch.Generator().manual_seed(1)
+    gate, up = torch.randn(3, 1000, generator=g) * 6, torch.randn(3, 1000, generator=g)
+    gate[0, :4] = torch.tensor([-200.0, 200.0, 0.0, -1e-30])  # far tails and zero stay finite and exact
+    fused = torch.cat((gate, up), dim=1)
+    out = torch.empty(3, 1000)
+    jit.library().qdot_glu(fused.data_ptr(), fused.data_ptr() + 4 * 1000, 3, 1000, 2000, 2000, fastpath.GLU[act],
+                           out.data_ptr())
+    ref = (F.silu(gate.double()) if act == "silu" else gelu_tanh(gate.double())) * up.double()
+    assert torch.allclose(out.double(), ref, rtol=1e-6, atol=1e-6)
