@@ -184,7 +184,8 @@ EXPORT void qdot_attend(const float *qkv, int64_t T, int64_t ld, int H, int Hkv,
 // |r| <= ln2/2, e^r by its degree-6 Taylor polynomial (relative error < 2e-7, about float's own
 // rounding), 2^n put in the exponent bits. ggml's CPU backend also uses its own vector exp for SiLU.
 static inline float exp_v(float x) {
-    x = fminf(fmaxf(x, -87.0f), 88.0f);
+    x = x < -87.0f ? -87.0f : x;  // (comparisons, not fminf/fmaxf, whose NaN rules keep the compiler scalar)
+    x = x > 88.0f ? 88.0f : x;
     const float n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest (1.5 * 2^23)
     float r = fmaf(n, -0.693145751953125f, x);  // ln2 in two parts: n * hi is exact
     r = fmaf(n, -1.428606765330187e-06f, r);
