@@ -32,14 +32,20 @@ def decode(net, seq, kv, steps):
 
 
 def counting(monkeypatch):
+    """Calls of the JIT attention: per layer (fastpath.attend), or per step with every layer (Step.run)."""
     calls = []
-    real = fastpath.attend
+    real, real_run = fastpath.attend, fastpath.Step.run
 
     def attend(*a, **k):
         calls.append(1)
         return real(*a, **k)
 
+    def run(self, *a, **k):
+        calls.extend([1] * self.model.n_layer)
+        return real_run(self, *a, **k)
+
     monkeypatch.setattr(fastpath, "attend", attend)
+    monkeypatch.setattr(fastpath.Step, "run", run)
     return calls
 
 
@@ -102,3 +108,39 @@ def test_gated_activation(act):
                            out.data_ptr())
     ref = (F.silu(gate.double()) if act == "silu" else gelu_tanh(gate.double())) * up.double()
     assert torch.allclose(out.double(), ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["tiny/tiny-llama-Q4_0", "tiny/tiny-qwen3-Q8_0", "archs/tiny-llama-qkv-Q8_0",
+                                  "archs/tiny-smollm3-Q8_0", "smollm2-135m", "gemma3-270m"])
+def test_whole_step_equals_the_per_layer_path(name, monkeypatch):
+    """fastpath.Step (every layer in one call: csrc/step.cpp) calls the same functions in the same order
+    as the per-operation path, so a decode step's logits are the same to the bit: llama with fused
+    and separate Q/K/V, qwen3's per-head norms, smollm3's layers without RoPE, and the real models
+    (SmolLM2; Gemma 3 with its sandwich norms, GELU, local/global RoPE and mixed Q4_K/Q6_K weights)."""
+    from conftest import FIXTURES
+    path = name if "/" not in name else str(FIXTURES / f"{name}.gguf")
+    m = ggtorch.load(path, fast=True)
+    net = m.net
+    assert fastpath.step_of(net) is not None
+    ids = m.tokenize("The quick brown fox jumps over the lazy dog. " * 3)[:30] if "/" not in name else SEQS[0] * 3
+    got, cg = decode(net, ids, "f16", 6)
+    monkeypatch.setattr(fastpath, "step_of", lambda model: None)
+    want, cw = decode(net, ids, "f16", 6)
+    assert torch.equal(got, want)
+    assert all(torch.equal(a, b) for a, b in zip(cg.k + cg.v, cw.k + cw.v))
+
+
+def test_step_not_taken_where_it_cannot_compute_the_same(monkeypatch):
+    """Biases (qwen2), weights without the JIT kernel (exact mode) and a tracer keep the per-layer path."""
+    qwen2 = ggtorch.load(str(TINY / "tiny-qwen2-Q8_0.gguf"), fast=True).net
+    assert qwen2.step_spec() is None
+    exact = ggtorch.load(str(TINY / "tiny-llama-Q4_0.gguf"), fast=False).net
+    assert exact.step_spec() is not None and fastpath.step_of(exact) is None
+    fast = ggtorch.load(str(TINY / "tiny-llama-Q4_0.gguf"), fast=True).net
+    assert fastpath.step_of(fast) is not None
+    calls = counting(monkeypatch)
+    c = fast.new_cache(8)
+    fast.forward(SEQS[0], c)
+    seen = []
+    fast.forward([5], c, trace=lambda n, t: seen.append(n))
+    assert not calls and "Qcur-0" in seen and "l_out-1" in seen

@@ -196,6 +196,10 @@ class Transformer:
             x = x * self.cfg.embed_scale
         if trace:
             trace("inp_embd", x)
+        if ctx["rows"] is not None:  # every layer in one call where the architecture allows (model/fastpath.py)
+            step = fastpath.step_of(self)
+            if step is not None:
+                return step.run(x, cache, ctx["rows"], self.step_tables(ctx))
         for il in range(self.cfg.n_layer):
             x = self.block(il, x, cache, start, ctx, trace)
         return x
@@ -306,7 +310,17 @@ class Transformer:
         read from / stored in the repack cache unless ``cache`` is False (see model.repack)."""
         from .repack import install_fast
 
+        self._step = None  # built again from the new kernels
         return install_fast(self, cache)
+
+    def step_spec(self) -> tuple[list[dict], str] | None:
+        """This model's layers for fastpath.Step (one call per decode step), or None: the architecture
+        or these weights need the per-operation path."""
+        return None
+
+    def step_tables(self, ctx: dict) -> tuple:
+        """(cos, sin, local cos, local sin) from prepare()'s ctx for fastpath.Step."""
+        return ctx["cos"], ctx["sin"], None, None
 
     def prepare(self, pos: torch.Tensor, rope_pos: torch.Tensor, n_kv: int) -> dict:
         """Per-forward tables shared by all layers (RoPE, masks)."""

@@ -10,6 +10,8 @@ llama.cpp's names), no ggml-numerics mode, no fault injection, on CPU with the l
 """
 from __future__ import annotations
 
+import ctypes
+
 import torch
 
 from ..quant import jit
@@ -107,3 +109,101 @@ def gated(model, L: dict, x: torch.Tensor, act: str) -> torch.Tensor | None:
     lib.qdot_glu(g, u, out.numel() // F, F, ld, ldu, GLU[act], out.data_ptr())
     del keep
     return out
+
+
+# ---- every layer of a decode step in one call (quant/csrc/step.cpp) ----------------------------------
+class _Layer(ctypes.Structure):
+    """csrc/step.cpp's struct Layer, field by field."""
+    _fields_ = [(n, ctypes.c_void_p) for n in ("attn_norm", "qkv", "q", "k", "v", "q_norm", "k_norm", "o",
+                                               "post_attn_norm", "ffn_norm", "gate_up", "gate", "up", "down",
+                                               "post_ffw_norm")] + [("rope", ctypes.c_int32), ("window", ctypes.c_int32)]
+
+
+class _Model(ctypes.Structure):
+    """csrc/step.cpp's struct Model."""
+    _fields_ = [(n, ctypes.c_int32) for n in ("n_layer", "E", "H", "Hkv", "D", "Dv", "F", "n_rot", "neox", "act",
+                                              "kv_type")] + [("eps", ctypes.c_float), ("scale", ctypes.c_float),
+                                                             ("layers", ctypes.c_void_p)]
+
+
+class _Unsupported(Exception):
+    pass
+
+
+class Step:
+    """A model's layers as qdot_step takes them, built once from the architecture's ``step_spec()``:
+    per layer a dict of its weights and norms by the names of csrc/step.cpp's struct Layer, plus ``rope``
+    (0 none, 1 global tables, 2 local tables) and ``window``; and the FFN activation."""
+
+    def __init__(self, model, layers: list[dict], act: str):
+        from ..quant.kernels import qdot_kernel, qdot_linear
+
+        c = model.cfg
+        self.keep = []  # what the structs point into
+
+        def weight(w):
+            if w is None:
+                return None
+            if getattr(w, "kernel", None) is not qdot_kernel or w.out_features % 16:
+                raise _Unsupported  # a type without the JIT kernel, or padded rows
+            lin = qdot_linear(w)
+            self.keep.append(lin)
+            return lin.ref
+
+        def vector(t):
+            if t is None:
+                return None
+            if t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu":
+                raise _Unsupported
+            self.keep.append(t)
+            return t.data_ptr()
+
+        ffs = {L["down"].in_features for L in layers}
+        if len(ffs) != 1:
+            raise _Unsupported  # one FFN width for every layer
+        self.layers = (_Layer * len(layers))()
+        for s, L in zip(self.layers, layers):
+            for name, _ in _Layer._fields_[:-2]:
+                v = L.get(name)
+                setattr(s, name, weight(v) if name in ("qkv", "q", "k", "v", "o", "gate_up", "gate", "up", "down")
+                        else vector(v))
+            s.rope, s.window = int(L["rope"]), int(L["window"])
+        n_rot = c.n_rot if any(L["rope"] for L in layers) else 0
+        self.model = _Model(len(layers), c.n_embd, c.n_head, c.n_head_kv, c.head_dim, c.head_dim_v, ffs.pop(), n_rot,
+                            int(c.rope_type == "neox"), GLU[act], 0, model.eps(), c.attn_scale,
+                            ctypes.addressof(self.layers))
+        self.ref = ctypes.addressof(self.model)
+        self._kv = (None, None, None)
+
+    def _pointers(self, pool):
+        """Per-layer cache pointers, rebuilt when the pool grew (reserve reallocates every layer)."""
+        if self._kv[0] is not pool.k[0]:
+            n = len(pool.k)
+            self._kv = (pool.k[0], (ctypes.c_void_p * n)(*[t.data_ptr() for t in pool.k]),
+                        (ctypes.c_void_p * n)(*[t.data_ptr() for t in pool.v]))
+        return self._kv[1], self._kv[2]
+
+    def run(self, x: torch.Tensor, cache, where, tables) -> torch.Tensor:
+        """Embeddings x [T, n_embd] through every layer (x is overwritten and returned)."""
+        pool = cache.pool
+        kp, vp = self._pointers(pool)
+        self.model.kv_type = KV_TYPES[pool.dtype]
+        cs, sn, csl, snl = tables
+        x = x.contiguous()
+        slot, pos = where
+        jit.library().qdot_step(self.ref, _ptr(x), x.shape[0], kp, vp, pool.k[0].shape[2], slot.data_ptr(),
+                                pos.data_ptr(), _ptr(cs), _ptr(sn), _ptr(csl), _ptr(snl))
+        return x
+
+
+def step_of(model) -> Step | None:
+    """The model's Step, built on first use; None where its architecture or weights do not qualify."""
+    st = getattr(model, "_step", None)
+    if st is None:
+        spec = model.step_spec()
+        try:
+            st = Step(model, *spec) if spec is not None else False
+        except _Unsupported:
+            st = False
+        model._step = st
+    return st or None

@@ -31,6 +31,27 @@ class Gemma3(Transformer):
     def window(self) -> int:
         return int(self.faults.get("sliding_window", self.cfg.sliding_window))
 
+    def step_spec(self):
+        """The layers for fastpath.Step: sandwich norms, per-head norms, local/global RoPE and windows."""
+        c, layers = self.cfg, []
+        for il, L in enumerate(self.layers):
+            swa = c.is_swa(il)
+            layers.append({"attn_norm": L["attn_norm"], "qkv": L.get("attn_qkv"), "q": L.get("attn_q"),
+                           "k": L.get("attn_k"), "v": L.get("attn_v"), "q_norm": L["attn_q_norm"],
+                           "k_norm": L["attn_k_norm"], "o": L["attn_output"],
+                           "post_attn_norm": L["post_attention_norm"], "ffn_norm": L["ffn_norm"],
+                           "gate_up": L.get("ffn_gate_up"), "gate": L.get("ffn_gate"), "up": L.get("ffn_up"),
+                           "down": L["ffn_down"], "post_ffw_norm": L["post_ffw_norm"], "rope": 2 if swa else 1,
+                           "window": self.window() if swa else 0})
+            if layers[-1]["qkv"] is not None:
+                layers[-1].update(q=None, k=None, v=None)
+            if layers[-1]["gate_up"] is not None:
+                layers[-1].update(gate=None, up=None)
+        return layers, "gelu"
+
+    def step_tables(self, ctx):
+        return ctx["global"][0], ctx["global"][1], ctx["local"][0], ctx["local"][1]
+
     def block(self, il, x, cache, start, ctx, trace):
         c, L = self.cfg, self.layers[il]
         cos, sin, mask = ctx["local" if c.is_swa(il) else "global"]

@@ -1,4 +1,5 @@
-"""The JIT library (csrc/qdot.cpp: the matrix kernel; csrc/ops.cpp: a decode step's small operations): built on first use with the machine's C++ compiler, kept in a cache.
+"""The JIT library (csrc/qdot.cpp: the matrix kernel; ops.cpp: a decode step's small operations; step.cpp:
+a decode step's layers in one call): built on first use with the machine's C++ compiler, kept in a cache.
 
 Nothing is compiled at install time. The first process that wants the kernel compiles it
 (``-O3 -march=native -fopenmp``, about a second) into ``~/.cache/ggtorch/jit/<key>/``, where the key
@@ -26,7 +27,8 @@ import torch
 
 log = logging.getLogger("ggtorch.jit")
 
-SOURCES = [Path(__file__).with_name("csrc") / n for n in ("qdot.cpp", "ops.cpp")]
+SOURCES = [Path(__file__).with_name("csrc") / n for n in ("qdot.cpp", "ops.cpp", "step.cpp")]
+HEADER = Path(__file__).with_name("csrc") / "qdot.h"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-fno-math-errno"]
 
 _lib: ctypes.CDLL | None | bool = None  # False: tried and unavailable
@@ -64,7 +66,7 @@ def _key(cxx: str) -> str:
     except (OSError, subprocess.SubprocessError):
         version = ""
     h = hashlib.sha256()
-    for part in (*(s.read_bytes() for s in SOURCES), cxx.encode(), version.encode(), " ".join(FLAGS).encode(), _cpu_id().encode(),
+    for part in (*(s.read_bytes() for s in SOURCES), HEADER.read_bytes(), cxx.encode(), version.encode(), " ".join(FLAGS).encode(), _cpu_id().encode(),
                  platform.machine().encode()):
         h.update(part)
         h.update(b"\0")
@@ -104,6 +106,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.qdot_attend.restype = None
     lib.qdot_glu.argtypes = [P, P, I64, I64, I64, I64, I, P]
     lib.qdot_glu.restype = None
+    lib.qdot_step.argtypes = [P, P, I64, P, P, I64, P, P, P, P, P, P]
+    lib.qdot_step.restype = None
     for f in (lib.qdot_mm, lib.qdot_mm_ref):
         f.argtypes = [I, I, P, P, P, F, I64, I64, P, P, P, I64, P, I64]
         f.restype = None

@@ -220,7 +220,8 @@ def qdot_unpack(st: dict, K: int) -> torch.Tensor:
     return (q.view(t * 16, ng, G) * d[..., None] + m[..., None]).view(t * 16, K)
 
 
-def qdot_kernel(x: torch.Tensor, w) -> torch.Tensor:
+def qdot_linear(w):
+    """The JIT library's handle on a weight with the qdot kernel (a jit.Linear: its struct and tensors)."""
     st = w.state
     f = getattr(w, "_qdot", None)
     if f is None or f.tensors[0] is not st["qw"]:  # built on first use (and again if the state was replaced)
@@ -228,7 +229,11 @@ def qdot_kernel(x: torch.Tensor, w) -> torch.Tensor:
 
         f = w._qdot = Linear(w.in_features, st["qw"], st["dw"], st.get("mw"), float(st["zoff"]), int(st["amode"]),
                              n=w.out_features)
-    y = f(x.reshape(-1, w.in_features))
+    return f
+
+
+def qdot_kernel(x: torch.Tensor, w) -> torch.Tensor:
+    y = qdot_linear(w)(x.reshape(-1, w.in_features))
     if not getattr(w, "refine_top", 0):
         return y.view(*x.shape[:-1], w.out_features)
     return _finish(y, x, w)

@@ -14,7 +14,7 @@
 #include <immintrin.h>
 #endif
 
-#define EXPORT extern "C" __attribute__((visibility("default")))
+#include "qdot.h"
 
 // the cache's element types (the KV cache's dtype): 0 float32, 1 float16, 2 bfloat16
 static inline float load_kv(const void *p, int type, int64_t i) {

@@ -36,7 +36,7 @@
 #define QDOT_VNNI 0
 #endif
 
-#define EXPORT extern "C" __attribute__((visibility("default")))
+#include "qdot.h"
 
 EXPORT int qdot_has_vnni(void) { return QDOT_VNNI; }
 
@@ -232,13 +232,6 @@ EXPORT void qdot_mm_ref(int bits, int G, const uint8_t *qw, const uint16_t *dw, 
 }
 
 // One call for a linear layer: quantize x [M, K] float32 (contiguous) and multiply; out [M, N (padded)].
-struct QWeight {
-    int32_t bits, G, mode;
-    const uint8_t *qw;
-    const uint16_t *dw, *mw;
-    float zoff;
-    int64_t N, K;
-};
 
 EXPORT void qdot_linear(const QWeight *w, const float *x, int64_t M, float *out) {
     const int64_t K = w->K, ng = K / w->G;

@@ -1,0 +1,24 @@
+// ggtorch's JIT library: what its three files share (quant/jit.py builds them into one library).
+#pragma once
+#include <stdint.h>
+
+#define EXPORT extern "C" __attribute__((visibility("default")))
+
+// One weight in qdot.cpp's layout and the activation quantization its type takes; quant/jit.py's QW
+// mirrors it field by field.
+struct QWeight {
+    int32_t bits, G, mode;
+    const uint8_t *qw;
+    const uint16_t *dw, *mw;
+    float zoff;
+    int64_t N, K;  // N: rows padded to a multiple of 16
+};
+
+EXPORT void qdot_linear(const QWeight *w, const float *x, int64_t M, float *out);
+EXPORT void qdot_rms_norm(const float *x, const float *w, float eps, int64_t M, int64_t K, float *y);
+EXPORT void qdot_attend(const float *qkv, int64_t T, int64_t ld, int H, int Hkv, int D, int Dv, const float *qn,
+                        const float *kn, float eps, const float *cs, const float *sn, int n_rot, int neox, void *Kc,
+                        void *Vc, int kv_type, int64_t cap, const int64_t *slot, const int64_t *pos, int64_t window,
+                        float scale, float *out);
+EXPORT void qdot_glu(const float *gate, const float *up, int64_t M, int64_t F, int64_t ldg, int64_t ldu, int kind,
+                     float *out);

@@ -1,0 +1,84 @@
+// ggtorch's JIT library, part three: every layer of a decode step in one call.
+//
+// After attention and the activations moved into ops.cpp, what was left of a decode step outside the
+// matrix products was Python: about 140 interpreter calls per layer to reach the next foreign call
+// (3.4 ms of a 23 ms step at TinyLlama's size, 2.7 of SmolLM2's 6.6, measured). Here the layers run
+// back to back in C, calling the same functions the per-operation path calls (qdot_rms_norm,
+// qdot_linear, qdot_attend, qdot_glu) in the same order, so the result is the same to the bit. The
+// architectures describe their layers once (model/fastpath.py's Step); anything else (a tracer, a
+// weight without the JIT kernel, biases, experts) keeps the per-operation path.
+#include <stdlib.h>
+#include <string.h>
+#include "qdot.h"
+
+struct Layer {
+    const float *attn_norm;
+    const QWeight *qkv, *q, *k, *v;  // the fused [Q; K; V] product, or the three
+    const float *q_norm, *k_norm;    // per-head norms (qwen3, gemma3) or null
+    const QWeight *o;
+    const float *post_attn_norm;  // gemma3's norm of the attention output, or null
+    const float *ffn_norm;
+    const QWeight *gate_up, *gate, *up;  // the fused [gate; up] product, or the two
+    const QWeight *down;
+    const float *post_ffw_norm;  // gemma3
+    int32_t rope;                // 0: no RoPE on this layer; 1: the global tables; 2: the local ones (gemma3)
+    int32_t window;              // > 0: sliding-window attention over this many positions
+};
+
+struct Model {
+    int32_t n_layer, E, H, Hkv, D, Dv, F, n_rot, neox, act, kv_type;
+    float eps, scale;
+    const Layer *layers;
+};
+
+static void add_rows(float *x, const float *y, int64_t n) {
+    for (int64_t i = 0; i < n; i++) x[i] += y[i];
+}
+
+// x [T][E]: the tokens' embeddings in, the last layer's output out. Token t belongs to cache slot
+// slot[t] at position pos[t]; K[il], V[il] are layer il's cache pools ([slot][Hkv][cap][D]); cs/sn
+// [T][n_rot/2] the RoPE tables (cs_l/sn_l: the sliding-window layers', or null). Every output row count
+// is a multiple of 16 (the caller checks), so the padded products need no trimming.
+EXPORT void qdot_step(const Model *m, float *x, int64_t T, void *const *K, void *const *V, int64_t cap,
+                      const int64_t *slot, const int64_t *pos, const float *cs, const float *sn, const float *cs_l,
+                      const float *sn_l) {
+    const int64_t E = m->E, F = m->F, nq = (int64_t)m->H * m->D, nk = (int64_t)m->Hkv * m->D,
+                  nv = (int64_t)m->Hkv * m->Dv, W = nq + nk + nv;
+    float *y = (float *)malloc(sizeof(float) * (size_t)T * (size_t)(E + W + nq + 2 * E + 3 * F));
+    float *qkv = y + T * E, *att = qkv + T * W, *o = att + T * nq, *gu = o + T * E, *act = gu + T * 2 * F;
+    float *tmp = (float *)malloc(sizeof(float) * (size_t)T * (size_t)(W > 2 * F ? W : 2 * F));
+    for (int il = 0; il < m->n_layer; il++) {
+        const Layer *L = &m->layers[il];
+        qdot_rms_norm(x, L->attn_norm, m->eps, T, E, y);
+        if (L->qkv) qdot_linear(L->qkv, y, T, qkv);
+        else {  // three products, then side by side per token
+            const QWeight *p[3] = {L->q, L->k, L->v};
+            const int64_t off[3] = {0, nq, nq + nk}, n[3] = {nq, nk, nv};
+            for (int i = 0; i < 3; i++) {
+                qdot_linear(p[i], y, T, tmp);
+                for (int64_t t = 0; t < T; t++) memcpy(qkv + t * W + off[i], tmp + t * n[i], sizeof(float) * n[i]);
+            }
+        }
+        const int local = L->rope == 2;
+        qdot_attend(qkv, T, W, m->H, m->Hkv, m->D, m->Dv, L->q_norm, L->k_norm, m->eps, local ? cs_l : cs,
+                    local ? sn_l : sn, L->rope ? m->n_rot : 0, m->neox, K[il], V[il], m->kv_type, cap, slot, pos,
+                    L->window, m->scale, att);
+        qdot_linear(L->o, att, T, o);
+        if (L->post_attn_norm) qdot_rms_norm(o, L->post_attn_norm, m->eps, T, E, o);
+        add_rows(x, o, T * E);
+        qdot_rms_norm(x, L->ffn_norm, m->eps, T, E, y);
+        if (L->gate_up) {
+            qdot_linear(L->gate_up, y, T, gu);
+            qdot_glu(gu, gu + F, T, F, 2 * F, 2 * F, m->act, act);
+        } else {
+            qdot_linear(L->gate, y, T, gu);
+            qdot_linear(L->up, y, T, tmp);
+            qdot_glu(gu, tmp, T, F, F, F, m->act, act);
+        }
+        qdot_linear(L->down, act, T, o);
+        if (L->post_ffw_norm) qdot_rms_norm(o, L->post_ffw_norm, m->eps, T, E, o);
+        add_rows(x, o, T * E);
+    }
+    free(tmp);
+    free(y);
+}
