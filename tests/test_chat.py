@@ -64,9 +64,10 @@ def test_smollm_answers_and_stops_at_im_end(smollm):
 
 def test_gemma_stops_at_end_of_turn(gemma):
     """The packaged Gemma 3 270M is a base model (p(<end_of_turn>) ~ 1e-11 after an answer; llama.cpp's
-    greedy answer to the golden chat prompt never ends either), so the end token is made likely."""
+    greedy answer to the golden chat prompt never ends either), so the end token is made likely. (With +12
+    the end came within 0.13 of the top logit after the echoed question: fast mode's last bits decided it.)"""
     q = [{"role": "user", "content": "What is the capital of France?"}]
-    r = gemma.chat(q, max_tokens=16, template="gemma", logit_bias={106: 12.0})
+    r = gemma.chat(q, max_tokens=16, template="gemma", logit_bias={106: 14.0})
     assert r.finish_reason == "stop" and r.ids[-1] == 106 and "<end_of_turn>" not in r.text
     free = gemma.chat(q, max_tokens=4, template="gemma")
     assert free.finish_reason == "length" and 106 not in free.ids

@@ -19,10 +19,9 @@ def need_jit():
 
 @pytest.mark.parametrize("t", ["Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0"])
 def test_qdot_layout_keeps_the_block_scales(t):
-    """The JIT kernel's layout (unsigned values, a scale and an offset per group) gives back the
-    dequantized weights: the file's block scales are kept, nothing is requantized. Stored as float16,
-    the scales of the types whose scales are float16 stay exact; K-quants' d * sc is rounded to
-    float16 (relative 2^-11)."""
+    """The JIT kernel's layout (unsigned values, a scale and an offset per group; for K-quants the
+    file's int8 sub-block scales and mins with d and dmin per 256) gives back the dequantized weights
+    exactly: the file's block scales are kept, nothing is requantized."""
     m = ggtorch.load(str(TINY / f"tiny-llama-{t}.gguf"), fast=False)
     w = m.net.layers[0]["ffn_down"]
     assert w.type.name == t
@@ -35,12 +34,9 @@ def test_qdot_layout_keeps_the_block_scales(t):
     assert torch.allclose(rebuilt, w.dequantize(), rtol=1e-6, atol=1e-7)
     st = _qdot_pack(w)
     assert ("mw" in st) == (t in ("Q4_1", "Q4_K", "Q5_1", "Q5_K"))  # offsets that are not a multiple of the scale
+    assert ("sc" in st) == (t in ("Q4_K", "Q5_K", "Q6_K"))  # K-quants keep their two levels of scales
     tiled = qdot_unpack(st, w.in_features)[:w.out_features]
-    if t in ("Q4_K", "Q5_K", "Q6_K"):
-        err = (tiled - w.dequantize()).abs().max() / w.dequantize().abs().max()
-        assert 0 < err < 2 ** -10
-    else:
-        assert torch.equal(tiled, w.dequantize())
+    assert torch.equal(tiled, w.dequantize())
 
 
 def _random_tiles(g, bits, G, N, K, offsets):
@@ -76,6 +72,40 @@ def test_qdot_kernel_matches_its_reference_and_float(bits, G, offsets, mode):
         assert torch.allclose(y, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
         assert (y - exact).norm() / exact.norm() < 0.02
         assert (y - exact).norm() / exact.norm() > 0  # activations really are rounded to int8
+
+
+@pytest.mark.parametrize("bits,G,mins", [(4, 32, True), (5, 32, True), (6, 16, False)], ids=["Q4_K", "Q5_K", "Q6_K"])
+def test_qdot_k_layout_matches_its_reference_and_float(bits, G, mins):
+    """The K layout (int32 sums of sc * dot over 256 values, then d; mins times the activation sums, then
+    dmin) equals its portable loop bit for bit, and the float product within int8 activation rounding.
+    Extreme sub-scales (Q6_K's -128..127, 6-bit 63) and values test the int32 sums for overflow."""
+    need_jit()
+    from ggtorch.quant.kernels import _qdot_ktiles
+
+    g = torch.Generator().manual_seed(bits)
+    for M, N, K in ((1, 96, 512), (3, 36, 256), (6, 132, 768), (5, 8, 2048), (9, 20, 256)):
+        u = torch.randint(0, 2 ** bits, (N, K), generator=g, dtype=torch.uint8)
+        lo, hi = (-128, 128) if not mins else (0, 64)
+        sc = torch.randint(lo, hi, (N, K // G), generator=g, dtype=torch.int8)
+        sc[0] = hi - 1  # the largest sub-scale everywhere in one row, with the largest values
+        u[0] = 2 ** bits - 1
+        mn = torch.randint(0, 64, (N, K // G), generator=g, dtype=torch.int8) if mins else None
+        d = (torch.rand(N, K // 256, generator=g) / 256).half().float()
+        dm = -(torch.rand(N, K // 256, generator=g) / 256).half().float() if mins else None
+        st = _qdot_ktiles(u, bits, sc, mn, d, dm)
+        st["zoff"] = torch.tensor([0.0 if mins else -32.0])
+        x = torch.randn(M, K, generator=g)
+        x[0, :] = 3.0  # all activations at the int8 maximum in one row
+        args = (x, st["qw"], st["dw"], st.get("mw"), float(st["zoff"]))
+        kw = dict(mode=2, n=N, sc=st["sc"], mn=st.get("mn"))
+        y, ref = jit.matmul(*args, **kw), jit.matmul(*args, ref=True, **kw)
+        w = (d.repeat_interleave(256 // G, 1) * sc.float()).repeat_interleave(G, 1) * (u.float() - (0 if mins else 32))
+        if mins:
+            w += (dm.repeat_interleave(256 // G, 1) * mn.float()).repeat_interleave(G, 1)
+        assert torch.equal(qdot_unpack(st, K)[:N], w)
+        exact = x @ w.T
+        assert torch.equal(y, ref)
+        assert (y - exact).norm() / exact.norm() < 0.02
 
 
 @pytest.mark.parametrize("qdot", [False, True], ids=["torch", "jit"])

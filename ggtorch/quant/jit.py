@@ -90,13 +90,14 @@ def _build(cxx: str, out: Path) -> None:
 class QW(ctypes.Structure):
     """csrc/qdot.cpp's struct QWeight: one weight's layout and pointers, built once per weight."""
     _fields_ = [("bits", ctypes.c_int32), ("G", ctypes.c_int32), ("mode", ctypes.c_int32), ("qw", ctypes.c_void_p), ("dw", ctypes.c_void_p),
-                ("mw", ctypes.c_void_p), ("zoff", ctypes.c_float), ("N", ctypes.c_int64), ("K", ctypes.c_int64)]
+                ("mw", ctypes.c_void_p), ("zoff", ctypes.c_float), ("N", ctypes.c_int64), ("K", ctypes.c_int64),
+                ("sc", ctypes.c_void_p), ("mn", ctypes.c_void_p)]
 
 
 def _declare(lib: ctypes.CDLL) -> None:
     P, I64, I, F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     lib.qdot_has_vnni.restype = I
-    lib.qdot_quantize.argtypes = [P, I64, I64, I, I, P, P, P]
+    lib.qdot_quantize.argtypes = [P, I64, I64, I, I, P, P, P, P]
     lib.qdot_quantize.restype = None
     lib.qdot_rms_norm.argtypes = [P, P, F, I64, I64, P]
     lib.qdot_rms_norm.restype = None
@@ -108,6 +109,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.qdot_glu.restype = None
     lib.qdot_step.argtypes = [P, P, I64, P, P, I64, P, P, P, P, P, P]
     lib.qdot_step.restype = None
+    for f in (lib.qdot_mm_k, lib.qdot_mm_k_ref):
+        f.argtypes = [I, I, P, P, P, P, P, I, I64, I64, P, P, P, I64, P, I64]
+        f.restype = None
     for f in (lib.qdot_mm, lib.qdot_mm_ref):
         f.argtypes = [I, I, P, P, P, F, I64, I64, P, P, P, I64, P, I64]
         f.restype = None
@@ -159,41 +163,53 @@ def available() -> bool:
 MODES = {"q8_0": 0, "q8_1": 1, "q8_K": 2}  # llama.cpp's activation types (csrc/qdot.cpp qdot_quantize)
 
 
-def quantize(lib, x: torch.Tensor, G: int, mode: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize(lib, x: torch.Tensor, G: int, mode: int = 0):
     """float32 [M, K] -> (int8 [M, K], activation scale per weight group [M, K/G], scale*sum(q) per
-    weight group [M, K/G]); see qdot_quantize."""
+    weight group [M, K/G], sum(q) per weight group as int32 [M, K/G]); see qdot_quantize."""
     M, K = x.shape
     xq = torch.empty(M, K, dtype=torch.int8)
     dx = torch.empty(M, K // G)
     sx = torch.empty(M, K // G)
-    lib.qdot_quantize(x.data_ptr(), M, K, G, mode, xq.data_ptr(), dx.data_ptr(), sx.data_ptr())
-    return xq, dx, sx
+    bs = torch.empty(M, K // G, dtype=torch.int32)
+    lib.qdot_quantize(x.data_ptr(), M, K, G, mode, xq.data_ptr(), dx.data_ptr(), sx.data_ptr(), bs.data_ptr())
+    return xq, dx, sx, bs
 
 
-def layout(K: int, qw: torch.Tensor, dw: torch.Tensor) -> tuple[int, int]:
-    """(bits, G) of a weight in the 16-row layout (csrc/qdot.cpp), from its shapes."""
-    ng = dw.shape[1] // 16
+def layout(K: int, qw: torch.Tensor, dw: torch.Tensor, sc: torch.Tensor | None = None) -> tuple[int, int]:
+    """(bits, G) of a weight in the 16-row layout (csrc/qdot.cpp), from its shapes (``sc``: the K layout's
+    sub-block scales, one per group; otherwise dw has one per group)."""
+    ng = (dw if sc is None else sc).shape[1] // 16
     G = K // ng
     gb = qw.shape[1] // ng  # bytes of a tile's group: 16 rows x G values
     return {16 * G: 8, 8 * G: 4}.get(gb, 5 if G == 32 else 6), G
 
 
+def _p(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
 def matmul(x: torch.Tensor, qw: torch.Tensor, dw: torch.Tensor, mw: torch.Tensor | None, zoff: float = 0.0,
-           ref: bool = False, mode: int = 0, n: int | None = None) -> torch.Tensor:
+           ref: bool = False, mode: int = 0, n: int | None = None, sc: torch.Tensor | None = None,
+           mn: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] float32 @ W.T -> float32 [M, n], W in the layout csrc/qdot.cpp describes (its rows padded
-    to a multiple of 16; n: the real row count, default all)."""
+    to a multiple of 16; n: the real row count, default all; sc/mn: the K layout)."""
     lib = _lib or library()
     assert lib, "matmul() without the JIT library"
     if x.dtype != torch.float32 or not x.is_contiguous():
         x = x.float().contiguous()
     M, K = x.shape
     N = qw.shape[0] * 16
-    bits, G = layout(K, qw, dw)
-    xq, dx, sx = quantize(lib, x, G, mode)
+    bits, G = layout(K, qw, dw, sc)
+    xq, dx, sx, bs = quantize(lib, x, G, mode)
     out = torch.empty(M, N)
-    f = lib.qdot_mm_ref if ref else lib.qdot_mm
-    f(bits, G, qw.data_ptr(), dw.data_ptr(), None if mw is None else mw.data_ptr(), zoff, N, K, xq.data_ptr(),
-      dx.data_ptr(), sx.data_ptr(), M, out.data_ptr(), N)
+    if sc is not None:
+        f = lib.qdot_mm_k_ref if ref else lib.qdot_mm_k
+        f(bits, G, qw.data_ptr(), sc.data_ptr(), _p(mn), dw.data_ptr(), _p(mw), int(zoff), N, K, xq.data_ptr(),
+          dx.data_ptr(), bs.data_ptr(), M, out.data_ptr(), N)
+    else:
+        f = lib.qdot_mm_ref if ref else lib.qdot_mm
+        f(bits, G, qw.data_ptr(), dw.data_ptr(), _p(mw), zoff, N, K, xq.data_ptr(), dx.data_ptr(), sx.data_ptr(),
+          M, out.data_ptr(), N)
     return out if n is None or n == N else out[:, :n].contiguous()
 
 
@@ -203,16 +219,15 @@ class Linear:
     __slots__ = ("tensors", "qw", "ref", "N", "n", "K", "fn")
 
     def __init__(self, K: int, qw: torch.Tensor, dw: torch.Tensor, mw: torch.Tensor | None, zoff: float,
-                 mode: int = 0, n: int | None = None):
+                 mode: int = 0, n: int | None = None, sc: torch.Tensor | None = None, mn: torch.Tensor | None = None):
         lib = library()
         assert lib is not None, "Linear() without the JIT library"
-        assert qw.is_contiguous() and dw.is_contiguous() and (mw is None or mw.is_contiguous())
-        bits, G = layout(K, qw, dw)
-        self.tensors = (qw, dw, mw)  # the struct points into these: keep them alive
+        assert all(t is None or t.is_contiguous() for t in (qw, dw, mw, sc, mn))
+        bits, G = layout(K, qw, dw, sc)
+        self.tensors = (qw, dw, mw, sc, mn)  # the struct points into these: keep them alive
         self.N, self.K = qw.shape[0] * 16, K
         self.n = self.N if n is None else n
-        self.qw = QW(bits, G, mode, qw.data_ptr(), dw.data_ptr(), None if mw is None else mw.data_ptr(), zoff,
-                     self.N, K)
+        self.qw = QW(bits, G, mode, qw.data_ptr(), dw.data_ptr(), _p(mw), zoff, self.N, K, _p(sc), _p(mn))
         self.ref = ctypes.addressof(self.qw)
         self.fn = lib.qdot_linear
 

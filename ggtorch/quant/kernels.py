@@ -29,7 +29,7 @@ from .linear import QWeight
 INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
 PLANE_TYPES = ("Q8_0", "Q5_0", "Q5_1", "Q5_K")  # two int4 planes per weight (see _plane_parts)
 INT8_MAX_ROWS = 16  # above this many activation rows, widen int8 to bf16 and use a GEMM
-FORMAT = "8"  # the repacked layout's version: bump when what install() stores changes (keys the repack cache)
+FORMAT = "9"  # the repacked layout's version: bump when what install() stores changes (keys the repack cache)
 QDOT_TYPES = ("Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0")
 
 
@@ -87,8 +87,7 @@ def _affine_parts(w: QWeight, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Te
         d, dmin = _f16(b, 0), _f16(b, 2)
         sc, mn = _k_scale_min(b[:, 4:16])
         a, off = d * sc.float(), -dmin * mn.float()
-        ql = _nibbles(b[:, 48:176].reshape(n * 4, 32)).reshape(n, 8, 32)
-        q = ql | (_bits(b[:, 16:48], 8).transpose(1, 2) << 4)
+        q = _q5k_values(b)
     rows = raw.shape[0]
     return q.reshape(rows, K), a.reshape(rows, K // 32), off.reshape(rows, K // 32)
 
@@ -104,17 +103,30 @@ def _plane_parts(w: QWeight, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return (torch.cat((hi, lo), 1), torch.cat((16 * a, a), 1), torch.cat((torch.zeros_like(a), 8 * a + b), 1))
 
 
-def _q6k_parts(w: QWeight, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Q6_K as u [n, K] in 0..63 with a = d*sc per 16 values and b = -32a (ggml's dequantize_row_q6_K)."""
+def _q6k_values(b: torch.Tensor) -> torch.Tensor:
+    """Q6_K blocks [n, 210] -> the unsigned 6-bit values [n, 256] uint8 in order (ql low/high nibbles, qh pairs)."""
     from .dequant import _shifts
 
-    n = raw.numel() // w.type.type_size
-    b = raw.reshape(n, w.type.type_size)
+    n = b.shape[0]
     ql = b[:, 0:128].reshape(n, 2, 1, 64)
     ql = torch.cat((ql & 0xF, ql >> 4), dim=2).reshape(n, 8, 32)
     qh = b[:, 128:192].to(torch.int32).reshape(n, 2, 1, 32)
     qh = ((qh >> _shifts(0, 2, 4, 6, device=b.device).reshape(1, 1, 4, 1)) & 3).to(torch.uint8).reshape(n, 8, 32)
-    u = (ql | (qh << 4)).reshape(n, 256)
+    return (ql | (qh << 4)).reshape(n, 256)
+
+
+def _q5k_values(b: torch.Tensor) -> torch.Tensor:
+    """Q5_K blocks [n, 176] -> the 5-bit values [n, 256] int32 (low nibbles at 48, high bits at 16)."""
+    n = b.shape[0]
+    ql = _nibbles(b[:, 48:176].reshape(n * 4, 32)).reshape(n, 8, 32)
+    return (ql | (_bits(b[:, 16:48], 8).transpose(1, 2) << 4)).reshape(n, 256)
+
+
+def _q6k_parts(w: QWeight, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q6_K as u [n, K] in 0..63 with a = d*sc per 16 values and b = -32a (ggml's dequantize_row_q6_K)."""
+    n = raw.numel() // w.type.type_size
+    b = raw.reshape(n, w.type.type_size)
+    u = _q6k_values(b)
     a = _f16(b, 208) * b[:, 192:208].contiguous().view(torch.int8).float()  # [n, 16]
     rows = raw.shape[0]
     return u.reshape(rows, -1), a.reshape(rows, -1), (-32 * a).reshape(rows, -1)
@@ -143,18 +155,70 @@ def _qdot_parts(w: QWeight, raw: torch.Tensor) -> tuple[torch.Tensor, int, torch
     return u.to(torch.uint8).reshape(raw.shape[0], K), bits, dw.float(), mw.float()
 
 
+K_TYPES = ("Q4_K", "Q5_K", "Q6_K")  # kept in their two levels of scales (csrc/qdot.cpp's K layout)
+
+
+def _qdot_kparts(w: QWeight, raw: torch.Tensor):
+    """A K-quant's own two levels: (u [n, K] uint8, bits, sc int8 [n, K/G], mn int8 [n, K/G] or None,
+    d float32 [n, K/256], -dmin float32 [n, K/256] or None), value = d * sc * u - dmin * mn (Q4_K, Q5_K:
+    ggml's get_scale_min_k4) or d * sc * (u - 32) (Q6_K)."""
+    t, K, rows = w.type.name, w.in_features, raw.shape[0]
+    b = raw.reshape(-1, w.type.type_size)
+    if t == "Q6_K":
+        u, bits = _q6k_values(b), 6
+        sc, mn = b[:, 192:208].contiguous().view(torch.int8), None
+        d, dm = _f16(b, 208), None
+    else:
+        sc, mn = (v.to(torch.int8) for v in _k_scale_min(b[:, 4:16]))
+        d, dm = _f16(b, 0), -_f16(b, 2)
+        if t == "Q4_K":
+            u, bits = _nibbles_u8(b[:, 16:144].reshape(-1, 32)).reshape(-1, 256), 4
+        else:
+            u, bits = _q5k_values(b).to(torch.uint8), 5
+
+    def r(v):
+        return None if v is None else v.reshape(rows, -1)
+
+    return u.reshape(rows, K), bits, r(sc), r(mn), r(d), r(dm)
+
+
+def _tile_rows(s: torch.Tensor, t: int, dtype) -> torch.Tensor:
+    """Per-row values [t*16, k] -> [tiles, k * 16]: each tile's 16 rows side by side."""
+    return s.to(dtype).reshape(t, 16, -1).transpose(1, 2).reshape(t, -1).contiguous()
+
+
+def _pad_rows(v: torch.Tensor | None, pad: int) -> torch.Tensor | None:
+    return v if v is None or not pad else torch.cat((v, v.new_zeros(pad, v.shape[1])))
+
+
+def _qdot_ktiles(u, bits, sc, mn, d, dm) -> dict:
+    """The K layout's tensors (padded rows get zero scales)."""
+    pad = -u.shape[0] % 16
+    t = (u.shape[0] + pad) // 16
+    qw = _qdot_values(_pad_rows(u, pad), bits, u.shape[1] // sc.shape[1])
+    st = {"qw": qw, "sc": _tile_rows(_pad_rows(sc, pad), t, torch.int8),
+          "dw": _tile_rows(_pad_rows(d, pad), t, torch.float16)}
+    if mn is not None:
+        st["mn"] = _tile_rows(_pad_rows(mn, pad), t, torch.int8)
+        st["mw"] = _tile_rows(_pad_rows(dm, pad), t, torch.float16)
+    return st
+
+
 def _qdot_tiles(u: torch.Tensor, bits: int, dw: torch.Tensor, mw: torch.Tensor | None):
     """csrc/qdot.cpp's layout: rows padded to a multiple of 16 (zero scales), 16 rows side by side group
     by group, 4 values of each row per 64-byte step; scales as float16 [tiles, groups * 16]."""
     n, K = u.shape
-    ng = dw.shape[1]
-    G = K // ng
     pad = -n % 16
-    if pad:
-        u = torch.cat((u, u.new_zeros(pad, K)))
-        dw = torch.cat((dw, dw.new_zeros(pad, ng)))
-        mw = None if mw is None else torch.cat((mw, mw.new_zeros(pad, ng)))
+    u, dw, mw = _pad_rows(u, pad), _pad_rows(dw, pad), _pad_rows(mw, pad)
     t = (n + pad) // 16
+    q = _qdot_values(u, bits, K // dw.shape[1])
+    return q, _tile_rows(dw, t, torch.float16), None if mw is None else _tile_rows(mw, t, torch.float16)
+
+
+def _qdot_values(u: torch.Tensor, bits: int, G: int) -> torch.Tensor:
+    """The values of rows u [t*16, K] (padded) in the tile layout, [tiles, bytes]."""
+    n, K = u.shape
+    ng, t = K // G, n // 16
     q = u.reshape(t, 16, ng, G // 4, 4).permute(0, 2, 3, 1, 4)  # [tile, group, step, row, 4]
     if bits == 8:
         q = q.reshape(t, -1).contiguous()
@@ -167,28 +231,25 @@ def _qdot_tiles(u: torch.Tensor, bits: int, dw: torch.Tensor, mw: torch.Tensor |
             packed = sum(hi[:, :, s] << (hb * s) for s in range(G // 4))  # [tile, group, row, 4]
             parts.append(packed.to(torch.uint8).reshape(t, ng, 64))
         q = torch.cat(parts, dim=2).reshape(t, -1).contiguous()
-
-    def tiles(s):
-        return s.to(torch.float16).reshape(t, 16, ng).transpose(1, 2).reshape(t, -1).contiguous()
-
-    return q, tiles(dw), None if mw is None else tiles(mw)
+    return q
 
 
 def _qdot_pack(w: QWeight, chunk: int = 4096) -> dict:
-    qs, dws, mws = [], [], []
-    zoff = ZOFF.get(w.type.name)
+    parts = []
+    kq = w.type.name in K_TYPES
+    zoff = -32.0 if w.type.name == "Q6_K" else 0.0 if kq else ZOFF.get(w.type.name)
     for i in range(0, w.out_features, chunk):
-        u, bits, dw, mw = _qdot_parts(w, w.raw[i:i + chunk])
-        q, d, m = _qdot_tiles(u, bits, dw, None if zoff is not None else mw)
-        qs.append(q)
-        dws.append(d)
-        mws.append(m)
+        if kq:
+            parts.append(_qdot_ktiles(*_qdot_kparts(w, w.raw[i:i + chunk])))
+        else:
+            u, bits, dw, mw = _qdot_parts(w, w.raw[i:i + chunk])
+            q, d, m = _qdot_tiles(u, bits, dw, None if zoff is not None else mw)
+            parts.append({"qw": q, "dw": d} if m is None else {"qw": q, "dw": d, "mw": m})
         if w.release is not None:
             w.release(i * w.row_bytes, (i + chunk) * w.row_bytes)
-    st = {"qw": torch.cat(qs), "dw": torch.cat(dws), "zoff": torch.tensor([zoff or 0.0]),
-          "amode": torch.tensor([AMODE[w.type.name]], dtype=torch.int32)}
-    if zoff is None:
-        st["mw"] = torch.cat(mws)
+    st = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    st["zoff"] = torch.tensor([zoff or 0.0])
+    st["amode"] = torch.tensor([AMODE[w.type.name]], dtype=torch.int32)
     return st
 
 
@@ -197,7 +258,7 @@ def qdot_unpack(st: dict, K: int) -> torch.Tensor:
     from .jit import layout
 
     qw, dw = st["qw"], st["dw"]
-    bits, G = layout(K, qw, dw)
+    bits, G = layout(K, qw, dw, st.get("sc"))
     t, ng = qw.shape[0], K // G
     if bits == 8:
         q = qw.view(t, ng, -1, 16, 4)  # [tile, group, step, row, 4]
@@ -213,10 +274,18 @@ def qdot_unpack(st: dict, K: int) -> torch.Tensor:
     q = q.permute(0, 3, 1, 2, 4).reshape(t * 16, K).float()
 
     def rows(s):
-        return s.view(t, ng, 16).transpose(1, 2).reshape(t * 16, ng).float()
+        return s.view(t, -1, 16).transpose(1, 2).reshape(t * 16, -1).float()
 
-    d = rows(dw)
-    m = rows(st["mw"]) if "mw" in st else float(st["zoff"]) * d
+    if "sc" in st:  # the K layout: d and -dmin per 256 values, sc and mn per group
+        ns = 256 // G
+        d = rows(dw).repeat_interleave(ns, 1) * rows(st["sc"])
+        if "mn" in st:
+            m = rows(st["mw"]).repeat_interleave(ns, 1) * rows(st["mn"])
+        else:
+            m = float(st["zoff"]) * d
+    else:
+        d = rows(dw)
+        m = rows(st["mw"]) if "mw" in st else float(st["zoff"]) * d
     return (q.view(t * 16, ng, G) * d[..., None] + m[..., None]).view(t * 16, K)
 
 
@@ -228,7 +297,7 @@ def qdot_linear(w):
         from .jit import Linear
 
         f = w._qdot = Linear(w.in_features, st["qw"], st["dw"], st.get("mw"), float(st["zoff"]), int(st["amode"]),
-                             n=w.out_features)
+                             n=w.out_features, sc=st.get("sc"), mn=st.get("mn"))
     return f
 
 
@@ -419,8 +488,8 @@ def fuse(ws: list[QWeight]) -> Fused | None:
     if len({w.kernel for w in ws}) != 1 or len({w.in_features for w in ws}) != 1:
         return None
     if ws[0].kernel is qdot_kernel and (any(w.out_features % 16 for w in ws) or len(
-            {(w.state["qw"].shape[1], w.state["dw"].shape[1], "mw" in w.state, float(w.state["zoff"]),
-              int(w.state["amode"])) for w in ws}) != 1):
+            {(w.state["qw"].shape[1], w.state["dw"].shape[1], "mw" in w.state, "sc" in w.state, "mn" in w.state,
+              float(w.state["zoff"]), int(w.state["amode"])) for w in ws}) != 1):
         return None  # one layout (bits, group) per matrix, and parts of whole 16-row tiles
     if ws[0].kernel in (int4_kernel, planes_kernel) and any(w.out_features % 64 for w in ws):
         return None  # the CPU int4 packing interleaves rows in blocks of 64: packed parts only concatenate whole blocks

@@ -18,6 +18,13 @@
 // dw and mw are float16 [tiles][groups][16]; mw is absent when mw = zoff * dw (Q4_0, Q5_0, Q6_K,
 // Q8_0), which saves its bytes.
 //
+// K-quants (Q4_K, Q5_K, Q6_K) keep the file's two-level scales instead ("K layout", sc non-null): per
+// group an int8 sub-block scale sc (and for Q4_K/Q5_K an int8 min mn), per 256 values a float16 d (and
+// -dmin) per row, value = d * sc * u - dmin * mn (Q6_K: d * sc * (u - 32)). The kernel sums sc * dot
+// in int32 over the 256 values and multiplies by d once, as ggml_vec_dot_q4_K_q8_K does: 4.625 bits
+// a weight for Q4_K (file: 4.5) and 6.56 for Q6_K (the file's own), where a float16 per group took 5
+// and 7. sc and mn are int8 [tiles][groups][16], d and -dmin float16 [tiles][K/256][16].
+//
 // With that layout one vpdpbusd multiplies 4 values of 16 rows with the same 4 activations (a
 // broadcast), the int32 lanes sum a whole group without any shuffle, and each group costs 16 rows
 // one convert and two multiply-adds: llama.cpp's interleaved ("repacked") GEMM idea. Any CPU without
@@ -56,7 +63,9 @@ static inline float h2f(uint16_t h) {
 //     magnitude, q = min(127, round_even(iscale * x)), d = 1/iscale in float32 (quantize_row_q8_K_ref).
 // Outputs, per weight group g of G values: xq [M, K] int8; dx [M, K/G], the activation scale of the
 // block holding g; sx [M, K/G], the offsets' factor (scale * sum(q) over the group).
-EXPORT void qdot_quantize(const float *x, int64_t M, int64_t K, int G, int mode, int8_t *xq, float *dx, float *sx) {
+// bs (may be null): [M, K/G] int32, the plain sum of q over each group (the K layout's mins and offsets).
+EXPORT void qdot_quantize(const float *x, int64_t M, int64_t K, int G, int mode, int8_t *xq, float *dx, float *sx,
+                          int32_t *bs) {
     const int64_t AB = mode == 2 ? 256 : 32;  // activation block
     const int64_t ng = K / G;
 #pragma omp parallel for schedule(static) if (M * K > 65536)
@@ -92,6 +101,7 @@ EXPORT void qdot_quantize(const float *x, int64_t M, int64_t K, int G, int mode,
                 for (int i = 0; i < G; i++) s += qr[g * G + i];
                 dx[m * ng + g] = dq;
                 sx[m * ng + g] = mode == 1 ? round_f16(d * (float)s) : dq * (float)s;
+                if (bs) bs[m * ng + g] = s;
             }
         }
     }
@@ -102,12 +112,37 @@ EXPORT void qdot_quantize(const float *x, int64_t M, int64_t K, int G, int mode,
 static inline int64_t group_bytes(int bits, int G) { return bits == 8 ? 16 * G : bits == 4 ? 8 * G : 8 * G + 64; }
 
 #if QDOT_VNNI
+// one tile's group of G values into G/4 registers of unsigned bytes (step s: 4 values of 16 rows)
+static inline void unpack(int bits, int G, const uint8_t *q, __m512i *w) {
+    const int steps = G / 4;
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    if (bits == 8) {
+        for (int s = 0; s < steps; s++) w[s] = _mm512_loadu_si512((const void *)(q + 64 * s));
+        return;
+    }
+    for (int p = 0; p < steps / 2; p++) {
+        const __m512i v = _mm512_loadu_si512((const void *)(q + 64 * p));
+        w[2 * p] = _mm512_and_si512(v, m4);
+        w[2 * p + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+    }
+    if (bits != 4) {  // the high bits, moved to bit 4 (and 5) of each byte
+        const __m512i h = _mm512_loadu_si512((const void *)(q + 8 * G));
+        const int hb = bits - 4;
+        const __m512i mask = _mm512_set1_epi8((char)(((1 << hb) - 1) << 4));
+        for (int st = 0; st < steps; st++) {
+            const int sh = 4 - hb * st;  // where step st's bits are, relative to bit 4
+            const __m512i t = sh >= 0 ? _mm512_sll_epi16(h, _mm_cvtsi32_si128(sh))
+                                      : _mm512_srl_epi16(h, _mm_cvtsi32_si128(-sh));
+            w[st] = _mm512_or_si512(w[st], _mm512_and_si512(t, mask));
+        }
+    }
+}
+
 template <int MT>
 static void tile(int bits, int G, const uint8_t *qt, const uint16_t *dt, const uint16_t *mt, float zoff, int64_t K,
                  const int8_t *xq, const float *dx, const float *sx, int64_t m0, float *out, int64_t ldo) {
     const int64_t ng = K / G, gb = group_bytes(bits, G);
     const int steps = G / 4;
-    const __m512i m4 = _mm512_set1_epi8(0x0F);
     __m512 acc[MT];
     for (int i = 0; i < MT; i++) acc[i] = _mm512_setzero_ps();
     for (int64_t g = 0; g < ng; g++) {
@@ -117,26 +152,7 @@ static void tile(int bits, int G, const uint8_t *qt, const uint16_t *dt, const u
         _mm_prefetch((const char *)(q + 2 * gb + 128), _MM_HINT_T0);
         _mm_prefetch((const char *)(q + 2 * gb + 192), _MM_HINT_T0);
         __m512i w[8];
-        if (bits != 8) {
-            for (int p = 0; p < steps / 2; p++) {
-                const __m512i v = _mm512_loadu_si512((const void *)(q + 64 * p));
-                w[2 * p] = _mm512_and_si512(v, m4);
-                w[2 * p + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
-            }
-            if (bits != 4) {  // the high bits, moved to bit 4 (and 5) of each byte
-                const __m512i h = _mm512_loadu_si512((const void *)(q + 8 * G));
-                const int hb = bits - 4;
-                const __m512i mask = _mm512_set1_epi8((char)(((1 << hb) - 1) << 4));
-                for (int st = 0; st < steps; st++) {
-                    const int sh = 4 - hb * st;  // where step st's bits are, relative to bit 4
-                    const __m512i t = sh >= 0 ? _mm512_sll_epi16(h, _mm_cvtsi32_si128(sh))
-                                              : _mm512_srl_epi16(h, _mm_cvtsi32_si128(-sh));
-                    w[st] = _mm512_or_si512(w[st], _mm512_and_si512(t, mask));
-                }
-            }
-        } else {
-            for (int s = 0; s < steps; s++) w[s] = _mm512_loadu_si512((const void *)(q + 64 * s));
-        }
+        unpack(bits, G, q, w);
         const __m512 sw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dt + g * 16)));
         const __m512 mw = mt ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(mt + g * 16)))
                              : _mm512_mul_ps(sw, _mm512_set1_ps(zoff));
@@ -155,7 +171,68 @@ static void tile(int bits, int G, const uint8_t *qt, const uint16_t *dt, const u
     }
     for (int i = 0; i < MT; i++) _mm512_storeu_ps(out + (m0 + i) * ldo, acc[i]);
 }
+
+// The K layout: per 256 values, int32 sums of sc * dot (and mn * bsum) per row, then d and -dmin once.
+template <int MT>
+static void ktile(int bits, int G, const uint8_t *qt, const int8_t *st, const int8_t *nt, const uint16_t *dt,
+                  const uint16_t *mt, int zoff, int64_t K, const int8_t *xq, const float *dx, const int32_t *bs,
+                  int64_t m0, float *out, int64_t ldo) {
+    const int64_t ng = K / G, gb = group_bytes(bits, G), ns = 256 / G;
+    const int steps = G / 4;
+    __m512 acc[MT];
+    for (int i = 0; i < MT; i++) acc[i] = _mm512_setzero_ps();
+    for (int64_t sb = 0; sb < K / 256; sb++) {
+        __m512i isum[MT], msum[MT];
+        for (int i = 0; i < MT; i++) isum[i] = msum[i] = _mm512_setzero_si512();
+        for (int64_t g = sb * ns; g < (sb + 1) * ns; g++) {
+            const uint8_t *q = qt + g * gb;
+            _mm_prefetch((const char *)(q + 2 * gb), _MM_HINT_T0);
+            _mm_prefetch((const char *)(q + 2 * gb + 64), _MM_HINT_T0);
+            _mm_prefetch((const char *)(q + 2 * gb + 128), _MM_HINT_T0);
+            _mm_prefetch((const char *)(q + 2 * gb + 192), _MM_HINT_T0);
+            __m512i w[8];
+            unpack(bits, G, q, w);
+            const __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(st + g * 16)));
+            const __m512i mn = nt ? _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(nt + g * 16)))
+                                  : _mm512_setzero_si512();
+            for (int i = 0; i < MT; i++) {
+                const int8_t *x = xq + (m0 + i) * K + g * G;
+                __m512i d = _mm512_setzero_si512();
+                for (int s = 0; s < steps; s++) {
+                    int32_t x4;
+                    memcpy(&x4, x + 4 * s, 4);
+                    d = _mm512_dpbusd_epi32(d, w[s], _mm512_set1_epi32(x4));
+                }
+                const int32_t b = bs[(m0 + i) * ng + g];
+                if (zoff) d = _mm512_add_epi32(d, _mm512_set1_epi32(zoff * b));  // Q6_K: u - 32
+                isum[i] = _mm512_add_epi32(isum[i], _mm512_mullo_epi32(d, sc));
+                if (nt) msum[i] = _mm512_add_epi32(msum[i], _mm512_mullo_epi32(mn, _mm512_set1_epi32(b)));
+            }
+        }
+        const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dt + sb * 16)));
+        const __m512 mv = mt ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(mt + sb * 16))) : _mm512_setzero_ps();
+        for (int i = 0; i < MT; i++) {
+            const __m512 xs = _mm512_set1_ps(dx[(m0 + i) * ng + sb * ns]);  // the activations' Q8_K block scale
+            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[i]), _mm512_mul_ps(dv, xs), acc[i]);
+            if (mt) acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(msum[i]), _mm512_mul_ps(mv, xs), acc[i]);
+        }
+    }
+    for (int i = 0; i < MT; i++) _mm512_storeu_ps(out + (m0 + i) * ldo, acc[i]);
+}
 #endif
+
+// portable: value k of row r in a tile's group q
+static inline int value_at(int bits, int G, const uint8_t *q, int64_t r, int k) {
+    const int step = k / 4, j = k % 4;
+    if (bits == 8) return q[64 * step + 4 * r + j];
+    const uint8_t b = q[64 * (step / 2) + 4 * r + j];
+    int u = step % 2 ? (b >> 4) : (b & 15);
+    if (bits != 4) {
+        const int hb = bits - 4;
+        u |= ((q[8 * G + 4 * r + j] >> (hb * step)) & ((1 << hb) - 1)) << 4;
+    }
+    return u;
+}
 
 // portable: weight row n (of the padded rows) against activation row m
 static float dot_row(int bits, int G, const uint8_t *qw, const uint16_t *dw, const uint16_t *mw, float zoff,
@@ -165,24 +242,35 @@ static float dot_row(int bits, int G, const uint8_t *qw, const uint16_t *dw, con
     for (int64_t g = 0; g < ng; g++) {
         const uint8_t *q = qw + (t * ng + g) * gb;
         int32_t s = 0;
-        for (int k = 0; k < G; k++) {
-            const int step = k / 4, j = k % 4;
-            int u;
-            if (bits == 8) u = q[64 * step + 4 * r + j];
-            else {
-                const uint8_t b = q[64 * (step / 2) + 4 * r + j];
-                u = step % 2 ? (b >> 4) : (b & 15);
-                if (bits != 4) {
-                    const int hb = bits - 4;
-                    u |= ((q[8 * G + 4 * r + j] >> (hb * step)) & ((1 << hb) - 1)) << 4;
-                }
-            }
-            s += u * (int32_t)xr[g * G + k];
-        }
+        for (int k = 0; k < G; k++) s += value_at(bits, G, q, r, k) * (int32_t)xr[g * G + k];
         const int64_t at = (t * ng + g) * 16 + r;
         const float d = h2f(dw[at]);
         const float m = mw ? h2f(mw[at]) : zoff * d;
         acc += (float)s * (d * dxr[g]) + m * sxr[g];
+    }
+    return acc;
+}
+
+// portable, the K layout
+static float dot_row_k(int bits, int G, const uint8_t *qw, const int8_t *sc, const int8_t *mn, const uint16_t *dw,
+                       const uint16_t *mw, int zoff, int64_t K, int64_t n, const int8_t *xr, const float *dxr,
+                       const int32_t *bsr) {
+    const int64_t ng = K / G, gb = group_bytes(bits, G), t = n / 16, r = n % 16, ns = 256 / G, nsb = K / 256;
+    float acc = 0.f;
+    for (int64_t sb = 0; sb < nsb; sb++) {
+        int32_t isum = 0, msum = 0;
+        for (int64_t g = sb * ns; g < (sb + 1) * ns; g++) {
+            const uint8_t *q = qw + (t * ng + g) * gb;
+            int32_t s = 0;
+            for (int k = 0; k < G; k++) s += value_at(bits, G, q, r, k) * (int32_t)xr[g * G + k];
+            const int64_t at = (t * ng + g) * 16 + r;
+            isum += (s + zoff * bsr[g]) * sc[at];
+            if (mn) msum += mn[at] * bsr[g];
+        }
+        const int64_t at = (t * nsb + sb) * 16 + r;
+        const float xs = dxr[sb * ns];
+        acc += (float)isum * (h2f(dw[at]) * xs);
+        if (mw) acc += (float)msum * (h2f(mw[at]) * xs);
     }
     return acc;
 }
@@ -231,15 +319,58 @@ EXPORT void qdot_mm_ref(int bits, int G, const uint8_t *qw, const uint16_t *dw, 
             out[m * ldo + n] = dot_row(bits, G, qw, dw, mw, zoff, K, n, xq + m * K, dx + m * ng, sx + m * ng);
 }
 
-// One call for a linear layer: quantize x [M, K] float32 (contiguous) and multiply; out [M, N (padded)].
+// The K layout's product (sc, mn, dw, mw as the layout comment says; zoff: Q6_K's -32, else 0); dx and
+// bs from qdot_quantize with mode 2.
+EXPORT void qdot_mm_k(int bits, int G, const uint8_t *qw, const int8_t *sc, const int8_t *mn, const uint16_t *dw,
+                      const uint16_t *mw, int zoff, int64_t N, int64_t K, const int8_t *xq, const float *dx,
+                      const int32_t *bs, int64_t M, float *out, int64_t ldo) {
+    const int64_t ng = K / G;
+#if QDOT_VNNI
+    const int64_t ntiles = N / 16, gb = group_bytes(bits, G), nsb = K / 256;
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < ntiles; t++) {
+        const uint8_t *qt = qw + t * ng * gb;
+        const int8_t *st = sc + t * ng * 16, *nt = mn ? mn + t * ng * 16 : nullptr;
+        const uint16_t *dt = dw + t * nsb * 16, *mt = mw ? mw + t * nsb * 16 : nullptr;
+        float *o = out + t * 16;
+        for (int64_t m0 = 0; m0 < M; m0 += 4) {  // 4 rows: three int32/float accumulators per row
+            switch (M - m0 < 4 ? M - m0 : 4) {
+            case 4: ktile<4>(bits, G, qt, st, nt, dt, mt, zoff, K, xq, dx, bs, m0, o, ldo); break;
+            case 3: ktile<3>(bits, G, qt, st, nt, dt, mt, zoff, K, xq, dx, bs, m0, o, ldo); break;
+            case 2: ktile<2>(bits, G, qt, st, nt, dt, mt, zoff, K, xq, dx, bs, m0, o, ldo); break;
+            default: ktile<1>(bits, G, qt, st, nt, dt, mt, zoff, K, xq, dx, bs, m0, o, ldo); break;
+            }
+        }
+    }
+#else
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t m = 0; m < M; m++)
+            out[m * ldo + n] = dot_row_k(bits, G, qw, sc, mn, dw, mw, zoff, K, n, xq + m * K, dx + m * ng, bs + m * ng);
+#endif
+}
 
+EXPORT void qdot_mm_k_ref(int bits, int G, const uint8_t *qw, const int8_t *sc, const int8_t *mn, const uint16_t *dw,
+                          const uint16_t *mw, int zoff, int64_t N, int64_t K, const int8_t *xq, const float *dx,
+                          const int32_t *bs, int64_t M, float *out, int64_t ldo) {
+    const int64_t ng = K / G;
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t m = 0; m < M; m++)
+            out[m * ldo + n] = dot_row_k(bits, G, qw, sc, mn, dw, mw, zoff, K, n, xq + m * K, dx + m * ng, bs + m * ng);
+}
+
+// One call for a linear layer: quantize x [M, K] float32 (contiguous) and multiply; out [M, N (padded)].
 EXPORT void qdot_linear(const QWeight *w, const float *x, int64_t M, float *out) {
     const int64_t K = w->K, ng = K / w->G;
     int8_t *xq = (int8_t *)malloc((size_t)(M * K) + 64);
-    float *dx = (float *)malloc(sizeof(float) * (size_t)(M * ng) * 2 + 64);
+    float *dx = (float *)malloc(sizeof(float) * (size_t)(M * ng) * 3 + 64);
     float *sx = dx + M * ng;
-    qdot_quantize(x, M, K, w->G, w->mode, xq, dx, sx);
-    qdot_mm(w->bits, w->G, w->qw, w->dw, w->mw, w->zoff, w->N, K, xq, dx, sx, M, out, w->N);
+    int32_t *bs = (int32_t *)(sx + M * ng);
+    qdot_quantize(x, M, K, w->G, w->mode, xq, dx, sx, w->sc ? bs : nullptr);
+    if (w->sc)
+        qdot_mm_k(w->bits, w->G, w->qw, w->sc, w->mn, w->dw, w->mw, (int)w->zoff, w->N, K, xq, dx, bs, M, out, w->N);
+    else
+        qdot_mm(w->bits, w->G, w->qw, w->dw, w->mw, w->zoff, w->N, K, xq, dx, sx, M, out, w->N);
     free(xq);
     free(dx);
 }

@@ -12,6 +12,7 @@ struct QWeight {
     const uint16_t *dw, *mw;
     float zoff;
     int64_t N, K;  // N: rows padded to a multiple of 16
+    const int8_t *sc, *mn;  // the K-quant layout (non-null sc): integer sub-block scales and mins, dw/mw per 256
 };
 
 EXPORT void qdot_linear(const QWeight *w, const float *x, int64_t M, float *out);
