@@ -97,7 +97,7 @@ class QW(ctypes.Structure):
 def _declare(lib: ctypes.CDLL) -> None:
     P, I64, I, F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     lib.qdot_has_vnni.restype = I
-    lib.qdot_quantize.argtypes = [P, I64, I64, I, I, P, P, P, P]
+    lib.qdot_quantize.argtypes = [P, I64, I64, I, I, P, P, P]
     lib.qdot_quantize.restype = None
     lib.qdot_rms_norm.argtypes = [P, P, F, I64, I64, P]
     lib.qdot_rms_norm.restype = None
@@ -110,7 +110,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.qdot_step.argtypes = [P, P, I64, P, P, I64, P, P, P, P, P, P]
     lib.qdot_step.restype = None
     for f in (lib.qdot_mm_k, lib.qdot_mm_k_ref):
-        f.argtypes = [I, I, P, P, P, P, P, I, I64, I64, P, P, P, I64, P, I64]
+        f.argtypes = [I, I, P, P, P, P, P, F, I64, I64, P, P, P, I64, P, I64]
         f.restype = None
     for f in (lib.qdot_mm, lib.qdot_mm_ref):
         f.argtypes = [I, I, P, P, P, F, I64, I64, P, P, P, I64, P, I64]
@@ -163,16 +163,15 @@ def available() -> bool:
 MODES = {"q8_0": 0, "q8_1": 1, "q8_K": 2}  # llama.cpp's activation types (csrc/qdot.cpp qdot_quantize)
 
 
-def quantize(lib, x: torch.Tensor, G: int, mode: int = 0):
+def quantize(lib, x: torch.Tensor, G: int, mode: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """float32 [M, K] -> (int8 [M, K], activation scale per weight group [M, K/G], scale*sum(q) per
-    weight group [M, K/G], sum(q) per weight group as int32 [M, K/G]); see qdot_quantize."""
+    weight group [M, K/G]); see qdot_quantize."""
     M, K = x.shape
     xq = torch.empty(M, K, dtype=torch.int8)
     dx = torch.empty(M, K // G)
     sx = torch.empty(M, K // G)
-    bs = torch.empty(M, K // G, dtype=torch.int32)
-    lib.qdot_quantize(x.data_ptr(), M, K, G, mode, xq.data_ptr(), dx.data_ptr(), sx.data_ptr(), bs.data_ptr())
-    return xq, dx, sx, bs
+    lib.qdot_quantize(x.data_ptr(), M, K, G, mode, xq.data_ptr(), dx.data_ptr(), sx.data_ptr())
+    return xq, dx, sx
 
 
 def layout(K: int, qw: torch.Tensor, dw: torch.Tensor, sc: torch.Tensor | None = None) -> tuple[int, int]:
@@ -200,12 +199,12 @@ def matmul(x: torch.Tensor, qw: torch.Tensor, dw: torch.Tensor, mw: torch.Tensor
     M, K = x.shape
     N = qw.shape[0] * 16
     bits, G = layout(K, qw, dw, sc)
-    xq, dx, sx, bs = quantize(lib, x, G, mode)
+    xq, dx, sx = quantize(lib, x, G, mode)
     out = torch.empty(M, N)
     if sc is not None:
         f = lib.qdot_mm_k_ref if ref else lib.qdot_mm_k
-        f(bits, G, qw.data_ptr(), sc.data_ptr(), _p(mn), dw.data_ptr(), _p(mw), int(zoff), N, K, xq.data_ptr(),
-          dx.data_ptr(), bs.data_ptr(), M, out.data_ptr(), N)
+        f(bits, G, qw.data_ptr(), sc.data_ptr(), _p(mn), dw.data_ptr(), _p(mw), zoff, N, K, xq.data_ptr(),
+          dx.data_ptr(), sx.data_ptr(), M, out.data_ptr(), N)
     else:
         f = lib.qdot_mm_ref if ref else lib.qdot_mm
         f(bits, G, qw.data_ptr(), dw.data_ptr(), _p(mw), zoff, N, K, xq.data_ptr(), dx.data_ptr(), sx.data_ptr(),

@@ -20,10 +20,10 @@
 //
 // K-quants (Q4_K, Q5_K, Q6_K) keep the file's two-level scales instead ("K layout", sc non-null): per
 // group an int8 sub-block scale sc (and for Q4_K/Q5_K an int8 min mn), per 256 values a float16 d (and
-// -dmin) per row, value = d * sc * u - dmin * mn (Q6_K: d * sc * (u - 32)). The kernel sums sc * dot
-// in int32 over the 256 values and multiplies by d once, as ggml_vec_dot_q4_K_q8_K does: 4.625 bits
-// a weight for Q4_K (file: 4.5) and 6.56 for Q6_K (the file's own), where a float16 per group took 5
-// and 7. sc and mn are int8 [tiles][groups][16], d and -dmin float16 [tiles][K/256][16].
+// -dmin) per row, value = d * sc * u - dmin * mn (Q6_K: d * sc * (u - 32)). The kernel forms d * sc
+// (exact in float32) per group as it goes: 4.625 bits a weight for Q4_K (file: 4.5) and 6.56 for Q6_K
+// (the file's own), where a float16 scale per group took 5 and 7. sc and mn are int8
+// [tiles][groups][16], d and -dmin float16 [tiles][K/256][16].
 //
 // With that layout one vpdpbusd multiplies 4 values of 16 rows with the same 4 activations (a
 // broadcast), the int32 lanes sum a whole group without any shuffle, and each group costs 16 rows
@@ -63,9 +63,7 @@ static inline float h2f(uint16_t h) {
 //     magnitude, q = min(127, round_even(iscale * x)), d = 1/iscale in float32 (quantize_row_q8_K_ref).
 // Outputs, per weight group g of G values: xq [M, K] int8; dx [M, K/G], the activation scale of the
 // block holding g; sx [M, K/G], the offsets' factor (scale * sum(q) over the group).
-// bs (may be null): [M, K/G] int32, the plain sum of q over each group (the K layout's mins and offsets).
-EXPORT void qdot_quantize(const float *x, int64_t M, int64_t K, int G, int mode, int8_t *xq, float *dx, float *sx,
-                          int32_t *bs) {
+EXPORT void qdot_quantize(const float *x, int64_t M, int64_t K, int G, int mode, int8_t *xq, float *dx, float *sx) {
     const int64_t AB = mode == 2 ? 256 : 32;  // activation block
     const int64_t ng = K / G;
 #pragma omp parallel for schedule(static) if (M * K > 65536)
@@ -101,7 +99,6 @@ EXPORT void qdot_quantize(const float *x, int64_t M, int64_t K, int G, int mode,
                 for (int i = 0; i < G; i++) s += qr[g * G + i];
                 dx[m * ng + g] = dq;
                 sx[m * ng + g] = mode == 1 ? round_f16(d * (float)s) : dq * (float)s;
-                if (bs) bs[m * ng + g] = s;
             }
         }
     }
@@ -172,18 +169,19 @@ static void tile(int bits, int G, const uint8_t *qt, const uint16_t *dt, const u
     for (int i = 0; i < MT; i++) _mm512_storeu_ps(out + (m0 + i) * ldo, acc[i]);
 }
 
-// The K layout: per 256 values, int32 sums of sc * dot (and mn * bsum) per row, then d and -dmin once.
+// The K layout: the same arithmetic as tile() with each group's scale made on the fly, d * sc (and
+// -dmin * mn), exact in float32 from the stored int8 and float16.
 template <int MT>
 static void ktile(int bits, int G, const uint8_t *qt, const int8_t *st, const int8_t *nt, const uint16_t *dt,
-                  const uint16_t *mt, int zoff, int64_t K, const int8_t *xq, const float *dx, const int32_t *bs,
+                  const uint16_t *mt, float zoff, int64_t K, const int8_t *xq, const float *dx, const float *sx,
                   int64_t m0, float *out, int64_t ldo) {
     const int64_t ng = K / G, gb = group_bytes(bits, G), ns = 256 / G;
     const int steps = G / 4;
     __m512 acc[MT];
     for (int i = 0; i < MT; i++) acc[i] = _mm512_setzero_ps();
     for (int64_t sb = 0; sb < K / 256; sb++) {
-        __m512i isum[MT], msum[MT];
-        for (int i = 0; i < MT; i++) isum[i] = msum[i] = _mm512_setzero_si512();
+        const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dt + sb * 16)));
+        const __m512 mv = mt ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(mt + sb * 16))) : dv;
         for (int64_t g = sb * ns; g < (sb + 1) * ns; g++) {
             const uint8_t *q = qt + g * gb;
             _mm_prefetch((const char *)(q + 2 * gb), _MM_HINT_T0);
@@ -192,9 +190,11 @@ static void ktile(int bits, int G, const uint8_t *qt, const int8_t *st, const in
             _mm_prefetch((const char *)(q + 2 * gb + 192), _MM_HINT_T0);
             __m512i w[8];
             unpack(bits, G, q, w);
-            const __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(st + g * 16)));
-            const __m512i mn = nt ? _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(nt + g * 16)))
-                                  : _mm512_setzero_si512();
+            const __m512 sw = _mm512_mul_ps(
+                dv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(st + g * 16)))));
+            const __m512 mw = nt ? _mm512_mul_ps(mv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                                         _mm_loadu_si128((const __m128i *)(nt + g * 16)))))
+                                 : _mm512_mul_ps(sw, _mm512_set1_ps(zoff));
             for (int i = 0; i < MT; i++) {
                 const int8_t *x = xq + (m0 + i) * K + g * G;
                 __m512i d = _mm512_setzero_si512();
@@ -203,18 +203,10 @@ static void ktile(int bits, int G, const uint8_t *qt, const int8_t *st, const in
                     memcpy(&x4, x + 4 * s, 4);
                     d = _mm512_dpbusd_epi32(d, w[s], _mm512_set1_epi32(x4));
                 }
-                const int32_t b = bs[(m0 + i) * ng + g];
-                if (zoff) d = _mm512_add_epi32(d, _mm512_set1_epi32(zoff * b));  // Q6_K: u - 32
-                isum[i] = _mm512_add_epi32(isum[i], _mm512_mullo_epi32(d, sc));
-                if (nt) msum[i] = _mm512_add_epi32(msum[i], _mm512_mullo_epi32(mn, _mm512_set1_epi32(b)));
+                const float *dxi = dx + (m0 + i) * ng, *sxi = sx + (m0 + i) * ng;
+                acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sw, _mm512_set1_ps(dxi[g])), acc[i]);
+                acc[i] = _mm512_fmadd_ps(mw, _mm512_set1_ps(sxi[g]), acc[i]);
             }
-        }
-        const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dt + sb * 16)));
-        const __m512 mv = mt ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(mt + sb * 16))) : _mm512_setzero_ps();
-        for (int i = 0; i < MT; i++) {
-            const __m512 xs = _mm512_set1_ps(dx[(m0 + i) * ng + sb * ns]);  // the activations' Q8_K block scale
-            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[i]), _mm512_mul_ps(dv, xs), acc[i]);
-            if (mt) acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(msum[i]), _mm512_mul_ps(mv, xs), acc[i]);
         }
     }
     for (int i = 0; i < MT; i++) _mm512_storeu_ps(out + (m0 + i) * ldo, acc[i]);
@@ -253,24 +245,18 @@ static float dot_row(int bits, int G, const uint8_t *qw, const uint16_t *dw, con
 
 // portable, the K layout
 static float dot_row_k(int bits, int G, const uint8_t *qw, const int8_t *sc, const int8_t *mn, const uint16_t *dw,
-                       const uint16_t *mw, int zoff, int64_t K, int64_t n, const int8_t *xr, const float *dxr,
-                       const int32_t *bsr) {
+                       const uint16_t *mw, float zoff, int64_t K, int64_t n, const int8_t *xr, const float *dxr,
+                       const float *sxr) {
     const int64_t ng = K / G, gb = group_bytes(bits, G), t = n / 16, r = n % 16, ns = 256 / G, nsb = K / 256;
     float acc = 0.f;
-    for (int64_t sb = 0; sb < nsb; sb++) {
-        int32_t isum = 0, msum = 0;
-        for (int64_t g = sb * ns; g < (sb + 1) * ns; g++) {
-            const uint8_t *q = qw + (t * ng + g) * gb;
-            int32_t s = 0;
-            for (int k = 0; k < G; k++) s += value_at(bits, G, q, r, k) * (int32_t)xr[g * G + k];
-            const int64_t at = (t * ng + g) * 16 + r;
-            isum += (s + zoff * bsr[g]) * sc[at];
-            if (mn) msum += mn[at] * bsr[g];
-        }
-        const int64_t at = (t * nsb + sb) * 16 + r;
-        const float xs = dxr[sb * ns];
-        acc += (float)isum * (h2f(dw[at]) * xs);
-        if (mw) acc += (float)msum * (h2f(mw[at]) * xs);
+    for (int64_t g = 0; g < ng; g++) {
+        const uint8_t *q = qw + (t * ng + g) * gb;
+        int32_t s = 0;
+        for (int k = 0; k < G; k++) s += value_at(bits, G, q, r, k) * (int32_t)xr[g * G + k];
+        const int64_t at = (t * ng + g) * 16 + r, sat = (t * nsb + g / ns) * 16 + r;
+        const float d = h2f(dw[sat]) * (float)sc[at];
+        const float m = mn ? h2f(mw[sat]) * (float)mn[at] : zoff * d;
+        acc += (float)s * (d * dxr[g]) + m * sxr[g];
     }
     return acc;
 }
@@ -319,11 +305,10 @@ EXPORT void qdot_mm_ref(int bits, int G, const uint8_t *qw, const uint16_t *dw, 
             out[m * ldo + n] = dot_row(bits, G, qw, dw, mw, zoff, K, n, xq + m * K, dx + m * ng, sx + m * ng);
 }
 
-// The K layout's product (sc, mn, dw, mw as the layout comment says; zoff: Q6_K's -32, else 0); dx and
-// bs from qdot_quantize with mode 2.
+// The K layout's product (sc, mn, dw, mw as the layout comment says; zoff: Q6_K's -32, else 0).
 EXPORT void qdot_mm_k(int bits, int G, const uint8_t *qw, const int8_t *sc, const int8_t *mn, const uint16_t *dw,
-                      const uint16_t *mw, int zoff, int64_t N, int64_t K, const int8_t *xq, const float *dx,
-                      const int32_t *bs, int64_t M, float *out, int64_t ldo) {
+                      const uint16_t *mw, float zoff, int64_t N, int64_t K, const int8_t *xq, const float *dx,
+                      const float *sx, int64_t M, float *out, int64_t ldo) {
     const int64_t ng = K / G;
 #if QDOT_VNNI
     const int64_t ntiles = N / 16, gb = group_bytes(bits, G), nsb = K / 256;
@@ -333,12 +318,16 @@ EXPORT void qdot_mm_k(int bits, int G, const uint8_t *qw, const int8_t *sc, cons
         const int8_t *st = sc + t * ng * 16, *nt = mn ? mn + t * ng * 16 : nullptr;
         const uint16_t *dt = dw + t * nsb * 16, *mt = mw ? mw + t * nsb * 16 : nullptr;
         float *o = out + t * 16;
-        for (int64_t m0 = 0; m0 < M; m0 += 4) {  // 4 rows: three int32/float accumulators per row
-            switch (M - m0 < 4 ? M - m0 : 4) {
-            case 4: ktile<4>(bits, G, qt, st, nt, dt, mt, zoff, K, xq, dx, bs, m0, o, ldo); break;
-            case 3: ktile<3>(bits, G, qt, st, nt, dt, mt, zoff, K, xq, dx, bs, m0, o, ldo); break;
-            case 2: ktile<2>(bits, G, qt, st, nt, dt, mt, zoff, K, xq, dx, bs, m0, o, ldo); break;
-            default: ktile<1>(bits, G, qt, st, nt, dt, mt, zoff, K, xq, dx, bs, m0, o, ldo); break;
+        for (int64_t m0 = 0; m0 < M; m0 += 8) {
+            switch (M - m0 < 8 ? M - m0 : 8) {
+            case 8: ktile<8>(bits, G, qt, st, nt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo); break;
+            case 7: ktile<7>(bits, G, qt, st, nt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo); break;
+            case 6: ktile<6>(bits, G, qt, st, nt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo); break;
+            case 5: ktile<5>(bits, G, qt, st, nt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo); break;
+            case 4: ktile<4>(bits, G, qt, st, nt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo); break;
+            case 3: ktile<3>(bits, G, qt, st, nt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo); break;
+            case 2: ktile<2>(bits, G, qt, st, nt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo); break;
+            default: ktile<1>(bits, G, qt, st, nt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo); break;
             }
         }
     }
@@ -346,29 +335,28 @@ EXPORT void qdot_mm_k(int bits, int G, const uint8_t *qw, const int8_t *sc, cons
 #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; n++)
         for (int64_t m = 0; m < M; m++)
-            out[m * ldo + n] = dot_row_k(bits, G, qw, sc, mn, dw, mw, zoff, K, n, xq + m * K, dx + m * ng, bs + m * ng);
+            out[m * ldo + n] = dot_row_k(bits, G, qw, sc, mn, dw, mw, zoff, K, n, xq + m * K, dx + m * ng, sx + m * ng);
 #endif
 }
 
 EXPORT void qdot_mm_k_ref(int bits, int G, const uint8_t *qw, const int8_t *sc, const int8_t *mn, const uint16_t *dw,
-                          const uint16_t *mw, int zoff, int64_t N, int64_t K, const int8_t *xq, const float *dx,
-                          const int32_t *bs, int64_t M, float *out, int64_t ldo) {
+                          const uint16_t *mw, float zoff, int64_t N, int64_t K, const int8_t *xq, const float *dx,
+                          const float *sx, int64_t M, float *out, int64_t ldo) {
     const int64_t ng = K / G;
     for (int64_t n = 0; n < N; n++)
         for (int64_t m = 0; m < M; m++)
-            out[m * ldo + n] = dot_row_k(bits, G, qw, sc, mn, dw, mw, zoff, K, n, xq + m * K, dx + m * ng, bs + m * ng);
+            out[m * ldo + n] = dot_row_k(bits, G, qw, sc, mn, dw, mw, zoff, K, n, xq + m * K, dx + m * ng, sx + m * ng);
 }
 
 // One call for a linear layer: quantize x [M, K] float32 (contiguous) and multiply; out [M, N (padded)].
 EXPORT void qdot_linear(const QWeight *w, const float *x, int64_t M, float *out) {
     const int64_t K = w->K, ng = K / w->G;
     int8_t *xq = (int8_t *)malloc((size_t)(M * K) + 64);
-    float *dx = (float *)malloc(sizeof(float) * (size_t)(M * ng) * 3 + 64);
+    float *dx = (float *)malloc(sizeof(float) * (size_t)(M * ng) * 2 + 64);
     float *sx = dx + M * ng;
-    int32_t *bs = (int32_t *)(sx + M * ng);
-    qdot_quantize(x, M, K, w->G, w->mode, xq, dx, sx, w->sc ? bs : nullptr);
+    qdot_quantize(x, M, K, w->G, w->mode, xq, dx, sx);
     if (w->sc)
-        qdot_mm_k(w->bits, w->G, w->qw, w->sc, w->mn, w->dw, w->mw, (int)w->zoff, w->N, K, xq, dx, bs, M, out, w->N);
+        qdot_mm_k(w->bits, w->G, w->qw, w->sc, w->mn, w->dw, w->mw, w->zoff, w->N, K, xq, dx, sx, M, out, w->N);
     else
         qdot_mm(w->bits, w->G, w->qw, w->dw, w->mw, w->zoff, w->N, K, xq, dx, sx, M, out, w->N);
     free(xq);
