@@ -29,6 +29,8 @@ def model_file(tmp_path):
 
 
 def entries(d):
+    """The entries on disk once this process's background writes are done."""
+    repack_cache.flush()
     return sorted(d.glob("*.gtrp")) if d.exists() else []
 
 
@@ -51,6 +53,25 @@ def test_cache_is_written_then_reused(xdg, model_file, reference):
     assert kinds == {"Fused"}  # the fused matrices come back from the cache too
     assert torch.equal(logits(m2), reference)
     assert len(entries(xdg)) == 1
+
+
+def test_cache_written_in_the_background(xdg, model_file, monkeypatch):
+    """The entry is written on a thread: load returns first; a later load in the same process waits
+    for the write instead of repacking again."""
+    started, release = [], __import__("threading").Event()
+    real = repack_cache.save
+
+    def slow_save(*a):
+        started.append(1)
+        release.wait(10)
+        return real(*a)
+
+    monkeypatch.setattr(repack_cache, "save", slow_save)
+    m = ggtorch.load(str(model_file))
+    assert m.repack_cache == "miss" and started  # returned while the write waits
+    assert not (xdg.exists() and list(xdg.glob("*.gtrp")))
+    release.set()
+    assert ggtorch.load(str(model_file)).repack_cache == "hit"
 
 
 def test_cache_invalidated_when_the_file_changes(xdg, model_file):

@@ -39,6 +39,27 @@ def test_qdot_layout_keeps_the_block_scales(t):
     assert torch.equal(tiled, w.dequantize())
 
 
+@pytest.mark.parametrize("t", ["Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0"])
+def test_jit_repack_equals_the_pytorch_repack(t):
+    """csrc/repack.cpp writes the same bytes as the PyTorch reference (_qdot_pack with jit=False), for
+    whole tiles and for a row count that leaves a partial tile (padding rows stay zero)."""
+    need_jit()
+    from ggtorch.quant.kernels import _qdot_pack_jit
+    from ggtorch.quant.linear import QWeight
+
+    m = ggtorch.load(str(TINY / f"tiny-llama-{t}.gguf"), fast=False)
+    full = m.net.weights()["token_embd.weight"]
+    assert full.type.name == t
+    for rows in (full.out_features, 37):
+        w = QWeight(full.raw[:rows], full.type, (full.in_features, rows), "part")
+        a, b = _qdot_pack_jit(w), _qdot_pack(w, jit=False)
+        assert a is not None and sorted(a) == sorted(b)
+        for k in a:
+            assert a[k].dtype == b[k].dtype and torch.equal(a[k].view(torch.uint8) if a[k].dtype == torch.float16
+                                                            else a[k], b[k].view(torch.uint8) if b[k].dtype ==
+                                                            torch.float16 else b[k]), (t, rows, k)
+
+
 def _random_tiles(g, bits, G, N, K, offsets):
     u = torch.randint(0, 2 ** bits, (N, K), generator=g, dtype=torch.uint8)
     dw = (torch.rand(N, K // G, generator=g) / 8).half().float()

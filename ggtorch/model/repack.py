@@ -36,7 +36,7 @@ def _install(net, use_cache: bool) -> str:
     _repack(net)
     if key is not None:
         tensors, manifest = _collect(net)
-        repack_cache.save(key, tensors, manifest)
+        repack_cache.save_in_background(key, tensors, manifest)
         return "miss"
     return "off"
 

@@ -22,6 +22,7 @@ import json
 import os
 import struct
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -69,9 +70,34 @@ def entry_path(key: dict) -> Path:
     return cache_root() / f"{stem}-{where}-{what}.gtrp"
 
 
+_writing: dict[str, threading.Thread] = {}  # entry path -> the thread writing it (save_in_background)
+
+
+def save_in_background(key: dict, tensors: dict[str, torch.Tensor], manifest: dict) -> None:
+    """save() on a thread, so the model is ready while its repacked form is written (writing a 1.1B
+    model's 0.6-1.2 GB took longer than repacking it). A load of the same entry in this process waits
+    for the write; the interpreter waits for it at exit (a non-daemon thread). The file appears
+    whole or not at all either way (save() writes a temporary file and renames it)."""
+    path = str(entry_path(key))
+    t = threading.Thread(target=save, args=(key, tensors, manifest), name="ggtorch-repack-cache")
+    _writing[path] = t
+    t.start()
+
+
+def flush() -> None:
+    """Wait for every write save_in_background started."""
+    for path in list(_writing):
+        t = _writing.pop(path, None)
+        if t is not None:
+            t.join()
+
+
 def load(key: dict) -> tuple[dict[str, torch.Tensor], dict] | None:
     """(tensors, manifest) from a valid entry for ``key``, or None (missing, stale or damaged)."""
     p = entry_path(key)
+    pending = _writing.pop(str(p), None)
+    if pending is not None:
+        pending.join()
     try:
         size = p.stat().st_size
         with open(p, "rb") as f:

@@ -1,5 +1,6 @@
-"""The JIT library (csrc/qdot.cpp: the matrix kernel; ops.cpp: a decode step's small operations; step.cpp:
-a decode step's layers in one call): built on first use with the machine's C++ compiler, kept in a cache.
+"""The JIT library, built on first use with the machine's C++ compiler and kept in a cache: csrc/qdot.cpp
+(the matrix kernel), ops.cpp (a decode step's small operations), step.cpp (a decode step's layers in one
+call), repack.cpp (GGUF blocks into the kernel's layout).
 
 Nothing is compiled at install time. The first process that wants the kernel compiles it
 (``-O3 -march=native -fopenmp``, about a second) into ``~/.cache/ggtorch/jit/<key>/``, where the key
@@ -27,7 +28,7 @@ import torch
 
 log = logging.getLogger("ggtorch.jit")
 
-SOURCES = [Path(__file__).with_name("csrc") / n for n in ("qdot.cpp", "ops.cpp", "step.cpp")]
+SOURCES = [Path(__file__).with_name("csrc") / n for n in ("qdot.cpp", "ops.cpp", "step.cpp", "repack.cpp")]
 HEADER = Path(__file__).with_name("csrc") / "qdot.h"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-fno-math-errno"]
 
@@ -109,6 +110,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.qdot_glu.restype = None
     lib.qdot_step.argtypes = [P, P, I64, P, P, I64, P, P, P, P, P, P]
     lib.qdot_step.restype = None
+    lib.qdot_repack.argtypes = [I, P, I64, I64, I64, P, P, P, P, P]
+    lib.qdot_repack.restype = I
     for f in (lib.qdot_mm_k, lib.qdot_mm_k_ref):
         f.argtypes = [I, I, P, P, P, P, P, F, I64, I64, P, P, P, I64, P, I64]
         f.restype = None

@@ -3,9 +3,11 @@ and benchmarks/).
 
 - With the JIT kernel (quant/jit.py, csrc/qdot.cpp; built on first use when a C++ compiler exists):
   Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K and Q8_0 keep their block scales and multiply int8-quantized
-  activations the way llama.cpp does (per group of 32, or 16 for Q6_K). 4 or 8 bits a weight plus two
-  float32 per group. For one token it reads half the time of PyTorch's int4 kernel at 1.1B shapes, and
-  it drops the int8 per-row requantization below. Without the JIT library, PyTorch's kernels:
+  activations the way llama.cpp does (per group of 32, or 16 for Q6_K). The values keep the file's 4,
+  5, 6 or 8 bits; the scales are float16 per group, except K-quants, which keep their int8 sub-block
+  scales and mins with d and dmin per 256 (the "K layout": 4.625 bits a weight for Q4_K, 6.56 for
+  Q6_K). For one token it takes half the time of PyTorch's int4 kernel at 1.1B shapes, and it drops
+  the int8 per-row requantization below. Without the JIT library, PyTorch's kernels:
 - Q4_0, Q4_1, Q4_K: repacked once for PyTorch's int4 weight-only matmul (`_weight_int4pack_mm_for_cpu`),
   which computes w = (q - 8) * scale + zero per 32-element group with bf16 activations. The maps are
   exact in real arithmetic: Q4_0 scale d, zero 0; Q4_1 scale d, zero m + 8d; Q4_K scale d*sc,
@@ -234,7 +236,45 @@ def _qdot_values(u: torch.Tensor, bits: int, G: int) -> torch.Tensor:
     return q
 
 
-def _qdot_pack(w: QWeight, chunk: int = 4096) -> dict:
+def _qdot_pack_jit(w: QWeight) -> dict | None:
+    """_qdot_pack's result from the JIT library's one-pass loop (csrc/repack.cpp); None without it."""
+    from . import jit
+
+    lib = jit.library()
+    t, N, K = w.type.name, w.out_features, w.in_features
+    if lib is None or not w.raw.is_contiguous():
+        return None
+    bits, G = {"Q4": 4, "Q5": 5, "Q6": 6, "Q8": 8}[t[:2]], 16 if t == "Q6_K" else 32
+    tiles, ng = (N + 15) // 16, K // G
+    gb = 16 * G if bits == 8 else 8 * G if bits == 4 else 8 * G + 64
+    kq = t in K_TYPES
+    st = {"qw": torch.empty(tiles, ng * gb, dtype=torch.uint8),  # every byte is written (padding rows: zeros)
+          "dw": torch.empty(tiles, (K // 256 if kq else ng) * 16, dtype=torch.float16)}
+    if t in ("Q4_1", "Q5_1", "Q4_K", "Q5_K"):
+        st["mw"] = torch.empty_like(st["dw"])
+    if kq:
+        st["sc"] = torch.empty(tiles, ng * 16, dtype=torch.int8)
+        if t != "Q6_K":
+            st["mn"] = torch.empty_like(st["sc"])
+
+    def p(k):
+        return st[k].data_ptr() if k in st else None
+
+    if lib.qdot_repack(w.type.id, w.raw.data_ptr(), N, K, w.type.type_size, p("qw"), p("dw"), p("mw"), p("sc"),
+                       p("mn")) != 0:
+        return None
+    zoff = -32.0 if t == "Q6_K" else 0.0 if kq else ZOFF.get(t, 0.0)
+    st["zoff"] = torch.tensor([zoff])
+    st["amode"] = torch.tensor([AMODE[t]], dtype=torch.int32)
+    return st
+
+
+def _qdot_pack(w: QWeight, chunk: int = 4096, jit: bool = True) -> dict:
+    """The weight in csrc/qdot.cpp's layout: by the JIT library's loop when it is there (``jit``),
+    else with PyTorch a chunk of rows at a time (the reference the tests hold the loop to)."""
+    st = _qdot_pack_jit(w) if jit else None
+    if st is not None:
+        return st
     parts = []
     kq = w.type.name in K_TYPES
     zoff = -32.0 if w.type.name == "Q6_K" else 0.0 if kq else ZOFF.get(w.type.name)
