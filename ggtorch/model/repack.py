@@ -3,7 +3,8 @@ in the repack cache (ggtorch.quant.cache) so the next load of the same file only
 from __future__ import annotations
 
 from ..quant import cache as repack_cache
-from ..quant.kernels import KERNEL_NAMES, KERNELS_BY_NAME, REFINE_TOP, Fused, fuse, install, qdot_kernel, repack_format, trim_heap
+from ..quant.kernels import (KERNEL_NAMES, KERNELS_BY_NAME, REFINE_TOP, Fused, fuse, install, qdot_fused, qdot_kernel,
+                             repack_format, trim_heap)
 
 # Two int4 planes (exact block scales) for Q8_0/Q5_x: everywhere, or only for the output matrix, whose
 # rounding reaches the logits directly; elsewhere int8 rows read fewer bytes (8 vs 10 bits a weight).
@@ -42,12 +43,22 @@ def _install(net, use_cache: bool) -> str:
 
 
 def _repack(net) -> None:
+    done = set()  # weights repacked straight into a fused matrix
+    for L in getattr(net, "layers", []):
+        for key, names in FUSIONS:
+            f = qdot_fused([L.get(n) for n in names])
+            if f is not None:
+                L[key] = f
+                done.update(id(L[n]) for n in names)
     for i, w in enumerate(net._weights.values()):
-        install(w, planes=PLANES_EVERYWHERE or w is net.output)
+        if id(w) not in done:
+            install(w, planes=PLANES_EVERYWHERE or w is net.output)
         if i % 8 == 7:
             trim_heap()  # repacking frees multi-MB temporaries; hand them back so they don't add to the peak
     for L in getattr(net, "layers", []):
         for key, names in FUSIONS:
+            if isinstance(L.get(key), Fused):
+                continue
             f = fuse([L.get(n) for n in names])
             if f is not None:
                 L[key] = f

@@ -236,19 +236,13 @@ def _qdot_values(u: torch.Tensor, bits: int, G: int) -> torch.Tensor:
     return q
 
 
-def _qdot_pack_jit(w: QWeight) -> dict | None:
-    """_qdot_pack's result from the JIT library's one-pass loop (csrc/repack.cpp); None without it."""
-    from . import jit
-
-    lib = jit.library()
-    t, N, K = w.type.name, w.out_features, w.in_features
-    if lib is None or not w.raw.is_contiguous():
-        return None
+def _qdot_alloc(t: str, N: int, K: int) -> dict:
+    """Uninitialized tensors for N rows of type t in csrc/qdot.cpp's layout (qdot_repack writes every byte)."""
     bits, G = {"Q4": 4, "Q5": 5, "Q6": 6, "Q8": 8}[t[:2]], 16 if t == "Q6_K" else 32
     tiles, ng = (N + 15) // 16, K // G
     gb = 16 * G if bits == 8 else 8 * G if bits == 4 else 8 * G + 64
     kq = t in K_TYPES
-    st = {"qw": torch.empty(tiles, ng * gb, dtype=torch.uint8),  # every byte is written (padding rows: zeros)
+    st = {"qw": torch.empty(tiles, ng * gb, dtype=torch.uint8),
           "dw": torch.empty(tiles, (K // 256 if kq else ng) * 16, dtype=torch.float16)}
     if t in ("Q4_1", "Q5_1", "Q4_K", "Q5_K"):
         st["mw"] = torch.empty_like(st["dw"])
@@ -256,17 +250,55 @@ def _qdot_pack_jit(w: QWeight) -> dict | None:
         st["sc"] = torch.empty(tiles, ng * 16, dtype=torch.int8)
         if t != "Q6_K":
             st["mn"] = torch.empty_like(st["sc"])
-
-    def p(k):
-        return st[k].data_ptr() if k in st else None
-
-    if lib.qdot_repack(w.type.id, w.raw.data_ptr(), N, K, w.type.type_size, p("qw"), p("dw"), p("mw"), p("sc"),
-                       p("mn")) != 0:
-        return None
-    zoff = -32.0 if t == "Q6_K" else 0.0 if kq else ZOFF.get(t, 0.0)
-    st["zoff"] = torch.tensor([zoff])
+    st["zoff"] = torch.tensor([-32.0 if t == "Q6_K" else 0.0 if kq else ZOFF.get(t, 0.0)])
     st["amode"] = torch.tensor([AMODE[t]], dtype=torch.int32)
     return st
+
+
+def _qdot_fill(lib, w: QWeight, st: dict, row0: int = 0) -> bool:
+    """Repack w's rows into st from row row0 on (a multiple of 16) with the library's loop."""
+    tile0 = row0 // 16
+
+    def p(k):
+        return st[k][tile0:].data_ptr() if k in st else None
+
+    return lib.qdot_repack(w.type.id, w.raw.data_ptr(), w.out_features, w.in_features, w.type.type_size, p("qw"),
+                           p("dw"), p("mw"), p("sc"), p("mn")) == 0
+
+
+def _qdot_pack_jit(w: QWeight) -> dict | None:
+    """_qdot_pack's result from the JIT library's one-pass loop (csrc/repack.cpp); None without it."""
+    from . import jit
+
+    lib = jit.library()
+    if lib is None or not w.raw.is_contiguous():
+        return None
+    st = _qdot_alloc(w.type.name, w.out_features, w.in_features)
+    return st if _qdot_fill(lib, w, st) else None
+
+
+def qdot_fused(ws: list[QWeight | None]):
+    """Weights that share an input (Q/K/V, gate/up) repacked straight into one fused matrix, without
+    packing each and concatenating (that copy was an eighth of a 1.1B model's load); None when the
+    parts cannot share one JIT layout (then install() and fuse() take them one by one)."""
+    from . import jit
+
+    lib = jit.library()
+    if lib is None or any(w is None or w.type.name not in QDOT_TYPES or w.out_features % 16 or w.dense is not None
+                          or w.device.type != "cpu" or w.kernel is not None or not w.raw.is_contiguous() for w in ws):
+        return None
+    if len({w.type.name for w in ws}) != 1 or len({w.in_features for w in ws}) != 1:
+        return None
+    st = _qdot_alloc(ws[0].type.name, sum(w.out_features for w in ws), ws[0].in_features)
+    row = 0
+    for w in ws:
+        if not _qdot_fill(lib, w, st, row):
+            return None
+        row += w.out_features
+    for w in ws:
+        if w.release is not None:
+            w.release()
+    return Fused.from_state(qdot_kernel, st, [w.out_features for w in ws], ws[0].in_features)
 
 
 def _qdot_pack(w: QWeight, chunk: int = 4096, jit: bool = True) -> dict:
