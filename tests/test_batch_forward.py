@@ -73,7 +73,7 @@ def test_smollm_batched_decode_equals_each_alone(smollm, smollm_exact):
     # apart, while fast vs exact differ by up to 1.25 on the same tokens.
     noise = float((want - ref).abs().max())
     assert (got - want).abs().max() <= 0.75 * noise, ((got - want).abs().max(), noise)
-    from ggtorch.quant.kernels import qdot_kernel
+    from ggtorch.quant.qdot import qdot_kernel
     if smollm.net.output.kernel is qdot_kernel:  # the JIT kernel's rows do not depend on the batch:
         assert ((got - want).abs().amax(-1) < 1e-4).sum() >= 4  # most rows are bit-for-bit the same
     # where they differ, only near-ties can change the greedy token

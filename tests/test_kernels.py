@@ -8,8 +8,9 @@ import torch
 from conftest import GOLDENS, TINY, golden, tiny_manifest
 import ggtorch
 from ggtorch.quant import jit
-from ggtorch.quant.kernels import (_int4_parts, _plane_parts, _qdot_pack, _qdot_parts, _qdot_tiles, install, planes_kernel,
-                                   qdot_kernel, qdot_unpack)
+from ggtorch.quant.blocks import _int4_parts, _plane_parts
+from ggtorch.quant.kernels import install, planes_kernel
+from ggtorch.quant.qdot import _qdot_pack, _qdot_parts, _qdot_tiles, qdot_kernel, qdot_unpack
 
 
 def need_jit():
@@ -44,7 +45,7 @@ def test_jit_repack_equals_the_pytorch_repack(t):
     """csrc/repack.cpp writes the same bytes as the PyTorch reference (_qdot_pack with jit=False), for
     whole tiles and for a row count that leaves a partial tile (padding rows stay zero)."""
     need_jit()
-    from ggtorch.quant.kernels import _qdot_pack_jit
+    from ggtorch.quant.qdot import _qdot_pack_jit
     from ggtorch.quant.linear import QWeight
 
     m = ggtorch.load(str(TINY / f"tiny-llama-{t}.gguf"), fast=False)
@@ -101,7 +102,7 @@ def test_qdot_k_layout_matches_its_reference_and_float(bits, G, mins):
     d, dmin per 256) equals its portable loop (float sums in another order) and the float product within
     int8 activation rounding, with extreme sub-scales (Q6_K's -128..127, 6-bit 63) and values."""
     need_jit()
-    from ggtorch.quant.kernels import _qdot_ktiles
+    from ggtorch.quant.qdot import _qdot_ktiles
 
     g = torch.Generator().manual_seed(bits)
     for M, N, K in ((1, 96, 512), (3, 36, 256), (6, 132, 768), (5, 8, 2048), (9, 20, 256)):

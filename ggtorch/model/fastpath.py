@@ -136,7 +136,7 @@ class Step:
     (0 none, 1 global tables, 2 local tables) and ``window``; and the FFN activation."""
 
     def __init__(self, model, layers: list[dict], act: str):
-        from ..quant.kernels import qdot_kernel, qdot_linear
+        from ..quant.qdot import qdot_kernel, qdot_linear
 
         c = model.cfg
         self.keep = []  # what the structs point into

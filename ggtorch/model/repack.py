@@ -3,8 +3,8 @@ in the repack cache (ggtorch.quant.cache) so the next load of the same file only
 from __future__ import annotations
 
 from ..quant import cache as repack_cache
-from ..quant.kernels import (KERNEL_NAMES, KERNELS_BY_NAME, REFINE_TOP, Fused, fuse, install, qdot_fused, qdot_kernel,
-                             repack_format, trim_heap)
+from ..quant.kernels import KERNEL_NAMES, KERNELS_BY_NAME, REFINE_TOP, Fused, fuse, install, repack_format, trim_heap
+from ..quant.qdot import qdot_fused, qdot_kernel
 
 # Two int4 planes (exact block scales) for Q8_0/Q5_x: everywhere, or only for the output matrix, whose
 # rounding reaches the logits directly; elsewhere int8 rows read fewer bytes (8 vs 10 bits a weight).
