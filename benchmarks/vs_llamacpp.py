@@ -4,7 +4,8 @@
     python benchmarks/vs_llamacpp.py --synthetic [--synthetic-dir DIR] [--types Q4_0,Q8_0,Q4_K_M]
 
 Each measurement runs in its own process, so peak RSS is its own. ggtorch's load is measured twice,
-with a fresh repack cache (cold: repack, then store) and with the stored one (warm: memory-mapped);
+with a fresh repack cache (cold: repack; the entry is written on a thread after load returns) and
+with the stored one (warm: memory-mapped);
 prefill, decode and peak RSS come from the warm process. The repack cache is a temporary directory,
 never the user's. Peak RSS is printed in total and above a floor: `import torch` alone for ggtorch,
 `import llama_cpp` alone for llama.cpp, both measured in the same run.
