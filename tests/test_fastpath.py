@@ -1,6 +1,6 @@
-"""The JIT library's decode-step operations (model/fastpath.py, quant/csrc/ops.cpp) compute what the
-PyTorch path computes: attention with its norms, RoPE, KV-cache writes and sliding windows, for one
-token and for batched steps, and the gated FFN activations."""
+"""The JIT library's decode-step operations (model/fastpath.py, quant/csrc/ops.cpp, step.cpp) compute
+what the PyTorch path computes: attention with its norms, RoPE, KV-cache writes and sliding windows,
+for short prompts, one token and batched steps, and the gated FFN activations."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -59,10 +59,10 @@ def test_one_token_step_equals_the_pytorch_path(name, kv, gemma_tiny, monkeypatc
     seq = SEQS[0] + [11, 12, 13, 14]
     calls = counting(monkeypatch)
     got, cg = decode(net, seq, kv, 5)
-    assert len(calls) == 5 * net.cfg.n_layer  # every layer of every one-token step took the JIT path
+    assert len(calls) == (1 + 5) * net.cfg.n_layer  # every layer of the short prefill and of each step
     monkeypatch.setattr(fastpath, "ENABLED", False)
     want, cw = decode(net, seq, kv, 5)
-    assert len(calls) == 5 * net.cfg.n_layer
+    assert len(calls) == (1 + 5) * net.cfg.n_layer
     # a last-bit difference before the cache's rounding can round a key to the neighbouring f16/bf16 value
     lt = {"f32": 1e-4, "f16": 5e-4, "bf16": 2e-3}[kv]
     assert torch.allclose(got, want, atol=lt, rtol=lt), (got - want).abs().max()
@@ -138,9 +138,23 @@ def test_step_not_taken_where_it_cannot_compute_the_same(monkeypatch):
     assert exact.step_spec() is not None and fastpath.step_of(exact) is None
     fast = ggtorch.load(str(TINY / "tiny-llama-Q4_0.gguf"), fast=True).net
     assert fastpath.step_of(fast) is not None
-    calls = counting(monkeypatch)
     c = fast.new_cache(8)
     fast.forward(SEQS[0], c)
+    calls = counting(monkeypatch)
     seen = []
     fast.forward([5], c, trace=lambda n, t: seen.append(n))
     assert not calls and "Qcur-0" in seen and "l_out-1" in seen
+
+
+def test_short_prompt_alone_equals_riding_along():
+    """A prompt of up to MAX_TOKENS tokens gets the same arithmetic alone (forward) as riding along with
+    another sequence's decode step (forward_batch): the server's answers do not depend on company."""
+    net = ggtorch.load(str(TINY / "tiny-llama-Q4_0.gguf"), fast=True).net
+    prompt = SEQS[0] + SEQS[3]
+    alone = net.new_cache(8, dtype="f16")
+    want = net.forward(prompt, alone, all_logits=True)
+    pool = net.new_pool(2, 64, dtype="f16")
+    net.forward(SEQS[2], pool, slot=0)
+    got = net.forward_batch([5] + prompt, [0] + [1] * len(prompt), pool)
+    assert torch.equal(got[1:], want)
+    assert torch.equal(pool.k[0][1, :, :len(prompt)], alone.k[0][0, :, :len(prompt)])

@@ -189,8 +189,9 @@ class Transformer:
         the blocks write to (one slot, or one slot per token)."""
         rope_pos = pos + int(self.faults.get("position_offset", 0))
         ctx = self.prepare(pos, rope_pos, n_kv)
-        # one token of one sequence, or a batched step: the JIT library's attention (model/fastpath.py)
-        ctx["rows"] = fastpath.rows(cache, start) if fastpath.usable(self, ids.numel(), cache, trace) else None
+        # a batched step, or a few tokens of one sequence: the JIT library's attention (model/fastpath.py)
+        T = ids.numel()
+        ctx["rows"] = fastpath.rows(cache, start, T) if fastpath.usable(self, T, cache, trace) else None
         x = self.embed(ids)
         if self.cfg.embed_scale != 1.0:
             x = x * self.cfg.embed_scale

@@ -1,12 +1,13 @@
-"""A single sequence's one-token step through the JIT library's small operations (quant/csrc/ops.cpp).
+"""Decode steps and short prompts through the JIT library (quant/csrc/ops.cpp and step.cpp).
 
 Decoding one token costs each layer about twenty small PyTorch operations around its matrix products:
 splitting the fused Q/K/V product, per-head norms, RoPE, writing K and V into the float16 cache and
 reading the cache back as float32, attention, reshapes. Each is cheap, but their dispatch cost was
-half of SmolLM2's decode step (4.9 of 9.3 ms, measured). ``attend1`` does the same arithmetic in one
-foreign call. It is taken only where it computes exactly what ``Transformer.attend`` would: one token
-of one sequence (a :class:`SlotView`), no tracer (a trace reports the intermediate tensors under
-llama.cpp's names), no ggml-numerics mode, no fault injection, on CPU with the library built.
+half of SmolLM2's decode step (4.9 of 9.3 ms, measured). ``attend`` does the same arithmetic in one
+foreign call, and ``Step`` runs every layer of the step in one. They are taken for a batched step
+(a :class:`BatchView`) and for up to MAX_TOKENS tokens of one sequence (a :class:`SlotView`), with no
+tracer (a trace reports the intermediate tensors under llama.cpp's names), no ggml-numerics mode, no
+fault injection, on CPU with the library built.
 """
 from __future__ import annotations
 
@@ -22,18 +23,28 @@ ENABLED = True  # tests compare with the PyTorch path by turning this off
 KV_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # ops.cpp's load_kv/store_kv
 
 
+# A single sequence's forward of up to this many tokens takes the per-token attention too: the server's
+# prompts of up to batch.BatchEngine.mixed_chunk (32) tokens ride along with other sequences' decode
+# step through it, so a short prompt gets the same arithmetic whether it is served alone or in a batch
+# (and a chat's next turn, whose cached prefix leaves a few tokens, the same as a fresh one). Longer
+# prompts take PyTorch's fused attention, which is faster for long query blocks.
+MAX_TOKENS = 32
+
+
 def usable(model, n_tokens: int, cache, trace) -> bool:
     """Whether this forward may take the JIT attention (see the module's docstring)."""
-    one = isinstance(cache, SlotView) and n_tokens == 1
-    return ((one or isinstance(cache, BatchView)) and ENABLED and trace is None and not model.numerics and not model.faults
-            and model.device.type == "cpu" and cache.pool.dtype in KV_TYPES and jit.available())
+    short = isinstance(cache, SlotView) and n_tokens <= MAX_TOKENS
+    return ((short or isinstance(cache, BatchView)) and ENABLED and trace is None and not model.numerics
+            and not model.faults and model.device.type == "cpu" and cache.pool.dtype in KV_TYPES and jit.available())
 
 
-def rows(cache, start) -> tuple[torch.Tensor, torch.Tensor]:
+def rows(cache, start, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(slot, position) of each token as int64 tensors, made once per forward for all layers."""
     if isinstance(cache, BatchView):
         return cache.idx.contiguous(), cache.pos.to(torch.int64).contiguous()
-    return torch.tensor([cache.slot], dtype=torch.int64), torch.tensor([int(start)], dtype=torch.int64)
+    start = int(start)
+    return (torch.full((n_tokens,), cache.slot, dtype=torch.int64),
+            torch.arange(start, start + n_tokens, dtype=torch.int64))
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
