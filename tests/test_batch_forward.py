@@ -73,9 +73,9 @@ def test_smollm_batched_decode_equals_each_alone(smollm, smollm_exact):
     # apart, while fast vs exact differ by up to 1.25 on the same tokens.
     noise = float((want - ref).abs().max())
     assert (got - want).abs().max() <= 0.75 * noise, ((got - want).abs().max(), noise)
-    from ggtorch.quant.qdot import qdot_kernel
-    if smollm.net.output.kernel is qdot_kernel:  # the JIT kernel's rows do not depend on the batch:
-        assert ((got - want).abs().amax(-1) < 1e-4).sum() >= 4  # most rows are bit-for-bit the same
+    from ggtorch.model import fastpath
+    if fastpath.step_of(smollm.net) is not None:  # the JIT library: the matmul's rows do not depend on the
+        assert torch.equal(got, want)  # batch and each token's attention is the same loop: bit for bit
     # where they differ, only near-ties can change the greedy token
     top2 = ref.topk(2, dim=-1).values
     assert ((got.argmax(-1) == want.argmax(-1)) | (top2[:, 0] - top2[:, 1] < 2 * noise)).all()
