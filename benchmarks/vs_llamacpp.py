@@ -4,8 +4,8 @@
     python benchmarks/vs_llamacpp.py --synthetic [--synthetic-dir DIR] [--types Q4_0,Q8_0,Q4_K_M]
 
 Each measurement runs in its own process, so peak RSS is its own. ggtorch's load is measured twice,
-with a fresh repack cache (cold: repack; the entry is written on a thread after load returns) and
-with the stored one (warm: memory-mapped);
+with a fresh repack cache (cold: repack; the entry is written on a thread after load returns; the
+median of --cold-reps fresh processes) and with the stored one (warm: memory-mapped);
 prefill, decode and peak RSS come from the warm process. The repack cache is a temporary directory,
 never the user's. Peak RSS is printed in total and above a floor: `import torch` alone for ggtorch,
 `import llama_cpp` alone for llama.cpp, both measured in the same run.
@@ -95,16 +95,23 @@ def _expert_traffic(root, path, a, env):
 
 def run_one(path: str, a, have_llama: bool) -> tuple[dict, dict | None]:
     root = os.path.join(HERE, "..")
+    fast = int(not a.exact)
+    colds = []
+    for _ in range(a.cold_reps - 1):  # extra cold loads, each with its own empty cache (median reported)
+        with tempfile.TemporaryDirectory(prefix="ggtorch-bench-cache-") as d:
+            env = {**os.environ, "GGTORCH_REPACK_CACHE": d, "PYTHONPATH": root}
+            colds.append(json.loads(child(GGTORCH_CHILD, root, path, a.p, a.n, a.r, a.threads, fast, 1, env=env)))
     with tempfile.TemporaryDirectory(prefix="ggtorch-bench-cache-") as d:
         env = {**os.environ, "GGTORCH_REPACK_CACHE": d, "PYTHONPATH": root}
-        fast = int(not a.exact)
-        cold = json.loads(child(GGTORCH_CHILD, root, path, a.p, a.n, a.r, a.threads, fast, 1, env=env))
+        colds.append(json.loads(child(GGTORCH_CHILD, root, path, a.p, a.n, a.r, a.threads, fast, 1, env=env)))
+        cold = sorted(colds, key=lambda c: c["load_s"])[len(colds) // 2]
+        cold["all_s"] = [round(c["load_s"], 3) for c in colds]
         ours = json.loads(child(GGTORCH_CHILD, root, path, a.p, a.n, a.r, a.threads, fast, 0, env=env))
         ours["moe"] = _expert_traffic(root, path, a, env)
         # time to first token from the command line, warm cache: `ggtorch run -n 1`, process start to exit
         ours["ttft_cli_s"] = wall([sys.executable, "-m", "ggtorch", "run", path, "-p", "Hello", "-n", "1",
                                    "--threads", str(a.threads)] + (["--exact"] if a.exact else []), env=env)
-    ours.update(backend="ggtorch" + (" exact" if a.exact else ""), load_cold_s=cold["load_s"],
+    ours.update(backend="ggtorch" + (" exact" if a.exact else ""), load_cold_s=cold["load_s"], load_cold_all_s=cold["all_s"],
                 cold_peak_rss_mb=cold["peak_rss_mb"], load_warm_s=ours["load_s"],
                 warm_cache=ours.get("repack_cache"), cold_cache=cold["repack_cache"])
     ref = None
@@ -121,6 +128,8 @@ def main():
     ap.add_argument("-r", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--exact", action="store_true", help="ggtorch's float32 reference path instead of its kernels")
+    ap.add_argument("--cold-reps", type=int, default=3, help="cold loads per model, each in a fresh process with an "
+                    "empty cache (the median is printed; this machine's spread between single runs was 2x)")
     ap.add_argument("--synthetic", action="store_true", help="add the random 1.1B models (TinyLlama shape)")
     ap.add_argument("--synthetic-dir", default="/tmp/ggtorch-synthetic")
     ap.add_argument("--types", default="Q4_0,Q8_0,Q4_K_M", help="synthetic model types")
@@ -164,6 +173,7 @@ def main():
                        f"| {ours['peak_rss_mb'] / ref['peak_rss_mb']:.2f}× | {ours_above / ref_above:.2f}× | |")
             rows.append(ref)
         print("\n".join(out[-3:] if ref else out[-1:]), file=sys.stderr, flush=True)
+        print(f"{name}: cold loads {ours['load_cold_all_s']} s (median in the table)", file=sys.stderr, flush=True)
         moe = ours.get("moe")
         if moe:
             print(f"{name}: expert weights read per decoded token {moe['expert_bytes_per_token'] / 1024:.1f} KiB of "
