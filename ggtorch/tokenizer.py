@@ -118,9 +118,8 @@ class Tokenizer:
         self.scores = np.asarray(scores, dtype=np.float32) if scores is not None else np.zeros(n, np.float32)
         if len(self.types) != n or len(self.scores) != n:
             raise TokenizerError(f"token_type/scores have {len(self.types)}/{len(self.scores)} entries, tokens has {n}")
-        self.token_to_id: dict[str, int] = {}
-        for i, t in enumerate(self.tokens):
-            self.token_to_id.setdefault(t, i)
+        # the first id of a duplicated text wins: built from the end, earlier ids overwrite later ones
+        self.token_to_id: dict[str, int] = dict(zip(reversed(self.tokens), range(n - 1, -1, -1)))
         spm = self.model == "llama"
         self.pre = g("tokenizer.ggml.pre", "default") if not spm else "default"
         if not spm and self.pre not in PRE_TOKENIZERS:
@@ -153,10 +152,9 @@ class Tokenizer:
         if spm:
             self.byte_ids = [self.token_to_id.get(f"<0x{b:02X}>") for b in range(256)]
         else:
-            self.ranks: dict[tuple[str, str], int] = {}
-            for r, m in enumerate(g("tokenizer.ggml.merges") or []):
-                a, _, b = m.partition(" ")
-                self.ranks.setdefault((a, b), r)
+            pairs = [m.partition(" ")[::2] for m in g("tokenizer.ggml.merges") or []]
+            # the first rank of a repeated merge wins (as above)
+            self.ranks: dict[tuple[str, str], int] = dict(zip(reversed(pairs), range(len(pairs) - 1, -1, -1)))
             self.regexes = [regex.compile(r) for r in _REGEXES[regex_set]]
         self._piece_cache: dict[int, bytes] = {}
 
