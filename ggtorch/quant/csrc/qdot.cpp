@@ -135,36 +135,45 @@ static inline void unpack(int bits, int G, const uint8_t *q, __m512i *w) {
     }
 }
 
+// a tile's group: prefetch the one two groups ahead (the next row block of the stream), then unpack
+static inline void load_group(int bits, int G, const uint8_t *q, int64_t gb, __m512i *w) {
+    for (int c = 0; c < 4; c++) _mm_prefetch((const char *)(q + 2 * gb + 64 * c), _MM_HINT_T0);
+    unpack(bits, G, q, w);
+}
+
+// group g of one tile against MT activation rows: the integer dot products of 16 rows at once, then
+// acc += dot * (sw * dx) + mw * sx per row (sw, mw: the group's scale and offset per weight row)
+template <int MT>
+static inline void group_rows(const __m512i *w, int G, __m512 sw, __m512 mw, int64_t K, const int8_t *xq,
+                              const float *dx, const float *sx, int64_t m0, int64_t g, __m512 *acc) {
+    const int64_t ng = K / G;
+    for (int i = 0; i < MT; i++) {
+        const int8_t *x = xq + (m0 + i) * K + g * G;
+        __m512i d = _mm512_setzero_si512();
+        for (int s = 0; s < G / 4; s++) {
+            int32_t x4;
+            memcpy(&x4, x + 4 * s, 4);
+            d = _mm512_dpbusd_epi32(d, w[s], _mm512_set1_epi32(x4));
+        }
+        const float *dxi = dx + (m0 + i) * ng, *sxi = sx + (m0 + i) * ng;
+        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sw, _mm512_set1_ps(dxi[g])), acc[i]);
+        acc[i] = _mm512_fmadd_ps(mw, _mm512_set1_ps(sxi[g]), acc[i]);
+    }
+}
+
 template <int MT>
 static void tile(int bits, int G, const uint8_t *qt, const uint16_t *dt, const uint16_t *mt, float zoff, int64_t K,
                  const int8_t *xq, const float *dx, const float *sx, int64_t m0, float *out, int64_t ldo) {
     const int64_t ng = K / G, gb = group_bytes(bits, G);
-    const int steps = G / 4;
     __m512 acc[MT];
     for (int i = 0; i < MT; i++) acc[i] = _mm512_setzero_ps();
     for (int64_t g = 0; g < ng; g++) {
-        const uint8_t *q = qt + g * gb;
-        _mm_prefetch((const char *)(q + 2 * gb), _MM_HINT_T0);
-        _mm_prefetch((const char *)(q + 2 * gb + 64), _MM_HINT_T0);
-        _mm_prefetch((const char *)(q + 2 * gb + 128), _MM_HINT_T0);
-        _mm_prefetch((const char *)(q + 2 * gb + 192), _MM_HINT_T0);
         __m512i w[8];
-        unpack(bits, G, q, w);
+        load_group(bits, G, qt + g * gb, gb, w);
         const __m512 sw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dt + g * 16)));
         const __m512 mw = mt ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(mt + g * 16)))
                              : _mm512_mul_ps(sw, _mm512_set1_ps(zoff));
-        for (int i = 0; i < MT; i++) {
-            const int8_t *x = xq + (m0 + i) * K + g * G;
-            __m512i d = _mm512_setzero_si512();
-            for (int s = 0; s < steps; s++) {
-                int32_t x4;
-                memcpy(&x4, x + 4 * s, 4);
-                d = _mm512_dpbusd_epi32(d, w[s], _mm512_set1_epi32(x4));
-            }
-            const float *dxi = dx + (m0 + i) * ng, *sxi = sx + (m0 + i) * ng;
-            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sw, _mm512_set1_ps(dxi[g])), acc[i]);
-            acc[i] = _mm512_fmadd_ps(mw, _mm512_set1_ps(sxi[g]), acc[i]);
-        }
+        group_rows<MT>(w, G, sw, mw, K, xq, dx, sx, m0, g, acc);
     }
     for (int i = 0; i < MT; i++) _mm512_storeu_ps(out + (m0 + i) * ldo, acc[i]);
 }
@@ -175,38 +184,21 @@ template <int MT>
 static void ktile(int bits, int G, const uint8_t *qt, const int8_t *st, const int8_t *nt, const uint16_t *dt,
                   const uint16_t *mt, float zoff, int64_t K, const int8_t *xq, const float *dx, const float *sx,
                   int64_t m0, float *out, int64_t ldo) {
-    const int64_t ng = K / G, gb = group_bytes(bits, G), ns = 256 / G;
-    const int steps = G / 4;
+    const int64_t gb = group_bytes(bits, G), ns = 256 / G;
     __m512 acc[MT];
     for (int i = 0; i < MT; i++) acc[i] = _mm512_setzero_ps();
     for (int64_t sb = 0; sb < K / 256; sb++) {
         const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dt + sb * 16)));
         const __m512 mv = mt ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(mt + sb * 16))) : dv;
         for (int64_t g = sb * ns; g < (sb + 1) * ns; g++) {
-            const uint8_t *q = qt + g * gb;
-            _mm_prefetch((const char *)(q + 2 * gb), _MM_HINT_T0);
-            _mm_prefetch((const char *)(q + 2 * gb + 64), _MM_HINT_T0);
-            _mm_prefetch((const char *)(q + 2 * gb + 128), _MM_HINT_T0);
-            _mm_prefetch((const char *)(q + 2 * gb + 192), _MM_HINT_T0);
             __m512i w[8];
-            unpack(bits, G, q, w);
+            load_group(bits, G, qt + g * gb, gb, w);
             const __m512 sw = _mm512_mul_ps(
                 dv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(st + g * 16)))));
             const __m512 mw = nt ? _mm512_mul_ps(mv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
                                                          _mm_loadu_si128((const __m128i *)(nt + g * 16)))))
                                  : _mm512_mul_ps(sw, _mm512_set1_ps(zoff));
-            for (int i = 0; i < MT; i++) {
-                const int8_t *x = xq + (m0 + i) * K + g * G;
-                __m512i d = _mm512_setzero_si512();
-                for (int s = 0; s < steps; s++) {
-                    int32_t x4;
-                    memcpy(&x4, x + 4 * s, 4);
-                    d = _mm512_dpbusd_epi32(d, w[s], _mm512_set1_epi32(x4));
-                }
-                const float *dxi = dx + (m0 + i) * ng, *sxi = sx + (m0 + i) * ng;
-                acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sw, _mm512_set1_ps(dxi[g])), acc[i]);
-                acc[i] = _mm512_fmadd_ps(mw, _mm512_set1_ps(sxi[g]), acc[i]);
-            }
+            group_rows<MT>(w, G, sw, mw, K, xq, dx, sx, m0, g, acc);
         }
     }
     for (int i = 0; i < MT; i++) _mm512_storeu_ps(out + (m0 + i) * ldo, acc[i]);
