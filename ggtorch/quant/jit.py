@@ -3,7 +3,7 @@
 call), repack.cpp (GGUF blocks into the kernel's layout).
 
 Nothing is compiled at install time. The first process that wants the kernel compiles it
-(``-O3 -march=native -fopenmp``, about a second) into ``~/.cache/ggtorch/jit/<key>/``, where the key
+(``-O3 -march=native -fopenmp``, about 5 s for the four files here) into ``~/.cache/ggtorch/jit/<key>/``, where the key
 covers the source, the compiler and the CPU; later processes load the cached library. It is written
 to a temporary name and renamed, so concurrent processes never load half a file. When there is no
 compiler, the build fails, or ``GGTORCH_JIT=0`` is set, :func:`library` returns None and the fast
