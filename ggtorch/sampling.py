@@ -234,10 +234,11 @@ def _typical_cand(vals: torch.Tensor, typ: torch.Tensor) -> torch.Tensor:
     return vals.masked_fill(~keep & (typ < 1.0), _NEG_INF)
 
 
-def _top_p_cand(vals: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+def _top_p_cand(vals: torch.Tensor, top: torch.Tensor, lse: torch.Tensor | None = None) -> torch.Tensor:
     """llama_sampler_top_p_apply on candidates sorted by logit: keep the shortest prefix whose mass
-    reaches p, at least one token (min_keep = 1)."""
-    probs = _softmax(vals)
+    reaches p, at least one token (min_keep = 1). ``lse``: the log of the normalizer when the
+    candidates are only the head of the distribution (the whole vocabulary's logsumexp)."""
+    probs = _softmax(vals) if lse is None else (vals - lse).exp()
     drop = (probs.cumsum(-1) - probs) >= top  # the ones before it already reach p
     drop[:, 0] = False
     return vals.masked_fill(drop & (top < 1.0), _NEG_INF)
@@ -261,22 +262,51 @@ def _draw(probs: torch.Tensor, gens) -> torch.Tensor:
     return torch.minimum(pos, last)
 
 
+_HEAD = 256  # candidates tried first when a whole-vocabulary row only needs its head (llama.cpp: 256 too)
+
+
+def _head(x: torch.Tensor, params, typical: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Whole-vocabulary rows with top-p or min-p: as llama_sampler_top_p_apply's adaptive partial
+    sort, try the _HEAD best logits first. They are enough when, for every row, the head already holds
+    top_p of the mass (top-p then drops everything after it) or its last logit is below min-p's
+    threshold (min-p drops everything after it); then top-p runs on the head with the whole row's
+    normaliser. Otherwise (or with typical-p, which needs the whole distribution) sort the row.
+    Returns the candidates, their ids, and the normaliser's log (None after a full sort)."""
+    n_vocab = x.shape[1]
+    if not typical and n_vocab > 4 * _HEAD:
+        vals, idx = topk_rows(x, _HEAD)
+        lse = torch.logsumexp(x, -1, keepdim=True)
+        top = _col([p.top_p for p in params])
+        mp = _col([p.min_p for p in params])
+        mass = (vals - lse).exp().sum(-1, keepdim=True)
+        cut = (vals[:, -1:] < vals[:, :1] + torch.log(mp.clamp_min(1e-30))) & (mp > 0.0)
+        if bool(((mass >= top) & (top < 1.0) | cut).all()):
+            return vals, idx, lse
+    vals, idx = torch.sort(x, -1, descending=True)
+    return vals, idx, None
+
+
 def _candidates(x: torch.Tensor, params, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The rows x [G, V] (of one kind of top-k: k candidates, or k = V for the whole vocabulary)
     through top-k, typical, top-p, min-p and temperature. Returns the candidates' probabilities and
     token ids, both [G, k], sorted by logit (dropped candidates have probability 0)."""
-    n_vocab = x.shape[1]
-    if k >= n_vocab:
-        vals, idx = torch.sort(x, -1, descending=True)
+    n_vocab, lse = x.shape[1], None
+    typical = any(p.typical_p < 1.0 for p in params)
+    if k >= n_vocab and not typical and all(p.top_p >= 1.0 and p.min_p <= 0.0 for p in params):
+        # nothing to cut: draw over the whole row in vocabulary order (llama_sampler_dist_apply does
+        # not sort either)
+        vals, idx = x, torch.arange(n_vocab).expand(x.shape[0], n_vocab)
+    elif k >= n_vocab:
+        vals, idx, lse = _head(x, params, typical)
     else:
         vals, idx = topk_rows(x, k)  # sorted, descending: llama_sampler_top_k_impl
         ks = [p.top_k for p in params]
         if min(ks) < k:  # rows asking for fewer candidates than the group's largest k
             vals = vals.masked_fill(torch.arange(k) >= _col(ks, torch.int64), _NEG_INF)
-    if any(p.typical_p < 1.0 for p in params):
+    if typical:
         vals = _typical_cand(vals, _col([p.typical_p for p in params]))
     if any(p.top_p < 1.0 for p in params):
-        vals = _top_p_cand(vals, _col([p.top_p for p in params]))
+        vals = _top_p_cand(vals, _col([p.top_p for p in params]), lse)
     if any(p.min_p > 0.0 for p in params):
         vals = _min_p_cand(vals, _col([p.min_p for p in params]))
     temp = {p.temperature for p in params}  # llama_sampler_temp_impl

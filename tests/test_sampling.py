@@ -81,7 +81,7 @@ def mixed_rows():
         (S(temperature=1.0, top_k=0, top_p=0.95, min_p=0.0, typical_p=0.9), [], None),
         (S(temperature=0.9, repeat_penalty=1.5, frequency_penalty=0.3, presence_penalty=0.2, repeat_last_n=8,
            top_p=1.0, min_p=0.0), hist, None),  # penalties over the last 8 tokens
-        (S(temperature=0.9, logit_bias={3: 9.0, "9": 12.5, 11: -100.0}), [], None),
+        (S(temperature=0.9, top_p=1.0, min_p=0.0, logit_bias={3: 9.0, "9": 12.5, 11: -100.0}), [], None),
         (S(temperature=1.0, top_k=40, top_p=1.0, min_p=0.0), [], allowed),  # the structured-output mask
         (S(temperature=0.0, repeat_penalty=1.3, repeat_last_n=-1), hist, allowed),  # greedy after mask/penalties
         (S(temperature=0.0), [], None),
@@ -111,7 +111,7 @@ def test_sample_batch_equals_one_row_sampler():
     gb = [make_generator(100 + i) for i in range(len(rows))]
     g1 = [make_generator(100 + i) for i in range(len(rows))]
     seen = set()
-    for step in range(6):  # several steps: each row's generator must advance exactly as alone
+    for step in range(4):  # several steps: each row's generator must advance exactly as alone
         x = logits_rows(len(rows), step)
         got = sample_batch(x, params, hists, gb, allowed)
         want = [sample(x[i], params[i], hists[i], g1[i], masks[i]) for i in range(len(rows))]
@@ -125,12 +125,22 @@ def test_sample_batch_equals_one_row_sampler():
     assert a[0] == b[0]
 
 
-def test_stages_match_full_vocabulary_reference():
+@pytest.mark.parametrize("subset", ["all", "head"])
+def test_stages_match_full_vocabulary_reference(subset, monkeypatch):
     rows = mixed_rows()
+    if subset == "head":  # whole-vocabulary rows whose top-p / min-p cut falls inside the 256-logit head
+        rows = [r for r in rows if not (r[0].top_k <= 0 and (r[0].typical_p < 1 or r[0].top_p > 0.8))]
+        rows.append((SamplingParams(temperature=0.6, top_k=0, top_p=0.6, min_p=0.0), [], None))
+    import ggtorch.sampling as sampling
+    heads = []
+    real_head = sampling._head
+    monkeypatch.setattr(sampling, "_head", lambda *a: heads.append(real_head(*a)[2] is not None) or real_head(*a))
     params, hists, masks = zip(*rows)
     allowed = torch.stack([m if m is not None else torch.ones(V, dtype=torch.bool) for m in masks])
     for seed in range(3):
         x = logits_rows(len(rows), 10 + seed)
+        for i, h in enumerate(hists):  # the penalised tokens among the candidates, so that they count
+            x[i, h[-12:]] = x[i].max() + torch.linspace(-2, 1, 12)
         got = sampling_probs(x, params, hists, allowed)
         for i, (p, h, m) in enumerate(rows):
             ref = reference_probs(x[i], p, h, m)
@@ -142,16 +152,17 @@ def test_stages_match_full_vocabulary_reference():
                 assert n <= p.top_k
             if m is not None:
                 assert bool(m[got[i] > 0].all())
+    assert heads == [subset == "head"] * 3  # the whole-vocabulary rows took the path meant
 
 
 def test_draw_follows_the_distribution():
     p = SamplingParams(temperature=1.0, top_k=6, top_p=1.0, min_p=0.0)
-    x = logits_rows(1, 5)[0] / 3  # a flat head: six candidates with real mass
+    x = logits_rows(1, 5)[0, :500] / 3  # a flat head: six candidates with real mass
     probs = sampling_probs(x[None], [p], [[]])[0]
     n_rows, n_steps = 100, 40
-    xs = x.expand(n_rows, V)
+    xs = x.expand(n_rows, 500)
     gens = [make_generator(1000 + i) for i in range(n_rows)]
-    counts = torch.zeros(V)
+    counts = torch.zeros(500)
     for _ in range(n_steps):
         for t in sample_batch(xs, [p] * n_rows, [[]] * n_rows, gens):
             counts[t] += 1
