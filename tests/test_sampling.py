@@ -125,11 +125,15 @@ def test_sample_batch_equals_one_row_sampler():
     assert a[0] == b[0]
 
 
-@pytest.mark.parametrize("subset", ["all", "head"])
+@pytest.mark.parametrize("subset", ["all", "head", "fallback"])
 def test_stages_match_full_vocabulary_reference(subset, monkeypatch):
+    """all: typical-p over the whole vocabulary sorts it; head: the whole-vocabulary rows' top-p / min-p
+    cut falls inside the 256-logit head; fallback: no typical, but top-p needs more than the head."""
     rows = mixed_rows()
-    if subset == "head":  # whole-vocabulary rows whose top-p / min-p cut falls inside the 256-logit head
-        rows = [r for r in rows if not (r[0].top_k <= 0 and (r[0].typical_p < 1 or r[0].top_p > 0.8))]
+    if subset != "all":
+        rows = [r for r in rows if not (r[0].top_k <= 0 and r[0].typical_p < 1)]
+    if subset == "head":
+        rows = [r for r in rows if not (r[0].top_k <= 0 and r[0].top_p > 0.8)]
         rows.append((SamplingParams(temperature=0.6, top_k=0, top_p=0.6, min_p=0.0), [], None))
     import ggtorch.sampling as sampling
     heads = []
@@ -140,7 +144,10 @@ def test_stages_match_full_vocabulary_reference(subset, monkeypatch):
     for seed in range(3):
         x = logits_rows(len(rows), 10 + seed)
         for i, h in enumerate(hists):  # the penalised tokens among the candidates, so that they count
-            x[i, h[-12:]] = x[i].max() + torch.linspace(-2, 1, 12)
+            if h:
+                x[i, h[-12:]] = x[i].max() + torch.linspace(-2, 1, 12)
+                if seed == 1:  # all negative: the repeat penalty multiplies instead of dividing
+                    x[i] -= x[i].max() + 0.5
         got = sampling_probs(x, params, hists, allowed)
         for i, (p, h, m) in enumerate(rows):
             ref = reference_probs(x[i], p, h, m)
