@@ -174,12 +174,12 @@ def _bias_batch(x: torch.Tensor, params) -> torch.Tensor:
 _CHUNK = 64  # a row is read as chunks of this many logits for the two-stage argmax and top-k
 
 
-def _chunks(x: torch.Tensor) -> torch.Tensor:
-    """x [B, V] as [B, V / _CHUNK, _CHUNK], padded with -inf when V is not a multiple."""
+def _chunks(x: torch.Tensor, fill: float = _NEG_INF) -> torch.Tensor:
+    """x [B, V] as [B, V / _CHUNK, _CHUNK], padded with ``fill`` when V is not a multiple."""
     n_rows, n_vocab = x.shape
     pad = -n_vocab % _CHUNK
     if pad:
-        x = torch.nn.functional.pad(x, (0, pad), value=_NEG_INF)
+        x = torch.nn.functional.pad(x, (0, pad), value=fill)
     return x.view(n_rows, -1, _CHUNK)
 
 
@@ -250,46 +250,74 @@ def _min_p_cand(vals: torch.Tensor, mp: torch.Tensor) -> torch.Tensor:
     return vals.masked_fill((vals < thresh) & (mp > 0.0), _NEG_INF)
 
 
-def _draw(probs: torch.Tensor, gens) -> torch.Tensor:
+def _searchsorted(cum: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per row, the first position whose running total exceeds target [G]."""
+    return torch.searchsorted(cum, target.unsqueeze(1), right=True).squeeze(1)
+
+
+def _draw(w: torch.Tensor, gens) -> torch.Tensor:
     """llama_sampler_dist_apply: one uniform u per row from the row's own generator; the first
-    candidate whose running mass exceeds u times the total. Returns candidate positions [G]."""
+    candidate whose running weight exceeds u times the total (weights w [G, K] >= 0, unnormalised,
+    summed in double as llama.cpp does). Over a long row the running totals are taken per chunk
+    first, then inside the chosen chunk. Returns candidate positions [G]."""
     u = torch.stack([torch.rand((), dtype=torch.float64, generator=g) for g in gens])
-    cum = probs.double().cumsum(-1)
-    target = (u * cum[:, -1]).unsqueeze(1)
-    pos = torch.searchsorted(cum, target, right=True).squeeze(1)  # cum[pos] > target: probs[pos] > 0
-    # rounding could push the target onto the total: fall back to the last candidate with mass
-    last = probs.shape[1] - 1 - (probs > 0).flip(-1).to(torch.uint8).argmax(-1)
-    return torch.minimum(pos, last)
+    n_rows, k = w.shape
+    if k <= 4 * _CHUNK:
+        cum = w.double().cumsum(-1)
+        pos = _searchsorted(cum, u * cum[:, -1])  # cum[pos] > target, so w[pos] > 0
+    else:
+        wc = _chunks(w, 0.0)
+        sums = wc.double().sum(-1)
+        cum = sums.cumsum(-1)
+        target = u * cum[:, -1]
+        c = _searchsorted(cum, target).clamp_max(cum.shape[1] - 1)
+        rows = torch.arange(n_rows)
+        inner = wc[rows, c].double().cumsum(-1)
+        pos = c * _CHUNK + _searchsorted(inner, target - (cum[rows, c] - sums[rows, c])).clamp_max(_CHUNK - 1)
+    pos = pos.clamp_max(k - 1)
+    rows = torch.arange(n_rows)
+    zero = (w[rows, pos] <= 0).nonzero().flatten()
+    if len(zero):  # rounding pushed the target onto the total: the last candidate with weight
+        pos[zero] = k - 1 - (w[zero] > 0).flip(-1).to(torch.uint8).argmax(-1)
+    return pos
 
 
-_HEAD = 256  # candidates tried first when a whole-vocabulary row only needs its head (llama.cpp: 256 too)
+_HEADS = (256, 4096)  # heads tried in turn for whole-vocabulary rows (llama.cpp's top-p starts at 256)
 
 
 def _head(x: torch.Tensor, params, typical: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Whole-vocabulary rows with top-p or min-p: as llama_sampler_top_p_apply's adaptive partial
-    sort, try the _HEAD best logits first. They are enough when, for every row, the head already holds
-    top_p of the mass (top-p then drops everything after it) or its last logit is below min-p's
-    threshold (min-p drops everything after it); then top-p runs on the head with the whole row's
-    normaliser. Otherwise (or with typical-p, which needs the whole distribution) sort the row.
+    sort, try the best logits of a head first (256, then 4096: a top-k of 4096 is several times
+    cheaper than sorting 49152). A head is enough when, for every row, it already holds top_p of the
+    mass (top-p then drops everything after it) or its last logit is below min-p's threshold (min-p
+    drops everything after it); then top-p runs on the head with the whole row's normaliser.
+    Otherwise (or with typical-p, which needs the whole distribution) sort the row.
     Returns the candidates, their ids, and the normaliser's log (None after a full sort)."""
     n_vocab = x.shape[1]
-    if not typical and n_vocab > 4 * _HEAD:
-        vals, idx = topk_rows(x, _HEAD)
-        lse = torch.logsumexp(x, -1, keepdim=True)
+    if not typical:
+        lse = None
         top = _col([p.top_p for p in params])
-        mp = _col([p.min_p for p in params])
-        mass = (vals - lse).exp().sum(-1, keepdim=True)
-        cut = (vals[:, -1:] < vals[:, :1] + torch.log(mp.clamp_min(1e-30))) & (mp > 0.0)
-        if bool(((mass >= top) & (top < 1.0) | cut).all()):
-            return vals, idx, lse
+        log_mp = torch.log(_col([p.min_p for p in params]).clamp_min(1e-30))
+        has_mp = _col([p.min_p > 0.0 for p in params], torch.bool)
+        for size in _HEADS:
+            if 4 * size > n_vocab:
+                break
+            vals, idx = topk_rows(x, size)
+            if lse is None:
+                lse = torch.logsumexp(x, -1, keepdim=True)
+            mass = (vals - lse).exp().sum(-1, keepdim=True)
+            cut = (vals[:, -1:] < vals[:, :1] + log_mp) & has_mp
+            if bool(((mass >= top) & (top < 1.0) | cut).all()):
+                return vals, idx, lse
     vals, idx = torch.sort(x, -1, descending=True)
     return vals, idx, None
 
 
 def _candidates(x: torch.Tensor, params, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The rows x [G, V] (of one kind of top-k: k candidates, or k = V for the whole vocabulary)
-    through top-k, typical, top-p, min-p and temperature. Returns the candidates' probabilities and
-    token ids, both [G, k], sorted by logit (dropped candidates have probability 0)."""
+    through top-k, typical, top-p, min-p and temperature. Returns the candidates' weights
+    (unnormalised probabilities, 1 for the best) and token ids, both [G, k], sorted by logit unless
+    nothing was cut (dropped candidates weigh 0)."""
     n_vocab, lse = x.shape[1], None
     typical = any(p.typical_p < 1.0 for p in params)
     if k >= n_vocab and not typical and all(p.top_p >= 1.0 and p.min_p <= 0.0 for p in params):
@@ -309,9 +337,11 @@ def _candidates(x: torch.Tensor, params, k: int) -> tuple[torch.Tensor, torch.Te
         vals = _top_p_cand(vals, _col([p.top_p for p in params]), lse)
     if any(p.min_p > 0.0 for p in params):
         vals = _min_p_cand(vals, _col([p.min_p for p in params]))
-    temp = {p.temperature for p in params}  # llama_sampler_temp_impl
-    vals = vals / (temp.pop() if len(temp) == 1 else _col([p.temperature for p in params]))
-    return _softmax(vals), idx
+    # llama_sampler_temp_impl, then the weights exp((l - max) / T) that llama_sampler_dist_apply draws from
+    temp = {p.temperature for p in params}
+    w = vals - vals.amax(-1, keepdim=True)
+    w.mul_(1.0 / temp.pop() if len(temp) == 1 else 1.0 / _col([p.temperature for p in params]))
+    return w.exp_(), idx
 
 
 def _prepare(logits: torch.Tensor, params, histories, n_gens: int, allowed) -> tuple[torch.Tensor, list, dict]:
@@ -364,8 +394,8 @@ def sample_batch(logits: torch.Tensor, params: Sequence[SamplingParams], histori
             out[i] = t
     for full, rows in groups.items():
         ps = [params[i] for i in rows]
-        probs, idx = _candidates(_rows(x, rows), ps, x.shape[1] if full else max(p.top_k for p in ps))
-        pos = _draw(probs, [gens[i] for i in rows])
+        w, idx = _candidates(_rows(x, rows), ps, x.shape[1] if full else max(p.top_k for p in ps))
+        pos = _draw(w, [gens[i] for i in rows])
         for i, t in zip(rows, idx.gather(-1, pos.unsqueeze(1)).squeeze(1).tolist()):
             out[i] = t
     return out
@@ -381,8 +411,8 @@ def sampling_probs(logits: torch.Tensor, params: Sequence[SamplingParams], histo
         out[greedy, argmax_rows(_rows(x, greedy))] = 1.0
     for full, rows in groups.items():
         ps = [params[i] for i in rows]
-        probs, idx = _candidates(_rows(x, rows), ps, x.shape[1] if full else max(p.top_k for p in ps))
-        out[rows] = torch.zeros_like(out[rows]).scatter_(-1, idx, probs)
+        w, idx = _candidates(_rows(x, rows), ps, x.shape[1] if full else max(p.top_k for p in ps))
+        out[rows] = torch.zeros_like(out[rows]).scatter_(-1, idx, w / w.sum(-1, keepdim=True))
     return out
 
 

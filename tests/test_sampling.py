@@ -162,19 +162,47 @@ def test_stages_match_full_vocabulary_reference(subset, monkeypatch):
     assert heads == [subset == "head"] * 3  # the whole-vocabulary rows took the path meant
 
 
-def test_draw_follows_the_distribution():
-    p = SamplingParams(temperature=1.0, top_k=6, top_p=1.0, min_p=0.0)
-    x = logits_rows(1, 5)[0, :500] / 3  # a flat head: six candidates with real mass
+def test_whole_vocabulary_second_head(monkeypatch):
+    """top-p over the whole vocabulary whose mass needs more than 256 logits: the 4096-logit head."""
+    import ggtorch.sampling as sampling
+    sizes = []
+    real = sampling.topk_rows
+    monkeypatch.setattr(sampling, "topk_rows", lambda x, k: sizes.append(k) or real(x, k))
+    n_vocab = 20000
+    x = torch.randn(2, n_vocab, generator=torch.Generator().manual_seed(4)) * 3
+    params = [SamplingParams(temperature=0.8, top_k=0, top_p=0.9, min_p=0.0),
+              SamplingParams(temperature=1.1, top_k=0, top_p=0.97, min_p=0.0)]
+    got = sampling_probs(x, params, [[], []])
+    assert sizes == [256, 4096]
+    for i, p in enumerate(params):
+        ref = reference_probs(x[i], p, [], None)
+        assert kept(got[i].log()) == kept(ref.log()) and 256 < len(kept(ref.log())) < 4096
+        assert torch.allclose(got[i], ref, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("whole", [False, True])
+def test_draw_follows_the_distribution(whole):
+    """The draw picks candidates as often as their probabilities say: six candidates after top-k, or
+    a whole 2,000-token row with no cut (drawn through per-chunk running totals) whose mass sits on six
+    tokens spread over several chunks."""
+    n_vocab = 2000 if whole else 500
+    x = logits_rows(1, 5)[0, :n_vocab] / 3  # a flat head: six candidates with real mass
+    if whole:
+        heads = torch.tensor([5, 300, 301, 1000, 1500, 1999])
+        x = torch.full((n_vocab,), -30.0)
+        x[heads] = torch.tensor([0.0, 0.5, -0.3, 0.2, 0.8, -0.1])
+    p = SamplingParams(temperature=1.0, top_k=0 if whole else 6, top_p=1.0, min_p=0.0)
     probs = sampling_probs(x[None], [p], [[]])[0]
     n_rows, n_steps = 100, 40
-    xs = x.expand(n_rows, 500)
+    xs = x.expand(n_rows, n_vocab)
     gens = [make_generator(1000 + i) for i in range(n_rows)]
-    counts = torch.zeros(500)
+    counts = torch.zeros(n_vocab)
     for _ in range(n_steps):
         for t in sample_batch(xs, [p] * n_rows, [[]] * n_rows, gens):
             counts[t] += 1
     freq = counts / (n_rows * n_steps)
-    assert set(kept(freq.log())) <= set(kept(probs.log())) and len(kept(probs.log())) == 6
+    head = probs > 1e-6
+    assert int(head.sum()) == 6 and set(kept(freq.log())) <= set(head.nonzero().flatten().tolist())
     assert (freq - probs).abs().max() < 0.03  # 4000 draws: binomial sd <= 0.008
 
 
