@@ -427,8 +427,9 @@ class BatchEngine:
             return e
 
     def _masks(self, batch: list[_Seq]) -> torch.Tensor | None:
-        """The allowed-token masks [len(batch), n_vocab] (bool, True = allowed) of a step's rows, or
-        None when no row is constrained. The hook for structured outputs."""
+        """The allowed-token masks of the rows about to be sampled, in ``batch`` order: a bool tensor
+        as wide as the logits ([len(batch), n_vocab], True = allowed; an unconstrained row all True),
+        or None when no row is constrained. The hook for structured outputs."""
         return None
 
     def _next(self, q: _Seq, logits: torch.Tensor, tid: int | None) -> None:
