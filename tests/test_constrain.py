@@ -336,7 +336,7 @@ def test_server_parse_pydantic(oai):
 
 
 def test_server_json_object_and_grammar(oai, served):
-    msgs = [{"role": "user", "content": "Give me a JSON object about a cat."}]
+    msgs = [{"role": "user", "content": "Describe a cat as a JSON object with a name and an age."}]
     chunks = list(oai.chat.completions.create(model="m", messages=msgs, response_format={"type": "json_object"},
                                               max_tokens=120, stream=True))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -358,7 +358,7 @@ def test_server_json_object_and_grammar(oai, served):
     ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": "nope"}},
      "response_format.json_schema"),
     ("/v1/chat/completions", {"response_format": {"type": "yaml"}}, "response_format"),
-    ("/v1/chat/completions", {"grammar": 'root ::= "a" |'}, "grammar"),
+    ("/v1/chat/completions", {"grammar": 'root ::= "a" | ('}, "grammar"),
     ("/v1/completions", {"grammar": "root ::= missing"}, "grammar"),
     ("/v1/completions", {"json_schema": {"type": "object", "required": 5}}, "json_schema"),
     ("/v1/completions", {"json_schema": {"type": "object"}, "grammar": YES_NO}, "grammar"),
