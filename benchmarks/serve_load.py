@@ -1,10 +1,12 @@
 """Load on `ggtorch serve`: C concurrent streaming clients (the official openai client) on loopback.
 
     python benchmarks/serve_load.py [MODEL] [--clients 1,8,32] [--duration 30] [--max-tokens 64]
-                                    [--parallel 8] [--threads 2] [--llama-cpp] [--overhead] [--json OUT]
+                                    [--temperature 0,0.8] [--parallel 8] [--threads 2] [--llama-cpp]
+                                    [--overhead] [--json OUT]
 
-For each client count C, C clients send streaming completions back to back for --duration seconds
-(then finish what is in flight) to one server started in a subprocess. Reported per C: aggregate
+For each temperature T and client count C, C clients send streaming completions back to back for
+--duration seconds (then finish what is in flight) to one server started in a subprocess; with T > 0
+they sample with top_k 40, top_p 0.95, min_p 0.05 (llama.cpp's defaults). Reported per run: aggregate
 completion tok/s, time to first token p50/p99, requests, errors (HTTP errors, broken or garbled
 streams: more than one id, no or several finish_reasons, usage that disagrees with what came, text
 after the finish) and how many greedy answers differ from the same prompt served alone (batched
@@ -12,7 +14,9 @@ numerics may flip a token where the top-2 margin is small; informational, not an
 
 --overhead compares one request through the server with Model.generate in this process.
 --llama-cpp adds llama.cpp's batched decode of 1 and --parallel sequences (llama-cpp-python's low-level
-batch API, as llama-batched-bench does); skipped with a message when llama-cpp-python is missing.
+batch API, as llama-batched-bench does), for each T: at T > 0 every sequence samples through its own
+llama.cpp sampler chain (top_k, typical, top_p, min_p, temp, dist with the same parameters, as
+llama.cpp's batched example); skipped with a message when llama-cpp-python is missing.
 All figures come from one run on the same machine: compare ratios, not absolute numbers.
 """
 from __future__ import annotations
@@ -38,6 +42,7 @@ import json, sys, time
 import numpy as np
 import llama_cpp as L
 path, n_seq, n_prompt, n_gen, threads = sys.argv[1], *map(int, sys.argv[2:6])
+temp, top_k, top_p, min_p = map(float, sys.argv[6:10])
 L.llama_backend_init()
 model = L.llama_model_load_from_file(path.encode(), L.llama_model_default_params())
 cp = L.llama_context_default_params()
@@ -61,18 +66,29 @@ for s, p in enumerate(prompts):
         put(i, t, j, s, j == n_prompt - 1); i += 1
 batch.n_tokens = i
 assert L.llama_decode(ctx, batch) == 0
-def argmax(k):
+chains = []
+for s in range(n_seq if temp > 0 else 0):  # one sampler chain per sequence (examples/batched)
+    c = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+    for smpl in (L.llama_sampler_init_top_k(int(top_k)), L.llama_sampler_init_typical(1.0, 1),
+                 L.llama_sampler_init_top_p(top_p, 1), L.llama_sampler_init_min_p(min_p, 1),
+                 L.llama_sampler_init_temp(temp), L.llama_sampler_init_dist(1234 + s)):
+        L.llama_sampler_chain_add(c, smpl)
+    chains.append(c)
+
+def pick(s, k):
+    if chains:  # llama_sampler_sample applies the chain to output k's logits and accepts the token
+        return int(L.llama_sampler_sample(chains[s], ctx, k))
     return int(np.argmax(np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, k), shape=(n_vocab,))))
-nxt = [argmax((s + 1) * n_prompt - 1) for s in range(n_seq)]
+nxt = [pick(s, (s + 1) * n_prompt - 1) for s in range(n_seq)]
 t = time.perf_counter()
 for step in range(n_gen):
     for s in range(n_seq):
         put(s, nxt[s], n_prompt + step, s, True)
     batch.n_tokens = n_seq
     assert L.llama_decode(ctx, batch) == 0
-    nxt = [argmax(s) for s in range(n_seq)]
+    nxt = [pick(s, s) for s in range(n_seq)]
 dt = time.perf_counter() - t
-print(json.dumps({"n_seq": n_seq, "tok_s": n_seq * n_gen / dt}))
+print(json.dumps({"n_seq": n_seq, "temperature": temp, "tok_s": n_seq * n_gen / dt}))
 """
 
 
@@ -111,13 +127,19 @@ def pct(xs, q):
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
-async def load(url: str, model: str, clients: int, duration: float, max_tokens: int, alone: dict) -> dict:
+SAMPLER = {"top_k": 40, "top_p": 0.95, "min_p": 0.05}  # sent with temperature > 0 (llama.cpp's defaults)
+
+
+async def load(url: str, model: str, clients: int, duration: float, max_tokens: int, alone: dict,
+               temperature: float = 0.0) -> dict:
     import httpx
     from openai import AsyncOpenAI
 
     client = AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600,
                          http_client=httpx.AsyncClient(limits=httpx.Limits(max_connections=clients + 8)))
     ttft, tokens, errors, differ, done = [], [0], [], [0], [0]
+    sampler = {"top_p": SAMPLER["top_p"]} if temperature > 0 else {}
+    extra = {"ignore_eos": True, **({"top_k": SAMPLER["top_k"], "min_p": SAMPLER["min_p"]} if temperature > 0 else {})}
     t_start = time.perf_counter()
     t_end = [t_start]
 
@@ -127,8 +149,8 @@ async def load(url: str, model: str, clients: int, duration: float, max_tokens: 
         first, ids, finishes, text, usage, after_finish = None, set(), 0, [], None, False
         try:
             stream = await client.completions.create(
-                model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
-                stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+                model=model, prompt=prompt, max_tokens=max_tokens, temperature=temperature, stream=True,
+                stream_options={"include_usage": True}, extra_body=extra, **sampler)
             async for ch in stream:
                 ids.add(ch.id)
                 for c in ch.choices:
@@ -155,7 +177,8 @@ async def load(url: str, model: str, clients: int, duration: float, max_tokens: 
         ttft.append(first - t0)
         tokens[0] += usage.completion_tokens
         done[0] += 1
-        differ[0] += alone.get(prompt, "".join(text)) != "".join(text)
+        if temperature <= 0:  # sampled answers differ by design
+            differ[0] += alone.get(prompt, "".join(text)) != "".join(text)
         t_end[0] = max(t_end[0], time.perf_counter())
 
     async def worker(w: int) -> None:
@@ -167,7 +190,7 @@ async def load(url: str, model: str, clients: int, duration: float, max_tokens: 
     await asyncio.gather(*(worker(w) for w in range(clients)))
     await client.close()
     wall = t_end[0] - t_start
-    return {"clients": clients, "requests": done[0], "errors": len(errors), "error_samples": errors[:5],
+    return {"clients": clients, "temperature": temperature, "requests": done[0], "errors": len(errors), "error_samples": errors[:5],
             "completion_tokens": tokens[0], "wall_s": wall, "tok_s": tokens[0] / wall if wall > 0 else 0.0,
             "ttft_p50_s": pct(ttft, 0.5), "ttft_p99_s": pct(ttft, 0.99), "greedy_differs_from_alone": differ[0]}
 
@@ -216,7 +239,7 @@ def overhead(url: str, a, reps: int = 5) -> dict:
             "overhead_vs_worker_thread": s / w - 1, "overhead_vs_main_thread": s / g - 1}
 
 
-def llama_cpp_batched(a) -> list[dict] | None:
+def llama_cpp_batched(a, temps: list[float]) -> list[dict] | None:
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
@@ -225,13 +248,15 @@ def llama_cpp_batched(a) -> list[dict] | None:
     from ggtorch.packaged import resolve
 
     out = []
-    for n_seq in (1, a.parallel):
-        r = subprocess.run([sys.executable, "-c", LLAMA_CPP_CHILD, resolve(a.model), str(n_seq), "16",
-                            str(a.max_tokens), str(a.threads)], capture_output=True, text=True)
-        if r.returncode != 0:
-            print(f"llama.cpp child failed: {r.stderr[-500:]}", file=sys.stderr)
-            return None
-        out.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    for t in temps:
+        for n_seq in (1, a.parallel):
+            r = subprocess.run([sys.executable, "-c", LLAMA_CPP_CHILD, resolve(a.model), str(n_seq), "16",
+                                str(a.max_tokens), str(a.threads), str(t), str(SAMPLER["top_k"]),
+                                str(SAMPLER["top_p"]), str(SAMPLER["min_p"])], capture_output=True, text=True)
+            if r.returncode != 0:
+                print(f"llama.cpp child failed: {r.stderr[-500:]}", file=sys.stderr)
+                return None
+            out.append(json.loads(r.stdout.strip().splitlines()[-1]))
     return out
 
 
@@ -241,23 +266,27 @@ def main() -> None:
     ap.add_argument("--clients", default="1,8", help="comma-separated client counts (default 1,8)")
     ap.add_argument("--duration", type=float, default=20.0, help="seconds of new requests per client count")
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--temperature", default="0",
+                    help="comma-separated temperatures (default 0: greedy); > 0 samples with top_k 40, "
+                         "top_p 0.95, min_p 0.05")
     ap.add_argument("--parallel", type=int, default=8, help="server slots")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--overhead", action="store_true", help="server vs Model.generate for one request")
     ap.add_argument("--llama-cpp", action="store_true", help="llama.cpp's batched decode for comparison")
     ap.add_argument("--json", default=None, help="also write the results to this file")
     a = ap.parse_args()
+    temps = [float(x) for x in a.temperature.split(",")]
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = start_server(a, port)
     res = {"model": a.model, "threads": a.threads, "parallel": a.parallel, "max_tokens": a.max_tokens,
-           "duration_s": a.duration, "runs": []}
+           "duration_s": a.duration, "sampler": SAMPLER, "runs": []}
     try:
         alone = alone_answers(url, a.model, a.max_tokens)
-        for c in (int(x) for x in a.clients.split(",")):
-            r = asyncio.run(load(url, a.model, c, a.duration, a.max_tokens, alone))
+        for t, c in ((t, int(x)) for t in temps for x in a.clients.split(",")):
+            r = asyncio.run(load(url, a.model, c, a.duration, a.max_tokens, alone, t))
             res["runs"].append(r)
-            print(f"{c:3d} clients: {r['tok_s']:7.1f} tok/s  TTFT p50 {r['ttft_p50_s'] or 0:.3f}s "
+            print(f"T={t:g} {c:3d} clients: {r['tok_s']:7.1f} tok/s  TTFT p50 {r['ttft_p50_s'] or 0:.3f}s "
                   f"p99 {r['ttft_p99_s'] or 0:.3f}s  {r['requests']} requests, {r['errors']} errors, "
                   f"{r['greedy_differs_from_alone']} greedy answers differ from alone", flush=True)
             for e in r["error_samples"]:
@@ -271,19 +300,25 @@ def main() -> None:
         proc.terminate()
         proc.wait(10)
     if a.llama_cpp:
-        lc = llama_cpp_batched(a)
+        lc = llama_cpp_batched(a, temps)
         if lc:
             res["llama_cpp"] = lc
             for x in lc:
-                print(f"llama.cpp batched decode, {x['n_seq']} sequences: {x['tok_s']:.1f} tok/s")
-    runs = {r["clients"]: r for r in res["runs"]}
-    if 1 in runs and runs[1]["tok_s"]:
-        for c, r in runs.items():
-            if c != 1:
-                print(f"ratio {c} clients / 1 client: {r['tok_s'] / runs[1]['tok_s']:.2f}x")
-    if res.get("llama_cpp") and a.parallel in runs:
-        lc8 = res["llama_cpp"][-1]["tok_s"]
-        print(f"ratio {a.parallel} clients / llama.cpp batched {a.parallel}: {runs[a.parallel]['tok_s'] / lc8:.2f}x")
+                print(f"llama.cpp batched decode, T={x['temperature']:g}, {x['n_seq']} sequences: "
+                      f"{x['tok_s']:.1f} tok/s")
+    runs = {(r["temperature"], r["clients"]): r for r in res["runs"]}
+    for (t, c), r in runs.items():
+        one = runs.get((t, 1))
+        if c != 1 and one and one["tok_s"]:
+            print(f"ratio T={t:g}: {c} clients / 1 client: {r['tok_s'] / one['tok_s']:.2f}x")
+        greedy = runs.get((0.0, c))
+        if t > 0 and greedy and greedy["tok_s"]:
+            print(f"ratio {c} clients: T={t:g} / greedy: {r['tok_s'] / greedy['tok_s']:.2f}x")
+    for x in res.get("llama_cpp") or []:
+        r = runs.get((x["temperature"], x["n_seq"]))
+        if x["n_seq"] == a.parallel and r:
+            print(f"ratio T={x['temperature']:g}: {a.parallel} clients / llama.cpp batched {a.parallel}: "
+                  f"{r['tok_s'] / x['tok_s']:.2f}x")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=1)

@@ -24,10 +24,10 @@ from typing import Callable
 
 import torch
 
-from .constrain import apply_mask, fill_masks
+from .constrain import fill_masks
 from .errors import GenerationError
 from .generate import Result, StopText, Timings, check_fits
-from .sampling import SamplingParams, make_generator, sample
+from .sampling import SamplingParams, argmax_rows, make_generator, sample_batch
 
 
 class QueueFullError(GenerationError):
@@ -332,6 +332,7 @@ class BatchEngine:
                       key=lambda x: x.req.submitted)
         decoding = any(s.seq is not None and s.seq.next is not None for s in self.slots)
         budget = self.prefill_chunk if decoding else None
+        done, rows = [], []
         for q in todo:
             if budget is not None and budget <= 0:
                 break
@@ -342,7 +343,10 @@ class BatchEngine:
             if budget is not None:
                 budget -= n
             if not q.pending:
-                self._next(q, logits)
+                done.append(q)
+                rows.append(logits)
+        if done:  # the prompts that finished: their first tokens, sampled together
+            self._sampled(done, torch.stack(rows))
 
     def _mixed(self) -> bool:
         """Short prompts ride along with the decode step: one forward over every decoding sequence's
@@ -368,11 +372,10 @@ class BatchEngine:
             budget -= len(q.pending)
         prompts = todo[:len(rows) - len(batch)]
         logits = self.backend.mixed(tokens, slots, rows)
-        self._decoded(batch, logits[:len(batch)])
-        for k, q in enumerate(prompts):
+        for q in prompts:
             self.slots[q.slot].tokens += q.pending
             q.pending = []
-            self._next(q, logits[len(batch) + k])
+        self._decoded(batch, logits, prompts)  # one sampler call over the decoded rows and the prompts
         return True
 
     def _decode(self) -> None:
@@ -382,16 +385,33 @@ class BatchEngine:
         tokens = [q.next for q in batch]
         self._decoded(batch, self.backend.decode(tokens, [q.slot for q in batch]))
 
-    def _decoded(self, batch: list[_Seq], logits: torch.Tensor) -> None:
+    def _decoded(self, batch: list[_Seq], logits: torch.Tensor, prompts: list[_Seq] = ()) -> None:
+        """After a decode step over ``batch`` (whose logits rows come first, then one row for each of
+        ``prompts`` that finished in the same forward): record the decoded tokens, sample every row."""
         self.steps += 1
-        # plain greedy rows (no penalties, no bias) take one argmax over the whole batch
-        greedy = logits.argmax(-1).tolist() if any(q.plain_greedy for q in batch) else None
-        masks = self._masks(batch)
-        for i, q in enumerate(batch):
+        for q in batch:
             self.slots[q.slot].tokens.append(q.next)
             q.next = None
-            self._next(q, logits[i], greedy[i] if greedy is not None and q.plain_greedy else None,
-                       None if masks is None else masks[i])
+        self._sampled(list(batch) + list(prompts), logits)
+
+    def _sampled(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
+        """Choose the next token of every sequence in ``seqs`` from its logits row (logits [len, V])
+        with one sampler call for all of them, then emit / finish each in order."""
+        want = [i for i, q in enumerate(seqs) if q.n_out < q.req.max_tokens]  # max_tokens = 0: no token
+        ids: list[int | None] = [None] * len(seqs)
+        if want:
+            rows = logits if len(want) == len(seqs) else logits[want]
+            sel = [seqs[i] for i in want]
+            masks = self._masks(sel)
+            if masks is None and all(q.plain_greedy for q in sel):
+                chosen = argmax_rows(rows).tolist()  # plain greedy: one argmax over the batch
+            else:
+                chosen = sample_batch(rows, [q.req.params for q in sel], [q.history for q in sel],
+                                      [q.gen for q in sel], masks)
+            for i, t in zip(want, chosen):
+                ids[i] = t
+        for q, row, tid in zip(seqs, logits, ids):
+            self._next(q, row, tid)
 
     def _masks(self, batch: list[_Seq]) -> torch.Tensor | None:
         """The allowed-token masks [len(batch), n_vocab] (bool, True = allowed) of a step's rows, or
@@ -400,18 +420,13 @@ class BatchEngine:
             return None
         return fill_masks([q.constraint for q in batch], len(batch), self.model.n_vocab)
 
-    def _next(self, q: _Seq, logits: torch.Tensor, tid: int | None = None,
-              allowed: torch.Tensor | None = None) -> None:
-        """Sample the next token of q from its logits row (unless the caller already took the argmax);
-        emit it; finish or queue it for decoding."""
+    def _next(self, q: _Seq, logits: torch.Tensor, tid: int | None) -> None:
+        """Record q's next token ``tid`` (chosen by ``_sampled`` from the logits row; None when
+        max_tokens is 0), emit it; finish or queue it for decoding."""
         r = q.req
-        if q.n_out >= r.max_tokens:  # max_tokens = 0
+        if q.n_out >= r.max_tokens or tid is None:  # max_tokens = 0
             self._finish(q, "length")
             return
-        if tid is None:
-            if allowed is None and q.constraint is not None:  # the first token after the prompt
-                allowed = self._masks([q])[0]
-            tid = sample(apply_mask(logits, allowed), r.params, q.history, q.gen)
         if q.constraint is not None:
             q.constraint.advance(tid)
         q.history.append(tid)

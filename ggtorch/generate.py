@@ -11,7 +11,7 @@ from typing import Iterator
 
 import torch
 
-from .constrain import apply_mask, fill_masks
+from .constrain import fill_masks
 from .errors import ContextError
 from .sampling import SamplingParams, make_generator, sample
 
@@ -105,9 +105,9 @@ def generate_tokens(model, prompt_ids: list[int], max_tokens: int | None, params
     t1 = time.perf_counter()
     i = 0
     while True:
-        if constraint is not None:  # the grammar's allowed tokens only (llama.cpp: the grammar sampler)
-            logits = apply_mask(logits, fill_masks([constraint], 1, logits.shape[-1])[0])
-        tid = sample(logits, params, history, gen)
+        # a constraint: the grammar's allowed tokens only (llama.cpp: the grammar sampler)
+        allowed = fill_masks([constraint], 1, logits.shape[-1])[0] if constraint is not None else None
+        tid = sample(logits, params, history, gen, allowed)
         if constraint is not None:
             constraint.advance(tid)
         history.append(tid)

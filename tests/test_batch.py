@@ -72,3 +72,30 @@ def test_cancel_prompt_cache_and_bounds(smollm):
     last = ev[id(r3)][-1]
     assert last.finish_reason == "length" and last.completion_tokens == 12 - 5 + 1
     assert sum(len(e.tokens) for e in ev[id(r3)]) == last.completion_tokens
+
+
+def test_one_sampler_call_per_step_and_the_masks_hook(smollm, monkeypatch):
+    """Every row of a step is sampled in one sample_batch call, and the rows of _masks constrain
+    greedy and sampled rows alike (the hook structured outputs fill in)."""
+    import ggtorch.batch as batch
+
+    allowed = sorted(set(smollm.tokenize(" yes no maybe 1 2 3", bos=False)))
+
+    class Masked(BatchEngine):
+        def _masks(self, seqs):
+            m = torch.zeros(len(seqs), self.model.n_vocab, dtype=torch.bool)
+            m[:, allowed] = True
+            return m
+
+    calls = []
+    real = batch.sample_batch
+    monkeypatch.setattr(batch, "sample_batch", lambda logits, *a: calls.append(len(logits)) or real(logits, *a))
+    eng = Masked(smollm, n_slots=4, n_ctx=128)
+    prompts = ["Is the sky blue?", "Count: 1", "Maybe", "The answer is"]
+    reqs = [BatchRequest(smollm.tokenize(p, bos=True), SamplingParams(temperature=t, seed=3), max_tokens=5,
+                         ignore_eos=True) for p, t in zip(prompts, [0.0, 0.9, 0.0, 1.2])]
+    ev = run_collect(eng, reqs)
+    eng.run_until_done()
+    toks = [t.id for r in reqs for e in ev[id(r)] for t in e.tokens]
+    assert len(toks) == 20 and set(toks) <= set(allowed)
+    assert max(calls) == 4 and sum(calls) == 20  # the four rows of a step together, each token once
