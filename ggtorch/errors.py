@@ -36,3 +36,8 @@ class ChatTemplateError(GGTorchError):
 class ContextError(GenerationError):
     """The tokens do not fit the context window (n_ctx): the prompt plus the requested tokens, or a
     sequence that reached the end of its KV cache slot."""
+
+
+class ConstraintError(GGTorchError):
+    """A JSON schema, grammar or regex for structured output is malformed, unsupported by the
+    constrained-decoding library, or took longer than its time limit to compile."""

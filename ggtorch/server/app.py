@@ -99,6 +99,17 @@ class Server:
             out = self.model.tokenize(out, special=True, bos=False)
         return out
 
+    async def compile(self, kw: dict, param: str):
+        """The request's schema/grammar compiled off the event loop (time-limited, cached by text); one
+        the library rejects is a 400 naming the parameter."""
+        from ..constrain import compile_constraint
+        from ..errors import ConstraintError
+
+        try:
+            return await run_in_threadpool(lambda: compile_constraint(self.model.tokenizer, **kw))
+        except ConstraintError as e:
+            raise bad(param, str(e), "invalid_value") from None
+
     def tokenize_prompt(self, p) -> list[int]:
         return self.model.tokenize(p, special=True, bos=True) if isinstance(p, str) else list(p)
 
@@ -106,6 +117,9 @@ class Server:
     async def complete(self, request: Request, chat: bool):
         body = await self.body(request)
         spec = schema.gen_spec(body, self.model.n_vocab, self.engine.n_ctx, chat)
+        structured = schema.structured_output(body)
+        if structured is not None:
+            spec.constraint = await self.compile(*structured)
         if chat:
             prompts = [await run_in_threadpool(self.render, body, True)]
         else:

@@ -42,7 +42,8 @@ class Job:
                 # n choices with one seed: choice i draws with seed + i, so they differ and repeat
                 params = spec.params if spec.seed is None else replace(spec.params, seed=(spec.seed + idx) % 2 ** 64)
                 self.reqs.append(BatchRequest(ids, params, spec.max_tokens, spec.stop, spec.ignore_eos, spec.logprobs,
-                                              on_event=lambda ev, idx=idx: self._on_event(idx, ev)))
+                                              on_event=lambda ev, idx=idx: self._on_event(idx, ev),
+                                              constraint=spec.constraint.new() if spec.constraint else None))
                 self.choices.append(Choice(idx))
         self.n_prompts = len(prompts)
         self.pending: list[list[Event]] = [[] for _ in self.choices]  # engine thread only
