@@ -36,3 +36,12 @@ class ChatTemplateError(GGTorchError):
 class ContextError(GenerationError):
     """The tokens do not fit the context window (n_ctx): the prompt plus the requested tokens, or a
     sequence that reached the end of its KV cache slot."""
+
+
+class ToolCallError(GGTorchError):
+    """``tools``, ``tool_choice`` or ``parallel_tool_calls`` are malformed (a tool without a name, a
+    tool_choice naming a function that is not among the tools ...). ``param`` names the field."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
