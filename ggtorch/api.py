@@ -268,6 +268,7 @@ class Model:
         reuses the KV cache of the previous one for the common prefix (:meth:`reset_chat` drops it)."""
         from .chat import ChatResult
 
+        kw, tools = self._chat_tools(kw)
         ids, timings, label, steps = self.chat_steps(messages, **kw)
         out, text, reason = [], [], "length"
         for step in steps:
@@ -275,7 +276,42 @@ class Model:
             text.append(step.piece)
             reason = step.finish_reason or reason
         usage = {"prompt_tokens": len(ids), "completion_tokens": len(out), "total_tokens": len(ids) + len(out)}
-        return ChatResult("".join(text), reason, usage, ids, out, timings, label)
+        res = ChatResult("".join(text), reason, usage, ids, out, timings, label)
+        return self._chat_parse(res, tools, kw)
+
+    # ---- tool calls (ggtorch.toolcall) --------------------------------------------------------------
+    def _chat_tools(self, kw: dict):
+        """Split tool_choice / parallel_tool_calls off the keywords; the template sees the tools unless
+        tool_choice is none. A forced call (required / named) is enforced with a grammar."""
+        from .toolcall import ToolSpec
+
+        kw = dict(kw)
+        spec = ToolSpec(kw.pop("tools", None), kw.pop("tool_choice", None), kw.pop("parallel_tool_calls", None))
+        kw["tools"] = spec.render_tools
+        if spec.forced:
+            src = self.chat_template(kw.get("template"))[0]
+            lark = spec.grammar(src, self._chat_prompt_tail(kw))
+            kw["lark"] = lark  # ggtorch.constrain's keyword for a Lark grammar
+        return kw, spec
+
+    def _chat_prompt_tail(self, kw) -> str:
+        return ""  # the forced grammar only needs to know whether <think> was opened; see _chat_parse
+
+    def _chat_parse(self, res, spec, kw):
+        from .toolcall import parse_ids
+
+        src = self.chat_template(kw.get("template"))[0]
+        if not (spec.parse_calls or "<think>" in src or "<|channel|>" in src):
+            return res
+        prompt = self.tokenizer.detokenize(res.prompt_ids[-16:], special=True)
+        stop = kw.get("stop") or []
+        msg = parse_ids(src, prompt, res.ids, self.tokenizer, tools=spec.parse_calls,
+                        stop=[stop] if isinstance(stop, str) else stop)
+        res.content = msg.content if msg.content or not msg.tool_calls else None
+        res.reasoning_content, res.tool_calls = msg.reasoning_content, msg.tool_calls
+        if msg.tool_calls and res.finish_reason == "stop":
+            res.finish_reason = "tool_calls"
+        return res
 
     def reset_chat(self) -> None:
         """Forget the chat session's KV cache."""

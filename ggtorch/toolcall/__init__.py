@@ -170,3 +170,25 @@ def tool_spec(tools=None, tool_choice=None, parallel_tool_calls=None) -> ToolSpe
 
 def forced_lark(template: str, tools, tool_choice, parallel_tool_calls=None, prompt: str = "") -> str | None:
     return ToolSpec(tools, tool_choice, parallel_tool_calls).grammar(template, prompt)
+
+
+def special_ids(parser: Parser, tokenizer) -> set[int]:
+    """The ids of the format's markers that are single (special) tokens: detokenized as text for the
+    parser, as llama.cpp renders a format's preserved_tokens."""
+    out = set()
+    for marker in parser.preserved:
+        ids = tokenizer.tokenize(marker, special=True)
+        if len(ids) == 1:
+            out.add(ids[0])
+    return out
+
+
+def parse_ids(template: str, prompt: str, ids, tokenizer, tools: bool = True, stop=()) -> Message:
+    """A whole answer's token ids -> its Message (content, reasoning, calls); ``stop`` strings cut it."""
+    p = make_parser(template, prompt, tools=tools, tokenizer=tokenizer)
+    special = special_ids(p, tokenizer)
+    text = b"".join(tokenizer.piece(int(t), int(t) in special) for t in ids).decode("utf-8", "replace")
+    hits = [text.find(s) for s in stop if s and s in text]
+    if hits:
+        text = text[:min(hits)]
+    return p.parse(text)
