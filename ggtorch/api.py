@@ -152,16 +152,29 @@ class Model:
             raise GenerationError(str(e)) from None
         return params, max_tokens, stop, ignore_eos
 
+    def _grammar(self, kw):
+        """Pops ``json_schema`` (a dict, JSON text or pydantic model) and ``grammar`` (llama.cpp GBNF
+        text) from kw: the compiled constraint (ggtorch.constrain), or None when neither is given.
+        A bad one raises :class:`ggtorch.errors.ConstraintError`."""
+        schema, grammar = kw.pop("json_schema", None), kw.pop("grammar", None)
+        if schema is None and grammar is None:
+            return None
+        from .constrain import compile_constraint
+
+        return compile_constraint(self.tokenizer, json_schema=schema, grammar=grammar)
+
     def steps(self, prompt, **kw):
         kw = dict(kw)
         shift = bool(kw.pop("context_shift", self.context_shift))
         n_keep = int(kw.pop("n_keep", 0))
+        grammar = self._grammar(kw)
         params, max_tokens, stop, ignore_eos = self._params(kw)
         ids = self._prompt_ids(prompt)
         check_fits(len(ids), max_tokens, self.n_ctx, shift)  # before any work
         timings = Timings()
         return ids, timings, generate_tokens(self, ids, max_tokens, params, stop, ignore_eos, timings,
-                                             context_shift=shift, n_keep=n_keep)
+                                             context_shift=shift, n_keep=n_keep,
+                                             constraint=grammar.new() if grammar is not None else None)
 
     def stream(self, prompt, **kw) -> Iterator[str]:
         """Text pieces as they are generated (never a broken UTF-8 character)."""
@@ -175,7 +188,8 @@ class Model:
         parsed) or token ids. Keywords: max_tokens, temperature, top_k, top_p, min_p, typical_p,
         repeat_penalty, repeat_last_n, presence_penalty, frequency_penalty, logit_bias, seed, stop,
         ignore_eos; context_shift (default: as loaded) and n_keep (tokens kept after BOS when the
-        context shifts). ``max_tokens=None`` generates until the context is full. A prompt plus
+        context shifts); json_schema (a dict, JSON text or pydantic model: the output is JSON that
+        validates) or grammar (llama.cpp GBNF text): structured output, see ggtorch.constrain. ``max_tokens=None`` generates until the context is full. A prompt plus
         max_tokens over n_ctx raises :class:`ggtorch.errors.ContextError` before any work."""
         ids, timings, it = self.steps(prompt, **kw)
         out, text, reason = [], [], "length"
@@ -231,6 +245,7 @@ class Model:
         kw.setdefault("max_tokens", 512)
         shift = bool(kw.pop("context_shift", self.context_shift))
         n_keep = int(kw.pop("n_keep", 0))
+        grammar = self._grammar(kw)
         params, max_tokens, stop, ignore_eos = self._params(kw)
         messages = list(messages)
         while True:
@@ -247,7 +262,8 @@ class Model:
             self._session = ChatSession(self)
         timings = Timings()
         steps = self._session.steps(ids, max_tokens, params, stop, ignore_eos, timings,
-                                    context_shift=shift, n_keep=n_keep)
+                                    context_shift=shift, n_keep=n_keep,
+                                    constraint=grammar.new() if grammar is not None else None)
         return ids, timings, self.chat_template(template)[1], steps
 
     def chat_stream(self, messages, **kw) -> Iterator[str]:

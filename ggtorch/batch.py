@@ -24,6 +24,7 @@ from typing import Callable
 
 import torch
 
+from .constrain import apply_mask, fill_masks
 from .errors import GenerationError
 from .generate import Result, StopText, Timings, check_fits
 from .sampling import SamplingParams, make_generator, sample
@@ -72,6 +73,7 @@ class BatchRequest:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; k: the chosen token's logprob and k alternatives
     on_event: Callable[[Event], None] | None = None
+    constraint: "Constraint | None" = None  # structured output (ggtorch.constrain): one per request
 
     def __post_init__(self):
         self._cancel = threading.Event()
@@ -157,8 +159,9 @@ class _Seq:
         self.text = StopText(tok, req.stop)
         self.n_out = 0
         p = req.params
+        self.constraint = req.constraint
         self.plain_greedy = p.temperature <= 0 and not p.logit_bias and p.repeat_penalty == 1.0 and \
-            p.presence_penalty == 0.0 and p.frequency_penalty == 0.0
+            p.presence_penalty == 0.0 and p.frequency_penalty == 0.0 and self.constraint is None
         self.next: int | None = None  # sampled, to be decoded in the next step
         self.t_first: float | None = None
 
@@ -383,12 +386,22 @@ class BatchEngine:
         self.steps += 1
         # plain greedy rows (no penalties, no bias) take one argmax over the whole batch
         greedy = logits.argmax(-1).tolist() if any(q.plain_greedy for q in batch) else None
+        masks = self._masks(batch)
         for i, q in enumerate(batch):
             self.slots[q.slot].tokens.append(q.next)
             q.next = None
-            self._next(q, logits[i], greedy[i] if greedy is not None and q.plain_greedy else None)
+            self._next(q, logits[i], greedy[i] if greedy is not None and q.plain_greedy else None,
+                       None if masks is None else masks[i])
 
-    def _next(self, q: _Seq, logits: torch.Tensor, tid: int | None = None) -> None:
+    def _masks(self, batch: list[_Seq]) -> torch.Tensor | None:
+        """The allowed-token masks [len(batch), n_vocab] (bool, True = allowed) of a step's rows, or
+        None when no row is constrained: computed for the constrained rows only (ggtorch.constrain)."""
+        if all(q.constraint is None for q in batch):
+            return None
+        return fill_masks([q.constraint for q in batch], len(batch), self.model.n_vocab)
+
+    def _next(self, q: _Seq, logits: torch.Tensor, tid: int | None = None,
+              allowed: torch.Tensor | None = None) -> None:
         """Sample the next token of q from its logits row (unless the caller already took the argmax);
         emit it; finish or queue it for decoding."""
         r = q.req
@@ -396,7 +409,11 @@ class BatchEngine:
             self._finish(q, "length")
             return
         if tid is None:
-            tid = sample(logits, r.params, q.history, q.gen)
+            if allowed is None and q.constraint is not None:  # the first token after the prompt
+                allowed = self._masks([q])[0]
+            tid = sample(apply_mask(logits, allowed), r.params, q.history, q.gen)
+        if q.constraint is not None:
+            q.constraint.advance(tid)
         q.history.append(tid)
         q.n_out += 1
         info = TokenInfo(tid)
@@ -414,6 +431,8 @@ class BatchEngine:
         text, hit = q.text.feed(tid)
         if hit:
             self._finish(q, "stop", Event(text, [info]))
+        elif q.constraint is not None and q.constraint.done:  # the grammar is complete: nothing may follow
+            self._finish(q, "stop", Event(text + q.text.flush(), [info]))
         elif q.n_out >= r.max_tokens or len(self.slots[q.slot].tokens) >= self.n_ctx:  # no room for it
             self._finish(q, "length", Event(text + q.text.flush(), [info]))
         else:
@@ -443,7 +462,9 @@ def generate_batch(model, prompts: list, parallel: int = 4, n_ctx: int | None = 
     """Generate a continuation for each prompt (text or token ids), ``parallel`` at a time in one
     batch; keywords as :meth:`ggtorch.api.Model.generate`. Returns one Result per prompt, in order."""
     reqs, results, errors = [], [], []
-    parsed = model._params(dict(kw))
+    kw = dict(kw)
+    grammar = model._grammar(kw)  # json_schema / grammar: compiled once, one matcher per prompt
+    parsed = model._params(kw)
     params, max_tokens, stop, ignore_eos = parsed
     ids_list = [model._prompt_ids(p) for p in prompts]
     n_ctx = n_ctx or model.n_ctx  # per sequence, like Model.generate's context
@@ -466,7 +487,8 @@ def generate_batch(model, prompts: list, parallel: int = 4, n_ctx: int | None = 
                 res.timings.prompt_tokens = ev.prompt_tokens - ev.cached_tokens
                 errors.extend([ev.error] if ev.error else [])
 
-        reqs.append(BatchRequest(ids, params, max_tokens, stop, ignore_eos, on_event=on_event))
+        reqs.append(BatchRequest(ids, params, max_tokens, stop, ignore_eos, on_event=on_event,
+                                 constraint=grammar.new() if grammar is not None else None))
         results.append(res)
     t0 = time.perf_counter()
     engine.submit_many(reqs)

@@ -231,14 +231,14 @@ class ChatSession:
             self._active = None
 
     def steps(self, prompt_ids: list[int], max_tokens: int, params, stop, ignore_eos, timings,
-              context_shift: bool = False, n_keep: int = 0):
+              context_shift: bool = False, n_keep: int = 0, constraint=None):
         """The turn's :class:`~ggtorch.generate.Step`s; not thread-safe (one session, one conversation)."""
         self.close()
         self._active = self._run(list(prompt_ids), max_tokens, params, stop, ignore_eos, timings,
-                                 context_shift, n_keep)
+                                 context_shift, n_keep, constraint)
         return self._active
 
-    def _run(self, prompt_ids, max_tokens, params, stop, ignore_eos, timings, context_shift, n_keep):
+    def _run(self, prompt_ids, max_tokens, params, stop, ignore_eos, timings, context_shift, n_keep, constraint=None):
         from .generate import generate_tokens
 
         n = min(common_prefix(self.ids, prompt_ids), len(prompt_ids) - 1)  # the last token is always evaluated
@@ -248,7 +248,8 @@ class ChatSession:
         out: list[int] = []
         try:
             for step in generate_tokens(self.model, prompt_ids, max_tokens, params, stop, ignore_eos, timings,
-                                        cache=self.cache, n_cached=n, context_shift=context_shift, n_keep=n_keep):
+                                        cache=self.cache, n_cached=n, context_shift=context_shift, n_keep=n_keep,
+                                        constraint=constraint):
                 out.append(step.token)
                 yield step
         finally:  # also when the caller stops early (Ctrl-C): what the cache holds stays reusable

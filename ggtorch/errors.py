@@ -45,3 +45,8 @@ class ToolCallError(GGTorchError):
     def __init__(self, message: str, param: str | None = None):
         super().__init__(message)
         self.param = param
+
+
+class ConstraintError(GGTorchError):
+    """A JSON schema, grammar or regex for structured output is malformed, unsupported by the
+    constrained-decoding library, or took longer than its time limit to compile."""

@@ -11,6 +11,7 @@ from typing import Iterator
 
 import torch
 
+from .constrain import apply_mask, fill_masks
 from .errors import ContextError
 from .sampling import SamplingParams, make_generator, sample
 
@@ -68,7 +69,8 @@ def check_fits(n_prompt: int, max_tokens: int | None, n_ctx: int | None, context
 
 def generate_tokens(model, prompt_ids: list[int], max_tokens: int | None, params: SamplingParams,
                     stop: list[str] = (), ignore_eos: bool = False, timings: Timings | None = None,
-                    cache=None, n_cached: int = 0, context_shift: bool = False, n_keep: int = 0) -> Iterator[Step]:
+                    cache=None, n_cached: int = 0, context_shift: bool = False, n_keep: int = 0,
+                    constraint=None) -> Iterator[Step]:
     """Yields :class:`Step`s. Stop strings are held back until they can no longer match, and the
     matched stop string itself is not emitted (as llama-cpp-python does).
 
@@ -103,7 +105,11 @@ def generate_tokens(model, prompt_ids: list[int], max_tokens: int | None, params
     t1 = time.perf_counter()
     i = 0
     while True:
+        if constraint is not None:  # the grammar's allowed tokens only (llama.cpp: the grammar sampler)
+            logits = apply_mask(logits, fill_masks([constraint], 1, logits.shape[-1])[0])
         tid = sample(logits, params, history, gen)
+        if constraint is not None:
+            constraint.advance(tid)
         history.append(tid)
         timings.gen_tokens += 1
         if not ignore_eos and tid in tok.eog_ids:
@@ -111,9 +117,9 @@ def generate_tokens(model, prompt_ids: list[int], max_tokens: int | None, params
             yield Step(tid, text.flush(), "stop")
             return
         out, hit = text.feed(tid)
-        if hit:
+        if hit or (constraint is not None and constraint.done):  # a stop string, or the grammar is complete
             timings.gen_s = time.perf_counter() - t1
-            yield Step(tid, out, "stop")
+            yield Step(tid, out + ("" if hit else text.flush()), "stop")
             return
         full = n_ctx is not None and cache.n >= n_ctx and not context_shift
         if i == max_tokens - 1 or full:
