@@ -284,7 +284,7 @@ class Model:
         reuses the KV cache of the previous one for the common prefix (:meth:`reset_chat` drops it)."""
         from .chat import ChatResult
 
-        kw, tools = self._chat_tools(kw)
+        kw, tools = self._chat_tools(messages, kw)
         ids, timings, label, steps = self.chat_steps(messages, **kw)
         out, text, reason = [], [], "length"
         for step in steps:
@@ -296,22 +296,25 @@ class Model:
         return self._chat_parse(res, tools, kw)
 
     # ---- tool calls (ggtorch.toolcall) --------------------------------------------------------------
-    def _chat_tools(self, kw: dict):
+    def _chat_tools(self, messages, kw: dict):
         """Split tool_choice / parallel_tool_calls off the keywords; the template sees the tools unless
-        tool_choice is none. A forced call (required / named) is enforced with a grammar."""
+        tool_choice is none. A forced call (required / named) is enforced with a grammar (Lark, which
+        ggtorch.constrain's ``grammar=`` takes as well as GBNF)."""
+        from .errors import ToolCallError
         from .toolcall import ToolSpec
 
         kw = dict(kw)
         spec = ToolSpec(kw.pop("tools", None), kw.pop("tool_choice", None), kw.pop("parallel_tool_calls", None))
         kw["tools"] = spec.render_tools
         if spec.forced:
+            if kw.get("grammar") is not None or kw.get("json_schema") is not None:
+                raise ToolCallError("a forced tool call (tool_choice required or named) cannot be combined with "
+                                    "json_schema or grammar", "tool_choice")
             src = self.chat_template(kw.get("template"))[0]
-            lark = spec.grammar(src, self._chat_prompt_tail(kw))
-            kw["lark"] = lark  # ggtorch.constrain's keyword for a Lark grammar
+            prompt = self.apply_chat_template(messages, tools=spec.render_tools, template=kw.get("template"),
+                                              **(kw.get("chat_template_kwargs") or {}))
+            kw["grammar"] = spec.grammar(src, prompt)
         return kw, spec
-
-    def _chat_prompt_tail(self, kw) -> str:
-        return ""  # the forced grammar only needs to know whether <think> was opened; see _chat_parse
 
     def _chat_parse(self, res, spec, kw):
         from .toolcall import parse_ids

@@ -26,9 +26,30 @@ def _json(schema: dict) -> str:
     return "%json " + json.dumps(s, ensure_ascii=False)
 
 
+def closed(schema):
+    """``schema`` with ``additionalProperties: false`` on every object that has ``properties`` and does
+    not say otherwise: llama.cpp's json-schema-to-grammar reads a missing additionalProperties so
+    (JSON Schema would allow any extra key, and a small model then writes keys until max_tokens)."""
+    if isinstance(schema, list):
+        return [closed(x) for x in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for k, v in schema.items():
+        if k in ("properties", "$defs", "definitions", "patternProperties") and isinstance(v, dict):
+            out[k] = {name: closed(sub) for name, sub in v.items()}
+        elif k in ("items", "anyOf", "oneOf", "allOf", "prefixItems", "additionalProperties"):
+            out[k] = closed(v)
+        else:
+            out[k] = v
+    if "properties" in out and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
 def _params(fn: dict) -> dict:
     p = fn.get("parameters")
-    return p if isinstance(p, dict) and p else {"type": "object"}
+    return closed(p) if isinstance(p, dict) and p else {"type": "object"}
 
 
 def call_schema(fn: dict, name_key: str = "name", args_key: str = "arguments", extra: dict | None = None) -> dict:
