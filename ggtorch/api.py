@@ -285,6 +285,7 @@ class Model:
         from .chat import ChatResult
 
         kw, tools = self._chat_tools(messages, kw)
+        messages = self._chat_messages(messages, kw)
         ids, timings, label, steps = self.chat_steps(messages, **kw)
         out, text, reason = [], [], "length"
         for step in steps:
@@ -311,10 +312,19 @@ class Model:
                 raise ToolCallError("a forced tool call (tool_choice required or named) cannot be combined with "
                                     "json_schema or grammar", "tool_choice")
             src = self.chat_template(kw.get("template"))[0]
-            prompt = self.apply_chat_template(messages, tools=spec.render_tools, template=kw.get("template"),
+            prompt = self.apply_chat_template(self._chat_messages(messages, kw), tools=spec.render_tools,
+                                              template=kw.get("template"),
                                               **(kw.get("chat_template_kwargs") or {}))
             kw["grammar"] = spec.grammar(src, prompt)
         return kw, spec
+
+    def _chat_messages(self, messages, kw):
+        """For a template that ignores tools, the tools said in a system message (ggtorch.toolcall)."""
+        from .toolcall import template_takes_tools, with_tools_prompt
+
+        if kw.get("tools") and not template_takes_tools(self.chat_template(kw.get("template"))[0]):
+            return with_tools_prompt(list(messages), kw["tools"])
+        return messages
 
     def _chat_parse(self, res, spec, kw):
         from .toolcall import parse_ids

@@ -339,15 +339,18 @@ def test_server_chat_template_and_reasoning(smollm):
                 p = httpx.post(s.url + "/apply-template", json={"messages": ASK, "tools": TOOLS}).json()["prompt"]
                 assert "<tools>" in p and "<tool_call>" in p
                 r = c.chat.completions.create(model="m", messages=ASK, tools=TOOLS, tool_choice="required",
-                                              temperature=0, max_tokens=60)
+                                              parallel_tool_calls=False, temperature=0, max_tokens=60)
                 assert r.choices[0].finish_reason == "tool_calls"
                 tc = r.choices[0].message.tool_calls[0]
                 _check_call(tc.function.name, tc.function.arguments)
             else:
-                r = c.chat.completions.create(model="m", messages=ASK, temperature=0, max_tokens=12)
+                kw = {"chat_template_kwargs": {"enable_thinking": True}}  # this template closes <think> otherwise
+                r = c.chat.completions.create(model="m", messages=ASK, temperature=0, max_tokens=12, extra_body=kw)
                 m = r.choices[0].message
+                prompt = httpx.post(s.url + "/apply-template", json={"messages": ASK, **kw}).json()["prompt"]
+                assert prompt.endswith("<think>\n")
                 raw = httpx.post(s.url + "/v1/completions", json={
-                    "prompt": httpx.post(s.url + "/apply-template", json={"messages": ASK}).json()["prompt"],
+                    "prompt": prompt,
                     "temperature": 0, "max_tokens": 12}).json()["choices"][0]["text"]
                 assert raw.strip() and "</think>" not in raw
                 assert m.content in ("", None) and m.model_extra["reasoning_content"] == raw.strip()
@@ -362,3 +365,18 @@ def test_model_chat_tools(smollm):
     _check_call(r.tool_calls[0].name, r.tool_calls[0].arguments, "get_weather")
     r = smollm.chat(ASK, tools=TOOLS, tool_choice="none", temperature=0, max_tokens=8)
     assert r.tool_calls == [] and r.finish_reason in ("stop", "length")
+
+
+def test_parsers_never_raise_on_junk():
+    """Any text, whole or in pieces, parses (into content at worst): a model's mistakes are not a 500."""
+    bits = ["<tool_call>", "</tool_call>", "<think>", "</think>", "```json\n", "```", '{"name": ', '"f"', ', "arguments": ',
+            '{"a": [1, "x\\"', "}", "]", "[TOOL_CALLS]", "[ARGS]", "<|python_tag|>", "<|tool_call|>", "<function=g>",
+            "</function>", "<|channel|>", "<|message|>", "analysis", " to=functions.f", "<|end|>", "<|start|>assistant",
+            '{"tool_calls": [', '{"response": "', "\\u12", "é", " ", "\n", "call(q=", ")", ";"]
+    rnd = random.Random(7)
+    for _ in range(60):
+        text = "".join(rnd.choice(bits) for _ in range(rnd.randint(1, 12)))
+        for fmt in FORMATS:
+            m = make_parser("", fmt=fmt).parse(text)
+            assert isinstance(m.content, str) and all(isinstance(c.arguments, str) for c in m.tool_calls)
+            streamed(make_parser("", fmt=fmt), text, rnd.randint(0, 99))

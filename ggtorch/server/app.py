@@ -25,6 +25,7 @@ from .. import __version__
 from ..batch import BatchEngine, QueueFullError
 from ..errors import GGTorchError
 from . import schema
+from ..toolcall import template_takes_tools, with_tools_prompt
 from .jobs import ClientGone, Job, ToolPlan
 from .schema import APIError, bad
 
@@ -93,6 +94,8 @@ class Server:
             raise APIError(501, "this build of ggtorch has no chat templates", type="not_supported_error")
         try:
             tpl = {"template": self.chat_template} if self.chat_template else {}
+            if tools.render_tools and self.template_source and not template_takes_tools(self.template_source):
+                msgs = with_tools_prompt(msgs, tools.render_tools)  # the template ignores tools: say them
             out = fn(msgs, tools=tools.render_tools, add_generation_prompt=True, tokenize=tokenize, **tpl, **kw)
         except GGTorchError:
             raise

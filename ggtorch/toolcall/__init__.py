@@ -192,3 +192,41 @@ def parse_ids(template: str, prompt: str, ids, tokenizer, tools: bool = True, st
     if hits:
         text = text[:min(hits)]
     return p.parse(text)
+
+
+# ---- templates that ignore tools ------------------------------------------------------------------------
+_TAKES_TOOLS: dict[str, bool] = {}
+_PROBE = [{"type": "function", "function": {"name": "ggtorch_probe_tool", "description": "probe",
+                                            "parameters": {"type": "object", "properties": {}}}}]
+
+
+def template_takes_tools(template: str) -> bool:
+    """Whether the template renders the tools it is given (a probe tool's name shows in its output), as
+    llama.cpp's minja caps.supports_tools is found; cached per template."""
+    hit = _TAKES_TOOLS.get(template)
+    if hit is None:
+        from ..chat import apply_template
+
+        try:
+            hit = "ggtorch_probe_tool" in apply_template(template, [{"role": "user", "content": "x"}], tools=_PROBE)
+        except Exception:  # noqa: BLE001 - a template that refuses tools does not take them
+            hit = False
+        if len(_TAKES_TOOLS) > 64:
+            _TAKES_TOOLS.clear()
+        _TAKES_TOOLS[template] = hit
+    return hit
+
+
+def with_tools_prompt(messages: list, tools: list) -> list:
+    """For a template that ignores tools: the tools and the generic JSON answer format said in a system
+    message (first, or merged into the first system message), as llama.cpp's generic handler and minja's
+    tools polyfill do."""
+    text = ("You can call these tools (JSON schemas):\n" + json.dumps(tools, ensure_ascii=False) +
+            '\n\nAnswer with one JSON object only: {"tool_calls": [{"name": "<tool name>", "arguments": {...}}]} '
+            'to call tools, or {"response": "<your answer>"} to answer directly.')
+    msgs = [dict(m) if isinstance(m, dict) else m for m in messages]
+    if msgs and isinstance(msgs[0], dict) and msgs[0].get("role") == "system" and isinstance(msgs[0].get("content"), str):
+        msgs[0]["content"] = msgs[0]["content"] + "\n\n" + text
+    else:
+        msgs.insert(0, {"role": "system", "content": text})
+    return msgs
