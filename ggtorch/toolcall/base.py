@@ -114,6 +114,7 @@ class Parser:
         self._r, self._c = "", ""
         self._calls: list[list] = []  # [name, arguments sent, id] per call already announced
         self._final: Message | None = None
+        self._settled = 0  # text before this index (after the reasoning) is settled content
 
     # ---- per format ----------------------------------------------------------------------------
     def split(self, text: str, final: bool) -> tuple[str, list[Call]]:
@@ -122,10 +123,10 @@ class Parser:
         return text, []
 
     # ---- shared -----------------------------------------------------------------------------------
-    def _think(self, text: str, final: bool) -> tuple[str, str | None]:
-        """(reasoning, rest); rest None while it is not yet known whether reasoning has ended."""
+    def _think(self, text: str, final: bool) -> tuple[str, int | None]:
+        """(reasoning, where the rest starts); None while it is not yet known whether reasoning has ended."""
         if not self.reasoning:
-            return "", text
+            return "", 0
         start = None
         if self.thinking_open:  # the template opened <think> in the prompt (Qwen3, DeepSeek-R1 distills)
             start = 0
@@ -141,22 +142,29 @@ class Parser:
             elif not final and s and "<think>".startswith(s):
                 return "", None
         if start is None:
-            return "", text
+            return "", 0
         end = text.find("</think>", start)
         if end < 0:
             r = text[start:] if final else text[start:len(text) - held(text, ("</think>",))]
-            return r.strip(), ("" if final else None)
-        return text[start:end].strip(), text[end + len("</think>"):]
+            return r.strip(), (len(text) if final else None)
+        return text[start:end].strip(), end + len("</think>")
+
+    # a format whose content before a call is settled once no call can start in it (a left-to-right
+    # scan): later pieces re-parse only the text after it, so streaming stays linear
+    settles = False
 
     def _parse(self, text: str, final: bool) -> tuple[str, str, list[Call]]:
         reasoning, rest = self._think(text, final)
         if rest is None:
             return reasoning, "", []
-        if self.parse_tools:
-            content, calls = self.split(rest, final)
-        else:
-            content, calls = rest, []
-        return reasoning, content.strip(), calls
+        if not self.parse_tools:
+            return reasoning, text[rest:].strip(), []
+        base = max(rest, self._settled) if self.settles else rest
+        content, calls = self.split(text[base:], final)
+        if self.settles and not final and not calls and text.startswith(content, base):
+            # no call (nor the start of one) begins in this content: it is final as it stands
+            self._settled = base + len(content)
+        return reasoning, (text[rest:base] + content).strip(), calls
 
     def _diff(self, reasoning: str, content: str, calls: list[Call]) -> list[dict]:
         out = []

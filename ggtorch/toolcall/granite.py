@@ -14,6 +14,7 @@ _TAGS = ("<response>", "</response>")
 
 class GraniteParser(Parser):
     format = "granite"
+    settles = True
     preserved = ("<|tool_call|>", "<think>", "</think>")
 
     def split(self, text: str, final: bool) -> tuple[str, list[Call]]:

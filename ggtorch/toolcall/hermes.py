@@ -34,6 +34,7 @@ def _close(text: str, pos: int, pattern: str, final: bool) -> int | None:
 
 class HermesParser(Parser):
     format = "hermes"
+    settles = True
     preserved = ("<think>", "</think>", "<tool_call>", "</tool_call>")
 
     def split(self, text: str, final: bool) -> tuple[str, list[Call]]:

@@ -9,6 +9,7 @@ with its partial JSON "healing" (common/json-partial.cpp); this keeps the raw te
 from __future__ import annotations
 
 import json
+import re
 
 WS = " \t\n\r"
 _NUM = set("0123456789+-.eE")
@@ -93,21 +94,19 @@ def scan(s: str, i: int, depth: int = 0) -> Node:
     raise Invalid(f"unexpected {c!r} at {i}")
 
 
+_STR_BODY = re.compile(r'(?:[^"\\\n\r]|\\.)*')
+
+
 def _string(s: str, i: int) -> Node:
     node = Node("string", i)
-    n, j = len(s), i + 1
-    while j < n:
-        c = s[j]
-        if c == "\\":
-            j += 2
-            continue
-        if c == '"':
-            node.end, node.complete = j + 1, True
-            return node
-        if c in "\n\r":
-            raise Invalid("newline inside a JSON string")
-        j += 1
-    node.end = n
+    n = len(s)
+    j = _STR_BODY.match(s, i + 1).end()  # the characters and escapes inside the quotes
+    if j < n and s[j] == '"':
+        node.end, node.complete = j + 1, True
+        return node
+    if j < n and s[j] in "\n\r":
+        raise Invalid("newline inside a JSON string")
+    node.end = n  # the text ends inside the string (or inside an escape)
     return node
 
 

@@ -45,6 +45,7 @@ def _builtin_args(text: str, pos: int, final: bool):
 
 class Llama3Parser(Parser):
     format = "llama3"
+    settles = True
     preserved = ("<|python_tag|>",)
 
     def split(self, text: str, final: bool) -> tuple[str, list[Call]]:

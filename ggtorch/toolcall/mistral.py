@@ -16,6 +16,7 @@ _NAMED = regex.compile(r"\s*(?P<name>[^\[\]{}\s]+)\s*(?:\[CALL_ID\]\s*(?P<id>[A-
 
 class MistralParser(Parser):
     format = "mistral"
+    settles = True
     preserved = ("[TOOL_CALLS]", "[ARGS]", "[CALL_ID]", "[THINK]", "[/THINK]")
     id_style = "mistral"
 
