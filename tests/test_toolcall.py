@@ -98,17 +98,25 @@ def streamed(parser, text: str, seed: int):
     return content, reasoning, [calls[i] for i in sorted(calls)]
 
 
+@pytest.fixture(scope="module")
+def harmony_package(tmp_path_factory):
+    """openai-harmony's encoding, its o200k table built offline into a temporary cache (once)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GGTORCH_CACHE", str(tmp_path_factory.mktemp("harmony-cache")))
+        mp.delenv("TIKTOKEN_ENCODINGS_BASE", raising=False)
+        mp.setattr(harmony, "_state", {})
+        enc = harmony.encoding()
+        assert enc is not None, harmony.why_not()
+        state = dict(harmony._state)
+    return state
+
+
 @pytest.fixture(params=["package", "markers"])
-def harmony_mode(request, monkeypatch, tmp_path):
-    """Harmony through openai-harmony (its o200k table built offline into a temporary cache) and
-    through the marker fallback."""
-    monkeypatch.setenv("GGTORCH_CACHE", str(tmp_path))
-    monkeypatch.delenv("TIKTOKEN_ENCODINGS_BASE", raising=False)
-    monkeypatch.setattr(harmony, "_state", {})
+def harmony_mode(request, monkeypatch, harmony_package):
+    """Harmony parsed by openai-harmony, and by the marker fallback (no package or no vocabulary)."""
+    monkeypatch.setattr(harmony, "_state", dict(harmony_package))
     if request.param == "markers":
         monkeypatch.setattr(harmony, "encoding", lambda tokenizer=None: None)
-    else:
-        assert harmony.encoding() is not None, harmony.why_not()
     return request.param
 
 
@@ -143,6 +151,29 @@ def test_harmony_offline_encoding_is_harmony(harmony_mode):
     enc = harmony.encoding()
     ids = enc.encode("<|channel|>final<|message|>hi", allowed_special="all")
     assert ids[0] == 200005 and ids[2] == 200008 and enc.decode(ids) == "<|channel|>final<|message|>hi"
+
+
+def test_harmony_vocabulary_from_a_gguf_tokenizer(monkeypatch, tmp_path):
+    """A gpt-oss GGUF's own vocabulary (ids 0..199997 are o200k's ranks) is enough for openai-harmony
+    offline; a vocabulary that is not o200k is refused (the SHA-256 differs) and the markers are read."""
+    ranks = harmony._ranks_from_quicktok()
+
+    class GGUFVocab:  # what Tokenizer offers: tokens and piece(id) -> bytes
+        def __init__(self, table):
+            self.tokens, self.table = [""] * len(table), table
+
+        def piece(self, i, special=False):
+            return self.table[i]
+
+    monkeypatch.setattr(harmony, "_ranks_from_quicktok", lambda: None)
+    monkeypatch.delenv("TIKTOKEN_ENCODINGS_BASE", raising=False)
+    for table, ok in [(ranks[:5] + [b"oops"] + ranks[6:], False), (ranks, True)]:
+        monkeypatch.setenv("GGTORCH_CACHE", str(tmp_path / str(ok)))
+        monkeypatch.setattr(harmony, "_state", {})
+        enc = harmony.encoding(GGUFVocab(table))
+        assert (enc is not None) == ok, harmony.why_not()
+    m = make_parser("", fmt="harmony").parse("<|channel|>final<|message|>hi")
+    assert m.content == "hi"
 
 
 def test_mistral_ids_are_nine_alphanumerics():

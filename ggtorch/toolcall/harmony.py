@@ -85,8 +85,11 @@ def encoding(tokenizer=None):
     """The harmony encoding, or None (with the reason in :func:`why_not`) when it cannot be built
     offline. Cached per process."""
     with _lock:
-        if "enc" in _state and (_state["enc"] is not None or tokenizer is None):
+        tried = _state.setdefault("tried", set())  # tokenizers already tried (a failure is not retried)
+        if "enc" in _state and (_state["enc"] is not None or tokenizer is None or id(tokenizer) in tried):
             return _state["enc"]
+        if tokenizer is not None:
+            tried.add(id(tokenizer))
         try:
             import openai_harmony as oh
         except ImportError:
