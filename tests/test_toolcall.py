@@ -411,3 +411,18 @@ def test_parsers_never_raise_on_junk():
             m = make_parser("", fmt=fmt).parse(text)
             assert isinstance(m.content, str) and all(isinstance(c.arguments, str) for c in m.tool_calls)
             streamed(make_parser("", fmt=fmt), text, rnd.randint(0, 99))
+
+
+def test_serve_cli_bad_chat_template_is_one_line():
+    """`ggtorch serve --chat-template` is checked before the weights load: one line, exit code 2."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import TINY
+
+    r = subprocess.run([sys.executable, "-m", "ggtorch", "serve", str(TINY / "tiny-llama-Q4_K.gguf"), "--chat-template",
+                        "no-such-template.jinja", "--port", "1"], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert r.returncode == 2 and "no chat template named 'no-such-template.jinja'" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
