@@ -29,6 +29,7 @@ model given the freedom writes runs of spaces or newlines between tokens and nev
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import threading
@@ -58,7 +59,10 @@ class _Vocab:
     """What llguidance's TokenizerWrapper reads: token bytes, EOS/BOS ids and a tokenize function."""
 
     def __init__(self, tok):
-        self.tok = tok
+        # llguidance tokenizes forced text mid-output: a SentencePiece tokenizer must not prepend its
+        # space there ("es" after "y" would become "▁es"); a shallow copy shares the tables
+        self.tok = copy.copy(tok)
+        self.tok.add_space_prefix = False
         self.tokens = []
         for i in range(tok.n_vocab):
             p = tok.piece(i)
@@ -174,12 +178,41 @@ def _source(json_schema, json_object, grammar, lark, regex) -> tuple[str, str]:
             v = {} if v else {"not": {}}
         if not isinstance(v, dict):
             raise ConstraintError(f"a JSON schema must be an object (or true/false), got {type(v).__name__}")
-        return kind, json.dumps(v, ensure_ascii=False)
+        return kind, json.dumps(_closed(v), ensure_ascii=False)
     if not isinstance(v, str):
         raise ConstraintError(f"{kind} must be text, got {type(v).__name__}")
     if not v.strip():
         raise ConstraintError(f"the {kind} is empty")
     return kind, v
+
+
+_SUB = ("items", "additionalProperties", "not", "if", "then", "else", "contains", "propertyNames",
+        "additionalItems", "unevaluatedItems", "unevaluatedProperties")
+_SUB_LIST = ("anyOf", "oneOf", "allOf", "prefixItems", "items")
+_SUB_MAP = ("properties", "$defs", "definitions", "patternProperties", "dependentSchemas")
+
+
+def _closed(schema):
+    """A copy where an object schema that lists ``properties`` and says nothing of
+    ``additionalProperties`` allows no others: what llama.cpp's converter does (common/json-schema.cpp,
+    build_object) and xgrammar's strict mode, and what OpenAI's strict schemas say outright. A small model
+    given leave to add properties invents them until max_tokens and never closes the object."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    if isinstance(out.get("properties"), dict) and not any(
+            k in out for k in ("additionalProperties", "unevaluatedProperties", "patternProperties")):
+        out["additionalProperties"] = False
+    for k in _SUB:
+        if isinstance(out.get(k), dict):
+            out[k] = _closed(out[k])
+    for k in _SUB_LIST:
+        if isinstance(out.get(k), list):
+            out[k] = [_closed(x) for x in out[k]]
+    for k in _SUB_MAP:
+        if isinstance(out.get(k), dict):
+            out[k] = {n: _closed(x) for n, x in out[k].items()}
+    return out
 
 
 def _to_llg(kind: str, text: str) -> str:
@@ -318,7 +351,7 @@ def apply_mask(logits: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tens
     """Logits with the disallowed tokens at -inf (a new tensor; ``allowed`` None: unchanged)."""
     if allowed is None:
         return logits
-    return logits.masked_fill(~allowed.to(logits.device), float("-inf"))
+    return torch.where(allowed.to(logits.device), logits, torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device))
 
 
 def json_lark(schema) -> str:

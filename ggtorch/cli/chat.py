@@ -10,7 +10,7 @@ import json
 import sys
 
 from ..errors import GGTorchError
-from .common import add_context, add_model, add_sampling, load, print_json, sampling_kwargs
+from .common import add_context, add_model, add_sampling, add_structured, load, print_json, sampling_kwargs
 
 HELP = "/reset starts over, /system TEXT sets the system prompt, /exit leaves; Ctrl-C stops an answer, Ctrl-D leaves"
 
@@ -33,6 +33,7 @@ class Chat:
         self.kw.update(template=a.chat_template, chat_template_kwargs=_kwargs(a.chat_template_kwargs))
         if a.logit_bias:
             self.kw["logit_bias"] = _bias(a.logit_bias)
+        model._grammar(dict(self.kw))  # a bad --json-schema/--grammar fails now, not at the first turn
 
     def messages(self) -> list[dict]:
         return ([{"role": "system", "content": self.system}] if self.system else []) + self.history
@@ -183,5 +184,6 @@ def register(sub) -> None:
                    help="add BIAS to token ID's logit (repeatable)")
     p.add_argument("--json", action="store_true", help="one JSON object per answer (text, finish_reason, usage)")
     add_sampling(p)
+    add_structured(p)
     add_context(p)
     p.set_defaults(max_tokens=512)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 
 from ..errors import GGTorchError
@@ -43,6 +44,38 @@ def add_sampling(p):
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true")
+
+
+def add_structured(p):
+    """--json-schema, --grammar: structured output (run, chat)."""
+    g = p.add_argument_group("structured output")
+    g.add_argument("--json-schema", default=None, metavar="FILE|JSON",
+                   help="the output is JSON that validates against this JSON schema (a file or the JSON text)")
+    g.add_argument("--grammar", default=None, metavar="FILE",
+                   help="the output follows this llama.cpp GBNF grammar (a file, or the grammar text itself)")
+
+
+def structured_kwargs(a) -> dict:
+    """json_schema= / grammar= from --json-schema / --grammar (files read here; compiled by the model)."""
+    out = {}
+    if getattr(a, "json_schema", None) is not None:
+        v = a.json_schema
+        if v.lstrip()[:1] in ("{", "[") or v.strip() in ("true", "false"):
+            out["json_schema"] = v
+        else:
+            out["json_schema"] = _read(v, "--json-schema", "a JSON schema file or JSON text")
+    if getattr(a, "grammar", None) is not None:
+        v = a.grammar
+        out["grammar"] = v if "::=" in v and not os.path.isfile(v) else _read(v, "--grammar", "a GBNF grammar file")
+    return out
+
+
+def _read(path: str, opt: str, what: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise GGTorchError(f"{opt} expects {what}; cannot read {path!r}: {getattr(e, 'strerror', None) or e}") from None
 
 
 def add_context(p, ctx_help=None):
@@ -101,7 +134,7 @@ def sampling_kwargs(a) -> dict:
                 typical_p=a.typical_p, repeat_penalty=a.repeat_penalty, repeat_last_n=a.repeat_last_n,
                 presence_penalty=a.presence_penalty, frequency_penalty=a.frequency_penalty, seed=a.seed,
                 stop=a.stop, ignore_eos=a.ignore_eos,
-                **({"n_keep": a.keep} if hasattr(a, "keep") else {}))
+                **({"n_keep": a.keep} if hasattr(a, "keep") else {}), **structured_kwargs(a))
 
 
 def print_json(obj) -> None:

@@ -10,7 +10,7 @@ from ..errors import GGTorchError
 from ..gguf.reader import GGUFFile
 from tqdm import tqdm
 
-from .common import add_context, add_model, add_sampling, load, parse_ids, print_json, sampling_kwargs, show_context
+from .common import add_context, add_model, add_sampling, add_structured, load, parse_ids, print_json, sampling_kwargs, show_context
 
 
 def cmd_inspect(a) -> int:
@@ -180,6 +180,7 @@ def register(sub) -> None:
     p.add_argument("-p", "--prompt", required=True)
     p.add_argument("--json", action="store_true")
     add_sampling(p)
+    add_structured(p)
     add_context(p)
 
     p = sub.add_parser("tokenize", help="token ids of a text")

@@ -123,6 +123,17 @@ class Server:
             grammar = compile_constraint(self.model.tokenizer, lark=lark)  # ConstraintError -> 400
         return ToolPlan(src, prompt, tools.parse_calls, self.model.tokenizer, grammar)
 
+    async def compile(self, kw: dict, param: str):
+        """The request's schema/grammar compiled off the event loop (time-limited, cached by text); one
+        the library rejects is a 400 naming the parameter."""
+        from ..constrain import compile_constraint
+        from ..errors import ConstraintError
+
+        try:
+            return await run_in_threadpool(lambda: compile_constraint(self.model.tokenizer, **kw))
+        except ConstraintError as e:
+            raise bad(param, str(e), "invalid_value") from None
+
     def tokenize_prompt(self, p) -> list[int]:
         return self.model.tokenize(p, special=True, bos=True) if isinstance(p, str) else list(p)
 
@@ -131,10 +142,16 @@ class Server:
         body = await self.body(request)
         spec = schema.gen_spec(body, self.model.n_vocab, self.engine.n_ctx, chat)
         plan = None
+        structured = schema.structured_output(body)
+        if structured is not None:
+            spec.constraint = await self.compile(*structured)
         if chat:
             tools = schema.tools(body)
             text = await run_in_threadpool(self.render, body, False, tools)
             prompts = [await run_in_threadpool(self.model.tokenizer.tokenize, text, True, True, True)]
+            if tools.forced and structured is not None:
+                raise bad("tool_choice", "a forced tool call (tool_choice required or named) cannot be combined "
+                          f"with {structured[1]}", "invalid_value")
             plan = await run_in_threadpool(self.tool_plan, tools, text)
         else:
             items = schema.completion_prompts(body, self.model.n_vocab)

@@ -50,9 +50,11 @@ class Job:
                 idx = pi * spec.n + j
                 # n choices with one seed: choice i draws with seed + i, so they differ and repeat
                 params = spec.params if spec.seed is None else replace(spec.params, seed=(spec.seed + idx) % 2 ** 64)
-                extra = {} if tools is None or tools.grammar is None else {"constraint": tools.grammar.new()}
+                # a forced tool call's grammar, or the request's response_format / json_schema / grammar
+                grammar = tools.grammar if tools is not None and tools.grammar is not None else spec.constraint
                 self.reqs.append(BatchRequest(ids, params, spec.max_tokens, spec.stop, spec.ignore_eos, spec.logprobs,
-                                              on_event=lambda ev, idx=idx: self._on_event(idx, ev), **extra))
+                                              on_event=lambda ev, idx=idx: self._on_event(idx, ev),
+                                              constraint=grammar.new() if grammar is not None else None))
                 c = Choice(idx)
                 if tools is not None and chat:
                     c.parse = ChoiceParse(tools, spec.stop, lazy=not spec.stream)

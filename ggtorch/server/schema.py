@@ -116,6 +116,7 @@ class GenSpec:
     logprobs: int | None  # None: off; k: the chosen token plus k alternatives
     seed: int | None
     prompts: list = field(default_factory=list)  # text or token-id lists, filled by the endpoint
+    constraint: object = None  # a compiled ggtorch.constrain.Grammar: each choice gets its own matcher
 
 
 def gen_spec(body: dict, n_vocab: int, n_ctx: int, chat: bool) -> GenSpec:
@@ -156,11 +157,50 @@ def gen_spec(body: dict, n_vocab: int, n_ctx: int, chat: bool) -> GenSpec:
         logprobs = _number(body, "logprobs", None, 0, 5, integer=True)
         if _bool(body, "echo", False):
             raise bad("echo", "echo is not supported", "unsupported_value")
-    rf = body.get("response_format")
-    if rf is not None and not (isinstance(rf, dict) and rf.get("type") == "text"):
-        raise bad("response_format", "only response_format {\"type\": \"text\"} is supported", "unsupported_value")
     return GenSpec(params, int(max_tokens), _stop(body), _bool(body, "ignore_eos", False), int(n), stream,
                    include_usage, logprobs, params.seed)
+
+
+def structured_output(body: dict) -> tuple[dict, str] | None:
+    """What the request constrains its output to, as compile_constraint keywords, and the parameter that
+    asked for it: OpenAI's ``response_format`` (``json_object``, ``json_schema``) or llama.cpp server's
+    ``json_schema`` (a schema) and ``grammar`` (GBNF) fields. None: free text."""
+    found = []
+    rf = body.get("response_format")
+    if rf is not None:
+        if not isinstance(rf, dict) or not isinstance(rf.get("type"), str):
+            raise bad("response_format", "response_format must be an object with a type", "invalid_type")
+        kind = rf["type"]
+        if kind == "json_object":  # llama.cpp also takes a schema here
+            s = rf.get("schema")
+            found.append(({"json_schema": s} if s is not None else {"json_object": True}, "response_format"))
+        elif kind == "json_schema":
+            js = rf.get("json_schema")
+            if not isinstance(js, dict):
+                raise bad("response_format.json_schema", "response_format.json_schema must be an object with a "
+                          "schema", "invalid_type")
+            s = js.get("schema", {})  # as llama.cpp: no schema, any JSON value
+            if not isinstance(s, (dict, bool)):
+                raise bad("response_format.json_schema.schema", "response_format.json_schema.schema must be a "
+                          "JSON schema object", "invalid_type")
+            found.append(({"json_schema": s}, "response_format.json_schema.schema"))
+        elif kind != "text":
+            raise bad("response_format", f"response_format.type must be text, json_object or json_schema, got "
+                      f"{json.dumps(kind)[:40]}", "invalid_value")
+    if body.get("json_schema") is not None:
+        s = body["json_schema"]
+        if not isinstance(s, (dict, bool)):
+            raise bad("json_schema", "json_schema must be a JSON schema object", "invalid_type")
+        found.append(({"json_schema": s}, "json_schema"))
+    if body.get("grammar") is not None:
+        g = body["grammar"]
+        if not isinstance(g, str):
+            raise bad("grammar", "grammar must be a string (llama.cpp GBNF)", "invalid_type")
+        found.append(({"grammar": g}, "grammar"))
+    if len(found) > 1:
+        raise bad(found[1][1].split(".")[0], "give one of response_format (json), json_schema and grammar, not "
+                  "several", "invalid_value")
+    return found[0] if found else None
 
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
