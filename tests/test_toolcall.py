@@ -426,3 +426,32 @@ def test_serve_cli_bad_chat_template_is_one_line():
                        env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert r.returncode == 2 and "no chat template named 'no-such-template.jinja'" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_server_parse_sees_special_tokens_and_stops():
+    """The server parses the generated ids with the format's markers shown even when they are control
+    tokens (empty in plain text), as llama.cpp keeps preserved_tokens; stop strings still cut the answer."""
+    from ggtorch.server.jobs import ChoiceParse, ToolPlan
+
+    class Tok:  # id 1 and 2 are control tokens: shown only with special=True
+        pieces = {0: b"Sure. ", 1: b"<tool_call>", 2: b"</tool_call>", 3: b'{"name": "f", "arguments": {"a": "\xc3',
+                  4: b'\xa9"}}', 5: b" STOP and more"}
+
+        def tokenize(self, text, special=False):
+            ids = [i for i, p in self.pieces.items() if p == text.encode()]
+            return ids or [9, 9]
+
+        def piece(self, i, special=False):
+            return self.pieces[i] if special or i not in (1, 2) else b""
+
+    plan = ToolPlan((TEMPLATES / "Qwen-Qwen2.5-7B-Instruct.jinja").read_text(), "", True, Tok())
+    assert plan.fmt == "hermes" and plan.special == {1, 2}
+    for lazy in (True, False):
+        cp = ChoiceParse(plan, ["STOP"], lazy=lazy)
+        deltas = []
+        for t in [0, 1, 3, 4, 2, 5]:
+            deltas += cp.feed([t])
+        deltas += cp.finish()
+        m = cp.parser.message()
+        assert m.content == "Sure." and [(c.name, json.loads(c.arguments)) for c in m.tool_calls] == [("f", {"a": "é"})]
+        assert "".join(d.get("content", "") for d in deltas) == "Sure."
