@@ -267,8 +267,10 @@ class Model:
         return ids, timings, self.chat_template(template)[1], steps
 
     def chat_stream(self, messages, **kw) -> Iterator[str]:
-        """The assistant's answer as text pieces (never a broken UTF-8 character); keywords as :meth:`chat`."""
-        _, _, _, steps = self.chat_steps(messages, **kw)
+        """The assistant's answer as text pieces (never a broken UTF-8 character); keywords as :meth:`chat`
+        (the raw text: a forced tool call is enforced, parsing is :meth:`chat`'s or ggtorch.toolcall's)."""
+        kw, _ = self._chat_tools(messages, kw)
+        _, _, _, steps = self.chat_steps(self._chat_messages(messages, kw), **kw)
         try:
             for step in steps:
                 if step.piece:
@@ -278,8 +280,12 @@ class Model:
 
     def chat(self, messages, **kw):
         """Answer a conversation through the model's chat template: ``messages`` are ``{"role", "content"}``
-        dicts. Keywords: tools, template (a variant name, "chatml", "gemma" or a file), chat_template_kwargs
-        (e.g. ``{"enable_thinking": False}``) and the sampling keywords of :meth:`generate`
+        dicts. Keywords: tools, tool_choice ("auto", "none", "required" or {"type": "function", "function":
+        {"name": ...}}: the last two are enforced with a grammar), parallel_tool_calls; the answer's calls
+        are parsed in the template's format (ggtorch.toolcall) into ``tool_calls`` (finish_reason
+        "tool_calls"), with ``content`` and ``reasoning_content`` beside them. Also: template (a variant
+        name, "chatml", "gemma" or a file), chat_template_kwargs (e.g. ``{"enable_thinking": False}``)
+        and the sampling keywords of :meth:`generate`
         (max_tokens defaults to 512). Generation stops at the model's end-of-turn tokens. A follow-up turn
         reuses the KV cache of the previous one for the common prefix (:meth:`reset_chat` drops it)."""
         from .chat import ChatResult
