@@ -1,6 +1,7 @@
 """Dev script: the random-weight 1.1B models (TinyLlama's shape) that `vs_llamacpp.py --synthetic` runs.
 
-    python benchmarks/make_synthetic.py [OUT_DIR] [TYPE ...]   (default /tmp/ggtorch-synthetic; Q4_0 Q8_0 Q4_K_M)
+    python benchmarks/make_synthetic.py [OUT_DIR] [TYPE ...] [--layers N]
+        (default /tmp/ggtorch-synthetic; Q4_0 Q8_0 Q4_K_M; all 22 layers)
 
 Q4_0 and Q8_0 are written by ../shared/tools/make_synthetic_model.py (gguf-py); every other type
 (llama.cpp's ftype names: Q4_K_M, Q2_K, Q3_K_M, IQ4_XS, IQ4_NL, IQ3_S, IQ3_XXS, IQ2_XS, IQ1_S, ...) by
@@ -22,8 +23,10 @@ GGUF_PY_TYPES = ("Q4_0", "Q8_0", "Q4_1", "Q5_0", "Q5_1", "F16")  # what make_syn
 NEEDS_IMATRIX = ("IQ3_XXS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ1_S", "IQ1_M")
 
 
-def path(out_dir: str, t: str) -> str:
-    return os.path.join(out_dir, f"synthetic-1.1b-{t}.gguf")
+def path(out_dir: str, t: str, layers: int | None = None) -> str:
+    """The file for type t; ``layers``: fewer of TinyLlama's layers (same widths and vocabulary), a
+    quicker stand-in on a loaded machine (the per-layer cost ratio is what a same-run comparison shows)."""
+    return os.path.join(out_dir, f"synthetic-1.1b-{t}.gguf" if not layers else f"synthetic-1.1b-{layers}L-{t}.gguf")
 
 
 def _random_imatrix(f16: str):
@@ -68,14 +71,15 @@ def _quantize(f16: str, out: str, t: str) -> None:
         raise SystemExit(f"llama_model_quantize failed for {out}")
 
 
-def make(out_dir: str, types=TYPES) -> dict[str, str]:
+def make(out_dir: str, types=TYPES, layers: int | None = None) -> dict[str, str]:
     os.makedirs(out_dir, exist_ok=True)
     tool = os.environ.get("GGTORCH_SYNTHETIC_TOOL", TOOL)
     done = {}
-    f16 = path(out_dir, "F16")
+    f16 = path(out_dir, "F16", layers)
+    more = ["--layers", str(layers)] if layers else []
     made_f16 = False
     for t in types:
-        p = path(out_dir, t)
+        p = path(out_dir, t, layers)
         if os.path.exists(p):
             done[t] = p
             continue
@@ -86,11 +90,11 @@ def make(out_dir: str, types=TYPES) -> dict[str, str]:
                 print(f"llama-cpp-python is not installed: no {t} file", file=sys.stderr)
                 continue
             if not os.path.exists(f16):
-                subprocess.run([sys.executable, tool, f16, "--type", "F16"], check=True)
+                subprocess.run([sys.executable, tool, f16, "--type", "F16", *more], check=True)
                 made_f16 = True
             _quantize(f16, p, t)
         else:
-            subprocess.run([sys.executable, tool, p, "--type", t], check=True)
+            subprocess.run([sys.executable, tool, p, "--type", t, *more], check=True)
         done[t] = p
     if made_f16 and "F16" not in types:
         os.unlink(f16)
@@ -99,6 +103,11 @@ def make(out_dir: str, types=TYPES) -> dict[str, str]:
 
 if __name__ == "__main__":
     args = sys.argv[1:]
+    layers = None
+    if "--layers" in args:
+        i = args.index("--layers")
+        layers = int(args[i + 1])
+        del args[i:i + 2]
     out = args.pop(0) if args and not args[0].isupper() else "/tmp/ggtorch-synthetic"
-    for t, p in make(out, args or TYPES).items():
+    for t, p in make(out, args or TYPES, layers).items():
         print(t, p)
