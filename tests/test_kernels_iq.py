@@ -1,4 +1,4 @@
-"""The JIT kernel for the low-bit types (IQ4_NL, IQ4_XS, Q2_K, Q3_K): the repacked form gives back the
+"""The JIT kernel for the low-bit types (IQ4_NL, IQ4_XS, Q2_K, Q3_K, IQ3_S): the repacked form gives back the
 dequantized weights exactly, the library's repack writes the PyTorch reference's bytes, the kernel
 equals the dequantize-then-multiply product with llama.cpp's activation rounding on every tile shape,
 and the tiny fixture models keep their fidelity on the default (fast) path."""
@@ -15,9 +15,9 @@ from ggtorch.quant.linear import QWeight
 from ggtorch.quant.qdot import _qdot_pack, _qdot_pack_jit, qdot_kernel, qdot_linear, qdot_unpack
 from ggtorch.quant.types import TYPES
 
-NEW = ["IQ4_NL", "IQ4_XS", "Q2_K", "Q3_K"]
+NEW = ["IQ4_NL", "IQ4_XS", "Q2_K", "Q3_K", "IQ3_S"]
 # where each type's float16 scales sit in its block (d, and dmin for Q2_K): set to sane values in random blocks
-F16_AT = {"IQ4_NL": (0,), "IQ4_XS": (0,), "Q2_K": (80, 82), "Q3_K": (108,)}
+F16_AT = {"IQ4_NL": (0,), "IQ4_XS": (0,), "Q2_K": (80, 82), "Q3_K": (108,), "IQ3_S": (0,)}
 
 
 def need_jit():

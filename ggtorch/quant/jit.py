@@ -110,7 +110,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.qdot_glu.restype = None
     lib.qdot_step.argtypes = [P, P, I64, P, P, I64, P, P, P, P, P, P]
     lib.qdot_step.restype = None
-    lib.qdot_repack.argtypes = [I, P, I64, I64, I64, P, P, P, P, P]
+    lib.qdot_repack.argtypes = [I, P, I64, I64, I64, P, P, P, P, P, P]
     lib.qdot_repack.restype = I
     for f in (lib.qdot_mm_k, lib.qdot_mm_k_ref):
         f.argtypes = [I, I, P, P, P, P, P, F, I64, I64, P, P, P, I64, P, I64, I]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .fused import Fused, finish
-from .types import IQ4NL_VALUES, LUT_IQ4, SM4, TYPES
+from .types import IQ4NL_VALUES, LUT_IQ4, SM4, TYPES, grid_bytes
 
 QDOT_TYPES = tuple(TYPES)
 K_TYPES = tuple(n for n, s in TYPES.items() if s.klayout)  # kept in their two levels of scales
@@ -141,8 +141,9 @@ def _qdot_fill(lib, w, st: dict, row0: int = 0) -> bool:
     def p(k):
         return st[k][tile0:].data_ptr() if k in st else None
 
+    grid = TYPES[w.type.name].grid
     return lib.qdot_repack(w.type.id, w.raw.data_ptr(), w.out_features, w.in_features, w.type.type_size, p("qw"),
-                           p("dw"), p("mw"), p("sc"), p("mn")) == 0
+                           p("dw"), p("mw"), p("sc"), p("mn"), grid_bytes(grid).data_ptr() if grid else None) == 0
 
 
 def _qdot_pack_jit(w) -> dict | None:

@@ -2,7 +2,7 @@
 laid out and multiplied (csrc/qdot.cpp's layout comment says what the fields mean).
 
 Each family has one module here (``legacy`` for the 32-value types Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, ``kquants``
-for Q2_K..Q6_K, ``iq4`` for IQ4_NL/IQ4_XS) that registers a :class:`TypeSpec` per type: the width of its
+for Q2_K..Q6_K, ``iq4`` for IQ4_NL/IQ4_XS, ``iq3`` for IQ3_S) that registers a :class:`TypeSpec` per type: the width of its
 stored unsigned values, its scale group, how llama.cpp quantizes the activations it multiplies (its
 type_traits vec_dot_type), its offset, its layout flags, and a PyTorch reader of the file's blocks (the
 reference the C++ repack in csrc/repack.cpp is held to, byte for byte). The linear layer's kernel
@@ -48,6 +48,7 @@ class TypeSpec:
     zoff: float
     read: Callable
     flags: int = 0
+    grid: str | None = None  # the iq_grids.npz table csrc/repack.cpp decodes the blocks with
 
     @property
     def block(self) -> int:
@@ -67,4 +68,20 @@ def spec(name: str) -> TypeSpec | None:
     return TYPES.get(name)
 
 
-from . import iq4, kquants, legacy  # noqa: E402,F401  (each registers its types)
+_GRIDS: dict = {}
+
+
+def grid_bytes(name: str):
+    """An i-quant grid as contiguous uint8 [entries, values] (csrc/repack.cpp reads it by pointer)."""
+    if name not in _GRIDS:
+        import os
+
+        import numpy as np
+        import torch
+
+        g = np.load(os.path.join(os.path.dirname(os.path.dirname(__file__)), "iq_grids.npz"))[name]
+        _GRIDS[name] = torch.from_numpy(np.ascontiguousarray(g.astype(np.uint8)))
+    return _GRIDS[name]
+
+
+from . import iq3, iq4, kquants, legacy  # noqa: E402,F401  (each registers its types)
