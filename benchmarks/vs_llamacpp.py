@@ -117,6 +117,14 @@ def type_mix(path: str) -> str:
 def run_one(path: str, a, have_llama: bool) -> tuple[dict, dict | None]:
     root = os.path.join(HERE, "..")
     fast = int(not a.exact)
+    if a.quick:  # prefill and decode only: one ggtorch process (repacking into an empty cache), then llama.cpp
+        with tempfile.TemporaryDirectory(prefix="ggtorch-bench-cache-") as d:
+            env = {**os.environ, "GGTORCH_REPACK_CACHE": d, "PYTHONPATH": root}
+            ours = json.loads(child(GGTORCH_CHILD, root, path, a.p, a.n, a.r, a.threads, fast, 0, env=env))
+        nan = float("nan")
+        ours.update(backend="ggtorch" + (" exact" if a.exact else ""), load_cold_s=ours["load_s"],
+                    load_cold_all_s=[round(ours["load_s"], 3)], load_warm_s=nan, ttft_cli_s=nan, moe=None)
+        return ours, json.loads(child(LLAMA_CPP_CHILD, path, a.p, a.n, a.r, a.threads)) if have_llama else None
     colds = []
     for _ in range(a.cold_reps - 1):  # extra cold loads, each with its own empty cache (median reported)
         with tempfile.TemporaryDirectory(prefix="ggtorch-bench-cache-") as d:
@@ -156,6 +164,8 @@ def main():
     ap.add_argument("--types", default="Q4_0,Q8_0,Q4_K_M", help="synthetic model types (llama.cpp ftype names)")
     ap.add_argument("--layers", type=int, default=None, help="synthetic models with this many of the 22 layers")
     ap.add_argument("--json", default=None, help="also write every row to this file")
+    ap.add_argument("--quick", action="store_true", help="prefill and decode only (one cold ggtorch process, no warm "
+                    "load, `run -n 1` or expert traffic): for a loaded machine")
     a = ap.parse_args()
     models = list(a.models) or ([] if a.synthetic else ["smollm2-135m", "gemma3-270m"])
     if a.synthetic:
