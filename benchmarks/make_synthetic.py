@@ -1,12 +1,17 @@
 """Dev script: the random-weight 1.1B models (TinyLlama's shape) that `vs_llamacpp.py --synthetic` runs.
 
-    python benchmarks/make_synthetic.py [OUT_DIR]     (default /tmp/ggtorch-synthetic)
+    python benchmarks/make_synthetic.py [OUT_DIR] [TYPE ...] [--layers N]
+        (default /tmp/ggtorch-synthetic; Q4_0 Q8_0 Q4_K_M; all 22 layers)
 
-Q4_0 and Q8_0 are written by ../shared/tools/make_synthetic_model.py (gguf-py); Q4_K_M, llama.cpp's
-mix (Q4_K with Q6_K for the output matrix, attn_v and half of ffn_down), by llama-cpp-python's
-llama_model_quantize from the F16 file, when llama-cpp-python is installed. Files that exist are kept.
-About 4 GB of disk while the F16 file exists; never commit these files.
+Q4_0 and Q8_0 are written by ../shared/tools/make_synthetic_model.py (gguf-py); every other type
+(llama.cpp's ftype names: Q4_K_M, Q2_K, Q3_K_M, IQ4_XS, IQ4_NL, IQ3_S, IQ3_XXS, IQ2_XS, IQ1_S, ...) by
+llama-cpp-python's llama_model_quantize from an F16 file, as llama.cpp's quantizer lays it out (its mix
+of types per tensor). llama.cpp refuses IQ3_XXS, IQ2_* and IQ1_* without an importance matrix: those get
+a random one (positive values, fixed seed), which is all a speed measurement needs. Files that exist are
+kept; the F16 file is deleted once every requested type is written. About 4 GB of disk while the F16
+file exists; never commit these files.
 """
+import ctypes
 import os
 import subprocess
 import sys
@@ -14,42 +19,95 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOOL = os.path.join(HERE, "..", "..", "shared", "tools", "make_synthetic_model.py")
 TYPES = ("Q4_0", "Q8_0", "Q4_K_M")
+GGUF_PY_TYPES = ("Q4_0", "Q8_0", "Q4_1", "Q5_0", "Q5_1", "F16")  # what make_synthetic_model.py writes itself
+NEEDS_IMATRIX = ("IQ3_XXS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ1_S", "IQ1_M")
 
 
-def path(out_dir: str, t: str) -> str:
-    return os.path.join(out_dir, f"synthetic-1.1b-{t}.gguf")
+def path(out_dir: str, t: str, layers: int | None = None) -> str:
+    """The file for type t; ``layers``: fewer of TinyLlama's layers (same widths and vocabulary), a
+    quicker stand-in on a loaded machine (the per-layer cost ratio is what a same-run comparison shows)."""
+    return os.path.join(out_dir, f"synthetic-1.1b-{t}.gguf" if not layers else f"synthetic-1.1b-{layers}L-{t}.gguf")
 
 
-def make(out_dir: str, types=TYPES) -> dict[str, str]:
+def _random_imatrix(f16: str):
+    """A ctypes array of llama_model_imatrix_data, one random importance vector per matrix (null-terminated),
+    plus the buffers it points into (keep them alive while quantizing)."""
+    import gguf
+    import numpy as np
+    import llama_cpp
+
+    rng = np.random.default_rng(0)
+    keep, rows = [], []
+    for t in gguf.GGUFReader(f16).tensors:
+        if len(t.shape) < 2 or not t.name.endswith(".weight"):
+            continue
+        v = rng.uniform(0.1, 1.0, int(t.shape[0])).astype(np.float32)
+        keep.append(v)
+        rows.append((t.name.encode(), v))
+    arr = (llama_cpp.llama_model_imatrix_data * (len(rows) + 1))()
+    for i, (name, v) in enumerate(rows):
+        arr[i].name = name
+        arr[i].data = v.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        arr[i].size = v.size
+    arr[len(rows)].name = None
+    return arr, keep
+
+
+def _quantize(f16: str, out: str, t: str) -> None:
+    import llama_cpp
+
+    ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{t}", None)
+    if ftype is None:
+        raise SystemExit(f"llama-cpp-python has no ftype {t}")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = 2
+    keep = None
+    if t in NEEDS_IMATRIX:
+        arr, keep = _random_imatrix(f16)
+        params.imatrix = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+        keep = (arr, keep)
+    if llama_cpp.llama_model_quantize(f16.encode(), out.encode(), params) != 0:
+        raise SystemExit(f"llama_model_quantize failed for {out}")
+
+
+def make(out_dir: str, types=TYPES, layers: int | None = None) -> dict[str, str]:
     os.makedirs(out_dir, exist_ok=True)
     tool = os.environ.get("GGTORCH_SYNTHETIC_TOOL", TOOL)
     done = {}
+    f16 = path(out_dir, "F16", layers)
+    more = ["--layers", str(layers)] if layers else []
+    made_f16 = False
     for t in types:
-        p = path(out_dir, t)
+        p = path(out_dir, t, layers)
         if os.path.exists(p):
             done[t] = p
             continue
-        if t == "Q4_K_M":
+        if t not in GGUF_PY_TYPES:
             try:
-                import llama_cpp
+                import llama_cpp  # noqa: F401
             except ImportError:
-                print("llama-cpp-python is not installed: no Q4_K_M file", file=sys.stderr)
+                print(f"llama-cpp-python is not installed: no {t} file", file=sys.stderr)
                 continue
-            f16 = path(out_dir, "F16")
             if not os.path.exists(f16):
-                subprocess.run([sys.executable, tool, f16, "--type", "F16"], check=True)
-            params = llama_cpp.llama_model_quantize_default_params()
-            params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
-            params.nthread = 2
-            if llama_cpp.llama_model_quantize(f16.encode(), p.encode(), params) != 0:
-                raise SystemExit(f"llama_model_quantize failed for {p}")
-            os.unlink(f16)
+                subprocess.run([sys.executable, tool, f16, "--type", "F16", *more], check=True)
+                made_f16 = True
+            _quantize(f16, p, t)
         else:
-            subprocess.run([sys.executable, tool, p, "--type", t], check=True)
+            subprocess.run([sys.executable, tool, p, "--type", t, *more], check=True)
         done[t] = p
+    if made_f16 and "F16" not in types:
+        os.unlink(f16)
     return done
 
 
 if __name__ == "__main__":
-    for t, p in make(sys.argv[1] if len(sys.argv) > 1 else "/tmp/ggtorch-synthetic").items():
+    args = sys.argv[1:]
+    layers = None
+    if "--layers" in args:
+        i = args.index("--layers")
+        layers = int(args[i + 1])
+        del args[i:i + 2]
+    out = args.pop(0) if args and not args[0].isupper() else "/tmp/ggtorch-synthetic"
+    for t, p in make(out, args or TYPES, layers).items():
         print(t, p)

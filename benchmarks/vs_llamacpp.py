@@ -1,7 +1,7 @@
 """ggtorch vs llama.cpp (through llama-cpp-python) on the same file, same thread count, one run.
 
     python benchmarks/vs_llamacpp.py [MODEL ...] [-p 512] [-n 128] [-r 3] [--threads 2] [--exact]
-    python benchmarks/vs_llamacpp.py --synthetic [--synthetic-dir DIR] [--types Q4_0,Q8_0,Q4_K_M]
+    python benchmarks/vs_llamacpp.py --synthetic [--synthetic-dir DIR] [--types Q4_0,Q8_0,Q4_K_M] [--layers N]
 
 Each measurement runs in its own process, so peak RSS is its own. ggtorch's load is measured twice,
 with a fresh repack cache (cold: repack; the entry is written on a thread after load returns; the
@@ -9,7 +9,12 @@ median of --cold-reps fresh processes) and with the stored one (warm: memory-map
 prefill, decode and peak RSS come from the warm process. The repack cache is a temporary directory,
 never the user's. Peak RSS is printed in total and above a floor: `import torch` alone for ggtorch,
 `import llama_cpp` alone for llama.cpp, both measured in the same run.
-`--synthetic` adds the random-weight 1.1B models (TinyLlama's shape) made by make_synthetic.py.
+`--synthetic` adds the random-weight 1.1B models (TinyLlama's shape) made by make_synthetic.py, one per
+`--types` entry (llama.cpp's ftype names: Q4_0, Q8_0, Q4_K_M, IQ4_XS, IQ4_NL, Q2_K, Q3_K_M, IQ3_S, IQ3_XXS,
+IQ2_XS, IQ1_S, ...: llama.cpp's quantizer writes them from an F16 file, with a random importance matrix
+where it needs one); `--layers N` keeps N of its 22 layers (a quicker stand-in). Each file's line says
+how its weight bytes split over tensor types and which of them take ggtorch's JIT kernel
+(ggtorch.quant.types.TYPES); the others take PyTorch's kernels.
 llama-cpp-python is optional; without it the llama.cpp rows are skipped with a message.
 """
 import argparse
@@ -93,9 +98,33 @@ def _expert_traffic(root, path, a, env):
     return json.loads(child(code, env=env))
 
 
+def type_mix(path: str) -> str:
+    """'IQ4_XS 77% jit, Q6_K 23% jit': the file's 2-D weight bytes by tensor type, and whether ggtorch's
+    JIT kernel multiplies that type (quant.types' table) or PyTorch's kernels do."""
+    from ggtorch.gguf.reader import open_gguf
+    from ggtorch.quant.types import TYPES
+
+    by = {}
+    with open_gguf(path) as f:
+        for t in f:
+            if len(t.numpy_shape) >= 2 and t.nbytes:
+                by[t.type_name] = by.get(t.type_name, 0) + t.nbytes
+    total = sum(by.values()) or 1
+    return ", ".join(f"{k} {100 * v / total:.0f}% {'jit' if k in TYPES else 'torch'}"
+                     for k, v in sorted(by.items(), key=lambda kv: -kv[1]))
+
+
 def run_one(path: str, a, have_llama: bool) -> tuple[dict, dict | None]:
     root = os.path.join(HERE, "..")
     fast = int(not a.exact)
+    if a.quick:  # prefill and decode only: one ggtorch process (repacking into an empty cache), then llama.cpp
+        with tempfile.TemporaryDirectory(prefix="ggtorch-bench-cache-") as d:
+            env = {**os.environ, "GGTORCH_REPACK_CACHE": d, "PYTHONPATH": root}
+            ours = json.loads(child(GGTORCH_CHILD, root, path, a.p, a.n, a.r, a.threads, fast, 0, env=env))
+        nan = float("nan")
+        ours.update(backend="ggtorch" + (" exact" if a.exact else ""), load_cold_s=ours["load_s"],
+                    load_cold_all_s=[round(ours["load_s"], 3)], load_warm_s=nan, ttft_cli_s=nan, moe=None)
+        return ours, json.loads(child(LLAMA_CPP_CHILD, path, a.p, a.n, a.r, a.threads)) if have_llama else None
     colds = []
     for _ in range(a.cold_reps - 1):  # extra cold loads, each with its own empty cache (median reported)
         with tempfile.TemporaryDirectory(prefix="ggtorch-bench-cache-") as d:
@@ -132,14 +161,17 @@ def main():
                     "empty cache (the median is printed; this machine's spread between single runs was 2x)")
     ap.add_argument("--synthetic", action="store_true", help="add the random 1.1B models (TinyLlama shape)")
     ap.add_argument("--synthetic-dir", default="/tmp/ggtorch-synthetic")
-    ap.add_argument("--types", default="Q4_0,Q8_0,Q4_K_M", help="synthetic model types")
+    ap.add_argument("--types", default="Q4_0,Q8_0,Q4_K_M", help="synthetic model types (llama.cpp ftype names)")
+    ap.add_argument("--layers", type=int, default=None, help="synthetic models with this many of the 22 layers")
     ap.add_argument("--json", default=None, help="also write every row to this file")
+    ap.add_argument("--quick", action="store_true", help="prefill and decode only (one cold ggtorch process, no warm "
+                    "load, `run -n 1` or expert traffic): for a loaded machine")
     a = ap.parse_args()
     models = list(a.models) or ([] if a.synthetic else ["smollm2-135m", "gemma3-270m"])
     if a.synthetic:
         from make_synthetic import make
 
-        models += list(make(a.synthetic_dir, a.types.split(",")).values())
+        models += list(make(a.synthetic_dir, a.types.split(","), a.layers).values())
     try:
         import llama_cpp  # noqa: F401
         have = True
@@ -158,6 +190,7 @@ def main():
     for m in models:
         path = resolve(m)
         name = os.path.basename(path)
+        print(f"{name}: weights {type_mix(path)}", file=sys.stderr, flush=True)
         ours, ref = run_one(path, a, have)
         ours_above = ours["peak_rss_mb"] - torch_floor
         out.append(f"| {name} | {ours['backend']} | {ours['load_cold_s']:.2f} | {ours['load_warm_s']:.2f} "

@@ -18,10 +18,14 @@ def add_model(p, optional=False):
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--exact", dest="fast", action="store_false",
-                   help="the float32 reference path: dequantize GGUF blocks on every call (slow); the default "
-                        "is a fast kernel per type (int4-repacked Q4_0/Q4_1/Q4_K, int8 rows otherwise, bf16 activations)")
+                   help="the float32 reference path: dequantize GGUF blocks on every call (slow). The default "
+                        "repacks each weight once (cached on disk) for a C++ kernel compiled on first use: the file's "
+                        "bits and block scales kept, activations quantized to int8 as llama.cpp does, for "
+                        "Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, Q2_K..Q6_K, IQ4_NL, IQ4_XS, IQ3_S; other types, or without a C++ "
+                        "compiler, PyTorch's int4/int8 kernels with bf16 activations")
     p.add_argument("--fast", dest="fast", action="store_true",
-                   help="the fast kernels (the default, except for trace and diff, which compare numbers)")
+                   help="the default path's kernels (see --exact); the default except for trace and diff, "
+                        "which compare numbers")
     p.add_argument("--no-cache", dest="cache", action="store_false",
                    help="repack the weights without reading or writing the repack cache (~/.cache/ggtorch/repack)")
     p.add_argument("--ggml-numerics", action="store_true",

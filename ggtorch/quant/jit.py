@@ -92,7 +92,7 @@ class QW(ctypes.Structure):
     """csrc/qdot.cpp's struct QWeight: one weight's layout and pointers, built once per weight."""
     _fields_ = [("bits", ctypes.c_int32), ("G", ctypes.c_int32), ("mode", ctypes.c_int32), ("qw", ctypes.c_void_p), ("dw", ctypes.c_void_p),
                 ("mw", ctypes.c_void_p), ("zoff", ctypes.c_float), ("N", ctypes.c_int64), ("K", ctypes.c_int64),
-                ("sc", ctypes.c_void_p), ("mn", ctypes.c_void_p)]
+                ("sc", ctypes.c_void_p), ("mn", ctypes.c_void_p), ("flags", ctypes.c_int32)]
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -110,13 +110,13 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.qdot_glu.restype = None
     lib.qdot_step.argtypes = [P, P, I64, P, P, I64, P, P, P, P, P, P]
     lib.qdot_step.restype = None
-    lib.qdot_repack.argtypes = [I, P, I64, I64, I64, P, P, P, P, P]
+    lib.qdot_repack.argtypes = [I, P, I64, I64, I64, P, P, P, P, P, P]
     lib.qdot_repack.restype = I
     for f in (lib.qdot_mm_k, lib.qdot_mm_k_ref):
-        f.argtypes = [I, I, P, P, P, P, P, F, I64, I64, P, P, P, I64, P, I64]
+        f.argtypes = [I, I, P, P, P, P, P, F, I64, I64, P, P, P, I64, P, I64, I]
         f.restype = None
     for f in (lib.qdot_mm, lib.qdot_mm_ref):
-        f.argtypes = [I, I, P, P, P, F, I64, I64, P, P, P, I64, P, I64]
+        f.argtypes = [I, I, P, P, P, F, I64, I64, P, P, P, I64, P, I64, I]
         f.restype = None
 
 
@@ -183,7 +183,7 @@ def layout(K: int, qw: torch.Tensor, dw: torch.Tensor, sc: torch.Tensor | None =
     ng = (dw if sc is None else sc).shape[1] // 16
     G = K // ng
     gb = qw.shape[1] // ng  # bytes of a tile's group: 16 rows x G values
-    return {16 * G: 8, 8 * G: 4}.get(gb, 5 if G == 32 else 6), G
+    return {16 * G: 8, 8 * G: 4, 4 * G: 2, 6 * G: 3}.get(gb, 5 if G == 32 else 6), G
 
 
 def _p(t: torch.Tensor | None) -> int | None:
@@ -192,9 +192,9 @@ def _p(t: torch.Tensor | None) -> int | None:
 
 def matmul(x: torch.Tensor, qw: torch.Tensor, dw: torch.Tensor, mw: torch.Tensor | None, zoff: float = 0.0,
            ref: bool = False, mode: int = 0, n: int | None = None, sc: torch.Tensor | None = None,
-           mn: torch.Tensor | None = None) -> torch.Tensor:
+           mn: torch.Tensor | None = None, flags: int = 0) -> torch.Tensor:
     """x [M, K] float32 @ W.T -> float32 [M, n], W in the layout csrc/qdot.cpp describes (its rows padded
-    to a multiple of 16; n: the real row count, default all; sc/mn: the K layout)."""
+    to a multiple of 16; n: the real row count, default all; sc/mn: the K layout; flags: quant.types')."""
     lib = _lib or library()
     assert lib, "matmul() without the JIT library"
     if x.dtype != torch.float32 or not x.is_contiguous():
@@ -207,11 +207,11 @@ def matmul(x: torch.Tensor, qw: torch.Tensor, dw: torch.Tensor, mw: torch.Tensor
     if sc is not None:
         f = lib.qdot_mm_k_ref if ref else lib.qdot_mm_k
         f(bits, G, qw.data_ptr(), sc.data_ptr(), _p(mn), dw.data_ptr(), _p(mw), zoff, N, K, xq.data_ptr(),
-          dx.data_ptr(), sx.data_ptr(), M, out.data_ptr(), N)
+          dx.data_ptr(), sx.data_ptr(), M, out.data_ptr(), N, flags)
     else:
         f = lib.qdot_mm_ref if ref else lib.qdot_mm
         f(bits, G, qw.data_ptr(), dw.data_ptr(), _p(mw), zoff, N, K, xq.data_ptr(), dx.data_ptr(), sx.data_ptr(),
-          M, out.data_ptr(), N)
+          M, out.data_ptr(), N, flags)
     return out if n is None or n == N else out[:, :n].contiguous()
 
 
@@ -221,7 +221,8 @@ class Linear:
     __slots__ = ("tensors", "qw", "ref", "N", "n", "K", "fn")
 
     def __init__(self, K: int, qw: torch.Tensor, dw: torch.Tensor, mw: torch.Tensor | None, zoff: float,
-                 mode: int = 0, n: int | None = None, sc: torch.Tensor | None = None, mn: torch.Tensor | None = None):
+                 mode: int = 0, n: int | None = None, sc: torch.Tensor | None = None, mn: torch.Tensor | None = None,
+                 flags: int = 0):
         lib = library()
         assert lib is not None, "Linear() without the JIT library"
         assert all(t is None or t.is_contiguous() for t in (qw, dw, mw, sc, mn))
@@ -229,7 +230,7 @@ class Linear:
         self.tensors = (qw, dw, mw, sc, mn)  # the struct points into these: keep them alive
         self.N, self.K = qw.shape[0] * 16, K
         self.n = self.N if n is None else n
-        self.qw = QW(bits, G, mode, qw.data_ptr(), dw.data_ptr(), _p(mw), zoff, self.N, K, _p(sc), _p(mn))
+        self.qw = QW(bits, G, mode, qw.data_ptr(), dw.data_ptr(), _p(mw), zoff, self.N, K, _p(sc), _p(mn), flags)
         self.ref = ctypes.addressof(self.qw)
         self.fn = lib.qdot_linear
 

@@ -2,12 +2,12 @@
 and benchmarks/).
 
 - With the JIT kernel (quant/qdot.py, jit.py, csrc/qdot.cpp; built on first use when a C++ compiler exists):
-  Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K and Q8_0 keep their block scales and multiply int8-quantized
-  activations the way llama.cpp does (per group of 32, or 16 for Q6_K). The values keep the file's 4,
-  5, 6 or 8 bits; the scales are float16 per group, except K-quants, which keep their int8 sub-block
-  scales and mins with d and dmin per 256 (the "K layout": 4.625 bits a weight for Q4_K, 6.56 for
-  Q6_K). For one token it takes half the time of PyTorch's int4 kernel at 1.1B shapes, and it drops
-  the int8 per-row requantization below. Without the JIT library, PyTorch's kernels:
+  every type in quant/types' table (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0; Q2_K, Q3_K, Q4_K, Q5_K, Q6_K; IQ4_NL,
+  IQ4_XS; IQ3_S) keeps its block scales and multiplies int8-quantized activations the way llama.cpp does. The
+  values keep the file's bits; the scales are float16 per group, except the K layout (K-quants, IQ4_XS),
+  which keeps the file's int8 sub-block scales and mins with d and dmin per 256. For one token it takes
+  half the time of PyTorch's int4 kernel at 1.1B shapes, and it drops the int8 per-row requantization
+  below. Without the JIT library (or for the other types), PyTorch's kernels:
 - Q4_0, Q4_1, Q4_K: repacked once for PyTorch's int4 weight-only matmul (`_weight_int4pack_mm_for_cpu`),
   which computes w = (q - 8) * scale + zero per 32-element group with bf16 activations. The maps are
   exact in real arithmetic: Q4_0 scale d, zero 0; Q4_1 scale d, zero m + 8d; Q4_K scale d*sc,
@@ -19,19 +19,20 @@ and benchmarks/).
   many rows at once (prefill) the int8 rows are widened to bf16 and multiplied, which is faster there.
 - Weights that read the same input (Q/K/V, FFN gate/up) are fused into one matrix when their kernels
   agree, so one call replaces two or three.
-The exact path (float32 dequantize-and-multiply) stays the default.
+The exact path (float32 dequantize-and-multiply) is `--exact` / ``fast=False``.
 """
 from __future__ import annotations
 
 import torch
 
 from .blocks import INT4_TYPES, _int4_parts_rows, _plane_parts
+from .fused import REFINE_TOP, Fused, finish as _finish  # noqa: F401  (REFINE_TOP, Fused: model.repack reads them here)
 from .linear import QWeight
-from .qdot import QDOT_TYPES, _qdot_pack, qdot_kernel
+from .qdot import QDOT_TYPES, _flags, _qdot_pack, qdot_kernel
 
 PLANE_TYPES = ("Q8_0", "Q5_0", "Q5_1", "Q5_K")  # two int4 planes per weight (see _plane_parts)
 INT8_MAX_ROWS = 16  # above this many activation rows, widen int8 to bf16 and use a GEMM
-FORMAT = "9"  # the repacked layout's version: bump when what install() stores changes (keys the repack cache)
+FORMAT = "10"  # the repacked layout's version: bump when what install() stores changes (keys the repack cache)
 
 
 def repack_format() -> str:
@@ -39,25 +40,6 @@ def repack_format() -> str:
     from . import jit
 
     return FORMAT + ("-qdot" if jit.available() else "")
-
-
-REFINE_TOP = 16  # output-matrix rows recomputed in float32 per token (see _finish)
-
-
-def _finish(y: torch.Tensor, x: torch.Tensor, w) -> torch.Tensor:
-    """float32 [..., out] from the kernel's bf16 [M, out]. These kernels round their output to bf16
-    (8 significant bits: a logit of 16 is known to 0.06). For the output matrix (``w.refine_top``
-    set by model.repack) the largest logits of each row are recomputed in float32 from their
-    dequantized rows, so the probable tokens get exact logits; the measured KL to llama.cpp on
-    SmolLM2 fell from 0.0056 to 0.0047 for ~0.1 ms a token."""
-    y = y.float()
-    k = getattr(w, "refine_top", 0)
-    if k:
-        xf = x.reshape(-1, x.shape[-1]).float()
-        idx = y.topk(min(k, y.shape[-1]), dim=-1).indices
-        rows = w.dequantize(idx.reshape(-1)).view(idx.shape[0], idx.shape[1], -1)
-        y.scatter_(1, idx, torch.bmm(rows, xf[:, :, None])[..., 0])
-    return y.reshape(*x.shape[:-1], w.out_features)
 
 
 def int4_kernel(x: torch.Tensor, w) -> torch.Tensor:
@@ -187,33 +169,6 @@ def trim_heap() -> None:
 _libc = None
 
 
-class Fused:
-    """Several weights with one input, concatenated along the output dimension."""
-
-    def __init__(self, ws: list[QWeight] | None):
-        if ws is None:  # filled by from_state
-            return
-        self.parts = [w.out_features for w in ws]
-        self.out_features, self.in_features = sum(self.parts), ws[0].in_features
-        self.kernel = ws[0].kernel
-        if self.kernel is qdot_kernel:
-            self.state = {k: torch.cat([w.state[k] for w in ws]) for k in ws[0].state if k not in ("zoff", "amode")}
-            self.state["zoff"], self.state["amode"] = ws[0].state["zoff"], ws[0].state["amode"]
-        elif self.kernel in (int4_kernel, planes_kernel):
-            self.state = {"packed": torch.cat([w.state["packed"] for w in ws]),
-                          "sz": torch.cat([w.state["sz"] for w in ws], dim=1).contiguous()}
-        else:
-            self.state = {"q8": torch.cat([w.state["q8"] for w in ws]), "s8": torch.cat([w.state["s8"] for w in ws])}
-
-    @classmethod
-    def from_state(cls, kernel, state: dict, parts: list[int], in_features: int) -> "Fused":
-        """A fused matrix rebuilt from stored state (the repack cache)."""
-        f = cls(None)
-        f.kernel, f.state, f.parts = kernel, state, [int(p) for p in parts]
-        f.out_features, f.in_features = sum(f.parts), int(in_features)
-        return f
-
-
 def fuse(ws: list[QWeight]) -> Fused | None:
     """One matrix for weights that share an input and a kernel; None when they cannot be fused."""
     if any(w is None or w.kernel not in (int4_kernel, planes_kernel, int8_kernel, qdot_kernel) for w in ws):
@@ -222,7 +177,7 @@ def fuse(ws: list[QWeight]) -> Fused | None:
         return None
     if ws[0].kernel is qdot_kernel and (any(w.out_features % 16 for w in ws) or len(
             {(w.state["qw"].shape[1], w.state["dw"].shape[1], "mw" in w.state, "sc" in w.state, "mn" in w.state,
-              float(w.state["zoff"]), int(w.state["amode"])) for w in ws}) != 1):
+              float(w.state["zoff"]), int(w.state["amode"]), _flags(w.state)) for w in ws}) != 1):
         return None  # one layout (bits, group) per matrix, and parts of whole 16-row tiles
     if ws[0].kernel in (int4_kernel, planes_kernel) and any(w.out_features % 64 for w in ws):
         return None  # the CPU int4 packing interleaves rows in blocks of 64: packed parts only concatenate whole blocks

@@ -1,70 +1,50 @@
 """The JIT kernel's side of fast mode: weights in csrc/qdot.cpp's tile layout and the kernel that
 multiplies them (see the layout comment in csrc/qdot.cpp).
 
-The values keep the file's 4, 5, 6 or 8 bits, 16 rows interleaved; the scales are float16 per group
-(and an offset where it is not a multiple of the scale), except K-quants, which keep their int8
-sub-block scales and mins with d and dmin per 256 (4.625 bits a weight for Q4_K, 6.56 for Q6_K).
-Activations are quantized as llama.cpp quantizes them for each type (AMODE). The repacking is done
-by the library's one-pass loop (csrc/repack.cpp) and, as the reference and fallback, by PyTorch
-(_qdot_pack with jit=False); both give the same bytes.
+What each type stores is said once, in quant/types/ (its family's module and the TypeSpec it
+registers): the values keep the file's 2, 3, 4, 5, 6 or 8 bits (IQ4's 4-bit indices into their table),
+16 rows interleaved; the scales are float16 per group (and an offset where it is not a multiple of the
+scale), except the K layout (K-quants, IQ4_XS), which keeps the file's int8 sub-block scales (and mins)
+with d (and dmin) per 256 values (4.625 bits a weight for Q4_K, 6.56 for Q6_K, 2.625 for Q2_K).
+Activations are quantized as llama.cpp quantizes them for each type (TypeSpec.amode). The repacking is
+done by the library's one-pass loop (csrc/repack.cpp) and, as the reference and fallback, by PyTorch
+(_qdot_pack with jit=False) from the family's block reader; both give the same bytes.
 """
 from __future__ import annotations
 
 import torch
 
-from .blocks import INT4_TYPES, _affine_parts, _int4_parts_rows, _nibbles_u8, _q5k_values, _q6k_parts, _q6k_values
-from .dequant import _f16, _k_scale_min
-from .linear import QWeight
+from .fused import Fused, finish
+from .types import IQ4NL_VALUES, LUT_IQ4, SM4, TYPES, grid_bytes
 
-QDOT_TYPES = ("Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0")
-ZOFF = {"Q4_0": -8.0, "Q5_0": -16.0, "Q6_K": -32.0, "Q8_0": -128.0}  # types whose offset is a multiple of the scale
-# how llama.cpp quantizes the activations each weight type multiplies (its type_traits vec_dot_type)
-AMODE = {"Q4_0": 0, "Q5_0": 0, "Q8_0": 0, "Q4_1": 1, "Q5_1": 1, "Q4_K": 2, "Q5_K": 2, "Q6_K": 2}
-
-
-def _qdot_parts(w: QWeight, raw: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]:
-    """(unsigned values u [n, K] uint8, bits, dw, mw [n, K/G] float32) with value = dw[g] * u + mw[g]."""
-    t, K = w.type.name, w.in_features
-    if t in INT4_TYPES:  # value = (q - 8) * s + z
-        q, s_, z = _int4_parts_rows(w, raw)
-        u, dw, mw, bits = q, s_, z - 8 * s_, 4
-    elif t == "Q6_K":
-        u, dw, mw = _q6k_parts(w, raw)
-        bits = 6
-    else:
-        q, a, b = _affine_parts(w, raw)
-        if t == "Q8_0":  # signed: store q + 128
-            u, dw, mw, bits = q + 128, a, b - 128 * a, 8
-        else:  # Q5_0, Q5_1, Q5_K: 0..31
-            u, dw, mw, bits = q, a, b, 5
-    return u.to(torch.uint8).reshape(raw.shape[0], K), bits, dw.float(), mw.float()
+QDOT_TYPES = tuple(TYPES)
+K_TYPES = tuple(n for n, s in TYPES.items() if s.klayout)  # kept in their two levels of scales
+AMODE = {n: s.amode for n, s in TYPES.items()}
+IQ4_U8 = torch.tensor(IQ4NL_VALUES, dtype=torch.int32) + 128  # what the kernel's byte shuffle makes of an index
 
 
-K_TYPES = ("Q4_K", "Q5_K", "Q6_K")  # kept in their two levels of scales (csrc/qdot.cpp's K layout)
+def _values(spec, u: torch.Tensor) -> torch.Tensor:
+    """The unsigned values the kernel multiplies: the stored ones, or their table entries (LUT_IQ4)."""
+    return IQ4_U8.to(u.device)[u.long()].to(torch.uint8) if spec.flags & LUT_IQ4 else u
 
 
-def _qdot_kparts(w: QWeight, raw: torch.Tensor):
-    """A K-quant's own two levels: (u [n, K] uint8, bits, sc int8 [n, K/G], mn int8 [n, K/G] or None,
-    d float32 [n, K/256], -dmin float32 [n, K/256] or None), value = d * sc * u - dmin * mn (Q4_K, Q5_K:
-    ggml's get_scale_min_k4) or d * sc * (u - 32) (Q6_K)."""
-    t, K, rows = w.type.name, w.in_features, raw.shape[0]
-    b = raw.reshape(-1, w.type.type_size)
-    if t == "Q6_K":
-        u, bits = _q6k_values(b), 6
-        sc, mn = b[:, 192:208].contiguous().view(torch.int8), None
-        d, dm = _f16(b, 208), None
-    else:
-        sc, mn = (v.to(torch.int8) for v in _k_scale_min(b[:, 4:16]))
-        d, dm = _f16(b, 0), -_f16(b, 2)
-        if t == "Q4_K":
-            u, bits = _nibbles_u8(b[:, 16:144].reshape(-1, 32)).reshape(-1, 256), 4
-        else:
-            u, bits = _q5k_values(b).to(torch.uint8), 5
-
-    def r(v):
-        return None if v is None else v.reshape(rows, -1)
-
-    return u.reshape(rows, K), bits, r(sc), r(mn), r(d), r(dm)
+def _qdot_parts(w, raw: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]:
+    """Any JIT type in one flat form: (unsigned values u [n, K] uint8, bits, dw, mw [n, K/G] float32) with
+    value = dw[g] * u + mw[g] (K layouts' two levels multiplied out; table types' values looked up, 8 bits)."""
+    spec = TYPES[w.type.name]
+    p = spec.read(w, raw)
+    u, bits = _values(spec, p["u"]), 8 if spec.flags & LUT_IQ4 else spec.bits
+    if not spec.klayout:
+        mw = p["mw"] if spec.mins else spec.zoff * p["dw"]
+        return u, bits, p["dw"].float(), mw.float()
+    ns = 256 // spec.G
+    d = p["d"].repeat_interleave(ns, 1)
+    if spec.flags & SM4:
+        sc = p["sc"].view(torch.uint8).int()
+        return u, bits, d * (sc & 15).float(), p["dm"].repeat_interleave(ns, 1) * (sc >> 4).float()
+    dw = d * p["sc"].float()
+    mw = p["dm"].repeat_interleave(ns, 1) * p["mn"].float() if p["mn"] is not None else spec.zoff * dw
+    return u, bits, dw, mw
 
 
 def _tile_rows(s: torch.Tensor, t: int, dtype) -> torch.Tensor:
@@ -77,7 +57,8 @@ def _pad_rows(v: torch.Tensor | None, pad: int) -> torch.Tensor | None:
 
 
 def _qdot_ktiles(u, bits, sc, mn, d, dm) -> dict:
-    """The K layout's tensors (padded rows get zero scales)."""
+    """The K layout's tensors (padded rows get zero scales); dm (-dmin per 256) with or without mn (SM4
+    keeps the mins in sc's high nibble)."""
     pad = -u.shape[0] % 16
     t = (u.shape[0] + pad) // 16
     qw = _qdot_values(_pad_rows(u, pad), bits, u.shape[1] // sc.shape[1])
@@ -85,6 +66,7 @@ def _qdot_ktiles(u, bits, sc, mn, d, dm) -> dict:
           "dw": _tile_rows(_pad_rows(d, pad), t, torch.float16)}
     if mn is not None:
         st["mn"] = _tile_rows(_pad_rows(mn, pad), t, torch.int8)
+    if dm is not None:
         st["mw"] = _tile_rows(_pad_rows(dm, pad), t, torch.float16)
     return st
 
@@ -106,50 +88,65 @@ def _qdot_values(u: torch.Tensor, bits: int, G: int) -> torch.Tensor:
     ng, t = K // G, n // 16
     q = u.reshape(t, 16, ng, G // 4, 4).permute(0, 2, 3, 1, 4)  # [tile, group, step, row, 4]
     if bits == 8:
-        q = q.reshape(t, -1).contiguous()
-    else:  # steps 2p (low nibbles) and 2p + 1 (high nibbles) share 64 bytes
-        lo = q & 15
-        parts = [(lo[:, :, 0::2] | (lo[:, :, 1::2] << 4)).reshape(t, ng, -1)]
-        if bits > 4:  # then one 64-byte block of the high bits: step s at bit (bits - 4) * s of each byte
-            hi = (q >> 4).to(torch.int32)
-            hb = bits - 4
-            packed = sum(hi[:, :, s] << (hb * s) for s in range(G // 4))  # [tile, group, row, 4]
-            parts.append(packed.to(torch.uint8).reshape(t, ng, 64))
-        q = torch.cat(parts, dim=2).reshape(t, -1).contiguous()
-    return q
+        return q.reshape(t, -1).contiguous()
+    if bits <= 3:  # steps 4p..4p+3 at bits 0, 2, 4, 6 of one 64-byte block
+        lo = (q & 3).reshape(t, ng, G // 16, 4, 16, 4)
+        parts = [(lo[:, :, :, 0] | (lo[:, :, :, 1] << 2) | (lo[:, :, :, 2] << 4) | (lo[:, :, :, 3] << 6)).reshape(t, ng, -1)]
+        if bits == 3:  # G = 16: bit s = step s's high bit; positions 4r + j < 32 in low nibbles, the rest in high
+            hb = (q >> 2) & 1
+            nib = (hb[:, :, 0] | (hb[:, :, 1] << 1) | (hb[:, :, 2] << 2) | (hb[:, :, 3] << 3)).reshape(t, ng, 64)
+            parts.append(nib[:, :, :32] | (nib[:, :, 32:] << 4))
+        return torch.cat(parts, dim=2).reshape(t, -1).contiguous()
+    # steps 2p (low nibbles) and 2p + 1 (high nibbles) share 64 bytes
+    lo = q & 15
+    parts = [(lo[:, :, 0::2] | (lo[:, :, 1::2] << 4)).reshape(t, ng, -1)]
+    if bits > 4:  # then one 64-byte block of the high bits: step s at bit (bits - 4) * s of each byte
+        hi = (q >> 4).to(torch.int32)
+        hb = bits - 4
+        packed = sum(hi[:, :, s] << (hb * s) for s in range(G // 4))  # [tile, group, row, 4]
+        parts.append(packed.to(torch.uint8).reshape(t, ng, 64))
+    return torch.cat(parts, dim=2).reshape(t, -1).contiguous()
+
+
+def group_bytes(bits: int, G: int) -> int:
+    """Bytes of one tile's group (16 rows x G values), as csrc/qdot.cpp's group_bytes."""
+    return {8: 16 * G, 4: 8 * G, 2: 4 * G, 3: 6 * G}.get(bits, 8 * G + 64)
+
+
+def _scalars(spec) -> dict:
+    return {"zoff": torch.tensor([spec.zoff]), "amode": torch.tensor([spec.amode], dtype=torch.int32),
+            "flags": torch.tensor([spec.flags], dtype=torch.int32)}
 
 
 def _qdot_alloc(t: str, N: int, K: int) -> dict:
     """Uninitialized tensors for N rows of type t in csrc/qdot.cpp's layout (qdot_repack writes every byte)."""
-    bits, G = {"Q4": 4, "Q5": 5, "Q6": 6, "Q8": 8}[t[:2]], 16 if t == "Q6_K" else 32
-    tiles, ng = (N + 15) // 16, K // G
-    gb = 16 * G if bits == 8 else 8 * G if bits == 4 else 8 * G + 64
-    kq = t in K_TYPES
-    st = {"qw": torch.empty(tiles, ng * gb, dtype=torch.uint8),
-          "dw": torch.empty(tiles, (K // 256 if kq else ng) * 16, dtype=torch.float16)}
-    if t in ("Q4_1", "Q5_1", "Q4_K", "Q5_K"):
+    spec = TYPES[t]
+    tiles, ng = (N + 15) // 16, K // spec.G
+    st = {"qw": torch.empty(tiles, ng * group_bytes(spec.bits, spec.G), dtype=torch.uint8),
+          "dw": torch.empty(tiles, (K // 256 if spec.klayout else ng) * 16, dtype=torch.float16)}
+    if spec.mins:
         st["mw"] = torch.empty_like(st["dw"])
-    if kq:
+    if spec.klayout:
         st["sc"] = torch.empty(tiles, ng * 16, dtype=torch.int8)
-        if t != "Q6_K":
+        if spec.mins and not spec.flags & SM4:
             st["mn"] = torch.empty_like(st["sc"])
-    st["zoff"] = torch.tensor([-32.0 if t == "Q6_K" else 0.0 if kq else ZOFF.get(t, 0.0)])
-    st["amode"] = torch.tensor([AMODE[t]], dtype=torch.int32)
+    st.update(_scalars(spec))
     return st
 
 
-def _qdot_fill(lib, w: QWeight, st: dict, row0: int = 0) -> bool:
+def _qdot_fill(lib, w, st: dict, row0: int = 0) -> bool:
     """Repack w's rows into st from row row0 on (a multiple of 16) with the library's loop."""
     tile0 = row0 // 16
 
     def p(k):
         return st[k][tile0:].data_ptr() if k in st else None
 
+    grid = TYPES[w.type.name].grid
     return lib.qdot_repack(w.type.id, w.raw.data_ptr(), w.out_features, w.in_features, w.type.type_size, p("qw"),
-                           p("dw"), p("mw"), p("sc"), p("mn")) == 0
+                           p("dw"), p("mw"), p("sc"), p("mn"), grid_bytes(grid).data_ptr() if grid else None) == 0
 
 
-def _qdot_pack_jit(w: QWeight) -> dict | None:
+def _qdot_pack_jit(w) -> dict | None:
     """_qdot_pack's result from the JIT library's one-pass loop (csrc/repack.cpp); None without it."""
     from . import jit
 
@@ -160,14 +157,14 @@ def _qdot_pack_jit(w: QWeight) -> dict | None:
     return st if _qdot_fill(lib, w, st) else None
 
 
-def qdot_fused(ws: list[QWeight | None]):
+def qdot_fused(ws: list):
     """Weights that share an input (Q/K/V, gate/up) repacked straight into one fused matrix, without
     packing each and concatenating (that copy was an eighth of a 1.1B model's load); None when the
     parts cannot share one JIT layout (then install() and fuse() take them one by one)."""
     from . import jit
 
     lib = jit.library()
-    if lib is None or any(w is None or w.type.name not in QDOT_TYPES or w.out_features % 16 or w.dense is not None
+    if lib is None or any(w is None or w.type.name not in TYPES or w.out_features % 16 or w.dense is not None
                           or w.device.type != "cpu" or w.kernel is not None or not w.raw.is_contiguous() for w in ws):
         return None
     if len({w.type.name for w in ws}) != 1 or len({w.in_features for w in ws}) != 1:
@@ -181,33 +178,34 @@ def qdot_fused(ws: list[QWeight | None]):
     for w in ws:
         if w.release is not None:
             w.release()
-    from .kernels import Fused
-
     return Fused.from_state(qdot_kernel, st, [w.out_features for w in ws], ws[0].in_features)
 
 
-def _qdot_pack(w: QWeight, chunk: int = 4096, jit: bool = True) -> dict:
+def _qdot_pack(w, chunk: int = 4096, jit: bool = True) -> dict:
     """The weight in csrc/qdot.cpp's layout: by the JIT library's loop when it is there (``jit``),
-    else with PyTorch a chunk of rows at a time (the reference the tests hold the loop to)."""
+    else with PyTorch from the family's block reader, a chunk of rows at a time (the reference the
+    tests hold the loop to)."""
     st = _qdot_pack_jit(w) if jit else None
     if st is not None:
         return st
+    spec = TYPES[w.type.name]
     parts = []
-    kq = w.type.name in K_TYPES
-    zoff = -32.0 if w.type.name == "Q6_K" else 0.0 if kq else ZOFF.get(w.type.name)
     for i in range(0, w.out_features, chunk):
-        if kq:
-            parts.append(_qdot_ktiles(*_qdot_kparts(w, w.raw[i:i + chunk])))
+        p = spec.read(w, w.raw[i:i + chunk])
+        if spec.klayout:
+            parts.append(_qdot_ktiles(p["u"], spec.bits, p["sc"], p["mn"], p["d"], p["dm"]))
         else:
-            u, bits, dw, mw = _qdot_parts(w, w.raw[i:i + chunk])
-            q, d, m = _qdot_tiles(u, bits, dw, None if zoff is not None else mw)
+            q, d, m = _qdot_tiles(p["u"], spec.bits, p["dw"].float(), p["mw"].float() if spec.mins else None)
             parts.append({"qw": q, "dw": d} if m is None else {"qw": q, "dw": d, "mw": m})
         if w.release is not None:
             w.release(i * w.row_bytes, (i + chunk) * w.row_bytes)
     st = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-    st["zoff"] = torch.tensor([zoff or 0.0])
-    st["amode"] = torch.tensor([AMODE[w.type.name]], dtype=torch.int32)
+    st.update(_scalars(spec))
     return st
+
+
+def _flags(st: dict) -> int:
+    return int(st["flags"]) if "flags" in st else 0
 
 
 def qdot_unpack(st: dict, K: int) -> torch.Tensor:
@@ -216,11 +214,20 @@ def qdot_unpack(st: dict, K: int) -> torch.Tensor:
 
     qw, dw = st["qw"], st["dw"]
     bits, G = layout(K, qw, dw, st.get("sc"))
+    flags = _flags(st)
     t, ng = qw.shape[0], K // G
+    g = qw.view(t, ng, -1)
     if bits == 8:
         q = qw.view(t, ng, -1, 16, 4)  # [tile, group, step, row, 4]
+    elif bits <= 3:
+        lo = g[:, :, :4 * G].reshape(t, ng, -1, 1, 16, 4)  # blocks of 4 steps
+        q = ((lo >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(1, 1, 1, 4, 1, 1)) & 3).reshape(t, ng, G // 4, 16, 4)
+        if bits == 3:
+            h = g[:, :, 4 * G:]
+            nib = torch.cat((h & 15, h >> 4), dim=2).reshape(t, ng, 1, 16, 4)
+            steps = torch.arange(G // 4, dtype=torch.uint8).view(1, 1, -1, 1, 1)
+            q = q | (((nib >> steps) & 1) << 2)
     else:
-        g = qw.view(t, ng, -1)
         lo = g[:, :, :8 * G].reshape(t, ng, -1, 16, 4)  # step pairs
         q = torch.stack((lo & 15, lo >> 4), dim=3).reshape(t, ng, G // 4, 16, 4)
         if bits > 4:
@@ -228,18 +235,21 @@ def qdot_unpack(st: dict, K: int) -> torch.Tensor:
             h = g[:, :, 8 * G:].reshape(t, ng, 1, 16, 4).to(torch.int32)
             steps = torch.arange(G // 4, dtype=torch.int32).view(1, 1, -1, 1, 1)
             q = q | (((h >> (hb * steps)) & ((1 << hb) - 1)) << 4).to(torch.uint8)
-    q = q.permute(0, 3, 1, 2, 4).reshape(t * 16, K).float()
+    q = q.permute(0, 3, 1, 2, 4).reshape(t * 16, K)
+    q = (IQ4_U8[q.long()] if flags & LUT_IQ4 else q).float()
 
     def rows(s):
         return s.view(t, -1, 16).transpose(1, 2).reshape(t * 16, -1).float()
 
     if "sc" in st:  # the K layout: d and -dmin per 256 values, sc and mn per group
         ns = 256 // G
-        d = rows(dw).repeat_interleave(ns, 1) * rows(st["sc"])
-        if "mn" in st:
-            m = rows(st["mw"]).repeat_interleave(ns, 1) * rows(st["mn"])
+        dd = rows(dw).repeat_interleave(ns, 1)
+        if flags & SM4:
+            b = rows(st["sc"].view(torch.uint8)).int()
+            d, m = dd * (b & 15).float(), rows(st["mw"]).repeat_interleave(ns, 1) * (b >> 4).float()
         else:
-            m = float(st["zoff"]) * d
+            d = dd * rows(st["sc"])
+            m = rows(st["mw"]).repeat_interleave(ns, 1) * rows(st["mn"]) if "mn" in st else float(st["zoff"]) * d
     else:
         d = rows(dw)
         m = rows(st["mw"]) if "mw" in st else float(st["zoff"]) * d
@@ -254,7 +264,7 @@ def qdot_linear(w):
         from .jit import Linear
 
         f = w._qdot = Linear(w.in_features, st["qw"], st["dw"], st.get("mw"), float(st["zoff"]), int(st["amode"]),
-                             n=w.out_features, sc=st.get("sc"), mn=st.get("mn"))
+                             n=w.out_features, sc=st.get("sc"), mn=st.get("mn"), flags=_flags(st))
     return f
 
 
@@ -262,6 +272,4 @@ def qdot_kernel(x: torch.Tensor, w) -> torch.Tensor:
     y = qdot_linear(w)(x.reshape(-1, w.in_features))
     if not getattr(w, "refine_top", 0):
         return y.view(*x.shape[:-1], w.out_features)
-    from .kernels import _finish  # the output matrix's float32 top logits (PyTorch kernels' rounding)
-
-    return _finish(y, x, w)
+    return finish(y, x, w)  # the output matrix's float32 top logits (PyTorch kernels' rounding)

@@ -25,6 +25,17 @@
 // (the file's own), where a float16 scale per group took 5 and 7. sc and mn are int8
 // [tiles][groups][16], d and -dmin float16 [tiles][K/256][16].
 //
+// Two more value widths and two flags serve the low-bit types (Q2_K, Q3_K, IQ4_NL, IQ4_XS):
+// - 2-bit values (Q2_K, G = 16): one 64-byte block per 4 steps, step 4p + s at bits 2s..2s+1 of byte 4r + t;
+// - 3-bit values (Q3_K, G = 16 only): the 2-bit block of the low bits, then 32 bytes of high bits: bit s
+//   (step s) of the low nibble of byte p for position p = 4r + t < 32, of the high nibble of byte p - 32
+//   otherwise; value = d * sc * (u - 4);
+// - QDOT_LUT_IQ4: the 4-bit values are indices into kvalues_iq4nl (IQ4_NL, IQ4_XS); the kernel turns
+//   them into kvalues_iq4nl + 128 (unsigned) with one byte shuffle per step, the table lookup llama.cpp's
+//   ggml_vec_dot_iq4_nl_q8_0 does, and the offset -128 * scale (zoff) takes the 128 back out;
+// - QDOT_SM4 (Q2_K): sc holds the file's byte per group, scale in the low nibble and min in the high one
+//   (value = d * (sc & 15) * u - dmin * (sc >> 4)), so the scales cost what they cost in the file.
+//
 // With that layout one vpdpbusd multiplies 4 values of 16 rows with the same 4 activations (a
 // broadcast), the int32 lanes sum a whole group without any shuffle, and each group costs 16 rows
 // one convert and two multiply-adds: llama.cpp's interleaved ("repacked") GEMM idea. Any CPU without
@@ -46,6 +57,9 @@
 #include "qdot.h"
 
 EXPORT int qdot_has_vnni(void) { return QDOT_VNNI; }
+
+// kvalues_iq4nl + 128: the IQ4 values as unsigned bytes
+static const uint8_t IQ4_U8[16] = {1, 24, 45, 63, 79, 93, 106, 118, 129, 141, 153, 166, 181, 197, 217, 241};
 
 static inline float round_f16(float x) { return (float)(_Float16)x; }  // ggml's FP32_TO_FP16 and back
 
@@ -106,15 +120,38 @@ EXPORT void qdot_quantize(const float *x, int64_t M, int64_t K, int G, int mode,
 
 // bytes of one tile's group: 16 rows x G values; 5- and 6-bit values are a 4-bit part plus a 64-byte
 // block of high bits (bit s, or bits 2s..2s+1, of byte 4r + t: row r's value 4s + t)
-static inline int64_t group_bytes(int bits, int G) { return bits == 8 ? 16 * G : bits == 4 ? 8 * G : 8 * G + 64; }
+static inline int64_t group_bytes(int bits, int G) {
+    return bits == 8 ? 16 * G : bits == 4 ? 8 * G : bits == 2 ? 4 * G : bits == 3 ? 6 * G : 8 * G + 64;
+}
 
 #if QDOT_VNNI
 // one tile's group of G values into G/4 registers of unsigned bytes (step s: 4 values of 16 rows)
-static inline void unpack(int bits, int G, const uint8_t *q, __m512i *w) {
+static inline void unpack(int bits, int G, const uint8_t *q, __m512i *w, int flags) {
     const int steps = G / 4;
     const __m512i m4 = _mm512_set1_epi8(0x0F);
     if (bits == 8) {
         for (int s = 0; s < steps; s++) w[s] = _mm512_loadu_si512((const void *)(q + 64 * s));
+        return;
+    }
+    if (bits <= 3) {
+        const __m512i m2 = _mm512_set1_epi8(3);
+        for (int p = 0; p < steps / 4; p++) {
+            const __m512i v = _mm512_loadu_si512((const void *)(q + 64 * p));
+            w[4 * p] = _mm512_and_si512(v, m2);
+            w[4 * p + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 2), m2);
+            w[4 * p + 2] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m2);
+            w[4 * p + 3] = _mm512_and_si512(_mm512_srli_epi16(v, 6), m2);
+        }
+        if (bits == 3) {  // G = 16: the high bits of 64 positions as 32 bytes of nibbles, moved to bit 2
+            const __m256i h = _mm256_loadu_si256((const __m256i *)(q + 4 * G)), n4 = _mm256_set1_epi8(0x0F);
+            const __m512i hz = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(h, n4)),
+                                                  _mm256_and_si256(_mm256_srli_epi16(h, 4), n4), 1);
+            const __m512i b2 = _mm512_set1_epi8(4);
+            w[0] = _mm512_or_si512(w[0], _mm512_and_si512(_mm512_slli_epi16(hz, 2), b2));
+            w[1] = _mm512_or_si512(w[1], _mm512_and_si512(_mm512_slli_epi16(hz, 1), b2));
+            w[2] = _mm512_or_si512(w[2], _mm512_and_si512(hz, b2));
+            w[3] = _mm512_or_si512(w[3], _mm512_and_si512(_mm512_srli_epi16(hz, 1), b2));
+        }
         return;
     }
     for (int p = 0; p < steps / 2; p++) {
@@ -133,12 +170,16 @@ static inline void unpack(int bits, int G, const uint8_t *q, __m512i *w) {
             w[st] = _mm512_or_si512(w[st], _mm512_and_si512(t, mask));
         }
     }
+    if (flags & QDOT_LUT_IQ4) {  // indices -> kvalues_iq4nl + 128, 16 entries per 128-bit lane
+        const __m512i lut = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)IQ4_U8));
+        for (int s = 0; s < steps; s++) w[s] = _mm512_shuffle_epi8(lut, w[s]);
+    }
 }
 
 // a tile's group: prefetch the one two groups ahead (the next row block of the stream), then unpack
-static inline void load_group(int bits, int G, const uint8_t *q, int64_t gb, __m512i *w) {
+static inline void load_group(int bits, int G, const uint8_t *q, int64_t gb, __m512i *w, int flags) {
     for (int c = 0; c < 4; c++) _mm_prefetch((const char *)(q + 2 * gb + 64 * c), _MM_HINT_T0);
-    unpack(bits, G, q, w);
+    unpack(bits, G, q, w, flags);
 }
 
 // group g of one tile against MT activation rows: the integer dot products of 16 rows at once, then
@@ -163,13 +204,13 @@ static inline void group_rows(const __m512i *w, int G, __m512 sw, __m512 mw, int
 
 template <int MT>
 static void tile(int bits, int G, const uint8_t *qt, const uint16_t *dt, const uint16_t *mt, float zoff, int64_t K,
-                 const int8_t *xq, const float *dx, const float *sx, int64_t m0, float *out, int64_t ldo) {
+                 const int8_t *xq, const float *dx, const float *sx, int64_t m0, float *out, int64_t ldo, int flags) {
     const int64_t ng = K / G, gb = group_bytes(bits, G);
     __m512 acc[MT];
     for (int i = 0; i < MT; i++) acc[i] = _mm512_setzero_ps();
     for (int64_t g = 0; g < ng; g++) {
         __m512i w[8];
-        load_group(bits, G, qt + g * gb, gb, w);
+        load_group(bits, G, qt + g * gb, gb, w, flags);
         const __m512 sw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dt + g * 16)));
         const __m512 mw = mt ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(mt + g * 16)))
                              : _mm512_mul_ps(sw, _mm512_set1_ps(zoff));
@@ -183,7 +224,7 @@ static void tile(int bits, int G, const uint8_t *qt, const uint16_t *dt, const u
 template <int MT>
 static void ktile(int bits, int G, const uint8_t *qt, const int8_t *st, const int8_t *nt, const uint16_t *dt,
                   const uint16_t *mt, float zoff, int64_t K, const int8_t *xq, const float *dx, const float *sx,
-                  int64_t m0, float *out, int64_t ldo) {
+                  int64_t m0, float *out, int64_t ldo, int flags) {
     const int64_t gb = group_bytes(bits, G), ns = 256 / G;
     __m512 acc[MT];
     for (int i = 0; i < MT; i++) acc[i] = _mm512_setzero_ps();
@@ -192,12 +233,19 @@ static void ktile(int bits, int G, const uint8_t *qt, const int8_t *st, const in
         const __m512 mv = mt ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(mt + sb * 16))) : dv;
         for (int64_t g = sb * ns; g < (sb + 1) * ns; g++) {
             __m512i w[8];
-            load_group(bits, G, qt + g * gb, gb, w);
-            const __m512 sw = _mm512_mul_ps(
-                dv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(st + g * 16)))));
-            const __m512 mw = nt ? _mm512_mul_ps(mv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-                                                         _mm_loadu_si128((const __m128i *)(nt + g * 16)))))
-                                 : _mm512_mul_ps(sw, _mm512_set1_ps(zoff));
+            load_group(bits, G, qt + g * gb, gb, w, flags);
+            __m512 sw, mw;
+            if (flags & QDOT_SM4) {  // Q2_K: the file's scale | min << 4 byte
+                const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(st + g * 16)));
+                sw = _mm512_mul_ps(dv, _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15))));
+                mw = _mm512_mul_ps(mv, _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)));
+            } else {
+                sw = _mm512_mul_ps(
+                    dv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(st + g * 16)))));
+                mw = nt ? _mm512_mul_ps(mv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                                _mm_loadu_si128((const __m128i *)(nt + g * 16)))))
+                        : _mm512_mul_ps(sw, _mm512_set1_ps(zoff));
+            }
             group_rows<MT>(w, G, sw, mw, K, xq, dx, sx, m0, g, acc);
         }
     }
@@ -206,27 +254,35 @@ static void ktile(int bits, int G, const uint8_t *qt, const int8_t *st, const in
 #endif
 
 // portable: value k of row r in a tile's group q
-static inline int value_at(int bits, int G, const uint8_t *q, int64_t r, int k) {
+static inline int value_at(int bits, int G, const uint8_t *q, int64_t r, int k, int flags) {
     const int step = k / 4, j = k % 4;
     if (bits == 8) return q[64 * step + 4 * r + j];
+    if (bits <= 3) {
+        int u = (q[64 * (step / 4) + 4 * r + j] >> (2 * (step % 4))) & 3;
+        if (bits == 3) {
+            const int p = (int)(4 * r + j), h = q[4 * G + p % 32] >> (p < 32 ? 0 : 4);
+            u |= ((h >> step) & 1) << 2;
+        }
+        return u;
+    }
     const uint8_t b = q[64 * (step / 2) + 4 * r + j];
     int u = step % 2 ? (b >> 4) : (b & 15);
     if (bits != 4) {
         const int hb = bits - 4;
         u |= ((q[8 * G + 4 * r + j] >> (hb * step)) & ((1 << hb) - 1)) << 4;
     }
-    return u;
+    return flags & QDOT_LUT_IQ4 ? IQ4_U8[u] : u;
 }
 
 // portable: weight row n (of the padded rows) against activation row m
 static float dot_row(int bits, int G, const uint8_t *qw, const uint16_t *dw, const uint16_t *mw, float zoff,
-                     int64_t K, int64_t n, const int8_t *xr, const float *dxr, const float *sxr) {
+                     int64_t K, int64_t n, const int8_t *xr, const float *dxr, const float *sxr, int flags) {
     const int64_t ng = K / G, gb = group_bytes(bits, G), t = n / 16, r = n % 16;
     float acc = 0.f;
     for (int64_t g = 0; g < ng; g++) {
         const uint8_t *q = qw + (t * ng + g) * gb;
         int32_t s = 0;
-        for (int k = 0; k < G; k++) s += value_at(bits, G, q, r, k) * (int32_t)xr[g * G + k];
+        for (int k = 0; k < G; k++) s += value_at(bits, G, q, r, k, flags) * (int32_t)xr[g * G + k];
         const int64_t at = (t * ng + g) * 16 + r;
         const float d = h2f(dw[at]);
         const float m = mw ? h2f(mw[at]) : zoff * d;
@@ -238,16 +294,23 @@ static float dot_row(int bits, int G, const uint8_t *qw, const uint16_t *dw, con
 // portable, the K layout
 static float dot_row_k(int bits, int G, const uint8_t *qw, const int8_t *sc, const int8_t *mn, const uint16_t *dw,
                        const uint16_t *mw, float zoff, int64_t K, int64_t n, const int8_t *xr, const float *dxr,
-                       const float *sxr) {
+                       const float *sxr, int flags) {
     const int64_t ng = K / G, gb = group_bytes(bits, G), t = n / 16, r = n % 16, ns = 256 / G, nsb = K / 256;
     float acc = 0.f;
     for (int64_t g = 0; g < ng; g++) {
         const uint8_t *q = qw + (t * ng + g) * gb;
         int32_t s = 0;
-        for (int k = 0; k < G; k++) s += value_at(bits, G, q, r, k) * (int32_t)xr[g * G + k];
+        for (int k = 0; k < G; k++) s += value_at(bits, G, q, r, k, flags) * (int32_t)xr[g * G + k];
         const int64_t at = (t * ng + g) * 16 + r, sat = (t * nsb + g / ns) * 16 + r;
-        const float d = h2f(dw[sat]) * (float)sc[at];
-        const float m = mn ? h2f(mw[sat]) * (float)mn[at] : zoff * d;
+        float d, m;
+        if (flags & QDOT_SM4) {
+            const uint8_t b = (uint8_t)sc[at];
+            d = h2f(dw[sat]) * (float)(b & 15);
+            m = h2f(mw[sat]) * (float)(b >> 4);
+        } else {
+            d = h2f(dw[sat]) * (float)sc[at];
+            m = mn ? h2f(mw[sat]) * (float)mn[at] : zoff * d;
+        }
         acc += (float)s * (d * dxr[g]) + m * sxr[g];
     }
     return acc;
@@ -257,7 +320,7 @@ static float dot_row_k(int bits, int G, const uint8_t *qw, const int8_t *sc, con
 // N is the padded row count (a multiple of 16).
 EXPORT void qdot_mm(int bits, int G, const uint8_t *qw, const uint16_t *dw, const uint16_t *mw, float zoff,
                     int64_t N, int64_t K, const int8_t *xq, const float *dx, const float *sx, int64_t M, float *out,
-                    int64_t ldo) {
+                    int64_t ldo, int flags) {
     const int64_t ng = K / G;
 #if QDOT_VNNI
     const int64_t ntiles = N / 16, gb = group_bytes(bits, G);
@@ -268,14 +331,14 @@ EXPORT void qdot_mm(int bits, int G, const uint8_t *qw, const uint16_t *dw, cons
         float *o = out + t * 16;
         for (int64_t m0 = 0; m0 < M; m0 += 8) {
             switch (M - m0 < 8 ? M - m0 : 8) {
-            case 8: tile<8>(bits, G, qt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo); break;
-            case 7: tile<7>(bits, G, qt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo); break;
-            case 6: tile<6>(bits, G, qt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo); break;
-            case 5: tile<5>(bits, G, qt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo); break;
-            case 4: tile<4>(bits, G, qt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo); break;
-            case 3: tile<3>(bits, G, qt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo); break;
-            case 2: tile<2>(bits, G, qt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo); break;
-            default: tile<1>(bits, G, qt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo); break;
+            case 8: tile<8>(bits, G, qt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo, flags); break;
+            case 7: tile<7>(bits, G, qt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo, flags); break;
+            case 6: tile<6>(bits, G, qt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo, flags); break;
+            case 5: tile<5>(bits, G, qt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo, flags); break;
+            case 4: tile<4>(bits, G, qt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo, flags); break;
+            case 3: tile<3>(bits, G, qt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo, flags); break;
+            case 2: tile<2>(bits, G, qt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo, flags); break;
+            default: tile<1>(bits, G, qt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo, flags); break;
             }
         }
     }
@@ -283,24 +346,24 @@ EXPORT void qdot_mm(int bits, int G, const uint8_t *qw, const uint16_t *dw, cons
 #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; n++)
         for (int64_t m = 0; m < M; m++)
-            out[m * ldo + n] = dot_row(bits, G, qw, dw, mw, zoff, K, n, xq + m * K, dx + m * ng, sx + m * ng);
+            out[m * ldo + n] = dot_row(bits, G, qw, dw, mw, zoff, K, n, xq + m * K, dx + m * ng, sx + m * ng, flags);
 #endif
 }
 
 // the portable loop, always compiled: tests compare the two paths
 EXPORT void qdot_mm_ref(int bits, int G, const uint8_t *qw, const uint16_t *dw, const uint16_t *mw, float zoff,
                         int64_t N, int64_t K, const int8_t *xq, const float *dx, const float *sx, int64_t M,
-                        float *out, int64_t ldo) {
+                        float *out, int64_t ldo, int flags) {
     const int64_t ng = K / G;
     for (int64_t n = 0; n < N; n++)
         for (int64_t m = 0; m < M; m++)
-            out[m * ldo + n] = dot_row(bits, G, qw, dw, mw, zoff, K, n, xq + m * K, dx + m * ng, sx + m * ng);
+            out[m * ldo + n] = dot_row(bits, G, qw, dw, mw, zoff, K, n, xq + m * K, dx + m * ng, sx + m * ng, flags);
 }
 
 // The K layout's product (sc, mn, dw, mw as the layout comment says; zoff: Q6_K's -32, else 0).
 EXPORT void qdot_mm_k(int bits, int G, const uint8_t *qw, const int8_t *sc, const int8_t *mn, const uint16_t *dw,
                       const uint16_t *mw, float zoff, int64_t N, int64_t K, const int8_t *xq, const float *dx,
-                      const float *sx, int64_t M, float *out, int64_t ldo) {
+                      const float *sx, int64_t M, float *out, int64_t ldo, int flags) {
     const int64_t ng = K / G;
 #if QDOT_VNNI
     const int64_t ntiles = N / 16, gb = group_bytes(bits, G), nsb = K / 256;
@@ -312,14 +375,14 @@ EXPORT void qdot_mm_k(int bits, int G, const uint8_t *qw, const int8_t *sc, cons
         float *o = out + t * 16;
         for (int64_t m0 = 0; m0 < M; m0 += 8) {
             switch (M - m0 < 8 ? M - m0 : 8) {
-            case 8: ktile<8>(bits, G, qt, st, nt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo); break;
-            case 7: ktile<7>(bits, G, qt, st, nt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo); break;
-            case 6: ktile<6>(bits, G, qt, st, nt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo); break;
-            case 5: ktile<5>(bits, G, qt, st, nt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo); break;
-            case 4: ktile<4>(bits, G, qt, st, nt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo); break;
-            case 3: ktile<3>(bits, G, qt, st, nt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo); break;
-            case 2: ktile<2>(bits, G, qt, st, nt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo); break;
-            default: ktile<1>(bits, G, qt, st, nt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo); break;
+            case 8: ktile<8>(bits, G, qt, st, nt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo, flags); break;
+            case 7: ktile<7>(bits, G, qt, st, nt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo, flags); break;
+            case 6: ktile<6>(bits, G, qt, st, nt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo, flags); break;
+            case 5: ktile<5>(bits, G, qt, st, nt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo, flags); break;
+            case 4: ktile<4>(bits, G, qt, st, nt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo, flags); break;
+            case 3: ktile<3>(bits, G, qt, st, nt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo, flags); break;
+            case 2: ktile<2>(bits, G, qt, st, nt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo, flags); break;
+            default: ktile<1>(bits, G, qt, st, nt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo, flags); break;
             }
         }
     }
@@ -327,17 +390,17 @@ EXPORT void qdot_mm_k(int bits, int G, const uint8_t *qw, const int8_t *sc, cons
 #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; n++)
         for (int64_t m = 0; m < M; m++)
-            out[m * ldo + n] = dot_row_k(bits, G, qw, sc, mn, dw, mw, zoff, K, n, xq + m * K, dx + m * ng, sx + m * ng);
+            out[m * ldo + n] = dot_row_k(bits, G, qw, sc, mn, dw, mw, zoff, K, n, xq + m * K, dx + m * ng, sx + m * ng, flags);
 #endif
 }
 
 EXPORT void qdot_mm_k_ref(int bits, int G, const uint8_t *qw, const int8_t *sc, const int8_t *mn, const uint16_t *dw,
                           const uint16_t *mw, float zoff, int64_t N, int64_t K, const int8_t *xq, const float *dx,
-                          const float *sx, int64_t M, float *out, int64_t ldo) {
+                          const float *sx, int64_t M, float *out, int64_t ldo, int flags) {
     const int64_t ng = K / G;
     for (int64_t n = 0; n < N; n++)
         for (int64_t m = 0; m < M; m++)
-            out[m * ldo + n] = dot_row_k(bits, G, qw, sc, mn, dw, mw, zoff, K, n, xq + m * K, dx + m * ng, sx + m * ng);
+            out[m * ldo + n] = dot_row_k(bits, G, qw, sc, mn, dw, mw, zoff, K, n, xq + m * K, dx + m * ng, sx + m * ng, flags);
 }
 
 // One call for a linear layer: quantize x [M, K] float32 (contiguous) and multiply; out [M, N (padded)].
@@ -348,9 +411,9 @@ EXPORT void qdot_linear(const QWeight *w, const float *x, int64_t M, float *out)
     float *sx = dx + M * ng;
     qdot_quantize(x, M, K, w->G, w->mode, xq, dx, sx);
     if (w->sc)
-        qdot_mm_k(w->bits, w->G, w->qw, w->sc, w->mn, w->dw, w->mw, w->zoff, w->N, K, xq, dx, sx, M, out, w->N);
+        qdot_mm_k(w->bits, w->G, w->qw, w->sc, w->mn, w->dw, w->mw, w->zoff, w->N, K, xq, dx, sx, M, out, w->N, w->flags);
     else
-        qdot_mm(w->bits, w->G, w->qw, w->dw, w->mw, w->zoff, w->N, K, xq, dx, sx, M, out, w->N);
+        qdot_mm(w->bits, w->G, w->qw, w->dw, w->mw, w->zoff, w->N, K, xq, dx, sx, M, out, w->N, w->flags);
     free(xq);
     free(dx);
 }

@@ -13,7 +13,10 @@ struct QWeight {
     float zoff;
     int64_t N, K;  // N: rows padded to a multiple of 16
     const int8_t *sc, *mn;  // the K-quant layout (non-null sc): integer sub-block scales and mins, dw/mw per 256
+    int32_t flags;          // QDOT_LUT_IQ4, QDOT_SM4 (qdot.cpp's layout comment)
 };
+
+enum { QDOT_LUT_IQ4 = 1, QDOT_SM4 = 2 };
 
 EXPORT void qdot_linear(const QWeight *w, const float *x, int64_t M, float *out);
 EXPORT void qdot_rms_norm(const float *x, const float *w, float eps, int64_t M, int64_t K, float *y);

@@ -6,7 +6,8 @@
 #include <string.h>
 #include "qdot.h"
 
-enum { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
+enum { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q2_K = 10, Q3_K = 11, Q4_K = 12, Q5_K = 13, Q6_K = 14,
+       IQ4_NL = 20, IQ3_S = 21, IQ4_XS = 23 };
 
 static inline uint16_t rd16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
 
@@ -21,12 +22,25 @@ static inline void scale_min(const uint8_t *s, int j, int8_t *sc, int8_t *mn) {
     }
 }
 
+// Q3_K's j-th sub-block scale minus 32: low 4 bits in bytes 0..7, high 2 in bytes 8..11 (dequantize_row_q3_K)
+static inline int8_t q3k_scale(const uint8_t *s, int j) {
+    const int lo = j < 8 ? s[j] & 15 : s[j - 8] >> 4, hi = (s[8 + j % 4] >> (2 * (j / 4))) & 3;
+    return (int8_t)((lo | (hi << 4)) - 32);
+}
+
+// IQ4_XS's j-th scale minus 32: a nibble of scales_l, two bits of scales_h (dequantize_row_iq4_xs)
+static inline int8_t iq4xs_scale(const uint8_t *b, int j) {
+    const int lo = (b[4 + j / 2] >> (4 * (j % 2))) & 15, hi = (rd16(b + 2) >> (2 * j)) & 3;
+    return (int8_t)((lo | (hi << 4)) - 32);
+}
+
 // one block's unsigned values (the order ggml dequantizes them in)
-static void block_values(int type, const uint8_t *b, uint8_t *u) {
+static void block_values(int type, const uint8_t *b, uint8_t *u, const uint8_t *grid) {
     switch (type) {
     case Q4_0:
+    case IQ4_NL:  // indices into kvalues_iq4nl, laid out as Q4_0's nibbles
     case Q4_1: {
-        const uint8_t *qs = b + (type == Q4_0 ? 2 : 4);
+        const uint8_t *qs = b + (type == Q4_1 ? 4 : 2);
         for (int i = 0; i < 16; i++) u[i] = qs[i] & 15, u[i + 16] = qs[i] >> 4;
         break;
     }
@@ -56,6 +70,31 @@ static void block_values(int type, const uint8_t *b, uint8_t *u) {
             }
         break;
     }
+    case IQ4_XS:  // 8 x 32 indices: 16 bytes each, low nibbles then high (dequantize_row_iq4_xs)
+        for (int j = 0; j < 8; j++)
+            for (int l = 0; l < 16; l++) u[32 * j + l] = b[8 + 16 * j + l] & 15, u[32 * j + 16 + l] = b[8 + 16 * j + l] >> 4;
+        break;
+    case Q2_K:  // value 128h + 32s + l: bits 2s of qs[32h + l] (dequantize_row_q2_K)
+    case Q3_K: {  // the same 2-bit part at 32, plus bit j of hmask[l] for value 32j + l as bit 2 (u = q + 4)
+        const uint8_t *qs = b + (type == Q2_K ? 16 : 32);
+        for (int h = 0; h < 2; h++)
+            for (int s = 0; s < 4; s++)
+                for (int l = 0; l < 32; l++) u[128 * h + 32 * s + l] = (qs[32 * h + l] >> (2 * s)) & 3;
+        if (type == Q3_K)
+            for (int j = 0; j < 8; j++)
+                for (int l = 0; l < 32; l++) u[32 * j + l] |= ((b[l] >> j) & 1) << 2;
+        break;
+    }
+    case IQ3_S:  // grid entry i: 4 odd magnitudes g at index qs[i] | bit i of qh << 8; signs[k / 8] bit k % 8;
+                 // stored as (s * g + 15) / 2 in 0..15 (quant/types/iq3.py)
+        for (int i = 0; i < 64; i++) {
+            const uint8_t *g = grid + 4 * (b[2 + i] | (((b[66 + i / 8] >> (i % 8)) & 1) << 8));
+            for (int t = 0; t < 4; t++) {
+                const int k = 4 * i + t, s = (b[74 + k / 8] >> (k % 8)) & 1;
+                u[k] = (uint8_t)(((s ? -g[t] : g[t]) + 15) / 2);
+            }
+        }
+        break;
     case Q6_K: {
         const uint8_t *ql = b, *qh = b + 128;
         for (int h = 0; h < 2; h++)
@@ -77,6 +116,23 @@ static inline void put_group(uint8_t *q, int64_t r, const uint8_t *v) {
         for (int s = 0; s < G / 4; s++) memcpy(q + 64 * s + 4 * r, v + 4 * s, 4);
         return;
     }
+    if (bits <= 3) {  // 4 steps per 64 bytes at bits 2s; 3-bit: high bits as nibbles (rows r and r + 8 share a byte)
+        for (int p = 0; p < G / 16; p++)
+            for (int j = 0; j < 4; j++) {
+                unsigned b = 0;
+                for (int s = 0; s < 4; s++) b |= (unsigned)(v[16 * p + 4 * s + j] & 3) << (2 * s);
+                q[64 * p + 4 * r + j] = (uint8_t)b;
+            }
+        if (bits == 3)
+            for (int j = 0; j < 4; j++) {
+                unsigned h = 0;
+                for (int s = 0; s < G / 4; s++) h |= (unsigned)((v[4 * s + j] >> 2) & 1) << s;
+                const int p = (int)(4 * r + j), sh = p < 32 ? 0 : 4;
+                uint8_t *at = q + 4 * G + p % 32;
+                *at = (uint8_t)((*at & (0xF0 >> sh)) | (h << sh));
+            }
+        return;
+    }
     for (int p = 0; p < G / 8; p++)
         for (int j = 0; j < 4; j++) q[64 * p + 4 * r + j] = (uint8_t)((v[8 * p + j] & 15) | ((v[8 * p + 4 + j] & 15) << 4));
     if (bits > 4)
@@ -89,9 +145,12 @@ static inline void put_group(uint8_t *q, int64_t r, const uint8_t *v) {
 
 template <int type, int bits, int G>
 static void repack(const uint8_t *src, int64_t rows, int64_t K, int64_t block_bytes, uint8_t *qw, uint16_t *dw,
-                   uint16_t *mw, int8_t *sc, int8_t *mn) {
-    constexpr int kq = type == Q4_K || type == Q5_K || type == Q6_K;
-    constexpr int64_t bv = kq ? 256 : 32, gpb = bv / G, gb = bits == 8 ? 16 * G : bits == 4 ? 8 * G : 8 * G + 64;
+                   uint16_t *mw, int8_t *sc, int8_t *mn, const uint8_t *grid) {
+    constexpr int kq = type == Q4_K || type == Q5_K || type == Q6_K || type == Q2_K || type == Q3_K || type == IQ4_XS ||
+                       type == IQ3_S;
+    constexpr int64_t bv = kq ? 256 : 32, gpb = bv / G,
+                      gb = bits == 8 ? 16 * G : bits == 4 ? 8 * G : bits == 2 ? 4 * G : bits == 3 ? 6 * G : 8 * G + 64;
+    constexpr int d_at = type == Q6_K ? 208 : type == Q2_K ? 80 : type == Q3_K ? 108 : 0;
     const int64_t nb = K / bv, ng = K / G, ntiles = (rows + 15) / 16;
     const uint8_t zero[256] = {0};
 #pragma omp parallel for schedule(static)
@@ -102,13 +161,17 @@ static void repack(const uint8_t *src, int64_t rows, int64_t K, int64_t block_by
             const uint8_t *row = src + (t * 16 + r) * nb * block_bytes;
             for (int64_t bi = 0; bi < nb; bi++) {
                 const uint8_t *b = row + bi * block_bytes;
-                if (!pad) block_values(type, b, u);
+                if (!pad) block_values(type, b, u, grid);
                 for (int64_t gi = 0; gi < gpb; gi++) {
                     const int64_t g = bi * gpb + gi, at = (t * ng + g) * 16 + r;
                     put_group<bits, G>(qw + (t * ng + g) * gb, r, pad ? zero : u + gi * G);
                     if (kq) {
                         if (pad) sc[at] = 0, mn ? (void)(mn[at] = 0) : (void)0;
                         else if (type == Q6_K) sc[at] = (int8_t)b[192 + gi];
+                        else if (type == Q2_K) sc[at] = (int8_t)b[gi];  // scale | min << 4, as in the file
+                        else if (type == Q3_K) sc[at] = q3k_scale(b + 96, (int)gi);
+                        else if (type == IQ4_XS) sc[at] = iq4xs_scale(b, (int)gi);
+                        else if (type == IQ3_S) sc[at] = (int8_t)(2 * (1 + 2 * ((b[106 + gi / 2] >> (4 * (gi % 2))) & 15)));
                         else scale_min(b + 4, (int)gi, &sc[at], &mn[at]);
                     } else {
                         dw[at] = pad ? 0 : rd16(b);
@@ -117,8 +180,8 @@ static void repack(const uint8_t *src, int64_t rows, int64_t K, int64_t block_by
                 }
                 if (kq) {
                     const int64_t at = (t * nb + bi) * 16 + r;
-                    dw[at] = pad ? 0 : rd16(b + (type == Q6_K ? 208 : 0));
-                    if (mw) mw[at] = pad ? 0 : (uint16_t)(rd16(b + 2) ^ 0x8000);  // -dmin: the sign bit
+                    dw[at] = pad ? 0 : rd16(b + d_at);
+                    if (mw) mw[at] = pad ? 0 : (uint16_t)(rd16(b + d_at + 2) ^ 0x8000);  // -dmin: the sign bit
                 }
             }
         }
@@ -130,16 +193,24 @@ static void repack(const uint8_t *src, int64_t rows, int64_t K, int64_t block_by
 // [tiles][groups][16] (mw null where the offset is zoff * dw), K-quants dw/mw [tiles][K/256][16] and
 // sc/mn [tiles][groups][16]. Returns 0, or -1 for a type it does not know.
 EXPORT int qdot_repack(int type, const uint8_t *src, int64_t rows, int64_t K, int64_t block_bytes, uint8_t *qw,
-                       uint16_t *dw, uint16_t *mw, int8_t *sc, int8_t *mn) {
+                       uint16_t *dw, uint16_t *mw, int8_t *sc, int8_t *mn, const uint8_t *grid) {
     switch (type) {
-    case Q4_0: repack<Q4_0, 4, 32>(src, rows, K, block_bytes, qw, dw, mw, sc, mn); return 0;
-    case Q4_1: repack<Q4_1, 4, 32>(src, rows, K, block_bytes, qw, dw, mw, sc, mn); return 0;
-    case Q5_0: repack<Q5_0, 5, 32>(src, rows, K, block_bytes, qw, dw, mw, sc, mn); return 0;
-    case Q5_1: repack<Q5_1, 5, 32>(src, rows, K, block_bytes, qw, dw, mw, sc, mn); return 0;
-    case Q8_0: repack<Q8_0, 8, 32>(src, rows, K, block_bytes, qw, dw, mw, sc, mn); return 0;
-    case Q4_K: repack<Q4_K, 4, 32>(src, rows, K, block_bytes, qw, dw, mw, sc, mn); return 0;
-    case Q5_K: repack<Q5_K, 5, 32>(src, rows, K, block_bytes, qw, dw, mw, sc, mn); return 0;
-    case Q6_K: repack<Q6_K, 6, 16>(src, rows, K, block_bytes, qw, dw, mw, sc, mn); return 0;
+    case Q4_0: repack<Q4_0, 4, 32>(src, rows, K, block_bytes, qw, dw, mw, sc, mn, grid); return 0;
+    case Q4_1: repack<Q4_1, 4, 32>(src, rows, K, block_bytes, qw, dw, mw, sc, mn, grid); return 0;
+    case Q5_0: repack<Q5_0, 5, 32>(src, rows, K, block_bytes, qw, dw, mw, sc, mn, grid); return 0;
+    case Q5_1: repack<Q5_1, 5, 32>(src, rows, K, block_bytes, qw, dw, mw, sc, mn, grid); return 0;
+    case Q8_0: repack<Q8_0, 8, 32>(src, rows, K, block_bytes, qw, dw, mw, sc, mn, grid); return 0;
+    case Q4_K: repack<Q4_K, 4, 32>(src, rows, K, block_bytes, qw, dw, mw, sc, mn, grid); return 0;
+    case Q5_K: repack<Q5_K, 5, 32>(src, rows, K, block_bytes, qw, dw, mw, sc, mn, grid); return 0;
+    case Q6_K: repack<Q6_K, 6, 16>(src, rows, K, block_bytes, qw, dw, mw, sc, mn, grid); return 0;
+    case Q2_K: repack<Q2_K, 2, 16>(src, rows, K, block_bytes, qw, dw, mw, sc, mn, grid); return 0;
+    case Q3_K: repack<Q3_K, 3, 16>(src, rows, K, block_bytes, qw, dw, mw, sc, mn, grid); return 0;
+    case IQ4_NL: repack<IQ4_NL, 4, 32>(src, rows, K, block_bytes, qw, dw, mw, sc, mn, grid); return 0;
+    case IQ4_XS: repack<IQ4_XS, 4, 32>(src, rows, K, block_bytes, qw, dw, mw, sc, mn, grid); return 0;
+    case IQ3_S:
+        if (!grid) return -1;
+        repack<IQ3_S, 4, 32>(src, rows, K, block_bytes, qw, dw, mw, sc, mn, grid);
+        return 0;
     }
     return -1;
 }

@@ -1,0 +1,135 @@
+"""The JIT kernel for the low-bit types (IQ4_NL, IQ4_XS, Q2_K, Q3_K, IQ3_S): the repacked form gives back the
+dequantized weights exactly, the library's repack writes the PyTorch reference's bytes, the kernel
+equals the dequantize-then-multiply product with llama.cpp's activation rounding on every tile shape,
+and the tiny fixture models keep their fidelity on the default (fast) path."""
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY, tiny_manifest
+import ggtorch
+from ggtorch.gguf.types import ggml_type
+from ggtorch.model.numerics import ggml_matmul
+from ggtorch.quant import jit
+from ggtorch.quant.linear import QWeight
+from ggtorch.quant.qdot import _qdot_pack, _qdot_pack_jit, qdot_kernel, qdot_linear, qdot_unpack
+from ggtorch.quant.types import TYPES
+
+NEW = ["IQ4_NL", "IQ4_XS", "Q2_K", "Q3_K", "IQ3_S"]
+# where each type's float16 scales sit in its block (d, and dmin for Q2_K): set to sane values in random blocks
+F16_AT = {"IQ4_NL": (0,), "IQ4_XS": (0,), "Q2_K": (80, 82), "Q3_K": (108,), "IQ3_S": (0,)}
+
+
+def need_jit():
+    if not jit.available():
+        pytest.skip(f"JIT kernel unavailable: {jit.why()}")
+
+
+def random_weight(t: str, rows: int, K: int, seed: int) -> QWeight:
+    """Random blocks of type t: every byte random (all bit patterns are valid values, scales and signs)
+    except the float16 scales, drawn in (0, 0.05] so that no block is NaN or infinite."""
+    gt = ggml_type(t)
+    rng = np.random.default_rng(seed)
+    nb = rows * K // gt.block_size
+    raw = rng.integers(0, 256, size=(nb, gt.type_size), dtype=np.uint8)
+    for at in F16_AT[t]:
+        raw[:, at:at + 2] = rng.uniform(1e-4, 0.05, nb).astype(np.float16).view(np.uint8).reshape(nb, 2)
+    return QWeight(torch.from_numpy(raw.reshape(-1)), gt, (K, rows), f"random-{t}")
+
+
+def state_equal(a: dict, b: dict) -> bool:
+    return sorted(a) == sorted(b) and all(a[k].dtype == b[k].dtype and torch.equal(a[k].view(torch.uint8)
+                                                                                    if a[k].dtype == torch.float16
+                                                                                    else a[k], b[k].view(torch.uint8)
+                                                                                    if b[k].dtype == torch.float16
+                                                                                    else b[k]) for k in a)
+
+
+@pytest.mark.parametrize("t", NEW)
+def test_repacked_form_gives_back_the_weights(t):
+    """The layout keeps the file's bits: unpacking the PyTorch reference's state gives the dequantized
+    weights exactly (tiny model's matrices and random blocks, padded tiles included)."""
+    m = ggtorch.load(str(TINY / f"tiny-llama-{t}.gguf"), fast=False)
+    ws = [w for w in m.net.weights().values() if w.type.name == t]
+    assert ws, f"no {t} matrix in the tiny model"
+    ws += [random_weight(t, 37, 512, 1)]
+    for w in ws:
+        st = _qdot_pack(w, jit=False)
+        assert int(st["flags"]) == TYPES[t].flags and int(st["amode"]) == TYPES[t].amode
+        assert torch.equal(qdot_unpack(st, w.in_features)[:w.out_features], w.dequantize()), w.name
+
+
+@pytest.mark.parametrize("t", NEW)
+def test_library_repack_equals_the_pytorch_repack(t):
+    """csrc/repack.cpp writes the PyTorch reference's bytes, whole tiles and a partial one."""
+    need_jit()
+    m = ggtorch.load(str(TINY / f"tiny-llama-{t}.gguf"), fast=False)
+    full = next(w for w in m.net.weights().values() if w.type.name == t)
+    for w in (full, QWeight(full.raw[:37], full.type, (full.in_features, 37), "part"), random_weight(t, 40, 768, 2)):
+        a, b = _qdot_pack_jit(w), _qdot_pack(w, jit=False)
+        assert a is not None and state_equal(a, b), w.name
+
+
+@pytest.mark.parametrize("t", NEW)
+def test_kernel_equals_llama_cpp_arithmetic(t):
+    """x @ W.T through the JIT kernel (vectorized and portable loops) equals the float64 product of the
+    dequantized weights with the activations rounded as llama.cpp rounds them for this type (Q8_0 for
+    IQ4_NL, Q8_K for the others: numerics.ggml_matmul), up to float32 summation, on every tile shape:
+    1 to 8 activation rows (the kernel's row tiles), more than 8 (several), rows not a multiple of 16."""
+    need_jit()
+    g = torch.Generator().manual_seed(0)
+    for i, (M, N, K) in enumerate(((1, 48, 512), (2, 37, 256), (3, 16, 768), (4, 20, 256), (5, 64, 512),
+                                   (6, 16, 256), (7, 33, 256), (8, 32, 1024), (11, 40, 512), (17, 16, 256))):
+        w = random_weight(t, N, K, 10 + i)
+        w.state = _qdot_pack(w)
+        x = torch.randn(M, K, generator=g)
+        if M > 1:
+            x[0, :] = 2.0  # a row whose every activation is the block maximum
+        ref = ggml_matmul(x, w)
+        scale = ref.abs().max().item()
+        y = qdot_linear(w)(x)
+        st = w.state
+        y_ref = jit.matmul(x, st["qw"], st["dw"], st.get("mw"), float(st["zoff"]), ref=True, mode=int(st["amode"]),
+                           n=N, sc=st.get("sc"), mn=st.get("mn"), flags=int(st["flags"]))
+        assert y.shape == (M, N)
+        assert (y.double() - ref).abs().max().item() <= 2e-6 * scale, (t, M, N, K)
+        assert (y_ref.double() - ref).abs().max().item() <= 2e-6 * scale, (t, M, N, K)
+        plain = x[-1:].double() @ w.dequantize().double().T  # the activations really are rounded as llama.cpp does
+        assert (plain - ref[-1:]).abs().max().item() > 1e-4 * scale
+
+
+@pytest.mark.parametrize("t", NEW)
+def test_tiny_model_fidelity_on_the_default_path(t):
+    """The default (fast) load gives the type's matrices the JIT kernel, and the tiny model still matches
+    llama.cpp's logits and greedy tokens as tightly as the exact path is held to (test_tiny_models)."""
+    need_jit()
+    key = f"tiny-llama-{t}"
+    man = tiny_manifest()
+    m = ggtorch.load(str(TINY / f"{key}.gguf"), cache=False)
+    for L in m.net.layers:  # Q/K/V, O, gate/up, down (fused parts hand their kernel to the fused matrix)
+        kernels = [w.kernel for w in L.values() if getattr(w, "kernel", None) is not None]
+        assert len(kernels) >= 4 and all(k is qdot_kernel for k in kernels)
+    ref = np.load(TINY / f"{key}.logits.npy")
+    lg = m.logits(man["prompt_ids"]).numpy()
+    assert np.abs(lg - ref).max() / ref.std() <= 0.15
+    e = man["models"][key]
+    n = next((i for i, mg in enumerate(e["greedy_margins"]) if mg < 0.1), len(e["greedy"]))
+    r = m.generate(man["prompt_ids"], max_tokens=len(e["greedy"]), ignore_eos=True)
+    assert r.ids[:n] == e["greedy"][:n]
+
+
+@pytest.mark.parametrize("t", ["IQ4_XS", "Q2_K"])
+def test_one_call_step_takes_the_new_types(t, monkeypatch):
+    """The new types use the same kernel entry point, so the one-call decode step takes them and equals
+    the per-layer path bit for bit."""
+    need_jit()
+    from test_fastpath import SEQS, decode
+
+    from ggtorch.model import fastpath
+
+    net = ggtorch.load(str(TINY / f"tiny-llama-{t}.gguf"), cache=False).net
+    assert fastpath.step_of(net) is not None
+    got, _ = decode(net, SEQS[0] * 3, "f16", 4)
+    monkeypatch.setattr(fastpath, "step_of", lambda model: None)
+    want, _ = decode(net, SEQS[0] * 3, "f16", 4)
+    assert torch.equal(got, want)
