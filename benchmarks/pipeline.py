@@ -2,7 +2,7 @@
 on loopback), and the per-token hand-off cost alone (hidden state [1, n_embd] to stage 1, logits
 [1, n_vocab] back to stage 0, no compute).
 
-    python benchmarks/pipeline.py [MODEL] [-n 64] [--rounds 2] [--threads 2]
+    python benchmarks/pipeline.py [MODEL] [-n 64] [--rounds 2] [--threads 2] [--handoff-only]
 
 MODEL defaults to the 1.1B synthetic Q4_0 of make_synthetic.py when /tmp/ggtorch-synthetic holds it,
 else smollm2-135m. The 1-stage and 2-stage runs alternate (rounds), each in fresh processes; every
@@ -71,6 +71,15 @@ def worker(args) -> None:
     from ggtorch.dist import pipeline as P
 
     link = P.init(args.rank, 2, f"tcp://127.0.0.1:{args.port}")
+    if args.handoff_only:  # the messages alone, with the model's shapes (its weights are never read)
+        from ggtorch.gguf.reader import GGUFFile
+        from ggtorch.model.config import Config
+        from ggtorch.packaged import resolve
+
+        ms = handoff(link, Config.from_gguf(GGUFFile(resolve(args.model))), reps=1000)
+        if link.rank == 0:
+            print(json.dumps({"stages": 2, "handoff_ms": ms}))
+        return
     m = P.start(args.model, 2, link)
     out = decode(m, args.n) if m is not None else {}
     if m is not None:
@@ -97,7 +106,7 @@ def _port() -> int:
 
 def run(args, stages: int) -> dict:
     base = [sys.executable, os.path.abspath(__file__), args.model, "-n", str(args.n), "--threads", str(args.threads),
-            "--stages", str(stages)]
+            "--stages", str(stages)] + (["--handoff-only"] if args.handoff_only else [])
     env = dict(os.environ, PYTHONPATH=ROOT)
     if stages == 1:
         procs = [subprocess.Popen(base + ["--worker"], stdout=subprocess.PIPE, env=env, text=True)]
@@ -123,9 +132,15 @@ def main() -> None:
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--handoff-only", action="store_true",
+                    help="only the per-token messages between two processes, with MODEL's shapes")
     args = ap.parse_args()
     if args.worker:
         return worker(args)
+    if args.handoff_only:
+        hs = [run(args, 2)["handoff_ms"] for _ in range(args.rounds)]
+        print(f"{os.path.basename(args.model)}: hand-off {statistics.median(hs):.3f} ms/token")
+        return
     one, two = [], []
     for _ in range(args.rounds):  # interleaved: the machine's load drifts
         one.append(run(args, 1))
