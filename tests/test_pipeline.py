@@ -22,10 +22,7 @@ MODELS = [os.path.join(TINY, n) for n in ("tiny-llama-Q4_0.gguf", "tiny-llama-ti
          [os.path.join(ARCHS, f"tiny-{a}.gguf") for a in ("gemma2-Q8_0", "gpt-oss-MXFP4", "granite-Q8_0", "llama-moe-Q4_K",
                                                           "llama-qkv-Q8_0", "mistral3-Q8_0", "olmo2-Q8_0", "phi3-Q8_0",
                                                           "qwen3moe-Q8_0", "smollm3-Q8_0")]
-SHORT = list(range(1, 17))  # 16 tokens: the JIT attention / one-call step
-LONG = [(i * 37) % 900 + 3 for i in range(40)]  # over fastpath.MAX_TOKENS: PyTorch's attention
 PY = sys.executable
-TIMEOUT_S = 60
 
 # What one process of the pipeline runs: rank 0 drives each model and saves what it got; rank 1 serves.
 WORKER = r"""
@@ -57,8 +54,8 @@ except P.PipelineError as e:
 PROBE = r"""
 import torch
 
-SHORT = list(range(1, 17))
-LONG = [(i * 37) % 900 + 3 for i in range(40)]
+SHORT = list(range(1, 17))  # 16 tokens: the JIT attention / one-call step
+LONG = [(i * 37) % 900 + 3 for i in range(40)]  # over fastpath.MAX_TOKENS: PyTorch's attention
 
 
 def probe(m):
