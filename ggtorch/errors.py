@@ -50,3 +50,8 @@ class ToolCallError(GGTorchError):
 class ConstraintError(GGTorchError):
     """A JSON schema, grammar or regex for structured output is malformed, unsupported by the
     constrained-decoding library, or took longer than its time limit to compile."""
+
+
+class PipelineError(GGTorchError):
+    """A layer-split pipeline (ggtorch.dist) cannot start, or a stage stopped answering: the process
+    group, the stage count against the layers, a lost or silent peer."""

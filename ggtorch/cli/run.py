@@ -72,7 +72,14 @@ def cmd_dequant(a) -> int:
 
 
 def cmd_run(a) -> int:
-    m = load(a)
+    if getattr(a, "pipeline", None):  # one torchrun process per stage (ggtorch.dist.pipeline)
+        from ..dist.pipeline import cli
+
+        return cli(a, lambda m: _run(a, m))
+    return _run(a, load(a))
+
+
+def _run(a, m) -> int:
     ids, timings, steps = m.steps(a.prompt, **sampling_kwargs(a))
     show_context(m)
     out, text = [], []
@@ -182,6 +189,8 @@ def register(sub) -> None:
     add_sampling(p)
     add_structured(p)
     add_context(p)
+    p.add_argument("--pipeline", type=int, default=None, metavar="N",
+                   help="split the layers across N processes started by torchrun --nproc-per-node N")
 
     p = sub.add_parser("tokenize", help="token ids of a text")
     add_model(p)

@@ -187,16 +187,25 @@ class Transformer:
     def _run(self, ids, pos, n_kv, cache, start, trace) -> torch.Tensor:
         """Embeddings through every block: ``pos`` [T] are the tokens' positions, ``cache`` the view
         the blocks write to (one slot, or one slot per token)."""
-        rope_pos = pos + int(self.faults.get("position_offset", 0))
-        ctx = self.prepare(pos, rope_pos, n_kv)
-        # a batched step, or a few tokens of one sequence: the JIT library's attention (model/fastpath.py)
-        T = ids.numel()
-        ctx["rows"] = fastpath.rows(cache, start, T) if fastpath.usable(self, T, cache, trace) else None
+        return self.run_layers(self.inputs(ids, trace), pos, n_kv, cache, start, trace)
+
+    def inputs(self, ids: torch.Tensor, trace: Tracer | None = None) -> torch.Tensor:
+        """The tokens' embeddings [T, n_embd], scaled as the architecture asks (the first block's input)."""
         x = self.embed(ids)
         if self.cfg.embed_scale != 1.0:
             x = x * self.cfg.embed_scale
         if trace:
             trace("inp_embd", x)
+        return x
+
+    def run_layers(self, x, pos, n_kv, cache, start, trace=None) -> torch.Tensor:
+        """Hidden states x [T, n_embd] through every block of this model (a pipeline stage's model
+        holds a range of the file's layers: ggtorch.dist.pipeline)."""
+        rope_pos = pos + int(self.faults.get("position_offset", 0))
+        ctx = self.prepare(pos, rope_pos, n_kv)
+        # a batched step, or a few tokens of one sequence: the JIT library's attention (model/fastpath.py)
+        T = x.shape[0]
+        ctx["rows"] = fastpath.rows(cache, start, T) if fastpath.usable(self, T, cache, trace) else None
         if ctx["rows"] is not None:  # every layer in one call where the architecture allows (model/fastpath.py)
             step = fastpath.step_of(self)
             if step is not None:
