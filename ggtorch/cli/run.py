@@ -10,7 +10,7 @@ from ..errors import GGTorchError
 from ..gguf.reader import GGUFFile
 from tqdm import tqdm
 
-from .common import add_context, add_model, add_sampling, load, parse_ids, print_json, sampling_kwargs, show_context
+from .common import add_context, add_model, add_sampling, load, parse_ids, print_json, sampling_kwargs, show_context, written_atomically
 
 
 def cmd_inspect(a) -> int:
@@ -60,9 +60,8 @@ def cmd_dequant(a) -> int:
                 bar.set_postfix_str(n, refresh=False)
                 bar.update(1)
         out = a.out if a.out.endswith(".npz") else a.out + ".npz"
-        tmp = out + ".part.npz"
-        np.savez(tmp, **arrays)
-        os.replace(tmp, out)
+        with written_atomically(out) as tmp:
+            np.savez(tmp, **arrays)
     print(f"wrote {len(arrays)} tensors to {out}", file=sys.stderr)
     return 0
 
@@ -135,7 +134,9 @@ def cmd_perplexity(a) -> int:
     bar.close()
     out = {k: v for k, v in r.items() if k not in ("logprobs", "targets")}
     if a.save_logits:
-        np.savez_compressed(a.save_logits, logprobs=r["logprobs"].astype(np.float16), targets=r["targets"])
+        name = a.save_logits if a.save_logits.endswith(".npz") else a.save_logits + ".npz"  # numpy's naming
+        with written_atomically(name) as tmp:
+            np.savez_compressed(tmp, logprobs=r["logprobs"].astype(np.float16), targets=r["targets"])
     if a.kl_base:
         try:
             base = np.load(a.kl_base)
