@@ -22,15 +22,16 @@ STORY = "Write a very long story about a dragon who learns to cook, with many ch
 class Term:
     """A child process on a pseudo-terminal, read with a deadline."""
 
-    def __init__(self, argv):
+    def __init__(self, argv, sigint=signal.SIG_DFL):
         env = dict(os.environ, TERM="dumb", COLUMNS="200")
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: the pty is its controlling terminal, so ^C is a SIGINT
-            # as a shell starts a foreground job: with SIGINT's default action, also when this test runs
-            # in a job started with `&`, which a non-interactive shell starts with SIGINT ignored
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            # SIGINT's action as given, whatever this process has: a test suite run in a job started with
+            # `&` by a non-interactive shell has SIGINT ignored, and a child would inherit that (issue 26)
+            signal.signal(signal.SIGINT, sigint)
             os.execvpe(argv[0], argv, env)
         self.buf, self.pos = "", 0
+        self.reads: list[tuple[float, int]] = []  # (when, length of buf after it): when output arrived
 
     def read_until(self, pattern, timeout=180.0) -> re.Match:
         rx, end = re.compile(pattern), time.monotonic() + timeout
@@ -51,6 +52,7 @@ class Term:
                 if not data:
                     raise AssertionError(f"terminal closed before {pattern!r}:\n{self.buf[-3000:]}")
                 self.buf += data.decode("utf-8", "replace").replace("\r\n", "\n")
+                self.reads.append((time.monotonic(), len(self.buf)))
 
     def send(self, text: str) -> None:
         os.write(self.fd, text.encode())
@@ -70,7 +72,8 @@ class Term:
 
 
 def test_interactive_chat_in_a_pseudo_terminal():
-    t = Term(CMD)
+    # started with SIGINT ignored, as by a shell script's `cmd &`: Ctrl-C must still stop an answer
+    t = Term(CMD, sigint=signal.SIG_IGN)
     try:
         t.read_until(r"template: the file's tokenizer\.chat_template")
         t.read_until(r"\n> ")

@@ -4,9 +4,9 @@ beside it (issue 26). Long (several minutes on 2 cores), so it runs only when as
     GGTORCH_STRESS=1 python -m pytest -q tests/test_interrupt_stress.py   # GGTORCH_STRESS_N=36 trials
 
 Each trial asks a question and sends ^C during the first step (right after the question), at a random
-point of the answer, or during its last steps. Every interrupted answer must print ` [stopped]` within
-1 s plus one step (a step on a machine this loaded can itself take longer than a second; the time per
-step is the answer's own, from its speed line), with at most one step's text after the ^C; the next
+point of the answer, or during its last steps. Every interrupted answer must print ` [stopped]` with at
+most one step's text after the ^C, within 1 s plus twice the slowest step seen in that answer (on a
+machine this loaded a step can itself take longer than a second); the next
 question must be answered with the stopped answer in its history (its prompt holds all the tokens
 of the previous turn); at the end the chat still answers correctly and /exit leaves with status 0.
 """
@@ -25,7 +25,7 @@ from test_chat_terminal import STORY, Term
 pytestmark = pytest.mark.skipif(os.environ.get("GGTORCH_STRESS") != "1",
                                 reason="long stress test: set GGTORCH_STRESS=1 to run it")
 
-N_TOKENS = 48
+N_TOKENS = 32
 SPEED = re.compile(r"\[prompt (\d+) tok(?: \(\+(\d+) cached\))? \d+ ms \| answer (\d+) tok (\d+) ms")
 
 
@@ -62,6 +62,9 @@ def _turn(t, question, when, full_answer, rng):
         k = rng.randint(1, max(1, int(len(full_answer) * 0.8)))
         t.read_until(r"(?:.|\n){%d}" % k, 120)
     sent = time.monotonic()
+    arrived = [w for w, n in t.reads if n > start]  # when pieces of this answer arrived, before the ^C
+    # the slowest step seen so far (the first read holds the question's echo, the next the first piece)
+    gap = max((b - a for a, b in zip(arrived[1:], arrived[2:])), default=0.0)
     t.send("\x03")
     m = t.read_until(r"\[stopped\]|\[prompt \d+ tok", 120)
     took = time.monotonic() - sent if m.group(0) == "[stopped]" else None
@@ -77,7 +80,7 @@ def _turn(t, question, when, full_answer, rng):
         # the prompt readline has turned the terminal's echo off: no ^C is shown there)
         i = screen.find("^C")
         assert i < 0 or i > screen.find("[prompt"), f"a Ctrl-C during the answer was lost:\n{screen}"
-    return took is not None, took, after, [int(x or 0) for x in speed.groups()]
+    return took is not None, took, after, gap, [int(x or 0) for x in speed.groups()]
 
 
 def test_ctrl_c_at_random_points_under_load(tmp_path):
@@ -96,22 +99,25 @@ def test_ctrl_c_at_random_points_under_load(tmp_path):
         full = t.read_until(r"((?:.|\n)*?)\n\[prompt", 300).group(1)
         t.read_until(r"\n> ", 120)
         prev = None  # (prompt + cached + answer tokens) of the previous turn, while the history is kept
+        mean_step = 0.1
         for i, kind in enumerate(kinds):
             if kind == "last" or (prev and prev > 1500):
                 t.send("/reset\r")
                 t.read_until(r"\[conversation cleared\]", 60)
                 prev = None
             question = STORY if kind == "last" else f"{STORY} Chapter {i}."
-            stopped, took, after, (p, c, a, gen_ms) = _turn(t, question, kind, full, rng)
-            step_s = gen_ms / 1e3 / max(a, 1)
-            if prev is not None:  # the stopped answer is in the history: this prompt holds all of that turn
+            stopped, took, after, gap, (p, c, a, gen_ms) = _turn(t, question, kind, full, rng)
+            # the mean step, or the slowest seen before the ^C; stopped before any step: the last answer's
+            step_s = max(gen_ms / 1e3 / a if a else mean_step, gap)
+            mean_step = gen_ms / 1e3 / a if a else mean_step
+            if prev is not None and p + c:  # the stopped answer is in the history: this prompt holds that turn
                 assert p + c > prev, (i, kind, p, c, prev)
                 assert c >= prev - a_prev - 1, (i, kind, c, prev)  # and its prefix came from the cache
             # stopped during the prompt's evaluation: no counts (the next turn is still asked and answered)
             prev, a_prev = (p + c + a, a) if p + c else (None, 0)
             results.append((kind, stopped, took, step_s, after))
             if stopped:
-                assert took <= 1.0 + step_s, (i, kind, took, step_s)
+                assert took <= 1.0 + 2 * step_s, (i, kind, took, step_s)  # the step in flight, and a margin
                 assert len(after) <= 24, (i, kind, after)  # at most the piece of the step in flight
         t.send("/reset\r")
         t.read_until(r"\[conversation cleared\]", 60)
