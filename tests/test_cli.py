@@ -236,3 +236,23 @@ def test_interrupted_writes_leave_no_partial_file(tmp_path, monkeypatch):
     cache.cancel_writes()
     assert list((tmp_path / "repack").iterdir()) == []
     assert cache.load(key) is None
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc (Linux)")
+def test_ctrl_c_stops_serve_gracefully_with_exit_130():
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    def up(pid, out):
+        try:
+            return urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200
+        except OSError:
+            return False
+
+    rc, out, err, took = _sigint(["serve", TINY / "tiny-llama-Q8_0.gguf", "--port", port, "--parallel", "2"], up)
+    _one_line_130(rc, err, "serve")
+    assert took < 30

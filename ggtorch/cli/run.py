@@ -109,7 +109,8 @@ def cmd_logits(a) -> int:
     ids = parse_ids(a.tokens)
     m = load(a)
     lg = m.logits(ids).numpy().astype(np.float32)
-    np.save(a.out, lg)
+    with written_atomically(a.out if a.out.endswith(".npy") else a.out + ".npy") as tmp:  # numpy's naming
+        np.save(tmp, lg)
     print(f"wrote logits {list(lg.shape)} to {a.out}", file=sys.stderr)
     return 0
 
