@@ -59,8 +59,10 @@ def _turn(t, question, when, full_answer, rng):
     elif when == "last":  # all but the final word of the (deterministic) answer shown: the last steps run
         t.read_until(re.escape(full_answer[:full_answer.rstrip().rfind(" ")]), 120)
     else:
-        k = rng.randint(1, max(1, int(len(full_answer) * 0.8)))
-        t.read_until(r"(?:.|\n){%d}" % k, 120)
+        k = rng.randint(1, max(1, int(len(full_answer) * 0.6)))
+        if t.read_until(r"(?:.|\n){%d}|\n\[prompt" % k, 120).group(0) == "\n[prompt":
+            t.read_until(r"\n> ", 120)
+            return None  # the answer ended (end of turn) before that point: no Ctrl-C to send
     sent = time.monotonic()
     arrived = [w for w, n in t.reads if n > start]  # when pieces of this answer arrived, before the ^C
     # the slowest step seen so far (the first read holds the question's echo, the next the first piece)
@@ -99,17 +101,26 @@ def test_ctrl_c_at_random_points_under_load(tmp_path):
         full = t.read_until(r"((?:.|\n)*?)\n\[prompt", 300).group(1)
         t.read_until(r"\n> ", 120)
         prev = None  # (prompt + cached + answer tokens) of the previous turn, while the history is kept
-        mean_step = 0.1
-        for i, kind in enumerate(kinds):
-            if kind == "last" or (prev and prev > 1500):
+        mean_step = SPEED.findall(t.buf)[-1]
+        mean_step = int(mean_step[3]) / 1e3 / max(int(mean_step[2]), 1)  # the whole answer's
+        i = 0
+        while kinds and i < 3 * n:
+            kind = kinds[-1]
+            if kind == "last" or i % 2 == 0:  # pairs of turns: the second checks the first's history
                 t.send("/reset\r")
                 t.read_until(r"\[conversation cleared\]", 60)
                 prev = None
             question = STORY if kind == "last" else f"{STORY} Chapter {i}."
-            stopped, took, after, gap, (p, c, a, gen_ms) = _turn(t, question, kind, full, rng)
-            # the mean step, or the slowest seen before the ^C; stopped before any step: the last answer's
-            step_s = max(gen_ms / 1e3 / a if a else mean_step, gap)
-            mean_step = gen_ms / 1e3 / a if a else mean_step
+            i += 1
+            turn = _turn(t, question, kind, full, rng)
+            if turn is None:  # a short answer: ask again
+                prev = None
+                continue
+            kinds.pop()
+            stopped, took, after, gap, (p, c, a, gen_ms) = turn
+            if gen_ms and a:  # (the speed line of a stopped answer has no generation time)
+                mean_step = gen_ms / 1e3 / a
+            step_s = max(mean_step, gap)  # the latest mean step, or the slowest seen before the ^C
             if prev is not None and p + c:  # the stopped answer is in the history: this prompt holds that turn
                 assert p + c > prev, (i, kind, p, c, prev)
                 assert c >= prev - a_prev - 1, (i, kind, c, prev)  # and its prefix came from the cache
