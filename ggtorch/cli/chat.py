@@ -140,7 +140,7 @@ class Chat:
 class StopOnInterrupt:
     """Ctrl-C while an answer streams, on the main thread: the first SIGINT asks the token loop to stop,
     which it checks after every step (:meth:`requested`). Until the first step has come (the prompt's
-    evaluation, one long call) and for a second SIGINT while the step in flight finishes, the handler
+    evaluation, which can be long) and for a second SIGINT while the step in flight finishes, the handler
     raises KeyboardInterrupt at once, as Python's default one does; once the loop has stopped, a late
     SIGINT is only counted.
 
