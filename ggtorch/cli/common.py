@@ -134,7 +134,7 @@ def parse_ids(s: str) -> list[int]:
 def written_atomically(path: str):
     """A temporary name next to ``path`` to write to: on success it is renamed to ``path``; on an error or
     Ctrl-C it is removed. Readers never see a partial file, and an interrupted command leaves none."""
-    base, ext = os.path.splitext(path)
+    ext = os.path.splitext(path)[1]
     tmp = f"{path}.part{ext}"  # the same extension: numpy appends .npz to names without it
     try:
         yield tmp
