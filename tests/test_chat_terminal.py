@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
@@ -21,12 +22,16 @@ STORY = "Write a very long story about a dragon who learns to cook, with many ch
 class Term:
     """A child process on a pseudo-terminal, read with a deadline."""
 
-    def __init__(self, argv):
+    def __init__(self, argv, sigint=signal.SIG_DFL):
         env = dict(os.environ, TERM="dumb", COLUMNS="200")
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: the pty is its controlling terminal, so ^C is a SIGINT
+            # SIGINT's action as given, whatever this process has: a test suite run in a job started with
+            # `&` by a non-interactive shell has SIGINT ignored, and a child would inherit that (issue 26)
+            signal.signal(signal.SIGINT, sigint)
             os.execvpe(argv[0], argv, env)
         self.buf, self.pos = "", 0
+        self.reads: list[tuple[float, int]] = []  # (when, length of buf after it): when output arrived
 
     def read_until(self, pattern, timeout=180.0) -> re.Match:
         rx, end = re.compile(pattern), time.monotonic() + timeout
@@ -47,6 +52,7 @@ class Term:
                 if not data:
                     raise AssertionError(f"terminal closed before {pattern!r}:\n{self.buf[-3000:]}")
                 self.buf += data.decode("utf-8", "replace").replace("\r\n", "\n")
+                self.reads.append((time.monotonic(), len(self.buf)))
 
     def send(self, text: str) -> None:
         os.write(self.fd, text.encode())
@@ -66,7 +72,8 @@ class Term:
 
 
 def test_interactive_chat_in_a_pseudo_terminal():
-    t = Term(CMD)
+    # started with SIGINT ignored, as by a shell script's `cmd &`: Ctrl-C must still stop an answer
+    t = Term(CMD, sigint=signal.SIG_IGN)
     try:
         t.read_until(r"template: the file's tokenizer\.chat_template")
         t.read_until(r"\n> ")
@@ -134,3 +141,105 @@ def test_interactive_chat_in_tmux(tmp_path):
         assert (tmp_path / "rc").read_text().strip() == "EXIT=0"
     finally:
         subprocess.run(tmux + ["kill-server"], capture_output=True)
+
+
+# ---- Ctrl-C during an answer, in-process: where the SIGINT lands must not matter -----------------------
+class _Model:
+    """chat_steps() as ggtorch.api.Model has it: ``n`` steps, and ``at(i)`` run while step i is computed
+    (where a real SIGINT would land)."""
+
+    def __init__(self, n, at):
+        self.n, self.at, self.closed = n, at, False
+
+    def chat_steps(self, messages, **kw):
+        from ggtorch.generate import Step, Timings
+
+        def steps():
+            try:
+                for i in range(self.n):
+                    self.at(i)
+                    yield Step(i, f"w{i} ", "length" if i == self.n - 1 else None)
+            finally:
+                self.closed = True
+
+        return [1, 2, 3], Timings(), "test", steps()
+
+
+def _answer(n, at):
+    import io
+
+    from ggtorch.cli import build_parser
+    from ggtorch.cli.chat import Chat
+
+    m = _Model(n, at)
+    chat = Chat(m, build_parser().parse_args(["chat"]))
+    out = io.StringIO()
+    r = chat.answer("hi", out=out)
+    assert m.closed  # the session's generator ran its finally
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    fd = signal.set_wakeup_fd(-1)
+    assert fd == -1  # so is the wakeup fd
+    assert chat.history[-1] == {"role": "assistant", "content": r["text"]}  # what was said is kept
+    return r, out.getvalue()
+
+
+def _ctrl_c_at(k, times=1):
+    def at(i):
+        if i == k:
+            for _ in range(times):
+                signal.raise_signal(signal.SIGINT)
+    return at
+
+
+def test_ctrl_c_stops_after_the_step_in_flight():
+    r, out = _answer(50, _ctrl_c_at(7))
+    assert r["finish_reason"] == "interrupted" and r["text"] == "".join(f"w{i} " for i in range(8))
+    assert out == r["text"] + " [stopped]\n"
+
+
+def test_ctrl_c_whose_keyboardinterrupt_would_be_swallowed(monkeypatch):
+    """The SIGINT's Python handler runs inside a finalizer: a KeyboardInterrupt raised there is printed as
+    "Exception ignored in ..." and dropped, and the answer would go on; the flag still stops it."""
+    monkeypatch.setattr(sys, "unraisablehook", sys.__unraisablehook__)  # Python's own, not pytest's
+    class Finalized:
+        def __del__(self):
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])  # delivered here, handled in __del__
+            sum(range(10))
+
+    def at(i):
+        if i == 5:
+            signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT])
+            signal.pthread_kill(threading.get_ident(), signal.SIGINT)  # pending until the finalizer unblocks it
+            Finalized()
+
+    r, out = _answer(50, at)
+    assert r["finish_reason"] == "interrupted" and r["text"].split() == [f"w{i}" for i in range(6)]
+
+
+def test_ctrl_c_seen_only_by_the_c_level_handler():
+    """The C handler has written the SIGINT to the wakeup fd, the Python handler has not run (yet): the
+    loop sees it between steps."""
+    def at(i):
+        if i == 3:
+            fd = signal.set_wakeup_fd(-1)
+            signal.set_wakeup_fd(fd)
+            os.write(fd, bytes([signal.SIGINT]))
+
+    r, _ = _answer(50, at)
+    assert r["finish_reason"] == "interrupted" and r["text"].split() == ["w0", "w1", "w2", "w3"]
+
+
+def test_ctrl_c_before_the_first_step_and_during_the_last():
+    r, out = _answer(50, _ctrl_c_at(0))  # the prompt's evaluation: it raises there, as before
+    assert r["finish_reason"] == "interrupted" and r["text"] == "" and out == " [stopped]\n"
+    r, out = _answer(6, _ctrl_c_at(5))  # the answer was complete, but the user asked to stop: say so
+    assert r["finish_reason"] == "interrupted" and r["text"].split() == [f"w{i}" for i in range(6)]
+    assert out.endswith(" [stopped]\n")
+    r, out = _answer(6, lambda i: None)
+    assert r["finish_reason"] == "length" and "[stopped]" not in out
+
+
+def test_second_ctrl_c_interrupts_the_step_in_flight():
+    r, out = _answer(50, _ctrl_c_at(4, times=2))
+    assert r["finish_reason"] == "interrupted" and r["text"].split() == ["w0", "w1", "w2", "w3"]
+    assert out.endswith(" [stopped]\n")

@@ -7,7 +7,10 @@ line in turn, as one conversation; both for scripts.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
+import threading
 
 from ..errors import GGTorchError
 from .common import add_context, add_model, add_sampling, add_structured, load, print_json, sampling_kwargs
@@ -49,17 +52,25 @@ class Chat:
             self.history.pop()
             raise
         pieces, reason, n = [], "length", 0
-        try:
-            for step in steps:
-                n += 1
-                reason = step.finish_reason or reason
-                if step.piece:
-                    pieces.append(step.piece)
-                    if not self.a.json:
-                        out.write(step.piece)
-                        out.flush()
-        except KeyboardInterrupt:
-            steps.close()
+        with StopOnInterrupt() as stop:
+            try:
+                for step in steps:
+                    stop.streaming = True  # from the first step on, Ctrl-C asks; before it, it raises
+                    n += 1
+                    reason = step.finish_reason or reason
+                    if step.piece:
+                        pieces.append(step.piece)
+                        if not self.a.json:
+                            out.write(step.piece)
+                            out.flush()
+                    if stop.requested():
+                        break
+            except KeyboardInterrupt:  # during the prompt's evaluation, or a second Ctrl-C
+                stop.raised = True
+            finally:
+                stop.closing = True
+                steps.close()  # the session's cache keeps what was said, also on a second Ctrl-C
+        if stop.requested():  # also a Ctrl-C during the last step: the user asked to stop, say so
             reason = "interrupted"
             if not self.a.json:
                 out.write(" [stopped]")
@@ -97,6 +108,12 @@ class Chat:
             import readline  # noqa: F401 - importing it gives input() line editing and history
         except ImportError:
             pass
+        if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+            # Inherited: a program started with `&` by a non-interactive shell (a script, a CI job, a test
+            # suite run in the background, and whatever it spawns on a terminal) starts with SIGINT
+            # ignored, and Python then leaves it so; the terminal still echoes ^C. A conversation on a
+            # terminal is driven by the person at it: their Ctrl-C must stop an answer.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         while True:
             try:
                 line = input("> ")
@@ -119,6 +136,78 @@ class Chat:
                 print(f"[error: {e}]", file=sys.stderr)
             except KeyboardInterrupt:
                 print(file=sys.stderr)
+
+
+class StopOnInterrupt:
+    """Ctrl-C while an answer streams, on the main thread: the first SIGINT asks the token loop to stop,
+    which it checks after every step (:meth:`requested`). Until the first step has come (the prompt's
+    evaluation, which can be long) and for a second SIGINT while the step in flight finishes, the handler
+    raises KeyboardInterrupt at once, as Python's default one does; once the loop has stopped, a late
+    SIGINT is only counted.
+
+    Why a flag rather than the KeyboardInterrupt alone: an exception raised by a signal handler lands
+    wherever the main thread happens to be, and some places drop it (a finalizer, a weakref or ctypes
+    callback, a generator closed by the garbage collector: "Exception ignored in ..."); a flag cannot be
+    dropped. Why the wakeup pipe as well: CPython's C-level handler writes the signal's number to it
+    the moment the signal arrives, so the loop sees the Ctrl-C even where the Python-level handler has
+    not run (it runs only when the main thread's eval loop notices the signal). Off the main thread
+    (signal handlers cannot be set there), or with SIGINT ignored, it does nothing."""
+
+    def __init__(self):
+        self.calls = 0  # times the Python handler ran
+        self.piped = 0  # SIGINTs the C handler wrote to the wakeup pipe
+        self.raised = False  # a KeyboardInterrupt reached the token loop
+        self.streaming = False  # a step has come: the first SIGINT asks instead of raising
+        self.closing = False  # the loop has stopped: SIGINT is only counted
+        self._old = self._fds = None
+        self._old_fd = -1
+
+    def __enter__(self) -> "StopOnInterrupt":
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        if signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, None):  # ignored on purpose (interactive() undoes
+            return self  # an inherited SIG_IGN): keep it so
+        r, w = os.pipe()
+        os.set_blocking(r, False)
+        os.set_blocking(w, False)  # set_wakeup_fd wants it: the C handler must never block
+        try:
+            self._old_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        except (ValueError, OSError):
+            os.close(r)
+            os.close(w)
+        else:
+            self._fds = (r, w)
+        self._old = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _handler(self, signum, frame) -> None:
+        self.calls += 1
+        if not self.closing and (max(self.calls, self.piped) > 1 or not self.streaming):
+            raise KeyboardInterrupt
+
+    def _drain(self) -> None:
+        if self._fds is None:
+            return
+        try:
+            data = os.read(self._fds[0], 4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        self.piped += data.count(signal.SIGINT)
+
+    def requested(self) -> bool:
+        """Whether a Ctrl-C came during this answer (checked between steps, and once more at the end)."""
+        self._drain()
+        return bool(self.calls or self.piped or self.raised)
+
+    def __exit__(self, *exc) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        if self._fds is not None:
+            self._drain()  # a SIGINT between the last check and the line above
+            signal.set_wakeup_fd(self._old_fd)
+            os.close(self._fds[0])
+            os.close(self._fds[1])
+            self._fds = None
 
 
 def _kwargs(s):

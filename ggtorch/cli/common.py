@@ -5,6 +5,7 @@ import json
 import math
 import os
 import sys
+from contextlib import contextmanager
 
 from ..errors import GGTorchError
 
@@ -163,3 +164,20 @@ def parse_ids(s: str) -> list[int]:
     if not ids:
         raise GGTorchError("--tokens is empty")
     return ids
+
+
+@contextmanager
+def written_atomically(path: str):
+    """A temporary name next to ``path`` to write to: on success it is renamed to ``path``; on an error or
+    Ctrl-C it is removed. Readers never see a partial file, and an interrupted command leaves none."""
+    ext = os.path.splitext(path)[1]
+    tmp = f"{path}.part{ext}"  # the same extension: numpy appends .npz to names without it
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise

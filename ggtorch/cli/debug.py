@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..errors import GGTorchError
 from tqdm import tqdm
-from .common import add_inject, add_input, add_model, load, parse_ids, print_json
+from .common import add_inject, add_input, add_model, load, parse_ids, print_json, written_atomically
 
 
 def _ids(a, m) -> list[int]:
@@ -141,7 +141,8 @@ def cmd_plant(a) -> int:
 
     from ..packaged import resolve
 
-    changed = plant(str(resolve(a.src)), a.out, a.fault, a.tensor)
+    with written_atomically(a.out) as tmp:
+        changed = plant(str(resolve(a.src)), tmp, a.fault, a.tensor)
     print(f"wrote {a.out}: {a.fault} in {', '.join(changed)} (diff should name {entry_point(changed[0])} "
           f"or an earlier tensor of the same layer)", file=sys.stderr)
     return 0

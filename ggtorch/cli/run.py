@@ -10,7 +10,8 @@ from ..errors import GGTorchError
 from ..gguf.reader import GGUFFile
 from tqdm import tqdm
 
-from .common import add_context, add_model, add_sampling, add_structured, load, parse_ids, print_json, sampling_kwargs, show_context
+from .common import (add_context, add_model, add_sampling, add_structured, load, parse_ids, print_json,
+                     sampling_kwargs, show_context, written_atomically)
 
 
 def cmd_inspect(a) -> int:
@@ -60,9 +61,8 @@ def cmd_dequant(a) -> int:
                 bar.set_postfix_str(n, refresh=False)
                 bar.update(1)
         out = a.out if a.out.endswith(".npz") else a.out + ".npz"
-        tmp = out + ".part.npz"
-        np.savez(tmp, **arrays)
-        os.replace(tmp, out)
+        with written_atomically(out) as tmp:
+            np.savez(tmp, **arrays)
     print(f"wrote {len(arrays)} tensors to {out}", file=sys.stderr)
     return 0
 
@@ -117,7 +117,8 @@ def cmd_logits(a) -> int:
     ids = parse_ids(a.tokens)
     m = load(a)
     lg = m.logits(ids).numpy().astype(np.float32)
-    np.save(a.out, lg)
+    with written_atomically(a.out if a.out.endswith(".npy") else a.out + ".npy") as tmp:  # numpy's naming
+        np.save(tmp, lg)
     print(f"wrote logits {list(lg.shape)} to {a.out}", file=sys.stderr)
     return 0
 
@@ -142,7 +143,9 @@ def cmd_perplexity(a) -> int:
     bar.close()
     out = {k: v for k, v in r.items() if k not in ("logprobs", "targets")}
     if a.save_logits:
-        np.savez_compressed(a.save_logits, logprobs=r["logprobs"].astype(np.float16), targets=r["targets"])
+        name = a.save_logits if a.save_logits.endswith(".npz") else a.save_logits + ".npz"  # numpy's naming
+        with written_atomically(name) as tmp:
+            np.savez_compressed(tmp, logprobs=r["logprobs"].astype(np.float16), targets=r["targets"])
     if a.kl_base:
         try:
             base = np.load(a.kl_base)

@@ -83,8 +83,15 @@ class Trace:
         from safetensors.torch import save_file
 
         tmp = path + ".part"
-        save_file({n: t.contiguous() for n, t in self.tensors.items()}, tmp, metadata=meta)
-        os.replace(tmp, path)
+        try:
+            save_file({n: t.contiguous() for n, t in self.tensors.items()}, tmp, metadata=meta)
+            os.replace(tmp, path)
+        except BaseException:  # Ctrl-C or a full disk: no partial file stays, under either name
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
 
     @classmethod
     def load(cls, path: str) -> "Trace":

@@ -71,6 +71,12 @@ def entry_path(key: dict) -> Path:
 
 
 _writing: dict[str, threading.Thread] = {}  # entry path -> the thread writing it (save_in_background)
+_cancel = threading.Event()  # set by cancel_writes(): writers stop at their next chunk
+CHUNK = 16 << 20  # bytes written per call, so that a cancelled write stops within one chunk
+
+
+class _Cancelled(Exception):
+    pass
 
 
 def save_in_background(key: dict, tensors: dict[str, torch.Tensor], manifest: dict) -> None:
@@ -82,6 +88,17 @@ def save_in_background(key: dict, tensors: dict[str, torch.Tensor], manifest: di
     t = threading.Thread(target=save, args=(key, tensors, manifest), name="ggtorch-repack-cache")
     _writing[path] = t
     t.start()
+
+
+def cancel_writes() -> None:
+    """Stop the background writes (Ctrl-C): each removes its temporary file and ends; no entry is
+    written. Call flush() after it to wait for them."""
+    _cancel.set()
+    for path in list(_writing):
+        t = _writing.pop(path, None)
+        if t is not None:
+            t.join()
+    _cancel.clear()
 
 
 def flush() -> None:
@@ -158,16 +175,19 @@ def save(key: dict, tensors: dict[str, torch.Tensor], manifest: dict) -> Path | 
             f.write(MAGIC + struct.pack("<Q", len(h)) + h)
             f.write(b"\0" * (start - 16 - len(h)))
             for name, t in tensors.items():
-                data = t.contiguous().view(torch.uint8).reshape(-1).numpy()
-                f.write(memoryview(data))
+                data = memoryview(t.contiguous().view(torch.uint8).reshape(-1).numpy())
+                for i in range(0, len(data), CHUNK):
+                    if _cancel.is_set():
+                        raise _Cancelled
+                    f.write(data[i:i + CHUNK])
                 f.write(b"\0" * (-len(data) % ALIGN))
         _evict(total, keep_path=key["path"])
         os.replace(tmp, p)
         tmp = None
         return p
-    except OSError:
+    except (OSError, _Cancelled):
         return None
-    finally:
+    finally:  # also on KeyboardInterrupt, when save() runs on the main thread: no partial file stays
         if tmp is not None:
             try:
                 os.unlink(tmp)

@@ -17,7 +17,7 @@ def serve(model, host: str = "127.0.0.1", port: int = 8080, **kw) -> None:
     The engine runs on the calling thread, the one that loaded the model, and uvicorn's event loop on
     another: a decode loop on a thread other than the loader's runs up to 2x slower with PyTorch's
     OpenMP (BatchEngine.run_forever says why). SIGINT/SIGTERM shut down gracefully; a second one
-    forces."""
+    forces. After a SIGINT's shutdown it raises KeyboardInterrupt; after a SIGTERM's it returns."""
     import signal
     import threading
 
@@ -31,7 +31,10 @@ def serve(model, host: str = "127.0.0.1", port: int = 8080, **kw) -> None:
                                            timeout_graceful_shutdown=2))
     http = threading.Thread(target=server.run, name="uvicorn", daemon=True)
 
+    stopped_by = []
+
     def _stop(signum, frame):
+        stopped_by.append(signum)
         if server.should_exit:
             server.force_exit = True
         server.should_exit = True
@@ -45,6 +48,8 @@ def serve(model, host: str = "127.0.0.1", port: int = 8080, **kw) -> None:
         http.join(10)
         for s, h in old.items():
             signal.signal(s, h)
+    if stopped_by and stopped_by[0] == signal.SIGINT:  # Ctrl-C, after the graceful shutdown: the caller sees it
+        raise KeyboardInterrupt  # as Python's default handler would have it (the CLI: one line, exit 130)
     if not server.started:
         raise GGTorchError(f"could not serve on {host}:{port} (see the error above; is the port in use?)")
 
