@@ -418,7 +418,8 @@ class BatchEngine:
         None when no row is constrained: computed for the constrained rows only (ggtorch.constrain)."""
         if all(q.constraint is None for q in batch):
             return None
-        return fill_masks([q.constraint for q in batch], len(batch), self.model.n_vocab)
+        masks = fill_masks([q.constraint for q in batch], len(batch), self.model.n_vocab)
+        return masks.to(getattr(self.model, "device", "cpu"))  # beside the logits (a no-op on the CPU)
 
     def _next(self, q: _Seq, logits: torch.Tensor, tid: int | None) -> None:
         """Record q's next token ``tid`` (chosen by ``_sampled`` from the logits row; None when
