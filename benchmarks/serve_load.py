@@ -190,7 +190,8 @@ async def load(url: str, model: str, clients: int, duration: float, max_tokens: 
     await asyncio.gather(*(worker(w) for w in range(clients)))
     await client.close()
     wall = t_end[0] - t_start
-    return {"clients": clients, "temperature": temperature, "requests": done[0], "errors": len(errors), "error_samples": errors[:5],
+    return {"clients": clients, "temperature": temperature, "requests": done[0], "errors": len(errors),
+            "error_samples": errors[:5],
             "completion_tokens": tokens[0], "wall_s": wall, "tok_s": tokens[0] / wall if wall > 0 else 0.0,
             "ttft_p50_s": pct(ttft, 0.5), "ttft_p99_s": pct(ttft, 0.99), "greedy_differs_from_alone": differ[0]}
 

@@ -267,8 +267,10 @@ class Model:
         return ids, timings, self.chat_template(template)[1], steps
 
     def chat_stream(self, messages, **kw) -> Iterator[str]:
-        """The assistant's answer as text pieces (never a broken UTF-8 character); keywords as :meth:`chat`."""
-        _, _, _, steps = self.chat_steps(messages, **kw)
+        """The assistant's answer as text pieces (never a broken UTF-8 character); keywords as :meth:`chat`
+        (the raw text: a forced tool call is enforced, parsing is :meth:`chat`'s or ggtorch.toolcall's)."""
+        kw, _ = self._chat_tools(messages, kw)
+        _, _, _, steps = self.chat_steps(self._chat_messages(messages, kw), **kw)
         try:
             for step in steps:
                 if step.piece:
@@ -278,12 +280,18 @@ class Model:
 
     def chat(self, messages, **kw):
         """Answer a conversation through the model's chat template: ``messages`` are ``{"role", "content"}``
-        dicts. Keywords: tools, template (a variant name, "chatml", "gemma" or a file), chat_template_kwargs
-        (e.g. ``{"enable_thinking": False}``) and the sampling keywords of :meth:`generate`
+        dicts. Keywords: tools, tool_choice ("auto", "none", "required" or {"type": "function", "function":
+        {"name": ...}}: the last two are enforced with a grammar), parallel_tool_calls; the answer's calls
+        are parsed in the template's format (ggtorch.toolcall) into ``tool_calls`` (finish_reason
+        "tool_calls"), with ``content`` and ``reasoning_content`` beside them. Also: template (a variant
+        name, "chatml", "gemma" or a file), chat_template_kwargs (e.g. ``{"enable_thinking": False}``)
+        and the sampling keywords of :meth:`generate`
         (max_tokens defaults to 512). Generation stops at the model's end-of-turn tokens. A follow-up turn
         reuses the KV cache of the previous one for the common prefix (:meth:`reset_chat` drops it)."""
         from .chat import ChatResult
 
+        kw, tools = self._chat_tools(messages, kw)
+        messages = self._chat_messages(messages, kw)
         ids, timings, label, steps = self.chat_steps(messages, **kw)
         out, text, reason = [], [], "length"
         for step in steps:
@@ -291,7 +299,54 @@ class Model:
             text.append(step.piece)
             reason = step.finish_reason or reason
         usage = {"prompt_tokens": len(ids), "completion_tokens": len(out), "total_tokens": len(ids) + len(out)}
-        return ChatResult("".join(text), reason, usage, ids, out, timings, label)
+        res = ChatResult("".join(text), reason, usage, ids, out, timings, label)
+        return self._chat_parse(res, tools, kw)
+
+    # ---- tool calls (ggtorch.toolcall) --------------------------------------------------------------
+    def _chat_tools(self, messages, kw: dict):
+        """Split tool_choice / parallel_tool_calls off the keywords; the template sees the tools unless
+        tool_choice is none. A forced call (required / named) is enforced with a grammar (Lark, which
+        ggtorch.constrain's ``grammar=`` takes as well as GBNF)."""
+        from .errors import ToolCallError
+        from .toolcall import ToolSpec
+
+        kw = dict(kw)
+        spec = ToolSpec(kw.pop("tools", None), kw.pop("tool_choice", None), kw.pop("parallel_tool_calls", None))
+        kw["tools"] = spec.render_tools
+        if spec.forced:
+            if kw.get("grammar") is not None or kw.get("json_schema") is not None:
+                raise ToolCallError("a forced tool call (tool_choice required or named) cannot be combined with "
+                                    "json_schema or grammar", "tool_choice")
+            src = self.chat_template(kw.get("template"))[0]
+            prompt = self.apply_chat_template(self._chat_messages(messages, kw), tools=spec.render_tools,
+                                              template=kw.get("template"),
+                                              **(kw.get("chat_template_kwargs") or {}))
+            kw["grammar"] = spec.grammar(src, prompt)
+        return kw, spec
+
+    def _chat_messages(self, messages, kw):
+        """For a template that ignores tools, the tools said in a system message (ggtorch.toolcall)."""
+        from .toolcall import template_takes_tools, with_tools_prompt
+
+        if kw.get("tools") and not template_takes_tools(self.chat_template(kw.get("template"))[0]):
+            return with_tools_prompt(list(messages), kw["tools"])
+        return messages
+
+    def _chat_parse(self, res, spec, kw):
+        from .toolcall import parse_ids
+
+        src = self.chat_template(kw.get("template"))[0]
+        if not (spec.parse_calls or "<think>" in src or "<|channel|>" in src):
+            return res
+        prompt = self.tokenizer.detokenize(res.prompt_ids[-16:], special=True)
+        stop = kw.get("stop") or []
+        msg = parse_ids(src, prompt, res.ids, self.tokenizer, tools=spec.parse_calls,
+                        stop=[stop] if isinstance(stop, str) else stop)
+        res.content = msg.content if msg.content or not msg.tool_calls else None
+        res.reasoning_content, res.tool_calls = msg.reasoning_content, msg.tool_calls
+        if msg.tool_calls and res.finish_reason == "stop":
+            res.finish_reason = "tool_calls"
+        return res
 
     def reset_chat(self) -> None:
         """Forget the chat session's KV cache."""

@@ -406,12 +406,28 @@ class BatchEngine:
             if masks is None and all(q.plain_greedy for q in sel):
                 chosen = argmax_rows(rows).tolist()  # plain greedy: one argmax over the batch
             else:
-                chosen = sample_batch(rows, [q.req.params for q in sel], [q.history for q in sel],
-                                      [q.gen for q in sel], masks)
+                try:
+                    chosen = sample_batch(rows, [q.req.params for q in sel], [q.history for q in sel],
+                                          [q.gen for q in sel], masks)
+                except GenerationError:  # a row left with no token (its mask): fail that row, not all
+                    chosen = [self._sample_one(q, rows[k], None if masks is None else masks[k])
+                              for k, q in enumerate(sel)]
             for i, t in zip(want, chosen):
                 ids[i] = t
         for q, row, tid in zip(seqs, logits, ids):
-            self._next(q, row, tid)
+            if isinstance(tid, GenerationError):
+                self._finish(q, "error", error=str(tid))
+            else:
+                self._next(q, row, tid)
+
+    @staticmethod
+    def _sample_one(q: _Seq, row: torch.Tensor, mask: torch.Tensor | None) -> int | GenerationError:
+        # sample_batch checks its rows before any draw, so a failed batch consumed no random numbers
+        try:
+            return sample_batch(row[None], [q.req.params], [q.history], [q.gen],
+                                None if mask is None else mask[None])[0]
+        except GenerationError as e:
+            return e
 
     def _masks(self, batch: list[_Seq]) -> torch.Tensor | None:
         """The allowed-token masks [len(batch), n_vocab] (bool, True = allowed) of a step's rows, or

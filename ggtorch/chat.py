@@ -196,6 +196,11 @@ class ChatResult:
     ids: list[int] = field(default_factory=list)
     timings: Any = None        # generate.Timings: cached_tokens = prompt tokens taken from the session cache
     template: str = ""         # which template rendered the prompt
+    # parsed (ggtorch.toolcall), when tools were given or the template has reasoning: the answer's
+    # content without reasoning or calls, its reasoning_content, and its calls (OpenAI tool_calls)
+    content: str | None = None
+    reasoning_content: str = ""
+    tool_calls: list = field(default_factory=list)
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:

@@ -38,6 +38,15 @@ class ContextError(GenerationError):
     sequence that reached the end of its KV cache slot."""
 
 
+class ToolCallError(GGTorchError):
+    """``tools``, ``tool_choice`` or ``parallel_tool_calls`` are malformed (a tool without a name, a
+    tool_choice naming a function that is not among the tools ...). ``param`` names the field."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
 class ConstraintError(GGTorchError):
     """A JSON schema, grammar or regex for structured output is malformed, unsupported by the
     constrained-decoding library, or took longer than its time limit to compile."""

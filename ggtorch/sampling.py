@@ -1,7 +1,10 @@
-"""Sampling, composed from small pure parts over a logits row, with an explicit seeded generator.
+"""Sampling, with an explicit seeded generator per sequence.
 
-Order follows llama.cpp's default sampler chain: penalties, logit bias, top-k, typical-p, top-p,
-min-p, temperature, then a draw (or argmax when temperature <= 0).
+Order follows llama.cpp's default sampler chain: (an allowed-token mask), penalties, logit bias,
+top-k, typical-p, top-p, min-p, temperature, then a draw (or argmax when temperature <= 0).
+``sample_batch`` runs the chain over every row of a decode step at once, shrinking each row to its
+top-k candidates first as llama.cpp does; ``sample`` is its one-row case. The small full-row filters
+(top_k, top_p, ...) are the same chain written plainly: the tests hold the batched one to them.
 """
 from __future__ import annotations
 
@@ -187,7 +190,7 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     """x.argmax(-1) for [B, V], the first index of each row's maximum, in two stages: torch's argmax
     kernel is not vectorised (measured ~8x slower than amax on [8, 49152]), so take each chunk's
     maximum with amax, then argmax over the chunk maxima and inside the winning chunk."""
-    if x.shape[1] < 4 * _CHUNK:
+    if x.shape[1] < 4 * _CHUNK or x.device.type != "cpu":  # on an accelerator: one argmax kernel
         return x.argmax(-1)
     xc = _chunks(x)
     c = xc.amax(-1).argmax(-1)  # the first chunk holding the row's maximum
@@ -353,12 +356,14 @@ def _prepare(logits: torch.Tensor, params, histories, n_gens: int, allowed) -> t
     if not len(params) == len(histories) == n_gens == n_rows:
         raise GenerationError(f"sample_batch: {n_rows} logits rows but {len(params)} params, "
                               f"{len(histories)} histories, {n_gens} generators")
-    x = logits.float()
+    # on the CPU (logits of a model on an accelerator come over: [B, V] per step, as the draw needs
+    # them here anyway); a copy only when something writes into it
+    x = logits.detach().cpu().float()
     if allowed is not None:
         if allowed.shape != logits.shape or allowed.dtype != torch.bool:
             raise GenerationError(f"the allowed mask must be bool {tuple(logits.shape)}, "
                                   f"got {allowed.dtype} {tuple(allowed.shape)}")
-        x = x.masked_fill(~allowed, _NEG_INF)
+        x = x.masked_fill(~allowed.cpu(), _NEG_INF)
     x = _penalize_batch(x, params, histories)
     x = _bias_batch(x, params)
     if allowed is not None or any(p.logit_bias for p in params):

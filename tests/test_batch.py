@@ -99,3 +99,22 @@ def test_one_sampler_call_per_step_and_the_masks_hook(smollm, monkeypatch):
     toks = [t.id for r in reqs for e in ev[id(r)] for t in e.tokens]
     assert len(toks) == 20 and set(toks) <= set(allowed)
     assert max(calls) == 4 and sum(calls) == 20  # the four rows of a step together, each token once
+
+
+def test_a_row_with_nothing_allowed_fails_alone(smollm):
+    """A constraint that leaves a row no token fails that request with an error; the others go on."""
+    bad = BatchRequest(smollm.tokenize("Hello", bos=True), SamplingParams(), max_tokens=4, ignore_eos=True)
+
+    class Masked(BatchEngine):
+        def _masks(self, seqs):
+            m = torch.ones(len(seqs), self.model.n_vocab, dtype=torch.bool)
+            m[[i for i, q in enumerate(seqs) if q.req is bad]] = False
+            return m
+
+    eng = Masked(smollm, n_slots=2, n_ctx=64)
+    good = BatchRequest(smollm.tokenize("Once upon", bos=True), SamplingParams(temperature=0.7, seed=1), max_tokens=4,
+                        ignore_eos=True)
+    ev = run_collect(eng, [bad, good])
+    eng.run_until_done()
+    assert ev[id(bad)][-1].finish_reason == "error" and "no token" in ev[id(bad)][-1].error
+    assert ev[id(good)][-1].finish_reason == "length" and ev[id(good)][-1].completion_tokens == 4

@@ -22,6 +22,10 @@ def register(sub) -> None:
                                                          "beyond that: 503 with Retry-After")
     p.add_argument("--max-body", type=int, default=8 << 20, help="largest request body in bytes (default 8 MiB)")
     p.add_argument("--alias", default=None, help="model id reported to clients (default: the MODEL argument)")
+    p.add_argument("--chat-template", default=None, metavar="NAME|FILE",
+                   help="a named template of the file (tokenizer.chat_template.NAME), a built-in (chatml, gemma) "
+                        "or a .jinja file, used instead of the file's own; its tool-call format is what the "
+                        "server parses (e.g. a Hermes or Qwen template gives a ChatML model <tool_call> calls)")
     add_context(p, ctx_help="context in tokens, shared equally by the slots as llama-server does (default: the "
                             "model's trained context, capped at 4096); a prompt longer than a slot's share is refused")
 
@@ -37,6 +41,15 @@ def cmd_serve(a) -> int:
     if not 0 < a.port < 65536:
         raise GGTorchError(f"--port must be in 1..65535, got {a.port}")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    template = getattr(a, "chat_template", None)
+    if template is not None:  # a bad --chat-template fails before the weights load (as `chat` does)
+        from ..chat import model_template
+        from ..gguf.reader import GGUFFile
+        from ..packaged import resolve
+
+        with GGUFFile(resolve(a.model)) as f:
+            _, label = model_template(f.metadata, template)
+        print(f"ggtorch serve: chat template {label}", file=sys.stderr)
     m = load(a)
     n_ctx = m.n_ctx
     if n_ctx // a.parallel < 2:
@@ -46,5 +59,5 @@ def cmd_serve(a) -> int:
     print(f"ggtorch serve: {name} on http://{a.host}:{a.port} ({a.parallel} slots x {n_ctx // a.parallel} tokens)",
           file=sys.stderr)
     serve(m, host=a.host, port=a.port, parallel=a.parallel, n_ctx=n_ctx, api_key=a.api_key, max_queue=a.queue,
-          max_body=a.max_body, model_name=name)
+          max_body=a.max_body, model_name=name, chat_template=template)
     return 0

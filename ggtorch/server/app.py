@@ -25,7 +25,8 @@ from .. import __version__
 from ..batch import BatchEngine, QueueFullError
 from ..errors import GGTorchError
 from . import schema
-from .jobs import ClientGone, Job
+from ..toolcall import template_takes_tools, with_tools_prompt
+from .jobs import ClientGone, Job, ToolPlan
 from .schema import APIError, bad
 
 log = logging.getLogger("ggtorch.server")
@@ -37,8 +38,12 @@ class Server:
     """The state behind the routes: the model, its engine, the settings."""
 
     def __init__(self, model, parallel: int = 4, n_ctx: int = 4096, api_key: str | None = None,
-                 max_queue: int = 64, max_body: int = 8 << 20, model_name: str | None = None):
+                 max_queue: int = 64, max_body: int = 8 << 20, model_name: str | None = None,
+                 chat_template: str | None = None):
         self.model, self.api_key, self.max_body = model, api_key, max_body
+        # --chat-template: a variant, built-in or file used instead of the file's template (checked now)
+        self.chat_template = chat_template
+        self.template_source = model.chat_template(chat_template)[0] if hasattr(model, "chat_template") else ""
         # like llama-server: the context is shared out equally between the slots
         self.engine = BatchEngine(model, n_slots=parallel, n_ctx=max(n_ctx // parallel, 2), max_queue=max_queue)
         self.model_name = model_name or Path(str(model.path)).stem
@@ -78,11 +83,9 @@ class Server:
                            type="exceed_context_size_error", code="exceed_context_size_error",
                            extra={"n_prompt_tokens": len(ids), "n_ctx": n_ctx})
 
-    def render(self, body: dict, tokenize: bool):
+    def render(self, body: dict, tokenize: bool, tools=None):
         msgs = schema.messages(body)
-        tools = body.get("tools")
-        if tools is not None and not isinstance(tools, list):
-            raise bad("tools", "tools must be a list", "invalid_type")
+        tools = tools or schema.tools(body)  # tool_choice none: the template sees no tools
         kw = body.get("chat_template_kwargs") or {}
         if not isinstance(kw, dict) or not all(isinstance(k, str) and k.isidentifier() for k in kw):
             raise bad("chat_template_kwargs", "chat_template_kwargs must be an object of named values", "invalid_type")
@@ -90,7 +93,10 @@ class Server:
         if fn is None:
             raise APIError(501, "this build of ggtorch has no chat templates", type="not_supported_error")
         try:
-            out = fn(msgs, tools=tools or None, add_generation_prompt=True, tokenize=tokenize, **kw)
+            tpl = {"template": self.chat_template} if self.chat_template else {}
+            if tools.render_tools and self.template_source and not template_takes_tools(self.template_source):
+                msgs = with_tools_prompt(msgs, tools.render_tools)  # the template ignores tools: say them
+            out = fn(msgs, tools=tools.render_tools, add_generation_prompt=True, tokenize=tokenize, **tpl, **kw)
         except GGTorchError:
             raise
         except Exception as e:  # the template refused these messages (raise_exception, a type it expects...)
@@ -98,6 +104,24 @@ class Server:
         if tokenize and isinstance(out, str):
             out = self.model.tokenize(out, special=True, bos=False)
         return out
+
+    def tool_plan(self, tools, prompt: str) -> ToolPlan | None:
+        """How the answer is parsed (tool calls, reasoning) and, for a forced call (tool_choice required
+        or named), the grammar that enforces it; None when there is nothing to parse."""
+        src = self.template_source
+        fmt_reasoning = "<think>" in src or "<|channel|>" in src
+        if not (tools.parse_calls or fmt_reasoning):
+            return None
+        grammar = None
+        lark = tools.grammar(src, prompt)
+        if lark is not None:
+            try:
+                from ..constrain import compile_constraint
+            except ImportError:
+                raise APIError(501, "forced tool calls need ggtorch.constrain (structured outputs)",
+                               type="not_supported_error") from None
+            grammar = compile_constraint(self.model.tokenizer, lark=lark)  # ConstraintError -> 400
+        return ToolPlan(src, prompt, tools.parse_calls, self.model.tokenizer, grammar)
 
     async def compile(self, kw: dict, param: str):
         """The request's schema/grammar compiled off the event loop (time-limited, cached by text); one
@@ -117,11 +141,18 @@ class Server:
     async def complete(self, request: Request, chat: bool):
         body = await self.body(request)
         spec = schema.gen_spec(body, self.model.n_vocab, self.engine.n_ctx, chat)
+        plan = None
         structured = schema.structured_output(body)
         if structured is not None:
             spec.constraint = await self.compile(*structured)
         if chat:
-            prompts = [await run_in_threadpool(self.render, body, True)]
+            tools = schema.tools(body)
+            text = await run_in_threadpool(self.render, body, False, tools)
+            prompts = [await run_in_threadpool(self.model.tokenizer.tokenize, text, True, True, True)]
+            if tools.forced and structured is not None:
+                raise bad("tool_choice", "a forced tool call (tool_choice required or named) cannot be combined "
+                          f"with {structured[1]}", "invalid_value")
+            plan = await run_in_threadpool(self.tool_plan, tools, text)
         else:
             items = schema.completion_prompts(body, self.model.n_vocab)
             prompts = await run_in_threadpool(lambda: [self.tokenize_prompt(p) for p in items])
@@ -129,7 +160,7 @@ class Server:
             if not ids:
                 raise bad("prompt", "the prompt is empty (no tokens)", "invalid_value")
             self.tokens_fit(ids)
-        job = Job(chat, spec, prompts, self.model_name, self.fingerprint, self.model.tokenizer)
+        job = Job(chat, spec, prompts, self.model_name, self.fingerprint, self.model.tokenizer, plan)
         try:
             self.engine.submit_many(job.reqs)
         except QueueFullError as e:
@@ -209,10 +240,13 @@ class RequestLog:
 
 
 def create_app(model, parallel: int = 4, n_ctx: int = 4096, api_key: str | None = None, max_queue: int = 64,
-               max_body: int = 8 << 20, model_name: str | None = None, engine_thread: bool = True) -> FastAPI:
+               max_body: int = 8 << 20, model_name: str | None = None, engine_thread: bool = True,
+               chat_template: str | None = None) -> FastAPI:
     """engine_thread=False leaves running the engine to the caller: app.state.server.engine.run_forever()
-    on the thread that loaded the model is faster than a thread of its own (see BatchEngine.run_forever)."""
-    srv = Server(model, parallel, n_ctx, api_key, max_queue, max_body, model_name)
+    on the thread that loaded the model is faster than a thread of its own (see BatchEngine.run_forever).
+    ``chat_template``: a template to use instead of the file's (a variant name, chatml, gemma or a file),
+    e.g. a Hermes or Qwen template for tool calls on a ChatML model."""
+    srv = Server(model, parallel, n_ctx, api_key, max_queue, max_body, model_name, chat_template)
 
     @asynccontextmanager
     async def lifespan(app):

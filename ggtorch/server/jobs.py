@@ -3,6 +3,7 @@ it (OpenAI's chat.completion / text_completion objects, whole or as SSE chunks).
 from __future__ import annotations
 
 import asyncio
+import codecs
 import json
 import time
 import uuid
@@ -24,11 +25,19 @@ class Choice:
         self.finish: str | None = None
         self.error: str | None = None
         self.prompt_tokens = self.cached_tokens = self.completion_tokens = 0
+        self.parse: ChoiceParse | None = None  # tool calls / reasoning (chat with a ToolPlan)
+        self.deltas: list[dict] = []  # parsed deltas not yet streamed
+
+    def finish_reason(self) -> str | None:
+        """"tool_calls" when the answer ended on its own with calls in it (as OpenAI and llama.cpp say)."""
+        if self.parse is not None and self.finish == "stop" and self.parse.parser.message().tool_calls:
+            return "tool_calls"
+        return self.finish
 
 
 class Job:
     def __init__(self, chat: bool, spec: GenSpec, prompts: list[list[int]], model_name: str, fingerprint: str,
-                 tokenizer):
+                 tokenizer, tools: "ToolPlan | None" = None):
         self.chat, self.spec, self.model_name, self.fingerprint, self.tok = chat, spec, model_name, fingerprint, tokenizer
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
@@ -41,10 +50,15 @@ class Job:
                 idx = pi * spec.n + j
                 # n choices with one seed: choice i draws with seed + i, so they differ and repeat
                 params = spec.params if spec.seed is None else replace(spec.params, seed=(spec.seed + idx) % 2 ** 64)
+                # a forced tool call's grammar, or the request's response_format / json_schema / grammar
+                grammar = tools.grammar if tools is not None and tools.grammar is not None else spec.constraint
                 self.reqs.append(BatchRequest(ids, params, spec.max_tokens, spec.stop, spec.ignore_eos, spec.logprobs,
                                               on_event=lambda ev, idx=idx: self._on_event(idx, ev),
-                                              constraint=spec.constraint.new() if spec.constraint else None))
-                self.choices.append(Choice(idx))
+                                              constraint=grammar.new() if grammar is not None else None))
+                c = Choice(idx)
+                if tools is not None and chat:
+                    c.parse = ChoiceParse(tools, spec.stop, lazy=not spec.stream)
+                self.choices.append(c)
         self.n_prompts = len(prompts)
         self.pending: list[list[Event]] = [[] for _ in self.choices]  # engine thread only
 
@@ -80,11 +94,15 @@ class Job:
                 tokens = ev.tokens[:-1] if ev.eog else ev.tokens
                 c.text.append(ev.text)
                 c.tokens.extend(tokens)
+                if c.parse is not None:
+                    c.deltas += c.parse.feed([t.id for t in tokens])
                 if ev.finish_reason:
                     left -= 1
                     c.finish, c.error = ev.finish_reason, ev.error
                     c.prompt_tokens, c.cached_tokens, c.completion_tokens = \
                         ev.prompt_tokens, ev.cached_tokens, ev.completion_tokens
+                    if c.parse is not None:
+                        c.deltas += c.parse.finish()
                 yield c, ev.text, tokens, ev.finish_reason is not None
 
     def usage(self) -> dict:
@@ -132,8 +150,10 @@ class Job:
         for c in self.choices:
             text = "".join(c.text)
             if self.chat:
-                choices.append({"index": c.index, "message": {"role": "assistant", "content": text},
-                                "logprobs": self._logprobs(c.tokens), "finish_reason": c.finish})
+                msg = c.parse.parser.message().to_openai() if c.parse is not None else \
+                    {"role": "assistant", "content": text}
+                choices.append({"index": c.index, "message": msg, "logprobs": self._logprobs(c.tokens),
+                                "finish_reason": c.finish_reason()})
             else:
                 choices.append({"index": c.index, "text": text, "logprobs": self._logprobs(c.tokens),
                                 "finish_reason": c.finish})
@@ -156,7 +176,13 @@ class Job:
                     yield _data({"error": {"message": f"generation failed: {c.error}", "type": "server_error",
                                            "param": None, "code": None}})
                     continue
-                if text or (tokens and self.spec.logprobs is not None):
+                if c.parse is not None:  # parsed deltas: content, reasoning_content, tool_calls
+                    lp = self._logprobs(tokens) if tokens and self.spec.logprobs is not None else None
+                    deltas, c.deltas = c.deltas, []
+                    for k, d in enumerate(deltas or ([{}] if lp is not None else [])):
+                        yield _data({**self._head(obj), "choices": [
+                            {"index": c.index, "delta": d, "logprobs": lp if k == 0 else None, "finish_reason": None}]})
+                elif text or (tokens and self.spec.logprobs is not None):
                     lp = self._logprobs(tokens, offsets[c.index])
                     offsets[c.index] += len(text)
                     if self.chat:
@@ -165,7 +191,7 @@ class Job:
                         ch = {"index": c.index, "text": text, "logprobs": lp, "finish_reason": None}
                     yield _data({**self._head(obj), "choices": [ch]})
                 if done:
-                    last = ({"index": c.index, "delta": {}, "logprobs": None, "finish_reason": c.finish} if self.chat
+                    last = ({"index": c.index, "delta": {}, "logprobs": None, "finish_reason": c.finish_reason()} if self.chat
                             else {"index": c.index, "text": "", "logprobs": None, "finish_reason": c.finish})
                     yield _data({**self._head(obj), "choices": [last]})
             if self.spec.include_usage:
@@ -177,3 +203,64 @@ class Job:
 
 def _data(obj: dict) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
+
+
+# ---- tool calls and reasoning (ggtorch.toolcall) ------------------------------------------------------
+class ToolPlan:
+    """How a chat request's answers are read: the template's tool-call format (its parser, with the
+    special tokens it must see), and the compiled grammar of a forced call (or None)."""
+
+    def __init__(self, template: str, prompt: str, parse_calls: bool, tokenizer, grammar=None):
+        from ..toolcall import detect_format, make_parser
+
+        self.fmt = detect_format(template)
+        self.tok, self.grammar = tokenizer, grammar
+        self._new = lambda: make_parser(template, prompt, tools=parse_calls, fmt=self.fmt, tokenizer=tokenizer)
+        self.special = set()
+        for marker in self._new().preserved:  # llama.cpp renders a format's preserved_tokens as text
+            ids = tokenizer.tokenize(marker, special=True)
+            if len(ids) == 1:
+                self.special.add(ids[0])
+
+    def parser(self):
+        return self._new()
+
+
+class ChoiceParse:
+    """One choice's generated tokens -> text with the format's special tokens shown -> parsed deltas.
+    Stop strings cut this text as they cut the plain text. ``lazy`` (a whole answer): parse once, at
+    the end."""
+
+    def __init__(self, plan: ToolPlan, stop: list[str], lazy: bool):
+        self.plan, self.parser, self.stop, self.lazy = plan, plan.parser(), [s for s in stop if s], lazy
+        self.dec = codecs.getincrementaldecoder("utf-8")("replace")
+        self.held, self.text, self.stopped = "", [], False
+
+    def _push(self, text: str, final: bool) -> list[dict]:
+        from ..toolcall.base import held
+
+        if self.stopped:
+            return []
+        self.held += text
+        hit = min((self.held.find(s) for s in self.stop if s in self.held), default=-1)
+        if hit >= 0:
+            out, self.held, self.stopped = self.held[:hit], "", True
+        elif final:
+            out, self.held = self.held, ""
+        else:
+            cut = len(self.held) - held(self.held, self.stop)
+            out, self.held = self.held[:cut], self.held[cut:]
+        if self.lazy:
+            self.text.append(out)
+            return []
+        return self.parser.feed(out)
+
+    def feed(self, ids: list[int]) -> list[dict]:
+        tok, special = self.plan.tok, self.plan.special
+        return self._push("".join(self.dec.decode(tok.piece(t, t in special)) for t in ids), False)
+
+    def finish(self) -> list[dict]:
+        out = self._push(self.dec.decode(b"", final=True), True)
+        if self.lazy:
+            out = self.parser.feed("".join(self.text))
+        return out + self.parser.finish()

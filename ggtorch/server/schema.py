@@ -260,3 +260,16 @@ def completion_prompts(body: dict, n_vocab: int) -> list:
             if not all(0 <= t < n_vocab for t in x):
                 raise bad("prompt", f"prompt token ids must lie in 0..{n_vocab - 1}", "invalid_value")
     return items
+
+
+# ---- tool calls (ggtorch.toolcall) ----------------------------------------------------------------
+def tools(body: dict):
+    """``tools``, ``tool_choice``, ``parallel_tool_calls`` checked -> a ToolSpec; a mistake is a 400
+    naming the parameter (e.g. a tool_choice naming a function that is not among the tools)."""
+    from ..errors import ToolCallError
+    from ..toolcall import ToolSpec
+
+    try:
+        return ToolSpec(body.get("tools"), body.get("tool_choice"), body.get("parallel_tool_calls"))
+    except ToolCallError as e:
+        raise bad(e.param, str(e), "invalid_value") from None
