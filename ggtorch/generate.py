@@ -106,7 +106,7 @@ def generate_tokens(model, prompt_ids: list[int], max_tokens: int | None, params
     i = 0
     while True:
         # a constraint: the grammar's allowed tokens only (llama.cpp: the grammar sampler)
-        allowed = fill_masks([constraint], 1, logits.shape[-1])[0].to(logits.device) if constraint is not None else None
+        allowed = fill_masks([constraint], 1, logits.shape[-1])[0] if constraint is not None else None
         tid = sample(logits, params, history, gen, allowed)
         if constraint is not None:
             constraint.advance(tid)
