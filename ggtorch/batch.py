@@ -434,7 +434,7 @@ class BatchEngine:
         None when no row is constrained: computed for the constrained rows only (ggtorch.constrain)."""
         if all(q.constraint is None for q in batch):
             return None
-        return fill_masks([q.constraint for q in batch], len(batch), self.model.n_vocab)  # on the CPU, as the sampler
+        return fill_masks([q.constraint for q in batch], len(batch), self.model.n_vocab)
 
     def _next(self, q: _Seq, logits: torch.Tensor, tid: int | None) -> None:
         """Record q's next token ``tid`` (chosen by ``_sampled`` from the logits row; None when
