@@ -337,7 +337,7 @@ def test_server_parse_pydantic(oai):
 def test_server_json_object_and_grammar(oai, served):
     msgs = [{"role": "user", "content": "Describe a cat as a JSON object with a name and an age."}]
     chunks = list(oai.chat.completions.create(model="m", messages=msgs, response_format={"type": "json_object"},
-                                              max_tokens=120, stream=True))
+                                              max_tokens=120, stream=True, temperature=0))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert isinstance(json.loads(text), dict) and chunks[-1].choices[0].finish_reason == "stop"
     r = oai.completions.create(model="m", prompt="Is water wet? Answer:", max_tokens=8,
