@@ -7,11 +7,14 @@ bare GPU machine: no network, no fixtures, only this repository. It
 3. writes tiny random models of every type (ggtorch's own GGUF writer; random blocks, so no quantizer
    is needed) and checks their logits on the GPU against the CPU float32 exact path, and the greedy
    tokens wherever the CPU's top-2 margin is at least 0.1;
-4. writes the 1.1B synthetic model (TinyLlama's shape, random weights) in Q4_0, Q4_K_M (llama.cpp's
+4. checks the static decode step (model/cuda_graph.py, captured as one CUDA graph) against the
+   model's batched decode;
+5. writes the 1.1B synthetic model (TinyLlama's shape, random weights) in Q4_0, Q4_K_M (llama.cpp's
    mix: Q6_K for output, and attn_v/ffn_down in the layers llama.cpp's use_more_bits picks) and Q8_0,
-   and measures load time, GPU memory, prefill tok/s at 512 tokens and decode tok/s at batch 1 and 8,
-   beside each file's bandwidth bound (weight bytes read per token / copy bandwidth);
-5. prints one table and writes it, with the raw figures, under --out.
+   and measures load time, GPU memory, prefill tok/s at 512 tokens and decode tok/s at batch 1 and 8
+   (the eager forward, and the static step replayed as a CUDA graph), beside each file's bandwidth
+   bound (weight bytes read per token / copy bandwidth);
+6. prints one table and writes it, with the raw figures, under --out.
 
     python benchmarks/gpu_check.py --out DIR [--models DIR] [--skip-big] [--cpu-dry-run]
 
@@ -230,6 +233,34 @@ def check_tiny_models(dev, tmp: str, dry: bool = False) -> list[str]:
     return fails
 
 
+def check_graph(dev, tmp: str) -> list[str]:
+    """The static decode step (model/cuda_graph.py; captured as a CUDA graph on a GPU) against the
+    model's own batched decode (forward_batch), 3 steps of 4 sequences."""
+    from ggtorch.model.cuda_graph import StaticDecoder
+
+    path = os.path.join(tmp, "tiny-Q4_K.gguf")
+    if not os.path.exists(path):
+        write_llama(path, "Q4_K", n_layer=2, n_embd=256, n_ff=768, n_head=4, n_head_kv=2, n_vocab=1024, seed=1)
+    net = ggtorch.load(path, device=str(dev), cache=False).net
+    prompts = [list(range(3, 3 + n)) for n in (5, 9, 2, 7)]
+    sd = StaticDecoder(net, batch=4, n_ctx=64)
+    toks = [int(sd.prefill(s, p)[-1].argmax()) for s, p in enumerate(prompts)]
+    sd.capture()
+    pool = net.new_pool(4, 64, dtype="f16")
+    for s, p in enumerate(prompts):
+        net.forward(p, pool, slot=s)
+    worst = 0.0
+    for _ in range(3):
+        a = sd.step(toks).float().cpu()
+        b = net.forward_batch(toks, [0, 1, 2, 3], pool).float().cpu()
+        worst = max(worst, float((a - b).abs().max() / b.std()))
+        toks = b.argmax(-1).tolist()
+    ok = worst <= 1e-3
+    log(f"  static decode step{' (CUDA graph)' if sd.graph is not None else ''} {'ok' if ok else 'FAIL'}  "
+        f"{worst:.2e} sigma from forward_batch")
+    return [] if ok else ["static decode step"]
+
+
 # ---- speed --------------------------------------------------------------------------------------------
 def bench(path: str, dev, per_token: int, bw: float, prefill: int, steps: int) -> dict:
     if dev.type == "cuda":
@@ -277,20 +308,36 @@ def bench(path: str, dev, per_token: int, bw: float, prefill: int, steps: int) -
             t = time.perf_counter()
         toks = net.forward_batch(toks, slots, pool).argmax(-1).tolist()
     r["decode8_tok_s"] = B * steps / (time.perf_counter() - t)
+    # decode through the static step, replayed as one CUDA graph (model/cuda_graph.py)
+    from ggtorch.model.cuda_graph import StaticDecoder
+
+    for B in (1, 8):
+        sd = StaticDecoder(net, batch=B, n_ctx=256)
+        toks = [int(sd.prefill(s, ids[:p0 + dp * s])[-1].argmax()) for s in range(B)]
+        sd.capture()
+        for i in range(steps + 3):
+            if i == 3:
+                sync(dev)
+                t = time.perf_counter()
+            toks = sd.step(toks).argmax(-1).tolist()
+        r[f"graph{B}_tok_s"] = B * steps / (time.perf_counter() - t)
+        del sd
     r["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30 if dev.type == "cuda" else 0.0
     r["decode1_of_bound"] = r["decode1_tok_s"] / r["bound_tok_s"]
+    r["graph1_of_bound"] = r["graph1_tok_s"] / r["bound_tok_s"]
     del m, net, cache, pool
     return r
 
 
 def table(rows: list[dict], bw: float, device: str) -> str:
     out = [f"ggtorch Triton path on {device}; copy bandwidth {bw / 1e9:.0f} GB/s (read + write)", "",
-           "| model | weights read/token | bound tok/s | decode b=1 tok/s (of bound) | decode b=8 tok/s | "
-           "prefill 512 tok/s | load s | GPU GiB (weights / peak) |",
+           "| model | weights read/token | bound tok/s | decode b=1 tok/s: eager / graph (graph of bound) | "
+           "decode b=8 tok/s: eager / graph | prefill 512 tok/s | load s | GPU GiB (weights / peak) |",
            "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         out.append(f"| {r['file']} | {r['bytes_per_token'] / 2 ** 20:.0f} MiB | {r['bound_tok_s']:.0f} | "
-                   f"{r['decode1_tok_s']:.1f} ({100 * r['decode1_of_bound']:.1f}%) | {r['decode8_tok_s']:.1f} | "
+                   f"{r['decode1_tok_s']:.1f} / {r['graph1_tok_s']:.1f} ({100 * r['graph1_of_bound']:.1f}%) | "
+                   f"{r['decode8_tok_s']:.1f} / {r['graph8_tok_s']:.1f} | "
                    f"{r['prefill_tok_s']:.0f} | {r['load_s']:.1f} | {r['weights_gib']:.2f} / {r['peak_gib']:.2f} |")
     return "\n".join(out)
 
@@ -340,6 +387,8 @@ def main() -> int:
     fails += stage("kernels", check_kernels, dev, a.cpu_dry_run) or []
     log(f"[gpu_check] tiny random models of every type against the CPU exact path ({time.perf_counter() - t_start:.0f} s)")
     fails += stage("tiny models", check_tiny_models, dev, models, a.cpu_dry_run) or []
+    log("[gpu_check] the static decode step")
+    fails += stage("static decode step", check_graph, dev, models) or []
     rows = []
     if not a.skip_big:
         shape = (dict(n_layer=2, n_embd=256, n_ff=512, n_head=4, n_head_kv=2, n_vocab=1024) if a.cpu_dry_run else
