@@ -221,10 +221,10 @@ def greedy_check(path: str, dev, prompt: list[int], n_gen: int, fast_dev=None) -
 
 def check_tiny_models(dev, tmp: str, dry: bool = False) -> list[str]:
     fails = []
-    for name in (("Q4_0", "Q4_K", "Q6_K") if dry else sorted(qt.LAYOUTS)):
+    for name in (("Q4_K", "Q6_K") if dry else sorted(qt.LAYOUTS)):  # the interpreter is slow
         path = os.path.join(tmp, f"tiny-{name}.gguf")
         write_llama(path, name, n_layer=2, n_embd=256, n_ff=768, n_head=4, n_head_kv=2, n_vocab=1024, seed=1)
-        err, same, n = greedy_check(path, dev, list(range(3, 19)), 8)
+        err, same, n = greedy_check(path, dev, list(range(3, 19)), 3 if dry else 8)
         ok = err <= 0.05 and same == n
         log(f"  tiny model {name:7s} {'ok' if ok else 'FAIL'}  logits {err:.4f} sigma from the CPU exact path, "
             f"greedy {same}/{n}")
@@ -387,7 +387,7 @@ def main() -> int:
     fails += stage("kernels", check_kernels, dev, a.cpu_dry_run) or []
     log(f"[gpu_check] tiny random models of every type against the CPU exact path ({time.perf_counter() - t_start:.0f} s)")
     fails += stage("tiny models", check_tiny_models, dev, models, a.cpu_dry_run) or []
-    log("[gpu_check] the static decode step")
+    log(f"[gpu_check] the static decode step ({time.perf_counter() - t_start:.0f} s)")
     fails += stage("static decode step", check_graph, dev, models) or []
     rows = []
     if not a.skip_big:
@@ -411,8 +411,10 @@ def main() -> int:
                         fails.append(os.path.basename(path))
             r = stage(f"{ft} speed", bench, path, dev, per_token, bw, prefill, steps)
             if r is not None:
-                log(f"  {json.dumps(r)}")
+                log(f"  {json.dumps(r)}  ({time.perf_counter() - t_start:.0f} s)")
                 rows.append(r)
+                with open(os.path.join(a.out, "gpu_check.md"), "w") as f:  # kept if a later step times out
+                    f.write(table(rows, bw, device) + "\n\n(partial: the run went on)\n")
             if not a.cpu_dry_run:
                 os.remove(path)  # disk: one 1.1B file at a time
     text = table(rows, bw, device) if rows else f"(no speed table: --skip-big) on {device}"

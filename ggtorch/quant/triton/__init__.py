@@ -108,4 +108,23 @@ def install_net(net) -> str:
                 f = _fuse([L.get(n) for n in names])
                 if f is not None:
                     L[key] = f
+        _group_experts(L)
     return "off"
+
+
+def _group_experts(L: dict) -> None:
+    """MoE layers: each expert tensor's layouts stacked into one matrix for the grouped kernel
+    (grouped.py), which model.moe.moe_ffn then uses; the per-expert copies are dropped (their blocks stay
+    for the exact path, e.g. under a tracer)."""
+    names = [n for n in ("ffn_up_exps", "ffn_gate_exps", "ffn_down_exps") if L.get(n)]
+    if "ffn_up_exps" not in names or "ffn_down_exps" not in names:
+        return
+    from .grouped import stack
+
+    stacked = {n: stack(L[n].w) for n in names}
+    if any(v is None for v in stacked.values()):
+        return
+    for n in names:
+        L[n].grouped = stacked[n]
+        for w in L[n].w:
+            w.state, w.kernel = {}, None
