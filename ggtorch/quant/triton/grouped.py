@@ -55,7 +55,8 @@ def plan(experts: torch.Tensor, n_expert: int, bm: int):
     dev = flat.device
     n_blocks = triton.cdiv(R, bm) + n_expert  # the worst case: every expert's group ends in a part block
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=n_expert)
+    counts = torch.zeros(n_expert, dtype=torch.int64, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
+    # (not bincount: on CUDA it reads the maximum back to the host, which a CUDA graph cannot hold)
     padded = (counts + bm - 1) // bm * bm
     start = torch.cumsum(padded, 0) - padded  # each expert's first slot
     first = torch.cumsum(counts, 0) - counts  # each expert's first position in `order`
