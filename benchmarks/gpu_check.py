@@ -321,6 +321,35 @@ def check_graph(dev, tmp: str) -> list[str]:
     return [] if ok else ["static decode step"]
 
 
+def kernel_sweep(dev, bw: float, small: bool) -> list[str]:
+    """The matrix-vector kernel alone on a 1.1B ffn_up-shaped matrix (5632 x 2048) for a few tiles:
+    GB/s of weight bytes read (the layout's planes) and its share of the copy bandwidth."""
+    from ggtorch.quant.triton import kernels as K
+
+    lines = []
+    n, k = (64, 512) if small else (5632, 2048)
+    for name in ("Q4_0", "Q4_K", "Q6_K", "Q8_0"):
+        raw = random_blocks(name, n * k, np.random.default_rng(0), std=1.0)
+        w = QWeight(torch.from_numpy(raw), ggml_type(name), (k, n), name).to(dev)
+        qt.install(w)
+        nbytes = sum(v.numel() * v.element_size() for v in w.state.values())
+        x = torch.randn(1, k, device=dev)
+        res = []
+        for tiles in ((8, 512), (4, 512), (16, 256), (32, 256), (8, 1024)):
+            K.linear(x, w.state, w.tparams, n, tiles=tiles)
+            sync(dev)
+            reps = 3 if small else 200
+            t = time.perf_counter()
+            for _ in range(reps):
+                K.linear(x, w.state, w.tparams, n, tiles=tiles)
+            sync(dev)
+            dt = (time.perf_counter() - t) / reps
+            res.append(f"{tiles[0]}x{tiles[1]}: {nbytes / dt / 1e9:.0f} GB/s ({100 * nbytes / dt / bw:.0f}%)")
+        lines.append(f"  matvec {name:5s} " + ", ".join(res))
+        log(lines[-1])
+    return lines
+
+
 # ---- speed --------------------------------------------------------------------------------------------
 def bench(path: str, dev, per_token: int, bw: float, prefill: int, steps: int) -> dict:
     if dev.type == "cuda":
@@ -456,13 +485,14 @@ def main() -> int:
         fails += stage("tiny models", check_tiny_models, dev, models, a.cpu_dry_run) or []
         log(f"[gpu_check] the static decode step ({time.perf_counter() - t_start:.0f} s)")
         fails += stage("static decode step", check_graph, dev, models) or []
+    sweep = stage("matvec tile sweep", kernel_sweep, dev, bw, a.cpu_dry_run) or []
     rows = []
     if not a.skip_big:
         shape = (dict(n_layer=2, n_embd=256, n_ff=512, n_head=4, n_head_kv=2, n_vocab=1024) if a.cpu_dry_run else
                  dict(n_layer=22, n_embd=2048, n_ff=5632, n_head=32, n_head_kv=4, n_vocab=32000))
         prefill, steps = (32, 2) if a.cpu_dry_run else (512, 64)
         moe_shape = (dict(n_layer=2, n_embd=256, n_head=4, n_head_kv=2, head_dim=64, n_expert=8, n_expert_used=2,
-                          n_ff_exp=128, n_vocab=1024) if a.cpu_dry_run else
+                          n_ff_exp=256, n_vocab=1024) if a.cpu_dry_run else
                      dict(n_layer=8, n_embd=2048, n_head=32, n_head_kv=4, head_dim=128, n_expert=64,
                           n_expert_used=8, n_ff_exp=768, n_vocab=32000))
         for ft in a.types.split(","):
@@ -490,6 +520,9 @@ def main() -> int:
             if not a.cpu_dry_run:
                 os.remove(path)  # disk: one 1.1B file at a time
     text = table(rows, bw, device) if rows else f"(no speed table: --skip-big) on {device}"
+    if sweep:
+        text += "\n\nmatrix-vector kernel alone, one row, 5632 x 2048 (tiles BN x BK; share of the copy bandwidth):\n"
+        text += "\n".join(sweep)
     text += f"\n\nchecks: {'all passed' if not fails else 'FAILED: ' + ', '.join(fails)}; " \
             f"{time.perf_counter() - t_start:.0f} s in all"
     print(text)

@@ -105,7 +105,7 @@ def _tiled(x_ptr, y_ptr, M, N, K, lo_ptr, hi_ptr, d_ptr, sc_ptr, m_ptr, mn_ptr, 
 MAX_MATVEC_ROWS = 8
 # (BN, BK) of the matvec kernel by activation-row block, and (BM, BN, BK) of the tiled one: the
 # defaults; gpu_check.py measures alternatives.
-MATVEC_TILES = {1: (32, 256), 2: (32, 128), 4: (16, 128), 8: (16, 64)}
+MATVEC_TILES = {1: (8, 512), 2: (8, 256), 4: (8, 128), 8: (8, 128)}  # small BN: many programs for few rows
 TILED_TILES = (64, 64, 64)
 # Under the interpreter (CPU tensors) a program's tile is one numpy operation: big tiles, few programs
 # (Triton caps a tensor at 2**20 elements: the matvec's [BM, BN, BK] product too).
