@@ -53,8 +53,7 @@ def wanted(device) -> bool:
 
 def pack(w) -> dict:
     """The GPU layout of a QWeight's blocks (on the weight's device), as state tensors."""
-    bs, ts = w.type.block_size, w.type.type_size
-    return _PACK[w.type.name](w.type.name, w.raw.reshape(-1, ts), w.out_features)
+    return _PACK[w.type.name](w.type.name, w.raw.reshape(-1, w.type.type_size), w.out_features)
 
 
 def triton_kernel(x: torch.Tensor, w) -> torch.Tensor:
