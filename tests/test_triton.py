@@ -203,3 +203,16 @@ def test_grouped_moe_matches_per_expert_path(T):
     assert (got - ref).abs().max() <= tol * ref.abs().max()
     slots, bexp = grouped.plan(experts, E, 16)
     assert sorted(slots[slots >= 0].tolist()) == list(range(T * k))  # every (token, slot) row exactly once
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("device", ["cuda", "gpu"])
+def test_device_cuda_without_cuda_is_one_line(device):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "ggtorch", "run", str(TINY / "tiny-llama-Q4_0.gguf"), "--device", device,
+                        "-p", "hi", "-n", "1"], capture_output=True, text=True)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--device" in r.stderr
+    with pytest.raises(ggtorch.GGTorchError):
+        ggtorch.load(str(TINY / "tiny-llama-Q4_0.gguf"), device=device)
