@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import math
+import re
 import time
 import warnings
 from functools import cached_property
@@ -44,8 +45,12 @@ class Model:
         fast = fast and not ggml_numerics  # the numerics mode runs on the exact path
         if threads:
             torch.set_num_threads(int(threads))
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", str(device)):
+            raise ModelError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ModelError("--device cuda asked for, but PyTorch sees no CUDA device")
+        if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+            raise ModelError(f"--device {device}: PyTorch sees {torch.cuda.device_count()} CUDA device(s)")
         t0 = time.perf_counter()
         self.path = resolve(path)
         self.file = GGUFFile(self.path)

@@ -117,6 +117,10 @@ def moe_ffn(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, up: E
     The tokens routed to one expert are gathered and multiplied together (ggml_mul_mat_id), expert by
     expert, so a token never touches the weights of experts it was not routed to. ``fused`` maps an
     expert to its fast-mode gate|up matrix. Without gate experts the activation takes up alone."""
+    if getattr(up, "grouped", None) is not None and trace is None and up_b is None and gate_b is None and down_b is None:
+        from ..quant.triton.grouped import moe_ffn as grouped_moe_ffn  # CUDA: one grouped kernel per projection
+
+        return grouped_moe_ffn(x, experts, weights, up, gate, down, act)
     T, k = experts.shape
     keep = {} if trace else None
     if T == 1 and keep is None:  # one decode token: its k experts in slot order, no gather

@@ -23,6 +23,10 @@ def install_fast(net, use_cache: bool = True) -> str:
 
 
 def _install(net, use_cache: bool) -> str:
+    from ..quant import triton as qtriton
+
+    if qtriton.wanted(net.device):  # CUDA (or CPU under Triton's interpreter): the Triton kernels
+        return qtriton.install_net(net)
     if net.device.type != "cpu":
         use_cache = False
     key = None

@@ -1,0 +1,398 @@
+"""The GPU check of ggtorch's Triton kernels (ggtorch.quant.triton), run by benchmarks/gpu_check.sh on a
+bare GPU machine: no network, no fixtures, only this repository. It
+
+1. measures the device's copy bandwidth (the denominator of every bandwidth bound below);
+2. checks the compiled kernels of every type against dequantize-then-matmul on the device (the
+   dequantized weights bit for bit, matrix-vector products for 1..8 rows, tiled products for prefill);
+3. writes tiny random models of every type (ggtorch's own GGUF writer; random blocks, so no quantizer
+   is needed) and checks their logits on the GPU against the CPU float32 exact path, and the greedy
+   tokens wherever the CPU's top-2 margin is at least 0.1;
+4. checks the static decode step (model/cuda_graph.py, captured as one CUDA graph) against the
+   model's batched decode;
+5. writes the 1.1B synthetic model (TinyLlama's shape, random weights) in Q4_0, Q4_K_M (llama.cpp's
+   mix: Q6_K for output, and attn_v/ffn_down in the layers llama.cpp's use_more_bits picks) and Q8_0,
+   and measures load time, GPU memory, prefill tok/s at 512 tokens and decode tok/s at batch 1 and 8
+   (the eager forward, and the static step replayed as a CUDA graph), beside each file's bandwidth
+   bound (weight bytes read per token / copy bandwidth); then the same for the synthetic Qwen3-MoE
+   (8 layers of Qwen3-30B-A3B's shape, 64 experts, 8 used; experts through the grouped kernel);
+6. prints one table and writes it, with the raw figures, under --out.
+
+    python benchmarks/gpu_check.py --out DIR [--models DIR] [--skip-big | --skip-checks] [--types T,..]
+        [--cpu-dry-run]
+
+``--cpu-dry-run`` runs the same steps on CPU tensors in Triton's interpreter with tiny shapes (a
+~20M-parameter stand-in for the 1.1B model): a check of the script itself, not a measurement.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+if "--cpu-dry-run" in sys.argv:  # before triton is imported
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import ggtorch  # noqa: E402
+from ggtorch.gguf.types import ggml_type  # noqa: E402
+from ggtorch.quant import triton as qt  # noqa: E402
+from ggtorch.quant.linear import QWeight  # noqa: E402
+from gpu_models import random_blocks, write_llama, write_qwen3moe  # noqa: E402
+
+def log(*a):
+    print(*a, flush=True)
+
+
+# ---- checks ------------------------------------------------------------------------------------------
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth(dev, nbytes: int) -> float:
+    """Bytes moved per second by a device-to-device copy (read + write), best of a few."""
+    a = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    sync(dev)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(4):
+            b.copy_(a)
+        sync(dev)
+        best = min(best, (time.perf_counter() - t) / 4)
+    return 2 * nbytes / best
+
+
+def check_kernels(dev, small: bool) -> list[str]:
+    """Every type: the layout's weights equal the float32 dequantizer's, the products equal
+    dequantize-then-matmul (fp32 matvec: within a few ulps of sum |x·w|; fp16 tiles: 2e-3 of the max)."""
+    from ggtorch.quant.triton.kernels import dequantize, linear
+
+    fails = []
+    for name in sorted(qt.LAYOUTS):
+        t0 = time.perf_counter()
+        bs = ggml_type(name).block_size
+        n, k = (37, 2 * bs if bs == 256 else 96) if small else (1001, 2048)
+        raw = random_blocks(name, n * k, np.random.default_rng(len(name)), std=1.0)
+        w = QWeight(torch.from_numpy(raw), ggml_type(name), (k, n), name)
+        ref_w = w.dequantize().to(dev)  # the CPU reference dequantizer
+        w.to(dev)
+        qt.install(w)
+        ok = torch.equal(dequantize(w.state, w.tparams, n, dev), ref_w)
+        worst = 0.0
+        g = torch.Generator().manual_seed(0)
+        for m in (1, 8):  # BM 1 and 8; the tests cover 2 and 4
+            x = torch.randn(m, k, generator=g).to(dev)
+            y = linear(x, w.state, w.tparams, n)
+            ref = x @ ref_w.T
+            bound = 1e-5 * float((x.abs() @ ref_w.abs().T).max())
+            err = float((y - ref).abs().max())
+            ok &= err <= bound
+            worst = max(worst, err / bound)
+        for m in ((19,) if small else (64, 512)):
+            x = torch.randn(m, k, generator=g).to(dev)
+            y = linear(x, w.state, w.tparams, n)
+            ref = x @ ref_w.T
+            rel = float((y - ref).abs().max() / ref.abs().max())
+            ok &= rel <= 2e-3
+        sync(dev)
+        log(f"  kernel {name:7s} {'ok' if ok else 'FAIL'}  (matvec err {worst:.2f} of bound, tiled rel {rel:.1e}, "
+            f"{time.perf_counter() - t0:.1f} s)")
+        if not ok:
+            fails.append(f"kernel {name}")
+    return fails
+
+
+def greedy_check(path: str, dev, prompt: list[int], n_gen: int, fast_dev=None) -> tuple[float, int, int]:
+    """(max logit error in sigmas, greedy tokens equal, tokens compared) of the device's Triton path
+    against the CPU float32 exact path: the CPU's greedy continuation is fed to both (teacher forcing),
+    and a token counts where the CPU's top-2 margin is >= 0.1."""
+    cpu = ggtorch.load(path, fast=False, cache=False)
+    cache = cpu.net.new_cache(len(prompt) + n_gen + 1)
+    ids = list(prompt)
+    lg = [cpu.net.forward(ids, cache, all_logits=True)]
+    for _ in range(n_gen - 1):
+        ids.append(int(lg[-1][-1].argmax()))
+        lg.append(cpu.net.forward(ids[-1:], cache, all_logits=True))
+    ref = torch.cat(lg)
+    del cpu
+    gpu = fast_dev or ggtorch.load(path, device=str(dev), cache=False)
+    cache = gpu.net.new_cache(len(ids) + 1)
+    got = [gpu.net.forward(ids[:len(prompt)], cache, all_logits=True)]  # prefill: the tiled kernel
+    for t in ids[len(prompt):]:
+        got.append(gpu.net.forward([t], cache, all_logits=True))  # decode: the matrix-vector kernel
+    got = torch.cat(got).float().cpu()
+    err = float((got - ref).abs().max() / ref.std())
+    top2 = ref.topk(2, dim=-1).values
+    sure = (top2[:, 0] - top2[:, 1]) >= 0.1
+    same = (got.argmax(-1) == ref.argmax(-1)) | ~sure
+    return err, int(same[len(prompt) - 1:].sum()), n_gen
+
+
+def check_tiny_models(dev, tmp: str, dry: bool = False) -> list[str]:
+    fails = []
+    for name in (("Q4_K", "Q6_K") if dry else sorted(qt.LAYOUTS)):  # the interpreter is slow
+        path = os.path.join(tmp, f"tiny-{name}.gguf")
+        write_llama(path, name, n_layer=2, n_embd=256, n_ff=768, n_head=4, n_head_kv=2, n_vocab=1024, seed=1)
+        err, same, n = greedy_check(path, dev, list(range(3, 19)), 3 if dry else 8)
+        ok = err <= 0.05 and same == n
+        log(f"  tiny model {name:7s} {'ok' if ok else 'FAIL'}  logits {err:.4f} sigma from the CPU exact path, "
+            f"greedy {same}/{n}")
+        if not ok:
+            fails.append(f"tiny model {name}")
+    return fails
+
+
+def check_graph(dev, tmp: str) -> list[str]:
+    """The static decode step (model/cuda_graph.py; captured as a CUDA graph on a GPU) against the
+    model's own batched decode (forward_batch), 3 steps of 4 sequences."""
+    from ggtorch.model.cuda_graph import StaticDecoder
+
+    path = os.path.join(tmp, "tiny-Q4_K.gguf")
+    if not os.path.exists(path):
+        write_llama(path, "Q4_K", n_layer=2, n_embd=256, n_ff=768, n_head=4, n_head_kv=2, n_vocab=1024, seed=1)
+    net = ggtorch.load(path, device=str(dev), cache=False).net
+    prompts = [list(range(3, 3 + n)) for n in (5, 9, 2, 7)]
+    sd = StaticDecoder(net, batch=4, n_ctx=64)
+    toks = [int(sd.prefill(s, p)[-1].argmax()) for s, p in enumerate(prompts)]
+    sd.capture()
+    pool = net.new_pool(4, 64, dtype="f16")
+    for s, p in enumerate(prompts):
+        net.forward(p, pool, slot=s)
+    worst = 0.0
+    for _ in range(3):
+        a = sd.step(toks).float().cpu()
+        b = net.forward_batch(toks, [0, 1, 2, 3], pool).float().cpu()
+        worst = max(worst, float((a - b).abs().max() / b.std()))
+        toks = b.argmax(-1).tolist()
+    ok = worst <= 1e-3
+    log(f"  static decode step{' (CUDA graph)' if sd.graph is not None else ''} {'ok' if ok else 'FAIL'}  "
+        f"{worst:.2e} sigma from forward_batch")
+    return [] if ok else ["static decode step"]
+
+
+def kernel_sweep(dev, bw: float, small: bool) -> list[str]:
+    """The matrix-vector kernel alone on a 1.1B ffn_up-shaped matrix (5632 x 2048) for a few tiles:
+    GB/s of weight bytes read (the layout's planes) and its share of the copy bandwidth."""
+    from ggtorch.quant.triton import kernels as K
+
+    lines = []
+    n, k = (64, 512) if small else (5632, 2048)
+    for name in ("Q4_0", "Q4_K", "Q6_K", "Q8_0"):
+        raw = random_blocks(name, n * k, np.random.default_rng(0), std=1.0)
+        w = QWeight(torch.from_numpy(raw), ggml_type(name), (k, n), name).to(dev)
+        qt.install(w)
+        nbytes = sum(v.numel() * v.element_size() for v in w.state.values())
+        x = torch.randn(1, k, device=dev)
+        res = []
+        for tiles in ((8, 512), (4, 512), (16, 256), (32, 256), (8, 1024)):
+            K.linear(x, w.state, w.tparams, n, tiles=tiles)
+            sync(dev)
+            reps = 3 if small else 200
+            t = time.perf_counter()
+            for _ in range(reps):
+                K.linear(x, w.state, w.tparams, n, tiles=tiles)
+            sync(dev)
+            dt = (time.perf_counter() - t) / reps
+            res.append(f"{tiles[0]}x{tiles[1]}: {nbytes / dt / 1e9:.0f} GB/s ({100 * nbytes / dt / bw:.0f}%)")
+        lines.append(f"  matvec {name:5s} " + ", ".join(res))
+        log(lines[-1])
+    return lines
+
+
+# ---- speed --------------------------------------------------------------------------------------------
+def bench(path: str, dev, per_token: int, bw: float, prefill: int, steps: int) -> dict:
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    t = time.perf_counter()
+    m = ggtorch.load(path, device=str(dev), cache=False)
+    sync(dev)
+    load_s = time.perf_counter() - t
+    mem = torch.cuda.memory_allocated() - base if dev.type == "cuda" else 0
+    net = m.net
+    g = torch.Generator().manual_seed(0)
+    V = m.n_vocab
+    r = {"file": os.path.basename(path), "load_s": load_s, "weights_gib": mem / 2 ** 30,
+         "bytes_per_token": per_token, "bound_tok_s": bw / per_token}
+    # prefill: one forward of `prefill` tokens (the first call compiles the kernels)
+    ids = torch.randint(0, V, (prefill,), generator=g).tolist()
+    for rep in range(2):
+        cache = net.new_cache(prefill + 8)
+        sync(dev)
+        t = time.perf_counter()
+        net.forward(ids, cache)
+        sync(dev)
+        r["prefill_tok_s"] = prefill / (time.perf_counter() - t)
+    # decode, batch 1: forward() of one token, the next picked on the host (as generation does)
+    cache = net.new_cache(16 + steps + 8)
+    tok = int(net.forward(ids[:16], cache)[-1].argmax())
+    for i in range(steps + 3):
+        if i == 3:
+            sync(dev)
+            t = time.perf_counter()
+        tok = int(net.forward([tok], cache)[-1].argmax())
+    r["decode1_tok_s"] = steps / (time.perf_counter() - t)
+    # decode, batch 8: forward_batch over 8 slots of a pool
+    B = 8
+    ids = ids + torch.randint(0, V, (16 + 7 * B,), generator=g).tolist()
+    p0, dp = (16, 7) if dev.type == "cuda" else (2, 1)  # each slot's prompt (short in the dry run)
+    pool = net.new_pool(B, p0 + dp * B + steps + 8)
+    toks = [int(net.forward(ids[:p0 + dp * s], pool, slot=s)[-1].argmax()) for s in range(B)]
+    slots = list(range(B))
+    for i in range(steps + 3):
+        if i == 3:
+            sync(dev)
+            t = time.perf_counter()
+        toks = net.forward_batch(toks, slots, pool).argmax(-1).tolist()
+    r["decode8_tok_s"] = B * steps / (time.perf_counter() - t)
+    # decode through the static step, replayed as one CUDA graph (model/cuda_graph.py)
+    from ggtorch.model.cuda_graph import StaticDecoder
+
+    for B in (1, 8):
+        try:
+            sd = StaticDecoder(net, batch=B, n_ctx=256)
+            toks = [int(sd.prefill(s, ids[:p0 + dp * s])[-1].argmax()) for s in range(B)]
+            sd.capture()
+            for i in range(steps + 3):
+                if i == 3:
+                    sync(dev)
+                    t = time.perf_counter()
+                toks = sd.step(toks).argmax(-1).tolist()
+            r[f"graph{B}_tok_s"] = B * steps / (time.perf_counter() - t)
+            del sd
+        except Exception as e:  # the eager figures stand; say why the graph did not
+            log(f"  static step, batch {B}: {type(e).__name__}: {str(e)[:300]}")
+            r[f"graph{B}_tok_s"] = float("nan")
+    r["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30 if dev.type == "cuda" else 0.0
+    r["decode1_of_bound"] = r["decode1_tok_s"] / r["bound_tok_s"]
+    r["graph1_of_bound"] = r["graph1_tok_s"] / r["bound_tok_s"]
+    del m, net, cache, pool
+    return r
+
+
+def table(rows: list[dict], bw: float, device: str) -> str:
+    out = [f"ggtorch Triton path on {device}; copy bandwidth {bw / 1e9:.0f} GB/s (read + write)", "",
+           "| model | weights read/token | bound tok/s | decode b=1 tok/s: eager / graph (graph of bound) | "
+           "decode b=8 tok/s: eager / graph | prefill 512 tok/s | load s | GPU GiB (weights / peak) |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['file']} | {r['bytes_per_token'] / 2 ** 20:.0f} MiB | {r['bound_tok_s']:.0f} | "
+                   f"{r['decode1_tok_s']:.1f} / {r['graph1_tok_s']:.1f} ({100 * r['graph1_of_bound']:.1f}%) | "
+                   f"{r['decode8_tok_s']:.1f} / {r['graph8_tok_s']:.1f} | "
+                   f"{r['prefill_tok_s']:.0f} | {r['load_s']:.1f} | {r['weights_gib']:.2f} / {r['peak_gib']:.2f} |")
+    return "\n".join(out)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/ggtorch-gpu-check"))
+    ap.add_argument("--models", default=None, help="where to write the synthetic models (default: OUT/../models)")
+    ap.add_argument("--cpu-dry-run", action="store_true", help="CPU tensors in Triton's interpreter, tiny shapes")
+    ap.add_argument("--skip-big", action="store_true", help="only the checks, no 1.1B models")
+    ap.add_argument("--skip-checks", action="store_true", help="only the speed table")
+    ap.add_argument("--types", default="Q4_0,Q4_K_M,Q8_0,qwen3moe", help="qwen3moe: the synthetic Qwen3-MoE")
+    a = ap.parse_args()
+    t_start = time.perf_counter()
+    os.makedirs(a.out, exist_ok=True)
+    models = a.models or os.path.join(os.environ.get("TMPDIR", "/tmp"), "ggtorch-gpu-models")
+    os.makedirs(models, exist_ok=True)
+    if a.cpu_dry_run:
+        qt.enable_on_cpu()
+        dev = torch.device("cpu")
+        device = "CPU (Triton interpreter dry run: not a measurement)"
+    else:
+        if not torch.cuda.is_available():
+            log("no CUDA device: use --cpu-dry-run")
+            return 2
+        dev = torch.device("cuda")
+        device = torch.cuda.get_device_name(0)
+        torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 references stay fp32
+    import triton
+
+    log(f"[gpu_check] {device}; torch {torch.__version__}, triton {triton.__version__}")
+    bw = copy_bandwidth(dev, (1 << 24) if a.cpu_dry_run else (1 << 30))
+    log(f"[gpu_check] copy bandwidth {bw / 1e9:.1f} GB/s")
+    fails = []
+
+    def stage(what, fn, *args):
+        """One step; an exception is reported and counted as a failure, and the run goes on."""
+        try:
+            return fn(*args)
+        except Exception:
+            import traceback
+
+            log(f"  {what}: EXCEPTION\n{traceback.format_exc()}")
+            fails.append(f"{what} (exception)")
+            return None
+
+    if not a.skip_checks:
+        log("[gpu_check] kernels against dequantize-then-matmul")
+        fails += stage("kernels", check_kernels, dev, a.cpu_dry_run) or []
+        log(f"[gpu_check] tiny random models of every type against the CPU exact path "
+            f"({time.perf_counter() - t_start:.0f} s)")
+        fails += stage("tiny models", check_tiny_models, dev, models, a.cpu_dry_run) or []
+        log(f"[gpu_check] the static decode step ({time.perf_counter() - t_start:.0f} s)")
+        fails += stage("static decode step", check_graph, dev, models) or []
+    sweep = stage("matvec tile sweep", kernel_sweep, dev, bw, a.cpu_dry_run) or []
+    rows = []
+    if not a.skip_big:
+        shape = (dict(n_layer=2, n_embd=256, n_ff=512, n_head=4, n_head_kv=2, n_vocab=1024) if a.cpu_dry_run else
+                 dict(n_layer=22, n_embd=2048, n_ff=5632, n_head=32, n_head_kv=4, n_vocab=32000))
+        prefill, steps = (32, 2) if a.cpu_dry_run else (512, 64)
+        moe_shape = (dict(n_layer=2, n_embd=256, n_head=4, n_head_kv=2, head_dim=64, n_expert=8, n_expert_used=2,
+                          n_ff_exp=256, n_vocab=1024) if a.cpu_dry_run else
+                     dict(n_layer=8, n_embd=2048, n_head=32, n_head_kv=4, head_dim=128, n_expert=64,
+                          n_expert_used=8, n_ff_exp=768, n_vocab=32000))
+        for ft in a.types.split(","):
+            size = "tiny" if a.cpu_dry_run else ("moe" if ft == "qwen3moe" else "1.1b")
+            path = os.path.join(models, f"synthetic-{size}-{ft}.gguf")
+            t = time.perf_counter()
+            per_token = write_qwen3moe(path, **moe_shape) if ft == "qwen3moe" else write_llama(path, ft, **shape)
+            log(f"[gpu_check] wrote {os.path.basename(path)} ({os.path.getsize(path) / 2 ** 30:.2f} GiB, "
+                f"{time.perf_counter() - t:.0f} s)")
+            if ft == "Q4_K_M":  # the big model's GPU logits against the CPU exact path too
+                got = stage(f"{ft} logits", greedy_check, path, dev, list(range(3, 11)), 4)
+                if got is not None:
+                    err, same, n = got
+                    ok = err <= 0.05 and same == n
+                    log(f"  {os.path.basename(path)} {'ok' if ok else 'FAIL'}  logits {err:.4f} sigma from the CPU "
+                        f"exact path, greedy {same}/{n}")
+                    if not ok:
+                        fails.append(os.path.basename(path))
+            r = stage(f"{ft} speed", bench, path, dev, per_token, bw, prefill, steps)
+            if r is not None:
+                log(f"  {json.dumps(r)}  ({time.perf_counter() - t_start:.0f} s)")
+                rows.append(r)
+                with open(os.path.join(a.out, "gpu_check.md"), "w") as f:  # kept if a later step times out
+                    f.write(table(rows, bw, device) + "\n\n(partial: the run went on)\n")
+            if not a.cpu_dry_run:
+                os.remove(path)  # disk: one 1.1B file at a time
+    text = table(rows, bw, device) if rows else f"(no speed table: --skip-big) on {device}"
+    if sweep:
+        text += "\n\nmatrix-vector kernel alone, one row, 5632 x 2048 (tiles BN x BK; share of the copy bandwidth):\n"
+        text += "\n".join(sweep)
+    text += f"\n\nchecks: {'all passed' if not fails else 'FAILED: ' + ', '.join(fails)}; " \
+            f"{time.perf_counter() - t_start:.0f} s in all"
+    print(text)
+    with open(os.path.join(a.out, "gpu_check.md"), "w") as f:
+        f.write(text + "\n")
+    with open(os.path.join(a.out, "gpu_check.json"), "w") as f:
+        json.dump({"device": device, "copy_bandwidth": bw, "rows": rows, "fails": fails,
+                   "torch": torch.__version__, "triton": triton.__version__}, f, indent=1)
+    return 1 if fails else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

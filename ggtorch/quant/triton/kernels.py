@@ -1,0 +1,176 @@
+"""The two Triton kernels over the GPU layout (see layout.py), compiled per type from one template.
+
+- ``_matvec``: decode, 1-8 activation rows. Each program owns BN output rows and walks K in BK
+  steps: it dequantizes a [BN, BK] weight tile in registers and accumulates x·w in fp32 for every
+  activation row at once, so the weights are read once per call whatever the row count (the role of
+  llama.cpp's mul_mat_vec_q, ggml-cuda/mmvq.cu, which multiplies q8_1-quantized activations instead).
+- ``_tiled``: prefill, more rows. A [BM, BN] output tile; per BK step the weight tile is dequantized
+  to fp16 and multiplied with ``tl.dot`` (tensor cores on a GPU) into an fp32 accumulator (the role of
+  ggml-cuda/mmq.cu). Activations are rounded to fp16 there; the matvec kernel keeps them fp32.
+
+Imported only once Triton is wanted: ``ggtorch.quant.triton`` sets TRITON_INTERPRET=1 first when the
+kernels are to run on CPU tensors.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .layout import Params
+
+
+@triton.jit
+def _dequant(lo_ptr, hi_ptr, d_ptr, sc_ptr, m_ptr, mn_ptr, tab_ptr, rows, cols, mask, K,
+             LO_BITS: tl.constexpr, HI_BITS: tl.constexpr, OFF: tl.constexpr, SB: tl.constexpr, G: tl.constexpr,
+             HAS_SC: tl.constexpr, HAS_M: tl.constexpr, HAS_MN: tl.constexpr, MIN_SUB: tl.constexpr,
+             TABLE: tl.constexpr):
+    """fp32 weights [len(rows), len(cols)], as ggml's dequantize_row_* computes them."""
+    r = rows.to(tl.int64)[:, None]
+    c = cols[None, :]
+    if LO_BITS == 8:
+        code = tl.load(lo_ptr + r * K + c, mask=mask, other=0).to(tl.int32)
+    else:
+        PER: tl.constexpr = 8 // LO_BITS
+        byte = tl.load(lo_ptr + r * (K // PER) + c // PER, mask=mask, other=0).to(tl.int32)
+        code = (byte >> ((c % PER) * LO_BITS)) & ((1 << LO_BITS) - 1)
+    if HI_BITS > 0:
+        PH: tl.constexpr = 8 // HI_BITS
+        hb = tl.load(hi_ptr + r * (K // PH) + c // PH, mask=mask, other=0).to(tl.int32)
+        code = code | (((hb >> ((c % PH) * HI_BITS)) & ((1 << HI_BITS) - 1)) << LO_BITS)
+    scale = tl.load(d_ptr + r * (K // SB) + c // SB, mask=mask, other=0).to(tl.float32)
+    if HAS_SC:  # K-quants: dl = d * sc, as ggml forms it before multiplying the value
+        scale = scale * tl.load(sc_ptr + r * (K // G) + c // G, mask=mask, other=0).to(tl.float32)
+    if TABLE:
+        v = tl.load(tab_ptr + code, mask=mask, other=0.0)
+    else:
+        v = (code - OFF).to(tl.float32)
+    w = scale * v
+    if HAS_M:
+        mn = tl.load(m_ptr + r * (K // SB) + c // SB, mask=mask, other=0).to(tl.float32)
+        if HAS_MN:
+            mn = mn * tl.load(mn_ptr + r * (K // G) + c // G, mask=mask, other=0).to(tl.float32)
+        if MIN_SUB:
+            w = w - mn
+        else:
+            w = w + mn
+    return w
+
+
+@triton.jit
+def _matvec(x_ptr, y_ptr, M, N, K, lo_ptr, hi_ptr, d_ptr, sc_ptr, m_ptr, mn_ptr, tab_ptr,
+            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+            LO_BITS: tl.constexpr, HI_BITS: tl.constexpr, OFF: tl.constexpr, SB: tl.constexpr, G: tl.constexpr,
+            HAS_SC: tl.constexpr, HAS_M: tl.constexpr, HAS_MN: tl.constexpr, MIN_SUB: tl.constexpr,
+            TABLE: tl.constexpr):
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    ms = tl.arange(0, BM)
+    rmask = rows < N
+    mmask = ms < M
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        cols = k0 + tl.arange(0, BK)
+        cmask = cols < K
+        w = _dequant(lo_ptr, hi_ptr, d_ptr, sc_ptr, m_ptr, mn_ptr, tab_ptr, rows, cols,
+                     rmask[:, None] & cmask[None, :], K, LO_BITS, HI_BITS, OFF, SB, G, HAS_SC, HAS_M, HAS_MN,
+                     MIN_SUB, TABLE)
+        x = tl.load(x_ptr + ms[:, None] * K + cols[None, :], mask=mmask[:, None] & cmask[None, :], other=0.0)
+        acc += tl.sum(w[None, :, :] * x[:, None, :], axis=2)
+    tl.store(y_ptr + ms[:, None] * N + rows[None, :], acc, mask=mmask[:, None] & rmask[None, :])
+
+
+@triton.jit
+def _tiled(x_ptr, y_ptr, M, N, K, lo_ptr, hi_ptr, d_ptr, sc_ptr, m_ptr, mn_ptr, tab_ptr,
+           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+           LO_BITS: tl.constexpr, HI_BITS: tl.constexpr, OFF: tl.constexpr, SB: tl.constexpr, G: tl.constexpr,
+           HAS_SC: tl.constexpr, HAS_M: tl.constexpr, HAS_MN: tl.constexpr, MIN_SUB: tl.constexpr,
+           TABLE: tl.constexpr):
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    mmask = rm < M
+    nmask = rn < N
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        cols = k0 + tl.arange(0, BK)
+        cmask = cols < K
+        x = tl.load(x_ptr + rm.to(tl.int64)[:, None] * K + cols[None, :], mask=mmask[:, None] & cmask[None, :],
+                    other=0.0).to(tl.float16)
+        w = _dequant(lo_ptr, hi_ptr, d_ptr, sc_ptr, m_ptr, mn_ptr, tab_ptr, rn, cols,
+                     nmask[:, None] & cmask[None, :], K, LO_BITS, HI_BITS, OFF, SB, G, HAS_SC, HAS_M, HAS_MN,
+                     MIN_SUB, TABLE).to(tl.float16)
+        acc = tl.dot(x, tl.trans(w), acc)
+    tl.store(y_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :], acc, mask=mmask[:, None] & nmask[None, :])
+
+
+MAX_MATVEC_ROWS = 8
+# (BN, BK) of the matvec kernel by activation-row block, and (BM, BN, BK) of the tiled one: the
+# defaults; gpu_check.py measures alternatives.
+MATVEC_TILES = {1: (8, 512), 2: (8, 256), 4: (8, 128), 8: (8, 128)}  # small BN: many programs for few rows
+TILED_TILES = (64, 64, 64)
+# Under the interpreter (CPU tensors) a program's tile is one numpy operation: big tiles, few programs
+# (Triton caps a tensor at 2**20 elements: the matvec's [BM, BN, BK] product too).
+CPU_TILED_TILES = (64, 1024, 1024)
+
+
+def _cpu_matvec_tiles(bm: int) -> tuple[int, int]:
+    bk = 1024 if bm == 1 else 512
+    return (1 << 20) // (bm * bk), bk
+_TABLES: dict = {}
+
+
+def _table(device) -> torch.Tensor:
+    from .iq4 import KVALUES
+
+    key = str(device)
+    if key not in _TABLES:
+        _TABLES[key] = torch.tensor(KVALUES, dtype=torch.float32, device=device)
+    return _TABLES[key]
+
+
+def linear(x: torch.Tensor, state: dict, p: Params, n_out: int, tiles=None) -> torch.Tensor:
+    """x [M, K] float32 contiguous @ W.T -> float32 [M, n_out], W in the layout ``state``/``p``."""
+    M, K = x.shape
+    y = torch.empty(M, n_out, dtype=torch.float32, device=x.device)
+    if M == 0:
+        return y
+    lo = state["lo"]
+    args = [lo, state.get("hi", lo), state["d"], state.get("sc", lo), state.get("m", lo), state.get("mn", lo),
+            _table(x.device) if p.TABLE else state["d"]]
+    consts = dict(LO_BITS=p.LO_BITS, HI_BITS=p.HI_BITS, OFF=p.OFF, SB=p.SB, G=p.G, HAS_SC=p.HAS_SC, HAS_M=p.HAS_M,
+                  HAS_MN=p.HAS_MN, MIN_SUB=p.MIN_SUB, TABLE=p.TABLE)
+    if M <= MAX_MATVEC_ROWS:
+        bm = triton.next_power_of_2(M)
+        bn, bk = tiles or (_cpu_matvec_tiles(bm) if x.device.type == "cpu" else MATVEC_TILES[bm])
+        _matvec[(triton.cdiv(n_out, bn),)](x, y, M, n_out, K, *args, BM=bm, BN=bn, BK=bk, **consts)
+    else:
+        bm, bn, bk = tiles or (CPU_TILED_TILES if x.device.type == "cpu" else TILED_TILES)
+        _tiled[(triton.cdiv(M, bm), triton.cdiv(n_out, bn))](x, y, M, n_out, K, *args, BM=bm, BN=bn, BK=bk, **consts)
+    return y
+
+
+@triton.jit
+def _dequant_rows(y_ptr, N, K, lo_ptr, hi_ptr, d_ptr, sc_ptr, m_ptr, mn_ptr, tab_ptr,
+                  BN: tl.constexpr, BK: tl.constexpr,
+                  LO_BITS: tl.constexpr, HI_BITS: tl.constexpr, OFF: tl.constexpr, SB: tl.constexpr, G: tl.constexpr,
+                  HAS_SC: tl.constexpr, HAS_M: tl.constexpr, HAS_MN: tl.constexpr, MIN_SUB: tl.constexpr,
+                  TABLE: tl.constexpr):
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    cols = tl.program_id(1) * BK + tl.arange(0, BK)
+    mask = (rows < N)[:, None] & (cols < K)[None, :]
+    w = _dequant(lo_ptr, hi_ptr, d_ptr, sc_ptr, m_ptr, mn_ptr, tab_ptr, rows, cols, mask, K, LO_BITS, HI_BITS, OFF,
+                 SB, G, HAS_SC, HAS_M, HAS_MN, MIN_SUB, TABLE)
+    tl.store(y_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], w, mask=mask)
+
+
+def dequantize(state: dict, p: Params, n_rows: int, device) -> torch.Tensor:
+    """float32 [n_rows, K] from the layout (the weights the kernels multiply; tests compare them with
+    ggtorch.quant.dequant bit for bit)."""
+    K = state["d"].shape[1] * p.SB
+    y = torch.empty(n_rows, K, dtype=torch.float32, device=device)
+    lo = state["lo"]
+    args = [lo, state.get("hi", lo), state["d"], state.get("sc", lo), state.get("m", lo), state.get("mn", lo),
+            _table(device) if p.TABLE else state["d"]]
+    _dequant_rows[(triton.cdiv(n_rows, 16), triton.cdiv(K, 64))](
+        y, n_rows, K, *args, BN=16, BK=64, LO_BITS=p.LO_BITS, HI_BITS=p.HI_BITS, OFF=p.OFF, SB=p.SB, G=p.G,
+        HAS_SC=p.HAS_SC, HAS_M=p.HAS_M, HAS_MN=p.HAS_MN, MIN_SUB=p.MIN_SUB, TABLE=p.TABLE)
+    return y
