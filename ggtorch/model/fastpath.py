@@ -23,19 +23,22 @@ ENABLED = True  # tests compare with the PyTorch path by turning this off
 KV_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # ops.cpp's load_kv/store_kv
 
 
-# A single sequence's forward of up to this many tokens takes the per-token attention too: the server's
-# prompts of up to batch.BatchEngine.mixed_chunk (32) tokens ride along with other sequences' decode
-# step through it, so a short prompt gets the same arithmetic whether it is served alone or in a batch
-# (and a chat's next turn, whose cached prefix leaves a few tokens, the same as a fresh one). Longer
-# prompts take PyTorch's fused attention, which is faster for long query blocks.
+# A single sequence's forward of up to this many tokens takes the per-token attention even where the
+# one-call step does not apply (the per-layer path: biases, the exact weights): the server's prompts of
+# up to batch.BatchEngine.mixed_chunk (32) tokens ride along with other sequences' decode step through
+# it, so a short prompt gets the same arithmetic served alone or in a batch. Where the one-call step
+# applies (the default kernels of llama/qwen3/smollm3/gemma3 files), prompts of every length take it:
+# a token's logits then never depend on the chunk it is prefilled in, on a cached prefix or on the
+# other sequences of a batch (ops.cpp's qdot_attend and the matrix kernel compute each row on its own).
 MAX_TOKENS = 32
 
 
 def usable(model, n_tokens: int, cache, trace) -> bool:
     """Whether this forward may take the JIT attention (see the module's docstring)."""
-    short = isinstance(cache, SlotView) and n_tokens <= MAX_TOKENS
-    return ((short or isinstance(cache, BatchView)) and ENABLED and trace is None and not model.numerics
-            and not model.faults and model.device.type == "cpu" and cache.pool.dtype in KV_TYPES and jit.available())
+    if not (isinstance(cache, (SlotView, BatchView)) and ENABLED and trace is None and not model.numerics
+            and not model.faults and model.device.type == "cpu" and cache.pool.dtype in KV_TYPES and jit.available()):
+        return False
+    return isinstance(cache, BatchView) or n_tokens <= MAX_TOKENS or step_of(model) is not None
 
 
 def rows(cache, start, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
