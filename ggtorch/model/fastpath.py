@@ -1,13 +1,29 @@
-"""Decode steps and short prompts through the JIT library (quant/csrc/ops.cpp and step.cpp).
+"""Decode steps and prompts through the JIT library (quant/csrc/ops.cpp and step.cpp).
 
 Decoding one token costs each layer about twenty small PyTorch operations around its matrix products:
 splitting the fused Q/K/V product, per-head norms, RoPE, writing K and V into the float16 cache and
 reading the cache back as float32, attention, reshapes. Each is cheap, but their dispatch cost was
 half of SmolLM2's decode step (4.9 of 9.3 ms, measured). ``attend`` does the same arithmetic in one
 foreign call, and ``Step`` runs every layer of the step in one. They are taken for a batched step
-(a :class:`BatchView`) and for up to MAX_TOKENS tokens of one sequence (a :class:`SlotView`), with no
-tracer (a trace reports the intermediate tensors under llama.cpp's names), no ggml-numerics mode, no
-fault injection, on CPU with the library built.
+(a :class:`BatchView`) and for one sequence's tokens (a :class:`SlotView`: up to MAX_TOKENS on the
+per-layer path, any number where ``Step`` applies), with no tracer (a trace reports the intermediate
+tensors under llama.cpp's names), no ggml-numerics mode, no fault injection, on CPU with the library
+built.
+
+What is guaranteed (batch invariance). On the default kernels (a model loaded with fast mode, its
+weights on the JIT matrix kernel) of an architecture with a ``step_spec`` (llama, qwen3, smollm3,
+gemma3 files without biases, experts or attention temperature), every forward takes ``Step``, whose
+matrix products compute each row on its own and whose attention (ops.cpp's qdot_attend) gives each
+(token, head) one fixed arithmetic. A token's logits and its keys and values in the cache are then a
+function of the token and its history only, to the bit: the same whether the prompt is evaluated alone
+or beside other sequences in a batched step, in one forward or in any chunking (the server's
+prefill_chunk, a ride along a decode step, the ubatch), and after a cached prefix. A greedy request
+gets the same tokens at any load. Not covered: the exact path (``fast=False``/``--exact``: PyTorch's
+matrix products and SDPA for prompts over MAX_TOKENS tokens), architectures without a ``step_spec``
+(the per-layer path, SDPA over MAX_TOKENS tokens), the ggml-numerics mode, a context shift (re-rotated
+keys differ from freshly computed ones), other devices, and other machines or builds (the arithmetic
+is fixed per build of the library). llama.cpp's server does not have this property: its answers change
+with --parallel and the batch's composition.
 """
 from __future__ import annotations
 
