@@ -1,13 +1,29 @@
-"""Decode steps and short prompts through the JIT library (quant/csrc/ops.cpp and step.cpp).
+"""Decode steps and prompts through the JIT library (quant/csrc/ops.cpp and step.cpp).
 
 Decoding one token costs each layer about twenty small PyTorch operations around its matrix products:
 splitting the fused Q/K/V product, per-head norms, RoPE, writing K and V into the float16 cache and
 reading the cache back as float32, attention, reshapes. Each is cheap, but their dispatch cost was
 half of SmolLM2's decode step (4.9 of 9.3 ms, measured). ``attend`` does the same arithmetic in one
 foreign call, and ``Step`` runs every layer of the step in one. They are taken for a batched step
-(a :class:`BatchView`) and for up to MAX_TOKENS tokens of one sequence (a :class:`SlotView`), with no
-tracer (a trace reports the intermediate tensors under llama.cpp's names), no ggml-numerics mode, no
-fault injection, on CPU with the library built.
+(a :class:`BatchView`) and for one sequence's tokens (a :class:`SlotView`: up to MAX_TOKENS on the
+per-layer path, any number where ``Step`` applies), with no tracer (a trace reports the intermediate
+tensors under llama.cpp's names), no ggml-numerics mode, no fault injection, on CPU with the library
+built.
+
+What is guaranteed (batch invariance). On the default kernels (a model loaded with fast mode, its
+weights on the JIT matrix kernel) of an architecture with a ``step_spec`` (llama, qwen3, smollm3,
+gemma3 files without biases, experts or attention temperature), every forward takes ``Step``, whose
+matrix products compute each row on its own and whose attention (ops.cpp's qdot_attend) gives each
+(token, head) one fixed arithmetic. A token's logits and its keys and values in the cache are then a
+function of the token and its history only, to the bit: the same whether the prompt is evaluated alone
+or beside other sequences in a batched step, in one forward or in any chunking (the server's
+prefill_chunk, a ride along a decode step, the ubatch), and after a cached prefix. A greedy request
+gets the same tokens at any load. Not covered: the exact path (``fast=False``/``--exact``: PyTorch's
+matrix products and SDPA for prompts over MAX_TOKENS tokens), architectures without a ``step_spec``
+(the per-layer path, SDPA over MAX_TOKENS tokens), the ggml-numerics mode, a context shift (re-rotated
+keys differ from freshly computed ones), other devices, and other machines or builds (the arithmetic
+is fixed per build of the library). llama.cpp's server does not have this property: its answers change
+with --parallel and the batch's composition.
 """
 from __future__ import annotations
 
@@ -23,19 +39,22 @@ ENABLED = True  # tests compare with the PyTorch path by turning this off
 KV_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # ops.cpp's load_kv/store_kv
 
 
-# A single sequence's forward of up to this many tokens takes the per-token attention too: the server's
-# prompts of up to batch.BatchEngine.mixed_chunk (32) tokens ride along with other sequences' decode
-# step through it, so a short prompt gets the same arithmetic whether it is served alone or in a batch
-# (and a chat's next turn, whose cached prefix leaves a few tokens, the same as a fresh one). Longer
-# prompts take PyTorch's fused attention, which is faster for long query blocks.
+# A single sequence's forward of up to this many tokens takes the per-token attention even where the
+# one-call step does not apply (the per-layer path: biases, the exact weights): the server's prompts of
+# up to batch.BatchEngine.mixed_chunk (32) tokens ride along with other sequences' decode step through
+# it, so a short prompt gets the same arithmetic served alone or in a batch. Where the one-call step
+# applies (the default kernels of llama/qwen3/smollm3/gemma3 files), prompts of every length take it:
+# a token's logits then never depend on the chunk it is prefilled in, on a cached prefix or on the
+# other sequences of a batch (ops.cpp's qdot_attend and the matrix kernel compute each row on its own).
 MAX_TOKENS = 32
 
 
 def usable(model, n_tokens: int, cache, trace) -> bool:
     """Whether this forward may take the JIT attention (see the module's docstring)."""
-    short = isinstance(cache, SlotView) and n_tokens <= MAX_TOKENS
-    return ((short or isinstance(cache, BatchView)) and ENABLED and trace is None and not model.numerics
-            and not model.faults and model.device.type == "cpu" and cache.pool.dtype in KV_TYPES and jit.available())
+    if not (isinstance(cache, (SlotView, BatchView)) and ENABLED and trace is None and not model.numerics
+            and not model.faults and model.device.type == "cpu" and cache.pool.dtype in KV_TYPES and jit.available()):
+        return False
+    return isinstance(cache, BatchView) or n_tokens <= MAX_TOKENS or step_of(model) is not None
 
 
 def rows(cache, start, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
