@@ -36,3 +36,8 @@ class ChatTemplateError(GGTorchError):
 class ContextError(GenerationError):
     """The tokens do not fit the context window (n_ctx): the prompt plus the requested tokens, or a
     sequence that reached the end of its KV cache slot."""
+
+
+class LoRAError(GGTorchError):
+    """A LoRA adapter is malformed or does not fit the base model (architecture, tensor names, shapes),
+    or a finetuning parameter is out of range."""

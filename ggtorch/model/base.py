@@ -88,7 +88,12 @@ class Transformer:
                        dtype or self.kv_dtype, n_slots=n_slots, n_ctx=n_ctx)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return embedding(ids, self.tok_embd)
+        x = embedding(ids, self.tok_embd)
+        if getattr(self, "lora_embd", None):  # a LoRA adapter on token_embd (ggtorch.lora.apply)
+            from ..lora.apply import embed_delta
+
+            x = embed_delta(self, ids, x)
+        return x
 
     def rope_tables(self, pos: torch.Tensor, base: float, yarn: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin [T, 1, n_rot/2] for ggml_rope_ext with the file's scaling (linear or YaRN);

@@ -209,6 +209,8 @@ class Step:
 
 def step_of(model) -> Step | None:
     """The model's Step, built on first use; None where its architecture or weights do not qualify."""
+    if getattr(model, "loras", None):  # step.cpp has no LoRA term: adapters take the per-layer path
+        return None
     st = getattr(model, "_step", None)
     if st is None:
         spec = model.step_spec()
