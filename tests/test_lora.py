@@ -186,3 +186,118 @@ def test_cli_lora_scaled(tmp_path, capsys):
                  "--lora-scaled", A, "0.5", "--lora", B]) == 0
     ref = REF["tiny-llama-F32+peft_a*0.5+peft_b"]
     assert np.abs(np.load(out) - ref).max() / ref.std() <= LIMIT["F32"]
+
+
+# ---- export-lora ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("base,out_type,tol", [("F32", "f32", 1e-4), ("F32", None, 1e-4), ("Q8_0", "f16", 0.01),
+                                               ("Q8_0", "q8_0", 0.15)])
+def test_export_lora_merged_model_equals_base_plus_adapter(models, tmp_path, base, out_type, tol):
+    from ggtorch.cli import main
+
+    out = tmp_path / "merged.gguf"
+    args = ["export-lora", str(TINY / f"tiny-llama-{base}.gguf"), "--lora-scaled", A, "0.5", "--lora", B, "-o", str(out)]
+    assert main(args + (["--type", out_type] if out_type else [])) == 0
+    want = logits(models(base), [(A, 0.5), (B, 1.0)])
+    merged = ggtorch.load(str(out), fast=False)
+    assert not merged.loras
+    got = merged.logits(PROMPT).numpy()
+    err = np.abs(got - want).max() / want.std()
+    assert err <= tol, f"merged ({out_type}) vs base+adapters: {err:.5f} sigma"
+    from ggtorch.gguf.reader import GGUFFile
+
+    with GGUFFile(str(out)) as f:
+        kinds = {f.tensors["blk.0.attn_q.weight"].type_name, f.tensors["blk.0.attn_k.weight"].type_name}
+    assert kinds == ({out_type.upper()} if out_type else {"F32"} if base == "F32" else {"F16", "Q8_0"}) or \
+        (base == "Q8_0" and out_type and kinds == {out_type.upper(), "Q8_0"})
+
+
+# ---- training ---------------------------------------------------------------------------------------
+TRAIN = [{"text": f"count {i} {i + 1} {i + 2} {i + 3} {i + 4} {i + 5}"} for i in range(10)]
+
+
+def test_quantized_product_backward_equals_dense_gradient(models):
+    from ggtorch.quant.linear import qmatmul
+
+    w = models("Q8_0").net.layers[0]["ffn_down"]
+    assert w.dense is None  # a quantized weight: the backward dequantizes it on the fly
+    x = torch.randn(5, w.in_features, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    g = torch.randn(5, w.out_features, generator=torch.Generator().manual_seed(2))
+    (qmatmul(x, w) * g).sum().backward()
+    assert torch.allclose(x.grad, g @ w.dequantize(), atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ft")
+    r = ggtorch.finetune(str(TINY / "tiny-llama-F32.gguf"), TRAIN, str(d / "a.gguf"), rank=4, alpha=8, lr=3e-3,
+                         epochs=2, batch=4, val=0.2, seed=3, peft=str(d / "peft"), progress=False,
+                         targets="attn_q,attn_v,ffn_down")
+    return r, d
+
+
+def test_finetune_lowers_the_loss(trained):
+    r, _ = trained
+    assert r.steps == 4 and len(r.val_loss) == 3
+    assert r.train_loss[-1] < r.train_loss[0] - 0.5
+    assert r.val_loss[-1] < r.val_loss[0] - 0.5
+
+
+def test_saved_adapter_reloads_to_the_trained_model(models, trained):
+    r, d = trained
+    m = models("F32")
+    want = logits(m, [(r.adapter, 1.0)])
+    assert np.abs(want - logits(m, [])).max() > 0.1  # the adapter changed the model
+    assert np.abs(logits(m, [(str(d / "a.gguf"), 1.0)]) - want).max() < 1e-5
+    assert np.abs(logits(m, [(str(d / "peft"), 1.0)]) - want).max() < 1e-5
+
+
+def test_same_seed_same_adapter(trained, tmp_path):
+    r, _ = trained
+    kw = dict(rank=4, alpha=8, lr=3e-3, epochs=2, batch=4, val=0.2, progress=False, targets="attn_q,attn_v,ffn_down")
+    model = str(TINY / "tiny-llama-F32.gguf")
+    again = ggtorch.finetune(model, TRAIN, seed=3, **kw)
+    for n, (a, b) in r.adapter.pairs.items():
+        assert torch.equal(a, again.adapter.pairs[n][0]) and torch.equal(b, again.adapter.pairs[n][1])
+    other = ggtorch.finetune(model, TRAIN, seed=4, max_steps=1, **kw)
+    n = "blk.0.attn_q.weight"
+    assert not torch.equal(other.adapter.pairs[n][0], r.adapter.pairs[n][0])
+
+
+def test_checkpoint_resume_gives_the_same_adapter(trained, tmp_path):
+    r, _ = trained
+    kw = dict(rank=4, alpha=8, lr=3e-3, epochs=2, batch=4, val=0.2, seed=3, progress=False,
+              targets="attn_q,attn_v,ffn_down", checkpoint=str(tmp_path / "c.ckpt"), save_every=1)
+    model = str(TINY / "tiny-llama-F32.gguf")
+    ggtorch.finetune(model, TRAIN, max_steps=1, **kw)  # stopped after one step
+    rest = ggtorch.finetune(model, TRAIN, resume=True, **kw)
+    assert rest.steps == 4
+    for n, (a, b) in r.adapter.pairs.items():
+        assert torch.allclose(a, rest.adapter.pairs[n][0], atol=1e-6) and torch.allclose(b, rest.adapter.pairs[n][1], atol=1e-6)
+
+
+def test_chat_loss_covers_the_assistant_tokens_only(models):
+    from ggtorch.lora.train import encode
+
+    m = models("F32")
+    msgs = [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "general kenobi"}]
+    ex = encode(m, {"messages": msgs}, None, 512)
+    learned = m.detokenize([t for t, k in zip(ex.ids, ex.mask) if k], special=True)
+    assert "general kenobi" in learned and "hello" not in learned
+
+
+def test_trained_adapter_loads_in_llama_cpp(models, trained):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import ctypes
+
+    r, d = trained
+    llm = llama_cpp.Llama(model_path=str(TINY / "tiny-llama-F32.gguf"), n_ctx=64, n_threads=2, n_batch=64,
+                          logits_all=True, verbose=False, seed=0, yarn_attn_factor=-1.0, yarn_beta_fast=-1.0,
+                          yarn_beta_slow=-1.0)
+    h = llama_cpp.llama_adapter_lora_init(llm.model, str(d / "a.gguf").encode())
+    assert h
+    arr = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(h)
+    assert llama_cpp.llama_set_adapters_lora(llm.ctx, arr, 1, (ctypes.c_float * 1)(1.0)) == 0
+    llm.eval(PROMPT)
+    ref = np.array(llm.scores[:len(PROMPT)], dtype=np.float32)
+    got = logits(models("F32"), [(str(d / "a.gguf"), 1.0)])
+    assert np.abs(got - ref).max() / ref.std() <= LIMIT["F32"]

@@ -34,6 +34,8 @@ MAX_TOKENS = 32
 def usable(model, n_tokens: int, cache, trace) -> bool:
     """Whether this forward may take the JIT attention (see the module's docstring)."""
     short = isinstance(cache, SlotView) and n_tokens <= MAX_TOKENS
+    if torch.is_grad_enabled() and getattr(model, "loras", None):  # LoRA training: autograd needs PyTorch ops
+        return False
     return ((short or isinstance(cache, BatchView)) and ENABLED and trace is None and not model.numerics
             and not model.faults and model.device.type == "cpu" and cache.pool.dtype in KV_TYPES and jit.available())
 
@@ -97,6 +99,8 @@ def gated(model, L: dict, x: torch.Tensor, act: str) -> torch.Tensor | None:
     the activation in one call on the fused gate/up product; None where the JIT library cannot do it
     (the caller then uses PyTorch)."""
     if x.device.type != "cpu" or any(L.get(n + ".bias") is not None for n in ("ffn_gate", "ffn_up")):
+        return None
+    if torch.is_grad_enabled() and x.requires_grad:  # LoRA training: the C++ activation has no backward
         return None
     lib = jit.library()
     if lib is None:
