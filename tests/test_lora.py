@@ -301,3 +301,21 @@ def test_trained_adapter_loads_in_llama_cpp(models, trained):
     ref = np.array(llm.scores[:len(PROMPT)], dtype=np.float32)
     got = logits(models("F32"), [(str(d / "a.gguf"), 1.0)])
     assert np.abs(got - ref).max() / ref.std() <= LIMIT["F32"]
+
+
+def test_packed_training_forward_equals_separate_forwards(models):
+    """forward_packed runs several examples as one row (block-diagonal mask, positions restarting)."""
+    from ggtorch.lora.train import forward_packed
+
+    m = models("F32")
+    a, b = PROMPT[:9], PROMPT[4:]
+    m.set_lora([(A, 1.0)])
+    try:
+        want = torch.cat([m.net.forward(s, m.net.new_cache(16, dtype="f32"), all_logits=True) for s in (a, b)])
+        m.net.lora_training = True
+        with torch.no_grad():
+            packed = forward_packed(m.net, [a, b])
+    finally:
+        m.net.lora_training = False
+        m.set_lora([])
+    assert packed.shape == want.shape and torch.allclose(packed, want, atol=1e-3)

@@ -107,24 +107,40 @@ def new_adapter(net, targets, rank: int, alpha: float, seed: int) -> Adapter:
     return Adapter("(training)", net.cfg.arch, float(alpha), pairs)
 
 
-def forward_train(net, ids: list[int]) -> torch.Tensor:
-    """Logits [T, n_vocab] with autograd on (the per-operation path; a fresh float32 cache)."""
+def forward_packed(net, seqs: list[list[int]]) -> torch.Tensor:
+    """Logits [sum of lengths, n_vocab] of several sequences in one forward (so each frozen weight is
+    dequantized once per batch, not once per example): the tokens are packed into one row with RoPE
+    positions restarting at each sequence and a block-diagonal causal mask (the model's ``mask``
+    shadowed for the call); autograd on, a fresh float32 cache."""
     from ..model.layers import SlotView
 
-    T = len(ids)
-    x = torch.tensor(ids, dtype=torch.long, device=net.device)
+    dev = net.device
+    x = torch.tensor([t for s in seqs for t in s], dtype=torch.long, device=dev)
+    pos = torch.cat([torch.arange(len(s), device=dev) for s in seqs])
+    seg = torch.cat([torch.full((len(s),), i, device=dev) for i, s in enumerate(seqs)])
+    T = x.numel()
+
+    def mask(p, n_kv, window=0):
+        ok = (seg[None, :] == seg[:, None]) & (pos[None, :] <= pos[:, None])
+        if window > 0:
+            ok &= (pos[:, None] - pos[None, :]) < window
+        return ok
+
     cache = net.new_cache(T, dtype=torch.float32)
     cache.reserve(T)
-    pos = torch.arange(T, device=net.device)
-    h = net._run(x, pos, T, SlotView(cache, 0), 0, None)
+    net.mask = mask
+    try:
+        h = net._run(x, pos, T, SlotView(cache, 0), 0, None)
+    finally:
+        del net.mask
     return net._head(h, None)
 
 
-def example_loss(net, ex: Example) -> tuple[torch.Tensor, int]:
-    """(sum of the masked next-token losses, their count)."""
-    lg = forward_train(net, ex.ids[:-1])
-    tgt = torch.tensor(ex.ids[1:], dtype=torch.long, device=lg.device)
-    m = torch.tensor(ex.mask[1:], dtype=torch.bool, device=lg.device)
+def batch_loss(net, exs: list[Example]) -> tuple[torch.Tensor, int]:
+    """(sum of the masked next-token losses over the examples, their count)."""
+    lg = forward_packed(net, [e.ids[:-1] for e in exs])
+    tgt = torch.tensor([t for e in exs for t in e.ids[1:]], dtype=torch.long, device=lg.device)
+    m = torch.tensor([k for e in exs for k in e.mask[1:]], dtype=torch.bool, device=lg.device)
     n = int(m.sum())
     if n == 0:
         return lg.sum() * 0.0, 0
@@ -134,8 +150,8 @@ def example_loss(net, ex: Example) -> tuple[torch.Tensor, int]:
 def evaluate(net, data: list[Example]) -> float:
     tot, n = 0.0, 0
     with torch.no_grad():
-        for ex in data:
-            l, k = example_loss(net, ex)
+        for i in range(0, len(data), 8):
+            l, k = batch_loss(net, data[i:i + 8])
             tot, n = tot + float(l), n + k
     return tot / max(n, 1)
 
@@ -252,6 +268,7 @@ def finetune(model, data, out: str | None = None, *, chat: bool | None = None, r
         res.train_loss, res.val_loss = st["train_loss"], st["val_loss"]
     saved_loras = list(getattr(net, "loras", []))
     attach(net, [(ad, 1.0)])
+    net.lora_training = True
 
     def save_ckpt(epoch):
         if checkpoint:
@@ -283,12 +300,10 @@ def finetune(model, data, out: str | None = None, *, chat: bool | None = None, r
                 opt.zero_grad(set_to_none=True)
                 group = [train_set[i] for i in ep_order[bi * batch:(bi + 1) * batch]]
                 count = sum(sum(e.mask[1:]) for e in group)
-                tot = 0.0
                 with torch.enable_grad():
-                    for e in group:
-                        loss, _ = example_loss(net, e)
-                        (loss / count).backward()
-                        tot += loss.item()
+                    loss, _ = batch_loss(net, group)
+                    (loss / count).backward()
+                tot = loss.item()
                 opt.step()
                 step += 1
                 dt = time.perf_counter() - t0
@@ -308,6 +323,7 @@ def finetune(model, data, out: str | None = None, *, chat: bool | None = None, r
             save_ckpt(epoch + 1)
     finally:
         bar.close()
+        net.lora_training = False
         attach(net, saved_loras)
     res.steps, res.tokens_per_s, res.peak_rss_mb = step, n_tok / max(t_train, 1e-9), _rss_mb()
     final = Adapter(out or "(trained)", ad.arch, ad.alpha,

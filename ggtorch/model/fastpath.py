@@ -34,7 +34,7 @@ MAX_TOKENS = 32
 def usable(model, n_tokens: int, cache, trace) -> bool:
     """Whether this forward may take the JIT attention (see the module's docstring)."""
     short = isinstance(cache, SlotView) and n_tokens <= MAX_TOKENS
-    if torch.is_grad_enabled() and getattr(model, "loras", None):  # LoRA training: autograd needs PyTorch ops
+    if getattr(model, "lora_training", False):  # LoRA training: autograd and packed masks need PyTorch ops
         return False
     return ((short or isinstance(cache, BatchView)) and ENABLED and trace is None and not model.numerics
             and not model.faults and model.device.type == "cpu" and cache.pool.dtype in KV_TYPES and jit.available())
