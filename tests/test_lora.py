@@ -319,3 +319,23 @@ def test_packed_training_forward_equals_separate_forwards(models):
         m.net.lora_training = False
         m.set_lora([])
     assert packed.shape == want.shape and torch.allclose(packed, want, atol=1e-3)
+
+
+def test_cli_finetune_writes_an_adapter(tmp_path, capsys):
+    import json
+
+    from ggtorch.cli import main
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in TRAIN[:4]))
+    out = tmp_path / "a.gguf"
+    model = str(TINY / "tiny-llama-F32.gguf")
+    args = ["finetune", model, "--data", str(data), "--rank", "2", "--alpha", "4", "--batch", "2", "--val", "0",
+            "--max-steps", "1", "--targets", "attn_v", "-o", str(out), "--peft", str(tmp_path / "p")]
+    assert main(args) == 0
+    ad = load_adapter(str(out))
+    assert sorted(ad.pairs) == ["blk.0.attn_v.weight", "blk.1.attn_v.weight"] and ad.alpha == 4.0
+    assert (tmp_path / "p" / "adapter_model.safetensors").exists()
+    capsys.readouterr()
+    assert main(args[:-4] + ["--targets", "attn_x", "-o", str(out)]) == 2
+    assert "attn_x" in capsys.readouterr().err
