@@ -339,3 +339,33 @@ def test_cli_finetune_writes_an_adapter(tmp_path, capsys):
     capsys.readouterr()
     assert main(args[:-4] + ["--targets", "attn_x", "-o", str(out)]) == 2
     assert "attn_x" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["exact", "fast"])
+def test_one_batch_mixes_sequences_with_different_adapters(models, fast):
+    """Per-sequence scales (the server's per-request adapters): in one batched decode step, slot 0 runs with
+    adapter A only, slot 1 with B only, slot 2 with none; each row equals that sequence run alone."""
+    from ggtorch.lora.apply import set_slot_scales
+
+    m = models("Q8_0", fast)
+    net = m.net
+    prompts = [PROMPT[:7], PROMPT[3:12], PROMPT[:5]]
+    nxt = [PROMPT[7], PROMPT[12], PROMPT[5]]
+    alone = []
+    for p, t, ads in zip(prompts, nxt, ([(A, 1.0)], [(B, 1.0)], [])):
+        m.set_lora(ads)
+        c = net.new_cache(16, dtype="f32")
+        net.forward(p, c)
+        alone.append(net.forward([t], c))
+    m.set_lora([(A, 1.0), (B, 1.0)])
+    try:
+        set_slot_scales(net, {0: [1.0, 0.0], 1: [0.0, 1.0], 2: [0.0, 0.0]})
+        pool = net.new_pool(3, 64, dtype="f32")
+        for s, p in enumerate(prompts):
+            net.forward(p, pool, slot=s)
+        got = net.forward_batch(nxt, [0, 1, 2], pool)
+    finally:
+        m.set_lora([])
+    want = torch.cat(alone)
+    assert torch.allclose(got, want, atol=2e-3), (got - want).abs().max()
+    assert (alone[0] - alone[2]).abs().max() > 0.1 and (alone[1] - alone[2]).abs().max() > 0.1

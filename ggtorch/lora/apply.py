@@ -21,24 +21,56 @@ from .adapter import Adapter, check
 FUSIONS = (("attn_qkv", ("attn_q", "attn_k", "attn_v")), ("ffn_gate_up", ("ffn_gate", "ffn_up")))
 
 
-class LowRank:
-    """The terms on one weight: (A [r, in], B [n, r], scale, lo, hi) adds ``scale * B (A x)`` to the
-    output columns lo..hi (the whole output for a plain weight, a part of a fused matrix)."""
+class SlotScales:
+    """Per-sequence adapter scales, for one batch that mixes requests with different adapters (the
+    server's per-request ``lora`` field): ``table[slot, k]`` is the user scale of adapter k for the
+    sequence in that KV slot (0 = not used), and ``slots`` the slot of each row of the current forward
+    (set by Transformer._run / forward_batch). The base products stay shared; each row adds its own
+    adapters' terms. ``table`` None: every row takes the adapters' global scales."""
 
     def __init__(self):
-        self.terms: list[tuple[torch.Tensor, torch.Tensor, float, int, int]] = []
+        self.table: torch.Tensor | None = None
+        self.slots: torch.Tensor | None = None
+
+    def row_scales(self, k: int, n: int) -> torch.Tensor | None:
+        if self.table is None or self.slots is None:
+            return None
+        sl = self.slots
+        if sl.numel() != n:  # the last position only (forward's head), or one sequence's run
+            if sl.numel() and bool((sl == sl[0]).all()):
+                sl = sl[:1].expand(n)
+            else:
+                raise LoRAError(f"per-sequence LoRA scales: {n} rows do not line up with {sl.numel()} slots")
+        return self.table[sl, k]
+
+
+class LowRank:
+    """The terms on one weight: (A [r, in], B [n, r], scale, lo, hi, k, alpha/rank) adds ``scale * B (A x)``
+    to the output columns lo..hi (the whole output for a plain weight, a part of a fused matrix); k is
+    the adapter's index in ``net.loras`` (for per-sequence scales, see :class:`SlotScales`)."""
+
+    def __init__(self, rows: SlotScales | None = None):
+        self.terms: list[tuple] = []
+        self.rows = rows
 
     def __bool__(self) -> bool:
         return bool(self.terms)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        grad = torch.is_grad_enabled() and (y.requires_grad or any(a.requires_grad for a, *_ in self.terms))
+        grad = torch.is_grad_enabled() and (y.requires_grad or any(t[0].requires_grad for t in self.terms))
         if y.dtype != torch.float32:
             y = y.float()
-        for a, b, s, lo, hi in self.terms:
-            d = (x.to(a.dtype) @ a.T) @ b.T  # two thin products: r is small, never B A formed
-            if s != 1.0:
-                d = d * s
+        n = x.numel() // x.shape[-1]
+        for a, b, s, lo, hi, k, base in self.terms:
+            per = self.rows.row_scales(k, n) if self.rows is not None else None
+            if per is not None:
+                if not bool(per.any()):
+                    continue  # no row of this batch uses adapter k
+                d = ((x.to(a.dtype) @ a.T) @ b.T) * (per * base).reshape(*x.shape[:-1], 1).to(a.dtype)
+            else:
+                d = (x.to(a.dtype) @ a.T) @ b.T  # two thin products: r is small, never B A formed
+                if s != 1.0:
+                    d = d * s
             if lo == 0 and hi == y.shape[-1]:
                 y = y + d if grad else y.add_(d)
             elif grad:
@@ -46,6 +78,26 @@ class LowRank:
             else:
                 y[..., lo:hi].add_(d)
         return y
+
+
+def set_slot_scales(net, scales: dict[int, list[float]] | None, n_slots: int | None = None) -> None:
+    """Per-sequence adapter scales: ``scales[slot]`` lists a user scale per adapter of ``net.loras`` (in
+    that order) for the sequence in KV slot ``slot``; slots not listed take the global scales. None:
+    every sequence takes the global scales again."""
+    rows = getattr(net, "lora_rows", None)
+    if rows is None:
+        raise LoRAError("per-sequence LoRA scales need adapters loaded on the model")
+    if scales is None:
+        rows.table = None
+        return
+    n_ad = len(net.loras)
+    size = max([n_slots or 0] + [s + 1 for s in scales])
+    table = torch.tensor([u for _, u in net.loras], dtype=torch.float32).repeat(size, 1)
+    for s, v in scales.items():
+        if len(v) != n_ad:
+            raise LoRAError(f"slot {s}: {len(v)} adapter scales for {n_ad} adapters")
+        table[s] = torch.tensor([float(u) for u in v])
+    rows.table = table.to(net.device)
 
 
 def _clear(net) -> None:
@@ -57,6 +109,7 @@ def _clear(net) -> None:
             if f is not None:
                 f.lora = None
     net.lora_embd = []
+    net.lora_rows = None
 
 
 def _fused_places(net) -> dict[int, list[tuple[object, int, int]]]:
@@ -85,14 +138,16 @@ def attach(net, adapters: list[tuple[Adapter, float]]) -> None:
     net.loras = [(ad, float(s)) for ad, s in adapters]
     if not net.loras:
         return
+    net.lora_rows = rows = SlotScales()
     places = _fused_places(net)
     dev = net.device
-    for ad, user in net.loras:
+    for k, (ad, user) in enumerate(net.loras):
         for name, (a, b) in ad.pairs.items():
             s = ad.scale(name, user)
+            base = ad.scale(name, 1.0)
             a, b = a.to(dev), b.to(dev)
             if name == "token_embd.weight":  # llm_build_inp_embd: rows of the transposed A
-                net.lora_embd.append((a, b, s))
+                net.lora_embd.append((a, b, s))  # (global scales only)
                 continue
             w = net.weights().get(name)
             if w is None:
@@ -100,8 +155,8 @@ def attach(net, adapters: list[tuple[Adapter, float]]) -> None:
             targets = [(w, 0, w.out_features)] + places.get(id(w), [])
             for obj, lo, hi in targets:
                 if getattr(obj, "lora", None) is None:
-                    obj.lora = LowRank()
-                obj.lora.terms.append((a, b, s, lo, hi))
+                    obj.lora = LowRank(rows)
+                obj.lora.terms.append((a, b, s, lo, hi, k, base))
 
 
 def embed_delta(net, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

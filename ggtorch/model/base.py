@@ -187,6 +187,8 @@ class Transformer:
         x = self._run(ids, pos, end, BatchView(cache, slots, pos), pos, None)
         for s, k in seen.items():
             cache.lens[s] += k
+        if rows is not None and getattr(self, "lora_rows", None) is not None:
+            self.lora_rows.slots = self.lora_rows.slots[rows]
         return self._head(x if rows is None else x[rows], None)
 
     def _run(self, ids, pos, n_kv, cache, start, trace) -> torch.Tensor:
@@ -197,6 +199,9 @@ class Transformer:
         # a batched step, or a few tokens of one sequence: the JIT library's attention (model/fastpath.py)
         T = ids.numel()
         ctx["rows"] = fastpath.rows(cache, start, T) if fastpath.usable(self, T, cache, trace) else None
+        if getattr(self, "lora_rows", None) is not None:  # each row's sequence, for per-sequence LoRA scales
+            self.lora_rows.slots = cache.idx if isinstance(cache, BatchView) else torch.full(
+                (T,), cache.slot, dtype=torch.long, device=self.device)
         x = self.embed(ids)
         if self.cfg.embed_scale != 1.0:
             x = x * self.cfg.embed_scale
