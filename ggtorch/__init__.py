@@ -13,4 +13,11 @@ def load(model: str = "smollm2-135m", device: str = "cpu", threads: int | None =
     return _load(model, device=device, threads=threads, fast=fast, ggml_numerics=ggml_numerics, **kw)
 
 
-__all__ = ["load", "ContextError", "GGTorchError", "GGUFError", "GenerationError", "ModelError", "QuantError", "TokenizerError"]
+def finetune(model, data, out=None, **kw):
+    """Train a LoRA adapter on a GGUF model (frozen, quantized); see ggtorch.lora.train.finetune."""
+    from .lora.train import finetune as _finetune
+
+    return _finetune(model, data, out, **kw)
+
+
+__all__ = ["load", "finetune", "ContextError", "GGTorchError", "GGUFError", "GenerationError", "ModelError", "QuantError", "TokenizerError"]

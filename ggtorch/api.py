@@ -41,7 +41,7 @@ def kv_dtype_of(name) -> torch.dtype:
 class Model:
     def __init__(self, path: str, device: str = "cpu", threads: int | None = None, fast: bool = True,
                  ggml_numerics: bool = False, n_ctx: int | None = None, kv_dtype=None, context_shift: bool = False,
-                 cache: bool = True):
+                 cache: bool = True, lora=None):
         fast = fast and not ggml_numerics  # the numerics mode runs on the exact path
         if threads:
             torch.set_num_threads(int(threads))
@@ -62,9 +62,25 @@ class Model:
             self.repack_cache = self.net.install_fast(cache)
         if ggml_numerics:
             self.net.use_ggml_numerics()
+        if lora:
+            self.set_lora(lora)
         self.device = device
         self._set_context(n_ctx, kv_dtype, context_shift)
         self.load_s = time.perf_counter() - t0
+
+    def set_lora(self, adapters) -> None:
+        """Replace the active LoRA adapters: a list of paths (llama.cpp adapter .gguf or PEFT
+        directory), (path, scale) pairs or loaded ``ggtorch.lora.Adapter`` objects; [] for the base model."""
+        from .lora import install
+
+        install(self.net, adapters)
+        if getattr(self, "_session", None) is not None:  # its KV cache was computed with the old adapters
+            self.reset_chat()
+
+    @property
+    def loras(self) -> list:
+        """[(Adapter, scale)] active on this model."""
+        return list(getattr(self.net, "loras", []))
 
     @cached_property
     def tokenizer(self) -> "Tokenizer":  # noqa: F821
@@ -371,7 +387,7 @@ class Model:
 
 def load(model: str = "smollm2-135m", device: str = "cpu", threads: int | None = None, fast: bool = True,
          ggml_numerics: bool = False, n_ctx: int | None = None, kv_dtype=None, context_shift: bool = False,
-         cache: bool = True) -> Model:
+         cache: bool = True, lora=None) -> Model:
     """Load a .gguf file or a packaged model name ("smollm2-135m", "gemma3-270m").
 
     By default each quantized weight gets the fastest kernel for its type (int4 repacking or int8
@@ -386,9 +402,12 @@ def load(model: str = "smollm2-135m", device: str = "cpu", threads: int | None =
     context, drop the oldest half of the tokens after the first n_keep and go on.
     ``cache=False`` repacks the weights without reading or writing the repack cache (by default the
     repacked form is kept in ~/.cache/ggtorch/repack and memory-mapped on the next load; see
-    ggtorch.quant.cache)."""
+    ggtorch.quant.cache).
+
+    ``lora``: LoRA adapters applied beside the quantized weights, ``[(path, scale), ...]`` or paths
+    (scale 1): llama.cpp's adapter GGUF or a PEFT directory (ggtorch.lora; ``m.set_lora`` changes them)."""
     return Model(model, device=device, threads=threads, fast=fast, ggml_numerics=ggml_numerics, n_ctx=n_ctx,
-                 kv_dtype=kv_dtype, context_shift=context_shift, cache=cache)
+                 kv_dtype=kv_dtype, context_shift=context_shift, cache=cache, lora=lora)
 
 
 def _drop_oldest_turn(messages: list) -> list | None:

@@ -55,3 +55,8 @@ class ConstraintError(GGTorchError):
 class PipelineError(GGTorchError):
     """A layer-split pipeline (ggtorch.dist) cannot start, or a stage stopped answering: the process
     group, the stage count against the layers, a lost or silent peer."""
+
+
+class LoRAError(GGTorchError):
+    """A LoRA adapter is malformed or does not fit the base model (architecture, tensor names, shapes),
+    or a finetuning parameter is out of range."""

@@ -11,7 +11,7 @@ import sys
 
 from ..errors import GGTorchError
 
-GROUPS = ("run", "chat", "serve", "debug")  # modules of this package, in the order their commands are listed
+GROUPS = ("run", "chat", "serve", "debug", "lora")  # modules of this package, in the order their commands are listed
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -31,6 +31,10 @@ def add_model(p, optional=False):
                    help="repack the weights without reading or writing the repack cache (~/.cache/ggtorch/repack)")
     p.add_argument("--ggml-numerics", action="store_true",
                    help="round activations, KV cache and attention like llama.cpp's CPU backend (slow)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE",
+                   help="LoRA adapter (llama.cpp adapter .gguf or PEFT directory) at scale 1 (repeatable)")
+    p.add_argument("--lora-scaled", action="append", default=[], nargs=2, metavar=("FILE", "SCALE"),
+                   help="LoRA adapter with a user scale (repeatable)")
 
 
 def add_sampling(p):
@@ -121,9 +125,20 @@ def load(a):
         m = _load(a.model, device=a.device, threads=a.threads, fast=a.fast,
                   ggml_numerics=getattr(a, "ggml_numerics", False), n_ctx=getattr(a, "ctx", None),
                   kv_dtype=getattr(a, "cache_type", None), context_shift=getattr(a, "context_shift", False),
-                  cache=getattr(a, "cache", True))
+                  cache=getattr(a, "cache", True), lora=lora_specs(a))
     m.load_warnings = [str(w.message) for w in caught]
     return m
+
+
+def lora_specs(a) -> list:
+    """[(path, scale)] from --lora and --lora-scaled."""
+    out = [(f, 1.0) for f in getattr(a, "lora", None) or []]
+    for f, s in getattr(a, "lora_scaled", None) or []:
+        try:
+            out.append((f, float(s)))
+        except ValueError:
+            raise GGTorchError(f"--lora-scaled {f} {s}: the scale must be a number") from None
+    return out
 
 
 def show_context(m) -> None:

@@ -88,7 +88,12 @@ class Transformer:
                        dtype or self.kv_dtype, n_slots=n_slots, n_ctx=n_ctx)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return embedding(ids, self.tok_embd)
+        x = embedding(ids, self.tok_embd)
+        if getattr(self, "lora_embd", None):  # a LoRA adapter on token_embd (ggtorch.lora.apply)
+            from ..lora.apply import embed_delta
+
+            x = embed_delta(self, ids, x)
+        return x
 
     def rope_tables(self, pos: torch.Tensor, base: float, yarn: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin [T, 1, n_rot/2] for ggml_rope_ext with the file's scaling (linear or YaRN);
@@ -182,6 +187,8 @@ class Transformer:
         x = self._run(ids, pos, end, BatchView(cache, slots, pos), pos, None)
         for s, k in seen.items():
             cache.lens[s] += k
+        if rows is not None and getattr(self, "lora_rows", None) is not None:
+            self.lora_rows.slots = self.lora_rows.slots[rows]
         return self._head(x if rows is None else x[rows], None)
 
     def _run(self, ids, pos, n_kv, cache, start, trace) -> torch.Tensor:
@@ -206,6 +213,9 @@ class Transformer:
         # a batched step, or a few tokens of one sequence: the JIT library's attention (model/fastpath.py)
         T = x.shape[0]
         ctx["rows"] = fastpath.rows(cache, start, T) if fastpath.usable(self, T, cache, trace) else None
+        if getattr(self, "lora_rows", None) is not None:  # each row's sequence, for per-sequence LoRA scales
+            self.lora_rows.slots = cache.idx if isinstance(cache, BatchView) else torch.full(
+                (T,), cache.slot, dtype=torch.long, device=self.device)
         if ctx["rows"] is not None:  # every layer in one call where the architecture allows (model/fastpath.py)
             step = fastpath.step_of(self)
             if step is not None:

@@ -51,6 +51,8 @@ MAX_TOKENS = 32
 
 def usable(model, n_tokens: int, cache, trace) -> bool:
     """Whether this forward may take the JIT attention (see the module's docstring)."""
+    if getattr(model, "lora_training", False):  # LoRA training: autograd and packed masks need PyTorch ops
+        return False
     if not (isinstance(cache, (SlotView, BatchView)) and ENABLED and trace is None and not model.numerics
             and not model.faults and model.device.type == "cpu" and cache.pool.dtype in KV_TYPES and jit.available()):
         return False
@@ -116,6 +118,8 @@ def gated(model, L: dict, x: torch.Tensor, act: str) -> torch.Tensor | None:
     the activation in one call on the fused gate/up product; None where the JIT library cannot do it
     (the caller then uses PyTorch)."""
     if x.device.type != "cpu" or any(L.get(n + ".bias") is not None for n in ("ffn_gate", "ffn_up")):
+        return None
+    if torch.is_grad_enabled() and x.requires_grad:  # LoRA training: the C++ activation has no backward
         return None
     lib = jit.library()
     if lib is None:
@@ -228,6 +232,8 @@ class Step:
 
 def step_of(model) -> Step | None:
     """The model's Step, built on first use; None where its architecture or weights do not qualify."""
+    if getattr(model, "loras", None):  # step.cpp has no LoRA term: adapters take the per-layer path
+        return None
     st = getattr(model, "_step", None)
     if st is None:
         spec = model.step_spec()

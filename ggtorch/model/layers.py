@@ -16,7 +16,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     """ggml_rms_norm then a multiply by the weight (llm_graph_context::build_norm, LLM_NORM_RMS):
     x / sqrt(mean(x^2) + eps) * w. On CPU, the JIT library's loop (ggml's arithmetic: the squares summed
     in double) takes ~2 us where PyTorch's fused op takes 18-40 on a 576-wide row; else PyTorch's."""
-    if x.numel() and x.device.type == "cpu":
+    if x.numel() and x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled()):  # LoRA training
         y = _jit.rms_norm(x, weight, eps)
         if y is not None:
             return y

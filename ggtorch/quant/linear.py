@@ -85,9 +85,41 @@ def dequant_matmul(x: torch.Tensor, w: QWeight) -> torch.Tensor:
 
 
 def qmatmul(x: torch.Tensor, w: QWeight) -> torch.Tensor:
-    """x [..., in] @ W.T -> [..., out], through the weight's kernel."""
-    k = w.kernel
-    return (k or dequant_matmul)(x, w)
+    """x [..., in] @ W.T -> [..., out], through the weight's kernel, plus the LoRA adapters' low-rank
+    terms when some are attached (``w.lora``, see ggtorch.lora.apply). With autograd on and an input
+    that needs a gradient (LoRA training), the product is a :class:`QProduct`."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        y = QProduct.apply(x, w)
+    else:
+        y = (w.kernel or dequant_matmul)(x, w)
+    lo = getattr(w, "lora", None)
+    return y if lo is None else lo(x, y)
+
+
+class QProduct(torch.autograd.Function):
+    """x @ W.T for a frozen quantized W with a gradient for x only: the forward runs the weight's
+    kernel, the backward multiplies the output's gradient by W dequantized again, a chunk of rows at
+    a time, so no float copy of W is ever kept for the backward pass (LoRA training on GGUF weights)."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.w = w
+        with torch.no_grad():
+            return (w.kernel or dequant_matmul)(x, w).float()
+
+    @staticmethod
+    def backward(ctx, gy):
+        w = ctx.w
+        if getattr(w, "dequantize", None) is None:
+            raise QuantError("LoRA training needs the exact path (fused fast-mode matrices have no backward)")
+        if w.dense is not None:
+            return gy @ w.dense, None
+        gx = None
+        for i in range(0, w.out_features, CHUNK_ROWS):
+            j = min(w.out_features, i + CHUNK_ROWS)
+            part = gy[..., i:j] @ w.dequantize(slice(i, j))
+            gx = part if gx is None else gx.add_(part)
+        return gx, None
 
 
 def embedding(ids: torch.Tensor, w: QWeight) -> torch.Tensor:

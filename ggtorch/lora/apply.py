@@ -1,0 +1,166 @@
+"""The low-rank term beside the quantized product: ``y = W x + s * B (A x)`` (build_lora_mm).
+
+The base weight is never touched: each adapted weight gets a :class:`LowRank` as its ``lora``
+attribute, which :func:`ggtorch.quant.linear.qmatmul` calls on the kernel's output. Fast mode fuses
+Q/K/V and gate/up into one matrix at load (model/repack.py); an adapter on ``attn_q`` is then also
+attached to the fused matrix, on the column range that holds Q, so the fused product and the separate
+products both carry it. Several adapters add their terms, each with its own scale, in the order
+given (llama.cpp loops over the context's adapters the same way).
+
+The one-call decode step (model/fastpath.py + quant/csrc/step.cpp) computes whole layers in C++ and
+cannot see these terms: a model with active adapters takes the per-layer path (``fastpath.step_of``
+returns None while ``net.loras`` is non-empty).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import LoRAError
+from .adapter import Adapter, check
+
+FUSIONS = (("attn_qkv", ("attn_q", "attn_k", "attn_v")), ("ffn_gate_up", ("ffn_gate", "ffn_up")))
+
+
+class SlotScales:
+    """Per-sequence adapter scales, for one batch that mixes requests with different adapters (the
+    server's per-request ``lora`` field): ``table[slot, k]`` is the user scale of adapter k for the
+    sequence in that KV slot (0 = not used), and ``slots`` the slot of each row of the current forward
+    (set by Transformer._run / forward_batch). The base products stay shared; each row adds its own
+    adapters' terms. ``table`` None: every row takes the adapters' global scales."""
+
+    def __init__(self):
+        self.table: torch.Tensor | None = None
+        self.slots: torch.Tensor | None = None
+
+    def row_scales(self, k: int, n: int) -> torch.Tensor | None:
+        if self.table is None or self.slots is None:
+            return None
+        sl = self.slots
+        if sl.numel() != n:  # the last position only (forward's head), or one sequence's run
+            if sl.numel() and bool((sl == sl[0]).all()):
+                sl = sl[:1].expand(n)
+            else:
+                raise LoRAError(f"per-sequence LoRA scales: {n} rows do not line up with {sl.numel()} slots")
+        return self.table[sl, k]
+
+
+class LowRank:
+    """The terms on one weight: (A [r, in], B [n, r], scale, lo, hi, k, alpha/rank) adds ``scale * B (A x)``
+    to the output columns lo..hi (the whole output for a plain weight, a part of a fused matrix); k is
+    the adapter's index in ``net.loras`` (for per-sequence scales, see :class:`SlotScales`)."""
+
+    def __init__(self, rows: SlotScales | None = None):
+        self.terms: list[tuple] = []
+        self.rows = rows
+
+    def __bool__(self) -> bool:
+        return bool(self.terms)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        grad = torch.is_grad_enabled() and (y.requires_grad or any(t[0].requires_grad for t in self.terms))
+        if y.dtype != torch.float32:
+            y = y.float()
+        n = x.numel() // x.shape[-1]
+        for a, b, s, lo, hi, k, base in self.terms:
+            per = self.rows.row_scales(k, n) if self.rows is not None else None
+            if per is not None:
+                if not bool(per.any()):
+                    continue  # no row of this batch uses adapter k
+                d = ((x.to(a.dtype) @ a.T) @ b.T) * (per * base).reshape(*x.shape[:-1], 1).to(a.dtype)
+            else:
+                d = (x.to(a.dtype) @ a.T) @ b.T  # two thin products: r is small, never B A formed
+                if s != 1.0:
+                    d = d * s
+            if lo == 0 and hi == y.shape[-1]:
+                y = y + d if grad else y.add_(d)
+            elif grad:
+                y = torch.cat((y[..., :lo], y[..., lo:hi] + d, y[..., hi:]), dim=-1)
+            else:
+                y[..., lo:hi].add_(d)
+        return y
+
+
+def set_slot_scales(net, scales: dict[int, list[float]] | None, n_slots: int | None = None) -> None:
+    """Per-sequence adapter scales: ``scales[slot]`` lists a user scale per adapter of ``net.loras`` (in
+    that order) for the sequence in KV slot ``slot``; slots not listed take the global scales. None:
+    every sequence takes the global scales again."""
+    rows = getattr(net, "lora_rows", None)
+    if rows is None:
+        raise LoRAError("per-sequence LoRA scales need adapters loaded on the model")
+    if scales is None:
+        rows.table = None
+        return
+    n_ad = len(net.loras)
+    size = max([n_slots or 0] + [s + 1 for s in scales])
+    table = torch.tensor([u for _, u in net.loras], dtype=torch.float32).repeat(size, 1)
+    for s, v in scales.items():
+        if len(v) != n_ad:
+            raise LoRAError(f"slot {s}: {len(v)} adapter scales for {n_ad} adapters")
+        table[s] = torch.tensor([float(u) for u in v])
+    rows.table = table.to(net.device)
+
+
+def _clear(net) -> None:
+    for w in net.weights().values():
+        w.lora = None
+    for L in getattr(net, "layers", []):
+        for key, _ in FUSIONS:
+            f = L.get(key)
+            if f is not None:
+                f.lora = None
+    net.lora_embd = []
+    net.lora_rows = None
+
+
+def _fused_places(net) -> dict[int, list[tuple[object, int, int]]]:
+    """id(part weight) -> [(fused matrix, lo, hi)] for fast mode's fused Q/K/V and gate/up."""
+    out: dict[int, list] = {}
+    for L in getattr(net, "layers", []):
+        for key, names in FUSIONS:
+            f = L.get(key)
+            parts = getattr(f, "parts", None)
+            ws = [L.get(n) for n in names]
+            if f is None or parts is None or any(w is None for w in ws) or f in ws:
+                continue  # no fusion here, or the file's own attn_qkv (adapters name it directly)
+            lo = 0
+            for w, n in zip(ws, parts):
+                out.setdefault(id(w), []).append((f, lo, lo + n))
+                lo += n
+    return out
+
+
+def attach(net, adapters: list[tuple[Adapter, float]]) -> None:
+    """Install ``adapters`` [(adapter, user scale), ...] on ``net``, replacing any installed before;
+    an empty list leaves the base model. Checks every adapter against the model first."""
+    for ad, _ in adapters:
+        check(ad, net)
+    _clear(net)
+    net.loras = [(ad, float(s)) for ad, s in adapters]
+    if not net.loras:
+        return
+    net.lora_rows = rows = SlotScales()
+    places = _fused_places(net)
+    dev = net.device
+    for k, (ad, user) in enumerate(net.loras):
+        for name, (a, b) in ad.pairs.items():
+            s = ad.scale(name, user)
+            base = ad.scale(name, 1.0)
+            a, b = a.to(dev), b.to(dev)
+            if name == "token_embd.weight":  # llm_build_inp_embd: rows of the transposed A
+                net.lora_embd.append((a, b, s))  # (global scales only)
+                continue
+            w = net.weights().get(name)
+            if w is None:
+                raise LoRAError(f"{ad.path}: LoRA tensor {name!r} names a base tensor that this model does not use")
+            targets = [(w, 0, w.out_features)] + places.get(id(w), [])
+            for obj, lo, hi in targets:
+                if getattr(obj, "lora", None) is None:
+                    obj.lora = LowRank(rows)
+                obj.lora.terms.append((a, b, s, lo, hi, k, base))
+
+
+def embed_delta(net, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """x plus the adapters' token-embedding terms (llm_build_inp_embd: scale * B A[ids])."""
+    for a, b, s in getattr(net, "lora_embd", ()):
+        x = x + (a[ids] @ b.T) * s
+    return x
