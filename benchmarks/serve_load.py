@@ -2,7 +2,7 @@
 
     python benchmarks/serve_load.py [MODEL] [--clients 1,8,32] [--duration 30] [--max-tokens 64]
                                     [--temperature 0,0.8] [--parallel 8] [--threads 2] [--llama-cpp]
-                                    [--overhead] [--json OUT]
+                                    [--constrained] [--chat 64] [--overhead] [--json OUT]
 
 For each temperature T and client count C, C clients send streaming completions back to back for
 --duration seconds (then finish what is in flight) to one server started in a subprocess; with T > 0
@@ -12,6 +12,11 @@ streams: more than one id, no or several finish_reasons, usage that disagrees wi
 after the finish) and how many greedy answers differ from the same prompt served alone (batched
 numerics may flip a token where the top-2 margin is small; informational, not an error).
 
+--constrained runs each client count again with every completion constrained to a JSON schema
+(llama.cpp's `json_schema` field), long enough that the answers run to --max-tokens like the free ones,
+and prints constrained / unconstrained tok/s. --chat N sends N greedy chat requests at once and then
+the same N one at a time, and counts the answers that differ (none should: see "The same answer under
+load" in the README).
 --overhead compares one request through the server with Model.generate in this process.
 --llama-cpp adds llama.cpp's batched decode of 1 and --parallel sequences (llama-cpp-python's low-level
 batch API, as llama-batched-bench does), for each T: at T > 0 every sequence samples through its own
@@ -130,8 +135,15 @@ def pct(xs, q):
 SAMPLER = {"top_k": 40, "top_p": 0.95, "min_p": 0.05}  # sent with temperature > 0 (llama.cpp's defaults)
 
 
+# --constrained: every completion must follow this schema (llama.cpp's `json_schema` body field); it is long
+# enough that a constrained answer, like an ignore_eos one, runs to max_tokens, so the two compare token for token
+SCHEMA = {"type": "object", "properties": {"numbers": {"type": "array", "minItems": 200, "maxItems": 200,
+                                                        "items": {"type": "integer", "minimum": 0, "maximum": 99999}}},
+          "required": ["numbers"]}
+
+
 async def load(url: str, model: str, clients: int, duration: float, max_tokens: int, alone: dict,
-               temperature: float = 0.0) -> dict:
+               temperature: float = 0.0, constrained: bool = False) -> dict:
     import httpx
     from openai import AsyncOpenAI
 
@@ -139,7 +151,8 @@ async def load(url: str, model: str, clients: int, duration: float, max_tokens: 
                          http_client=httpx.AsyncClient(limits=httpx.Limits(max_connections=clients + 8)))
     ttft, tokens, errors, differ, done = [], [0], [], [0], [0]
     sampler = {"top_p": SAMPLER["top_p"]} if temperature > 0 else {}
-    extra = {"ignore_eos": True, **({"top_k": SAMPLER["top_k"], "min_p": SAMPLER["min_p"]} if temperature > 0 else {})}
+    extra = {"ignore_eos": True, **({"top_k": SAMPLER["top_k"], "min_p": SAMPLER["min_p"]} if temperature > 0 else {}),
+             **({"json_schema": SCHEMA} if constrained else {})}
     t_start = time.perf_counter()
     t_end = [t_start]
 
@@ -177,7 +190,7 @@ async def load(url: str, model: str, clients: int, duration: float, max_tokens: 
         ttft.append(first - t0)
         tokens[0] += usage.completion_tokens
         done[0] += 1
-        if temperature <= 0:  # sampled answers differ by design
+        if temperature <= 0 and not constrained:  # sampled (or constrained) answers differ by design
             differ[0] += alone.get(prompt, "".join(text)) != "".join(text)
         t_end[0] = max(t_end[0], time.perf_counter())
 
@@ -190,7 +203,8 @@ async def load(url: str, model: str, clients: int, duration: float, max_tokens: 
     await asyncio.gather(*(worker(w) for w in range(clients)))
     await client.close()
     wall = t_end[0] - t_start
-    return {"clients": clients, "temperature": temperature, "requests": done[0], "errors": len(errors),
+    return {"clients": clients, "temperature": temperature, "constrained": constrained, "requests": done[0],
+            "errors": len(errors),
             "error_samples": errors[:5],
             "completion_tokens": tokens[0], "wall_s": wall, "tok_s": tokens[0] / wall if wall > 0 else 0.0,
             "ttft_p50_s": pct(ttft, 0.5), "ttft_p99_s": pct(ttft, 0.99), "greedy_differs_from_alone": differ[0]}
@@ -202,6 +216,29 @@ def alone_answers(url: str, model: str, max_tokens: int) -> dict:
     c = OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
     return {p: c.completions.create(model=model, prompt=p, max_tokens=max_tokens, temperature=0,
                                     extra_body={"ignore_eos": True}).choices[0].text for p in PROMPTS}
+
+
+async def chat_invariance(url: str, model: str, n: int, max_tokens: int = 16) -> dict:
+    """n greedy chat requests sent at once (they share the slots, ride along, wait in the queue, reuse
+    each other's cached prefixes) against the same requests sent one at a time: how many answers differ.
+    The prompts run through the file's chat template (~40 tokens for SmolLM2), longer than the 32 tokens
+    that ride along with a decode step, so they are prefilled in chunks beside other sequences."""
+    import httpx
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600,
+                         http_client=httpx.AsyncClient(limits=httpx.Limits(max_connections=n + 8)))
+
+    async def ask(i: int) -> str:
+        r = await client.chat.completions.create(
+            model=model, max_tokens=max_tokens, temperature=0,
+            messages=[{"role": "user", "content": f"Write one sentence about the number {i}."}])
+        return r.choices[0].message.content or ""
+
+    together = await asyncio.gather(*(ask(i) for i in range(n)))
+    alone = [await ask(i) for i in range(n)]
+    await client.close()
+    return {"requests": n, "differ": sum(a != b for a, b in zip(together, alone))}
 
 
 def overhead(url: str, a, reps: int = 5) -> dict:
@@ -274,6 +311,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--overhead", action="store_true", help="server vs Model.generate for one request")
     ap.add_argument("--llama-cpp", action="store_true", help="llama.cpp's batched decode for comparison")
+    ap.add_argument("--constrained", action="store_true",
+                    help="also run each client count with a JSON schema (llama.cpp's json_schema field)")
+    ap.add_argument("--chat", type=int, default=0, metavar="N",
+                    help="N greedy chat requests at once vs the same alone: how many answers differ")
     ap.add_argument("--json", default=None, help="also write the results to this file")
     a = ap.parse_args()
     temps = [float(x) for x in a.temperature.split(",")]
@@ -284,14 +325,20 @@ def main() -> None:
            "duration_s": a.duration, "sampler": SAMPLER, "runs": []}
     try:
         alone = alone_answers(url, a.model, a.max_tokens)
-        for t, c in ((t, int(x)) for t in temps for x in a.clients.split(",")):
-            r = asyncio.run(load(url, a.model, c, a.duration, a.max_tokens, alone, t))
+        modes = [False, True] if a.constrained else [False]
+        for t, c, k in ((t, int(x), k) for t in temps for x in a.clients.split(",") for k in modes):
+            r = asyncio.run(load(url, a.model, c, a.duration, a.max_tokens, alone, t, k))
             res["runs"].append(r)
-            print(f"T={t:g} {c:3d} clients: {r['tok_s']:7.1f} tok/s  TTFT p50 {r['ttft_p50_s'] or 0:.3f}s "
+            print(f"T={t:g} {c:3d} clients{' json_schema' if k else ''}: {r['tok_s']:7.1f} tok/s  "
+                  f"TTFT p50 {r['ttft_p50_s'] or 0:.3f}s "
                   f"p99 {r['ttft_p99_s'] or 0:.3f}s  {r['requests']} requests, {r['errors']} errors, "
                   f"{r['greedy_differs_from_alone']} greedy answers differ from alone", flush=True)
             for e in r["error_samples"]:
                 print("    ", e)
+        if a.chat:
+            res["chat_invariance"] = ci = asyncio.run(chat_invariance(url, a.model, a.chat))
+            print(f"{ci['requests']} concurrent greedy chat requests: {ci['differ']} answers differ from the "
+                  f"same requests sent alone", flush=True)
         if a.overhead:
             res["overhead"] = o = overhead(url, a)
             print(f"one request: server {o['server_s']:.3f}s vs Model.generate {o['generate_worker_thread_s']:.3f}s "
@@ -307,7 +354,12 @@ def main() -> None:
             for x in lc:
                 print(f"llama.cpp batched decode, T={x['temperature']:g}, {x['n_seq']} sequences: "
                       f"{x['tok_s']:.1f} tok/s")
-    runs = {(r["temperature"], r["clients"]): r for r in res["runs"]}
+    runs = {(r["temperature"], r["clients"]): r for r in res["runs"] if not r["constrained"]}
+    for r in res["runs"]:
+        free = runs.get((r["temperature"], r["clients"]))
+        if r["constrained"] and free and free["tok_s"]:
+            print(f"ratio T={r['temperature']:g} {r['clients']} clients: json_schema / unconstrained: "
+                  f"{r['tok_s'] / free['tok_s']:.2f}x")
     for (t, c), r in runs.items():
         one = runs.get((t, 1))
         if c != 1 and one and one["tok_s"]:
