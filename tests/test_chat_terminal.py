@@ -151,6 +151,9 @@ class _Model:
     def __init__(self, n, at):
         self.n, self.at, self.closed = n, at, False
 
+    def _grammar(self, kw):  # Model's check of --json-schema/--grammar (none here)
+        return None
+
     def chat_steps(self, messages, **kw):
         from ggtorch.generate import Step, Timings
 

@@ -285,20 +285,36 @@ def test_chat_loss_covers_the_assistant_tokens_only(models):
     assert "general kenobi" in learned and "hello" not in learned
 
 
-def test_trained_adapter_loads_in_llama_cpp(models, trained):
-    llama_cpp = pytest.importorskip("llama_cpp")
-    import ctypes
+LLAMA_CPP_CHILD = r"""
+import ctypes, sys
+import numpy as np
+import llama_cpp
+model, adapter, out = sys.argv[1:4]
+prompt = [int(t) for t in sys.argv[4].split(",")]
+llm = llama_cpp.Llama(model_path=model, n_ctx=64, n_threads=2, n_batch=64, logits_all=True, verbose=False,
+                      seed=0, yarn_attn_factor=-1.0, yarn_beta_fast=-1.0, yarn_beta_slow=-1.0)
+h = llama_cpp.llama_adapter_lora_init(llm.model, adapter.encode())
+assert h
+arr = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(h)
+assert llama_cpp.llama_set_adapters_lora(llm.ctx, arr, 1, (ctypes.c_float * 1)(1.0)) == 0
+llm.eval(prompt)
+np.save(out, np.array(llm.scores[:len(prompt)], dtype=np.float32))
+"""
 
+
+def test_trained_adapter_loads_in_llama_cpp(models, trained, tmp_path):
+    """llama.cpp (optional: skipped without llama-cpp-python) loads the adapter we trained and gives our
+    logits. It runs in a child process: llama.cpp and PyTorch in one process can crash each other."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("llama_cpp")
     r, d = trained
-    llm = llama_cpp.Llama(model_path=str(TINY / "tiny-llama-F32.gguf"), n_ctx=64, n_threads=2, n_batch=64,
-                          logits_all=True, verbose=False, seed=0, yarn_attn_factor=-1.0, yarn_beta_fast=-1.0,
-                          yarn_beta_slow=-1.0)
-    h = llama_cpp.llama_adapter_lora_init(llm.model, str(d / "a.gguf").encode())
-    assert h
-    arr = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(h)
-    assert llama_cpp.llama_set_adapters_lora(llm.ctx, arr, 1, (ctypes.c_float * 1)(1.0)) == 0
-    llm.eval(PROMPT)
-    ref = np.array(llm.scores[:len(PROMPT)], dtype=np.float32)
+    out = tmp_path / "ref.npy"
+    p = subprocess.run([sys.executable, "-c", LLAMA_CPP_CHILD, str(TINY / "tiny-llama-F32.gguf"), str(d / "a.gguf"),
+                        str(out), ",".join(map(str, PROMPT))], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    ref = np.load(out)
     got = logits(models("F32"), [(str(d / "a.gguf"), 1.0)])
     assert np.abs(got - ref).max() / ref.std() <= LIMIT["F32"]
 

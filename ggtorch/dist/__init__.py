@@ -1,0 +1,1 @@
+"""Past one process: a model's layers split across processes with torch.distributed (pipeline.py)."""
