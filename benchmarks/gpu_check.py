@@ -154,31 +154,49 @@ def check_tiny_models(dev, tmp: str, dry: bool = False) -> list[str]:
 
 
 def check_graph(dev, tmp: str) -> list[str]:
-    """The static decode step (model/cuda_graph.py; captured as a CUDA graph on a GPU) against the
-    model's own batched decode (forward_batch), 3 steps of 4 sequences."""
-    from ggtorch.model.cuda_graph import StaticDecoder
+    """The decode step as a CUDA graph (model/cuda_graph.py, taken by forward/forward_batch on CUDA)
+    against the same steps without graphs: 4 sequences in slots out of order, 6 steps, then one
+    sequence alone; then the continuous-batching engine (what `serve` runs) against each prompt alone."""
+    from ggtorch.model import cuda_graph
 
     path = os.path.join(tmp, "tiny-Q4_K.gguf")
     if not os.path.exists(path):
         write_llama(path, "Q4_K", n_layer=2, n_embd=256, n_ff=768, n_head=4, n_head_kv=2, n_vocab=1024, seed=1)
-    net = ggtorch.load(path, device=str(dev), cache=False).net
+    m = ggtorch.load(path, device=str(dev), cache=False)
+    net = m.net
     prompts = [list(range(3, 3 + n)) for n in (5, 9, 2, 7)]
-    sd = StaticDecoder(net, batch=4, n_ctx=64)
-    toks = [int(sd.prefill(s, p)[-1].argmax()) for s, p in enumerate(prompts)]
-    sd.capture()
-    pool = net.new_pool(4, 64, dtype="f16")
-    for s, p in enumerate(prompts):
-        net.forward(p, pool, slot=s)
-    worst = 0.0
-    for _ in range(3):
-        a = sd.step(toks).float().cpu()
-        b = net.forward_batch(toks, [0, 1, 2, 3], pool).float().cpu()
-        worst = max(worst, float((a - b).abs().max() / b.std()))
-        toks = b.argmax(-1).tolist()
-    ok = worst <= 1e-3
-    log(f"  static decode step{' (CUDA graph)' if sd.graph is not None else ''} {'ok' if ok else 'FAIL'}  "
-        f"{worst:.2e} sigma from forward_batch")
-    return [] if ok else ["static decode step"]
+    slots = [2, 0, 3, 1]
+    pools = []
+    for graphs in (False, True):
+        cuda_graph.ENABLED = graphs
+        pool = net.new_pool(4, 64)
+        toks = [int(net.forward(p, pool, slot=s)[-1].argmax()) for s, p in zip(slots, prompts)]
+        outs = []
+        for _ in range(6):
+            lg = net.forward_batch(toks, slots, pool).float()
+            outs.append(lg.cpu())
+            toks = lg.argmax(-1).tolist()
+        outs.append(net.forward([toks[0]], pool, slot=slots[0]).float().cpu())
+        pools.append((pool, outs))
+    cuda_graph.ENABLED = True
+    (p0, ref), (p1, got) = pools
+    worst = max(float((a - b).abs().max() / b.std()) for a, b in zip(got, ref))
+    g = p1.__dict__.get("_graphs")
+    n = g.captures if g is not None else 0
+    ok = worst <= 1e-3 and (n >= 2 or dev.type != "cuda")
+    log(f"  decode step through CUDA graphs {'ok' if ok else 'FAIL'}  {worst:.2e} sigma from the eager steps, "
+        f"{n} graphs recorded")
+    fails = [] if ok else ["CUDA-graph decode step"]
+    # the engine: 6 prompts, 4 decoded together, against each alone
+    ps = [list(range(3, 3 + n)) for n in (4, 11, 6, 2, 9, 5)]
+    alone = [m.generate(p, max_tokens=10, ignore_eos=True).ids for p in ps]
+    together = [r.ids for r in m.generate_batch(ps, parallel=4, max_tokens=10, ignore_eos=True)]
+    same = sum(a == b for a, b in zip(alone, together))
+    log(f"  engine (serve's batching) {'ok' if same == len(ps) else 'FAIL'}  {same}/{len(ps)} prompts decoded "
+        f"4 at a time give their text alone")
+    if same != len(ps):
+        fails.append("engine batching")
+    return fails
 
 
 def kernel_sweep(dev, bw: float, small: bool) -> list[str]:
@@ -212,6 +230,8 @@ def kernel_sweep(dev, bw: float, small: bool) -> list[str]:
 
 # ---- speed --------------------------------------------------------------------------------------------
 def bench(path: str, dev, per_token: int, bw: float, prefill: int, steps: int) -> dict:
+    from ggtorch.model import cuda_graph
+
     if dev.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -227,70 +247,74 @@ def bench(path: str, dev, per_token: int, bw: float, prefill: int, steps: int) -
     r = {"file": os.path.basename(path), "load_s": load_s, "weights_gib": mem / 2 ** 30,
          "bytes_per_token": per_token, "bound_tok_s": bw / per_token}
     # prefill: one forward of `prefill` tokens (the first call compiles the kernels)
-    ids = torch.randint(0, V, (prefill,), generator=g).tolist()
-    for rep in range(2):
-        cache = net.new_cache(prefill + 8)
+    ids = torch.randint(0, V, (prefill + 16 + 8 * 8,), generator=g).tolist()
+    pool = net.new_pool(8, prefill + 16 + 8 * 8 + steps + 16)
+    for rep in range(3):
+        pool.truncate(0)
         sync(dev)
         t = time.perf_counter()
-        net.forward(ids, cache)
+        net.forward(ids[:prefill], pool)
         sync(dev)
         r["prefill_tok_s"] = prefill / (time.perf_counter() - t)
-    # decode, batch 1: forward() of one token, the next picked on the host (as generation does)
-    cache = net.new_cache(16 + steps + 8)
-    tok = int(net.forward(ids[:16], cache)[-1].argmax())
-    for i in range(steps + 3):
-        if i == 3:
-            sync(dev)
-            t = time.perf_counter()
-        tok = int(net.forward([tok], cache)[-1].argmax())
-    r["decode1_tok_s"] = steps / (time.perf_counter() - t)
-    # decode, batch 8: forward_batch over 8 slots of a pool
-    B = 8
-    ids = ids + torch.randint(0, V, (16 + 7 * B,), generator=g).tolist()
     p0, dp = (16, 7) if dev.type == "cuda" else (2, 1)  # each slot's prompt (short in the dry run)
-    pool = net.new_pool(B, p0 + dp * B + steps + 8)
-    toks = [int(net.forward(ids[:p0 + dp * s], pool, slot=s)[-1].argmax()) for s in range(B)]
-    slots = list(range(B))
-    for i in range(steps + 3):
-        if i == 3:
-            sync(dev)
-            t = time.perf_counter()
-        toks = net.forward_batch(toks, slots, pool).argmax(-1).tolist()
-    r["decode8_tok_s"] = B * steps / (time.perf_counter() - t)
-    # decode through the static step, replayed as one CUDA graph (model/cuda_graph.py)
-    from ggtorch.model.cuda_graph import StaticDecoder
-
-    for B in (1, 8):
-        try:
-            sd = StaticDecoder(net, batch=B, n_ctx=256)
-            toks = [int(sd.prefill(s, ids[:p0 + dp * s])[-1].argmax()) for s in range(B)]
-            sd.capture()
-            for i in range(steps + 3):
+    for graphs in (False, True):  # eager, then the step replayed as one CUDA graph (model/cuda_graph.py)
+        cuda_graph.ENABLED = graphs
+        tag = "graph" if graphs else "eager"
+        for B in (1, 8):
+            for s in range(B):
+                pool.truncate(0, slot=s)
+            toks = [int(net.forward(ids[:p0 + dp * s], pool, slot=s)[-1].argmax()) for s in range(B)]
+            slots = list(range(B))
+            for i in range(steps + 3):  # the host reads each step's tokens, as generation does
                 if i == 3:
                     sync(dev)
                     t = time.perf_counter()
-                toks = sd.step(toks).argmax(-1).tolist()
-            r[f"graph{B}_tok_s"] = B * steps / (time.perf_counter() - t)
-            del sd
-        except Exception as e:  # the eager figures stand; say why the graph did not
-            log(f"  static step, batch {B}: {type(e).__name__}: {str(e)[:300]}")
-            r[f"graph{B}_tok_s"] = float("nan")
+                if B == 1:
+                    toks = [int(net.forward(toks, pool, slot=0)[-1].argmax())]
+                else:
+                    toks = net.forward_batch(toks, slots, pool).argmax(-1).tolist()
+            r[f"{tag}{B}_tok_s"] = B * steps / (time.perf_counter() - t)
+    cuda_graph.ENABLED = True
+    gd = pool.__dict__.get("_graphs")
+    r["graphs"] = gd.captures if gd is not None else 0
     r["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30 if dev.type == "cuda" else 0.0
-    r["decode1_of_bound"] = r["decode1_tok_s"] / r["bound_tok_s"]
     r["graph1_of_bound"] = r["graph1_tok_s"] / r["bound_tok_s"]
-    del m, net, cache, pool
+    del m, net, pool
     return r
+
+
+def cli_bench(path: str, a) -> None:
+    """`ggtorch run` and `ggtorch bench` with --device cuda in a child process (the product's own path:
+    load, repack, prefill, decode through CUDA graphs); their output goes to the log and gpu_cli.txt."""
+    import subprocess
+
+    dev = ["--device", "cpu" if a.cpu_dry_run else "cuda"]
+    n = ["-p", "32", "-n", "4", "-r", "1"] if a.cpu_dry_run else ["-p", "512", "-n", "128", "-r", "3"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    out = []
+    for cmd in (["run", path, "-p", "Once upon a time", "-n", "16", "--ignore-eos"] + dev,
+                ["bench", path] + n + dev + ["--json"]):
+        t = time.perf_counter()
+        p = subprocess.run([sys.executable, "-m", "ggtorch"] + cmd, cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=150)
+        out.append(f"$ ggtorch {' '.join(cmd)}  (rc {p.returncode}, {time.perf_counter() - t:.1f} s)\n"
+                   f"{p.stdout[-3000:]}{p.stderr[-2000:]}")
+        log("  " + out[-1].replace("\n", "\n  "))
+        if p.returncode != 0:
+            raise RuntimeError(f"ggtorch {cmd[0]} exited {p.returncode}")
+    with open(os.path.join(a.out, "gpu_cli.txt"), "a") as f:
+        f.write("\n".join(out) + "\n")
 
 
 def table(rows: list[dict], bw: float, device: str) -> str:
     out = [f"ggtorch Triton path on {device}; copy bandwidth {bw / 1e9:.0f} GB/s (read + write)", "",
-           "| model | weights read/token | bound tok/s | decode b=1 tok/s: eager / graph (graph of bound) | "
-           "decode b=8 tok/s: eager / graph | prefill 512 tok/s | load s | GPU GiB (weights / peak) |",
+           "| model | weights read/token | bound tok/s | decode b=1 tok/s: graph (of bound) / eager | "
+           "decode b=8 tok/s: graph / eager | prefill 512 tok/s | load s | GPU GiB (weights / peak) |",
            "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         out.append(f"| {r['file']} | {r['bytes_per_token'] / 2 ** 20:.0f} MiB | {r['bound_tok_s']:.0f} | "
-                   f"{r['decode1_tok_s']:.1f} / {r['graph1_tok_s']:.1f} ({100 * r['graph1_of_bound']:.1f}%) | "
-                   f"{r['decode8_tok_s']:.1f} / {r['graph8_tok_s']:.1f} | "
+                   f"{r['graph1_tok_s']:.1f} ({100 * r['graph1_of_bound']:.1f}%) / {r['eager1_tok_s']:.1f} | "
+                   f"{r['graph8_tok_s']:.1f} / {r['eager8_tok_s']:.1f} | "
                    f"{r['prefill_tok_s']:.0f} | {r['load_s']:.1f} | {r['weights_gib']:.2f} / {r['peak_gib']:.2f} |")
     return "\n".join(out)
 
@@ -309,7 +333,10 @@ def main() -> int:
     models = a.models or os.path.join(os.environ.get("TMPDIR", "/tmp"), "ggtorch-gpu-models")
     os.makedirs(models, exist_ok=True)
     if a.cpu_dry_run:
+        from ggtorch.model import cuda_graph
+
         qt.enable_on_cpu()
+        cuda_graph.ON_CPU = True  # the graph step's code, eagerly
         dev = torch.device("cpu")
         device = "CPU (Triton interpreter dry run: not a measurement)"
     else:
@@ -371,6 +398,8 @@ def main() -> int:
                         f"exact path, greedy {same}/{n}")
                     if not ok:
                         fails.append(os.path.basename(path))
+            if ft == "Q4_K_M" or a.cpu_dry_run and ft == "Q4_0":  # the command line users type, end to end
+                stage(f"{ft} ggtorch bench", cli_bench, path, a)
             r = stage(f"{ft} speed", bench, path, dev, per_token, bw, prefill, steps)
             if r is not None:
                 log(f"  {json.dumps(r)}  ({time.perf_counter() - t_start:.0f} s)")

@@ -51,10 +51,14 @@ class Model:
             raise ModelError("--device cuda asked for, but PyTorch sees no CUDA device")
         if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
             raise ModelError(f"--device {device}: PyTorch sees {torch.cuda.device_count()} CUDA device(s)")
+        if ggml_numerics and device != "cpu":
+            raise ModelError("--ggml-numerics reproduces llama.cpp's CPU roundings and runs on --device cpu only")
         t0 = time.perf_counter()
         self.path = resolve(path)
         self.file = GGUFFile(self.path)
         self.net = build(self.file, device)
+        if self.net.device.type == "cuda":
+            self.net.ubatch = 512  # prompt slices as llama.cpp's n_ubatch: a GPU gains from longer ones
         self.cfg = self.net.cfg
         self.fast = fast
         self.repack_cache = "off"  # "hit", "miss" (repacked, then stored) or "off" (see quant.cache)

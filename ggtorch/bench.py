@@ -14,6 +14,11 @@ def peak_rss_mb() -> float:
     return r / 1024 if sys.platform != "darwin" else r / 2**20
 
 
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def bench(model: str, n_prompt: int = 512, n_gen: int = 128, reps: int = 3, device: str = "cpu",
           threads: int | None = None, fast: bool = True, kv_dtype=None, cache: bool = True) -> dict:
     from .api import load
@@ -26,10 +31,12 @@ def bench(model: str, n_prompt: int = 512, n_gen: int = 128, reps: int = 3, devi
     prompt = torch.randint(0, m.n_vocab, (n_prompt,), generator=g).tolist()
     pp, tg = [], []
     first_token_s = None
-    cache = None
+    # one pool for every repetition, as a session keeps its cache (on CUDA its decode graphs are
+    # recorded once, in the first repetition)
+    cache = m.net.new_pool(1, n_prompt + n_gen + 1)
     for r in range(reps):
-        del cache  # one cache alive at a time, as in real use
-        cache = m.net.new_cache(n_prompt + n_gen + 1)
+        cache.truncate(0)
+        sync(m.net.device)
         t = time.perf_counter()
         logits = m.net.forward(prompt, cache)
         tok = int(logits[-1].argmax())
@@ -37,19 +44,21 @@ def bench(model: str, n_prompt: int = 512, n_gen: int = 128, reps: int = 3, devi
         pp.append(n_prompt / dt)
         if first_token_s is None:
             first_token_s = load_s + dt
-        del cache
-        cache = m.net.new_cache(n_gen + 2)
+        cache.truncate(0)
         m.net.forward([prompt[0]], cache)
+        sync(m.net.device)
         t = time.perf_counter()
         for _ in range(n_gen):
             tok = int(m.net.forward([tok], cache)[-1].argmax())
         tg.append(n_gen / (time.perf_counter() - t))
+    graphs = getattr(cache.__dict__.get("_graphs"), "captures", 0)
     return {"model": m.path.rsplit("/", 1)[-1], "device": device + ("" if fast else " exact"), "threads": torch.get_num_threads(),
             "load_s": load_s, f"pp{n_prompt}_tok_s": statistics.median(pp), f"tg{n_gen}_tok_s": statistics.median(tg),
             "first_token_s": first_token_s, "peak_rss_mb": peak_rss_mb(), "n_prompt": n_prompt, "n_gen": n_gen,
             "reps": reps, "kv_type": m.kv_type, "kv_bytes_per_token": m.kv_bytes_per_token(),
             "kv_mb": m.kv_bytes_per_token() * (n_prompt + n_gen) / 1e6,
-            "repack_cache": getattr(m, "repack_cache", "off")}
+            "repack_cache": getattr(m, "repack_cache", "off"), "cuda_graphs": graphs,
+            **({"gpu_peak_mb": torch.cuda.max_memory_allocated() / 2**20} if m.net.device.type == "cuda" else {})}
 
 
 def kv_cell(r: dict) -> str:

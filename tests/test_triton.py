@@ -139,29 +139,6 @@ def test_dequant_matmul_is_untouched():
     torch.testing.assert_close(dequant_matmul(x, w), x @ w.dequantize().T)
 
 
-def test_static_decode_step_matches_forward_batch():
-    """model/cuda_graph.py's fixed-shape step (captured as a CUDA graph on a GPU; eager here) gives
-    the model's batched decode logits: static F16 cache, positions and ids in tensors, masked attention."""
-    from ggtorch.model.cuda_graph import StaticDecoder
-
-    net = ggtorch.load(str(TINY / "tiny-llama-Q4_K.gguf"), fast=False, cache=False).net
-    prompts = [[1, 5, 9, 200, 17], [1, 300, 22]]
-    sd = StaticDecoder(net, batch=2, n_ctx=16)
-    toks = [int(sd.prefill(s, p)[-1].argmax()) for s, p in enumerate(prompts)]
-    pool = net.new_pool(2, 16, dtype="f16")
-    for s, p in enumerate(prompts):
-        net.forward(p, pool, slot=s)
-    for _ in range(3):
-        a = sd.step(toks).clone()
-        b = net.forward_batch(toks, [0, 1], pool)
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-        toks = b.argmax(-1).tolist()
-    assert sd.pool.lens[:2] == [8, 6]
-    with pytest.raises(ggtorch.GGTorchError):  # a full static cache is one clear error
-        for _ in range(20):
-            sd.step(toks)
-
-
 class _Experts:
     """The parts of model.moe.Experts the MoE paths read."""
 

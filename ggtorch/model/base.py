@@ -13,7 +13,7 @@ import torch
 from ..errors import ContextError, ModelError
 from ..gguf.reader import GGUFFile
 from ..quant.linear import QWeight, embedding, qmatmul
-from . import fastpath
+from . import cuda_graph, fastpath
 from .config import Config
 from .layers import (BatchView, KVCache, SlotView, attention, attention_ext, attention_mask, rms_norm, rope,
                      rope_cache, rope_cache_yarn, softcap)
@@ -34,6 +34,7 @@ class Transformer:
         self.numerics = False  # llama.cpp's roundings (see model.numerics); use_ggml_numerics() turns it on
         self.ubatch = 256  # tokens per forward slice (measured: as fast as 512 on SmolLM2, 20 MB less peak)
         self.faults: dict = {}  # fault injection for debugging tools (see ggtorch.debug)
+        self.force_mask = False  # mask() never answers None (the CUDA-graph step attends over stale rows too)
         self.kv_dtype = torch.float32  # the KV cache's storage type (the API sets it: f16 like llama.cpp)
 
     # ---- weights -------------------------------------------------------------------------------
@@ -136,6 +137,11 @@ class Transformer:
         if T > ub and trace is None:  # long prompts in slices, like llama.cpp's n_ubatch: less working memory
             outs = [self.forward(ids[i:i + ub], cache, start + i, all_logits, slot=slot) for i in range(0, T, ub)]
             return torch.cat(outs) if all_logits else outs[-1]
+        if T == 1 and trace is None and cuda_graph.usable(self, cache):  # a decode step on CUDA: one graph
+            try:
+                return cuda_graph.decode(self, cache, ids, [slot], [start])
+            except cuda_graph.Fallback:
+                pass
         cache.reserve(start + T)
         pos = torch.arange(start, start + T, device=self.device)
         x = self._run(ids, pos, start + T, SlotView(cache, slot), start, trace)
@@ -181,6 +187,12 @@ class Transformer:
                     got[r] = lg[r - i:r - i + 1] if every else lg
                 i = j
             return torch.cat([got[r] for r in want]) if want else torch.empty(0, self.cfg.n_vocab)
+        if len(seen) == len(slots) and cuda_graph.usable(self, cache):  # one token per sequence on CUDA
+            try:
+                out = cuda_graph.decode(self, cache, ids, slots, lens)
+                return out if rows is None else out[rows]
+            except cuda_graph.Fallback:
+                pass
         end = max(lens) + 1
         cache.reserve(end)
         pos = torch.tensor(lens, dtype=torch.long, device=self.device)
@@ -291,7 +303,8 @@ class Transformer:
 
     def mask(self, pos: torch.Tensor, n_kv: int, window: int = 0) -> torch.Tensor | None:
         """Boolean [T, n_kv] or None when nothing is masked (one new token that sees the whole cache)."""
-        if self.faults.get("no_causal_mask") or (pos.numel() == 1 and (window == 0 or n_kv <= window)):
+        if self.faults.get("no_causal_mask") or (pos.numel() == 1 and (window == 0 or n_kv <= window)
+                                                 and not self.force_mask):
             return None
         return attention_mask(pos, torch.arange(n_kv, device=self.device), window)
 
