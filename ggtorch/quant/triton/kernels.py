@@ -13,6 +13,8 @@ kernels are to run on CPU tensors.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -110,6 +112,11 @@ TILED_TILES = (64, 64, 64)
 # Under the interpreter (CPU tensors) a program's tile is one numpy operation: big tiles, few programs
 # (Triton caps a tensor at 2**20 elements: the matvec's [BM, BN, BK] product too).
 CPU_TILED_TILES = (64, 1024, 1024)
+# Prefill (more than DEQUANT_ROWS activation rows) on CUDA: "dequant" writes the weights once as fp16
+# and multiplies with cuBLAS (tensor cores, its own tiling; the fp16 copy is transient), "tiled" runs
+# the _tiled kernel above. gpu_check.py measures both.
+PREFILL = os.environ.get("GGTORCH_TRITON_PREFILL", "dequant")
+DEQUANT_ROWS = 64
 
 
 def _cpu_matvec_tiles(bm: int) -> tuple[int, int]:
@@ -142,6 +149,9 @@ def linear(x: torch.Tensor, state: dict, p: Params, n_out: int, tiles=None) -> t
         bm = triton.next_power_of_2(M)
         bn, bk = tiles or (_cpu_matvec_tiles(bm) if x.device.type == "cpu" else MATVEC_TILES[bm])
         _matvec[(triton.cdiv(n_out, bn),)](x, y, M, n_out, K, *args, BM=bm, BN=bn, BK=bk, **consts)
+    elif PREFILL == "dequant" and M > DEQUANT_ROWS and x.device.type == "cuda" and tiles is None:
+        w16 = dequantize(state, p, n_out, x.device, torch.float16)
+        y.copy_(x.to(torch.float16) @ w16.T)
     else:
         bm, bn, bk = tiles or (CPU_TILED_TILES if x.device.type == "cpu" else TILED_TILES)
         _tiled[(triton.cdiv(M, bm), triton.cdiv(n_out, bn))](x, y, M, n_out, K, *args, BM=bm, BN=bn, BK=bk, **consts)
@@ -159,14 +169,14 @@ def _dequant_rows(y_ptr, N, K, lo_ptr, hi_ptr, d_ptr, sc_ptr, m_ptr, mn_ptr, tab
     mask = (rows < N)[:, None] & (cols < K)[None, :]
     w = _dequant(lo_ptr, hi_ptr, d_ptr, sc_ptr, m_ptr, mn_ptr, tab_ptr, rows, cols, mask, K, LO_BITS, HI_BITS, OFF,
                  SB, G, HAS_SC, HAS_M, HAS_MN, MIN_SUB, TABLE)
-    tl.store(y_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], w, mask=mask)
+    tl.store(y_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], w.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def dequantize(state: dict, p: Params, n_rows: int, device) -> torch.Tensor:
-    """float32 [n_rows, K] from the layout (the weights the kernels multiply; tests compare them with
-    ggtorch.quant.dequant bit for bit)."""
+def dequantize(state: dict, p: Params, n_rows: int, device, dtype=torch.float32) -> torch.Tensor:
+    """[n_rows, K] weights from the layout in ``dtype`` (float32: the weights the kernels multiply,
+    which tests compare with ggtorch.quant.dequant bit for bit; float16 for the prefill's GEMM)."""
     K = state["d"].shape[1] * p.SB
-    y = torch.empty(n_rows, K, dtype=torch.float32, device=device)
+    y = torch.empty(n_rows, K, dtype=dtype, device=device)
     lo = state["lo"]
     args = [lo, state.get("hi", lo), state["d"], state.get("sc", lo), state.get("m", lo), state.get("mn", lo),
             _table(device) if p.TABLE else state["d"]]
