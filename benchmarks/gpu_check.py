@@ -223,6 +223,19 @@ def kernel_sweep(dev, bw: float, small: bool) -> list[str]:
             sync(dev)
             dt = (time.perf_counter() - t) / reps
             res.append(f"{tiles[0]}x{tiles[1]}: {nbytes / dt / 1e9:.0f} GB/s ({100 * nbytes / dt / bw:.0f}%)")
+        for m in (1, 8):  # the autotuned decode kernel (_matvec_acc) the product uses
+            x = torch.randn(m, k, device=dev)
+            K.linear(x, w.state, w.tparams, n)
+            sync(dev)
+            reps = 3 if small else 200
+            t = time.perf_counter()
+            for _ in range(reps):
+                K.linear(x, w.state, w.tparams, n)
+            sync(dev)
+            dt = (time.perf_counter() - t) / reps
+            tuned = K._matvec_1 if m == 1 else K._matvec_n
+            best = getattr(tuned, "best_config", None)
+            res.append(f"tuned b={m} {best.kwargs if best else ''}: {nbytes / dt / 1e9:.0f} GB/s ({100 * nbytes / dt / bw:.0f}%)")
         lines.append(f"  matvec {name:5s} " + ", ".join(res))
         log(lines[-1])
     return lines
@@ -290,6 +303,31 @@ def bench(path: str, dev, per_token: int, bw: float, prefill: int, steps: int) -
     r["graph1_of_bound"] = r["graph1_tok_s"] / r["bound_tok_s"]
     del m, net, pool
     return r
+
+
+def profile_step(path: str, dev) -> None:
+    """Where an eager batch-1 decode step's GPU time goes (torch.profiler, 5 steps): the kernels by
+    total time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    m = ggtorch.load(path, device=str(dev), cache=False)
+    net = m.net
+    cache = net.new_pool(1, 64)
+    tok = int(net.forward(list(range(3, 19)), cache)[-1].argmax())
+    for _ in range(3):
+        tok = int(net.forward([tok], cache)[-1].argmax())
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(5):
+            tok = int(net.forward([tok], cache)[-1].argmax())
+    ka = prof.key_averages()
+    for key in ("self_device_time_total", "self_cuda_time_total", "self_cpu_time_total"):
+        try:
+            log(ka.table(sort_by=key, row_limit=18, max_name_column_width=60))
+            break
+        except Exception:
+            continue
+    del m, net, cache
 
 
 def cli_bench(path: str, a) -> None:
@@ -409,6 +447,7 @@ def main() -> int:
                         fails.append(os.path.basename(path))
             if ft == "Q4_K_M" or a.cpu_dry_run and ft == "Q4_0":  # the command line users type, end to end
                 stage(f"{ft} ggtorch bench", cli_bench, path, a)
+                stage(f"{ft} profile", profile_step, path, dev)
             r = stage(f"{ft} speed", bench, path, dev, per_token, bw, prefill, steps)
             if r is not None:
                 log(f"  {json.dumps(r)}  ({time.perf_counter() - t_start:.0f} s)")

@@ -82,6 +82,46 @@ def _matvec(x_ptr, y_ptr, M, N, K, lo_ptr, hi_ptr, d_ptr, sc_ptr, m_ptr, mn_ptr,
 
 
 @triton.jit
+def _matvec_acc(x_ptr, y_ptr, M, N, K, lo_ptr, hi_ptr, d_ptr, sc_ptr, m_ptr, mn_ptr, tab_ptr,
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                LO_BITS: tl.constexpr, HI_BITS: tl.constexpr, OFF: tl.constexpr, SB: tl.constexpr, G: tl.constexpr,
+                HAS_SC: tl.constexpr, HAS_M: tl.constexpr, HAS_MN: tl.constexpr, MIN_SUB: tl.constexpr,
+                TABLE: tl.constexpr):
+    """Decode (1-8 activation rows) on CUDA: products accumulate element-wise in a [BM, BN, BK] tile and
+    are summed once at the end (no reduction per K step); few weight rows per program and long K
+    steps, so a matrix of a few thousand rows still gives every multiprocessor several programs
+    (llama.cpp's mul_mat_vec_q likewise gives each row a block of threads along K)."""
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    ms = tl.arange(0, BM)
+    rmask = rows < N
+    mmask = ms < M
+    acc = tl.zeros((BM, BN, BK), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        cols = k0 + tl.arange(0, BK)
+        cmask = cols < K
+        w = _dequant(lo_ptr, hi_ptr, d_ptr, sc_ptr, m_ptr, mn_ptr, tab_ptr, rows, cols,
+                     rmask[:, None] & cmask[None, :], K, LO_BITS, HI_BITS, OFF, SB, G, HAS_SC, HAS_M, HAS_MN,
+                     MIN_SUB, TABLE)
+        x = tl.load(x_ptr + ms[:, None] * K + cols[None, :], mask=mmask[:, None] & cmask[None, :], other=0.0)
+        acc += w[None, :, :] * x[:, None, :]
+    tl.store(y_ptr + ms[:, None] * N + rows[None, :], tl.sum(acc, axis=2), mask=mmask[:, None] & rmask[None, :])
+
+
+# On CUDA the decode kernel picks its tile by measuring on first use (per row block, type and matrix
+# shape): the best tile depends on the chip and the shape, and gpu_check.py showed the fixed tiles of
+# _matvec at 4-9% of the copy bandwidth on an H200.
+_KEY = ["N", "K", "BM", "LO_BITS", "HI_BITS", "HAS_SC", "HAS_M", "TABLE"]
+_CONFIGS_1 = [triton.Config({"BN": bn, "BK": bk}, num_warps=w)
+              for bn, bk, w in ((1, 1024, 4), (2, 1024, 4), (2, 512, 4), (4, 512, 4), (4, 256, 4),
+                                (8, 256, 4), (1, 2048, 8), (2, 2048, 8), (4, 1024, 8))]
+_CONFIGS_N = [triton.Config({"BN": bn, "BK": bk}, num_warps=w)
+              for bn, bk, w in ((1, 512, 4), (2, 256, 4), (4, 128, 4), (1, 256, 4), (2, 128, 4), (8, 64, 4),
+                                (1, 1024, 8), (2, 512, 8))]
+_matvec_1 = triton.autotune(configs=_CONFIGS_1, key=_KEY)(_matvec_acc)
+_matvec_n = triton.autotune(configs=_CONFIGS_N, key=_KEY)(_matvec_acc)
+
+
+@triton.jit
 def _tiled(x_ptr, y_ptr, M, N, K, lo_ptr, hi_ptr, d_ptr, sc_ptr, m_ptr, mn_ptr, tab_ptr,
            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
            LO_BITS: tl.constexpr, HI_BITS: tl.constexpr, OFF: tl.constexpr, SB: tl.constexpr, G: tl.constexpr,
@@ -116,6 +156,8 @@ CPU_TILED_TILES = (64, 1024, 1024)
 # and multiplies with cuBLAS (tensor cores, its own tiling; the fp16 copy is transient), "tiled" runs
 # the _tiled kernel above. gpu_check.py measures both.
 PREFILL = os.environ.get("GGTORCH_TRITON_PREFILL", "dequant")
+# decode on CUDA: the autotuned _matvec_acc ("0": the fixed tiles of _matvec)
+MATVEC_TUNED = os.environ.get("GGTORCH_TRITON_MATVEC_TUNED", "1") != "0"
 DEQUANT_ROWS = 64
 
 
@@ -145,7 +187,11 @@ def linear(x: torch.Tensor, state: dict, p: Params, n_out: int, tiles=None) -> t
             _table(x.device) if p.TABLE else state["d"]]
     consts = dict(LO_BITS=p.LO_BITS, HI_BITS=p.HI_BITS, OFF=p.OFF, SB=p.SB, G=p.G, HAS_SC=p.HAS_SC, HAS_M=p.HAS_M,
                   HAS_MN=p.HAS_MN, MIN_SUB=p.MIN_SUB, TABLE=p.TABLE)
-    if M <= MAX_MATVEC_ROWS:
+    if M <= MAX_MATVEC_ROWS and x.device.type == "cuda" and tiles is None and MATVEC_TUNED:
+        kern = _matvec_1 if M == 1 else _matvec_n
+        kern[lambda meta: (triton.cdiv(n_out, meta["BN"]),)](x, y, M, n_out, K, *args, BM=triton.next_power_of_2(M),
+                                                             **consts)
+    elif M <= MAX_MATVEC_ROWS:
         bm = triton.next_power_of_2(M)
         bn, bk = tiles or (_cpu_matvec_tiles(bm) if x.device.type == "cpu" else MATVEC_TILES[bm])
         _matvec[(triton.cdiv(n_out, bn),)](x, y, M, n_out, K, *args, BM=bm, BN=bn, BK=bk, **consts)
