@@ -23,6 +23,38 @@ from .layout import Params
 
 
 @triton.jit
+def _scales(d_ptr, sc_ptr, m_ptr, mn_ptr, r, c, mask, K, SB: tl.constexpr, G: tl.constexpr,
+            HAS_SC: tl.constexpr, HAS_M: tl.constexpr, HAS_MN: tl.constexpr):
+    """(scale, min) of the weights at rows r, columns c (min 0 for types without one)."""
+    scale = tl.load(d_ptr + r * (K // SB) + c // SB, mask=mask, other=0).to(tl.float32)
+    if HAS_SC:  # K-quants: dl = d * sc, as ggml forms it before multiplying the value
+        scale = scale * tl.load(sc_ptr + r * (K // G) + c // G, mask=mask, other=0).to(tl.float32)
+    mn = scale * 0.0
+    if HAS_M:
+        mn = tl.load(m_ptr + r * (K // SB) + c // SB, mask=mask, other=0).to(tl.float32)
+        if HAS_MN:
+            mn = mn * tl.load(mn_ptr + r * (K // G) + c // G, mask=mask, other=0).to(tl.float32)
+    return scale, mn
+
+
+@triton.jit
+def _weights(code, scale, mn, tab_ptr, mask, OFF: tl.constexpr, HAS_M: tl.constexpr, MIN_SUB: tl.constexpr,
+             TABLE: tl.constexpr):
+    """scale * value (+ or - min), in ggml's order of operations."""
+    if TABLE:
+        v = tl.load(tab_ptr + code, mask=mask, other=0.0)
+    else:
+        v = (code - OFF).to(tl.float32)
+    w = scale * v
+    if HAS_M:
+        if MIN_SUB:
+            w = w - mn
+        else:
+            w = w + mn
+    return w
+
+
+@triton.jit
 def _dequant(lo_ptr, hi_ptr, d_ptr, sc_ptr, m_ptr, mn_ptr, tab_ptr, rows, cols, mask, K,
              LO_BITS: tl.constexpr, HI_BITS: tl.constexpr, OFF: tl.constexpr, SB: tl.constexpr, G: tl.constexpr,
              HAS_SC: tl.constexpr, HAS_M: tl.constexpr, HAS_MN: tl.constexpr, MIN_SUB: tl.constexpr,
@@ -40,23 +72,41 @@ def _dequant(lo_ptr, hi_ptr, d_ptr, sc_ptr, m_ptr, mn_ptr, tab_ptr, rows, cols, 
         PH: tl.constexpr = 8 // HI_BITS
         hb = tl.load(hi_ptr + r * (K // PH) + c // PH, mask=mask, other=0).to(tl.int32)
         code = code | (((hb >> ((c % PH) * HI_BITS)) & ((1 << HI_BITS) - 1)) << LO_BITS)
-    scale = tl.load(d_ptr + r * (K // SB) + c // SB, mask=mask, other=0).to(tl.float32)
-    if HAS_SC:  # K-quants: dl = d * sc, as ggml forms it before multiplying the value
-        scale = scale * tl.load(sc_ptr + r * (K // G) + c // G, mask=mask, other=0).to(tl.float32)
-    if TABLE:
-        v = tl.load(tab_ptr + code, mask=mask, other=0.0)
-    else:
-        v = (code - OFF).to(tl.float32)
-    w = scale * v
-    if HAS_M:
-        mn = tl.load(m_ptr + r * (K // SB) + c // SB, mask=mask, other=0).to(tl.float32)
-        if HAS_MN:
-            mn = mn * tl.load(mn_ptr + r * (K // G) + c // G, mask=mask, other=0).to(tl.float32)
-        if MIN_SUB:
-            w = w - mn
-        else:
-            w = w + mn
-    return w
+    scale, mn = _scales(d_ptr, sc_ptr, m_ptr, mn_ptr, r, c, mask, K, SB, G, HAS_SC, HAS_M, HAS_MN)
+    return _weights(code, scale, mn, tab_ptr, mask, OFF, HAS_M, MIN_SUB, TABLE)
+
+
+@triton.jit
+def _matvec_pairs(x_ptr, y_ptr, M, N, K, lo_ptr, hi_ptr, d_ptr, sc_ptr, m_ptr, mn_ptr, tab_ptr,
+                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                  LO_BITS: tl.constexpr, HI_BITS: tl.constexpr, OFF: tl.constexpr, SB: tl.constexpr,
+                  G: tl.constexpr, HAS_SC: tl.constexpr, HAS_M: tl.constexpr, HAS_MN: tl.constexpr,
+                  MIN_SUB: tl.constexpr, TABLE: tl.constexpr):
+    """Decode for the 4-bit layouts without high bits (Q4_0, Q4_1, Q4_K, IQ4_NL, IQ4_XS) on CUDA: each
+    step loads BK/2 consecutive bytes of a row (wide loads) and takes both nibbles of each, the even
+    and the odd column, which share their block's scales (loaded once); sums as _matvec_acc."""
+    BH: tl.constexpr = BK // 2
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    ms = tl.arange(0, BM)
+    rmask = rows < N
+    mmask = ms < M
+    r = rows.to(tl.int64)[:, None]
+    j = tl.arange(0, BH)
+    acc = tl.zeros((BM, BN, BH), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        jb = k0 // 2 + j
+        jmask = jb < K // 2
+        mask = rmask[:, None] & jmask[None, :]
+        byte = tl.load(lo_ptr + r * (K // 2) + jb[None, :], mask=mask, other=0).to(tl.int32)
+        ce = k0 + 2 * j  # the even column of each byte; the odd one is ce + 1, in the same block
+        scale, mn = _scales(d_ptr, sc_ptr, m_ptr, mn_ptr, r, ce[None, :], mask, K, SB, G, HAS_SC, HAS_M, HAS_MN)
+        we = _weights(byte & 15, scale, mn, tab_ptr, mask, OFF, HAS_M, MIN_SUB, TABLE)
+        wo = _weights(byte >> 4, scale, mn, tab_ptr, mask, OFF, HAS_M, MIN_SUB, TABLE)
+        xm = mmask[:, None] & jmask[None, :]
+        xe = tl.load(x_ptr + ms[:, None] * K + ce[None, :], mask=xm, other=0.0)
+        xo = tl.load(x_ptr + ms[:, None] * K + ce[None, :] + 1, mask=xm, other=0.0)
+        acc += we[None, :, :] * xe[:, None, :] + wo[None, :, :] * xo[:, None, :]
+    tl.store(y_ptr + ms[:, None] * N + rows[None, :], tl.sum(acc, axis=2), mask=mmask[:, None] & rmask[None, :])
 
 
 @triton.jit
@@ -119,6 +169,10 @@ _CONFIGS_N = [triton.Config({"BN": bn, "BK": bk}, num_warps=w)
                                 (1, 1024, 8), (2, 512, 8))]
 _matvec_1 = triton.autotune(configs=_CONFIGS_1, key=_KEY)(_matvec_acc)
 _matvec_n = triton.autotune(configs=_CONFIGS_N, key=_KEY)(_matvec_acc)
+_pairs_1 = triton.autotune(configs=_CONFIGS_1, key=_KEY)(_matvec_pairs)
+_pairs_n = triton.autotune(configs=_CONFIGS_N, key=_KEY)(_matvec_pairs)
+# "pairs": the 4-bit layouts without high bits take _matvec_pairs ("0": _matvec_acc for them too)
+PAIRS = os.environ.get("GGTORCH_TRITON_PAIRS", "1") != "0"
 
 
 @triton.jit
@@ -188,7 +242,10 @@ def linear(x: torch.Tensor, state: dict, p: Params, n_out: int, tiles=None) -> t
     consts = dict(LO_BITS=p.LO_BITS, HI_BITS=p.HI_BITS, OFF=p.OFF, SB=p.SB, G=p.G, HAS_SC=p.HAS_SC, HAS_M=p.HAS_M,
                   HAS_MN=p.HAS_MN, MIN_SUB=p.MIN_SUB, TABLE=p.TABLE)
     if M <= MAX_MATVEC_ROWS and x.device.type == "cuda" and tiles is None and MATVEC_TUNED:
-        kern = _matvec_1 if M == 1 else _matvec_n
+        if PAIRS and p.LO_BITS == 4 and p.HI_BITS == 0:
+            kern = _pairs_1 if M == 1 else _pairs_n
+        else:
+            kern = _matvec_1 if M == 1 else _matvec_n
         kern[lambda meta: (triton.cdiv(n_out, meta["BN"]),)](x, y, M, n_out, K, *args, BM=triton.next_power_of_2(M),
                                                              **consts)
     elif M <= MAX_MATVEC_ROWS:
