@@ -167,7 +167,7 @@ def cmd_bench(a) -> int:
     from ..bench import bench, format_table
 
     r = bench(a.model, n_prompt=a.n_prompt, n_gen=a.n_gen, reps=a.repetitions, device=a.device, threads=a.threads,
-              fast=a.fast, kv_dtype=a.cache_type, cache=getattr(a, "cache", True))
+              fast=a.fast, kv_dtype=a.cache_type, cache=getattr(a, "cache", True), bound=a.bound)
     if a.json:
         print_json(r)
     else:
@@ -223,4 +223,7 @@ def register(sub) -> None:
     p.add_argument("-n", "--n-gen", type=int, default=128)
     p.add_argument("-r", "--repetitions", type=int, default=3)
     p.add_argument("--cache-type", default=None, choices=["f16", "bf16", "f32"], help="KV cache type (default f16)")
+    p.add_argument("--bound", action="store_true",
+                   help="also measure memory bandwidth (a 1 GiB read in a child process) and print decode's "
+                        "bound: the weight bytes a token reads / bandwidth, and the share of it reached")
     p.add_argument("--json", action="store_true")
