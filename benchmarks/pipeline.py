@@ -4,7 +4,7 @@ PipelineNet.forward_batch with and without micro-batches), and the per-token han
 state [1, n_embd] to stage 1, logits [1, n_vocab] back to stage 0, no compute).
 
     python benchmarks/pipeline.py [MODEL] [-n 32] [--rounds 2] [--threads 2] [--batch 4] [--micro 1,2,4]
-                                  [--handoff-only]
+                                  [--configs 1x2,1x1,2x2,2x1] [--handoff-only]
 
 MODEL defaults to the 1.1B synthetic Q4_0 of make_synthetic.py when /tmp/ggtorch-synthetic holds it,
 else smollm2-135m. Each round runs, in fresh processes and in this order (the machine's load drifts):
@@ -151,6 +151,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=4, help="sequences decoded together (default 4)")
     ap.add_argument("--micro", default="1,2,4", help="micro-batch counts to time on the pipeline (default 1,2,4)")
+    ap.add_argument("--configs", default=None, help="STAGESxTHREADS,... to run instead of the four (e.g. 1x1,2x1)")
     ap.add_argument("--stages", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
@@ -167,6 +168,8 @@ def main() -> None:
     half = max(1, args.threads // 2)
     configs = [(1, args.threads), (1, half), (2, args.threads), (2, half)] if half < args.threads else \
         [(1, args.threads), (2, args.threads)]
+    if args.configs:
+        configs = [tuple(int(v) for v in c.split("x")) for c in args.configs.split(",")]
     runs: dict = {c: [] for c in configs}
     for _ in range(args.rounds):  # interleaved: the machine's load drifts
         for st, th in configs:

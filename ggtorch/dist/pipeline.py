@@ -430,6 +430,8 @@ def cli(a, body) -> int:
         torch.set_num_threads(int(a.threads))
     if getattr(a, "ggml_numerics", False):
         raise PipelineError("--ggml-numerics runs in one process (no --pipeline)")
+    if getattr(a, "lora", None) or getattr(a, "lora_scaled", None):
+        raise PipelineError("LoRA adapters (--lora, --lora-scaled) run in one process (no --pipeline)")
     n = int(a.pipeline)
     if "RANK" not in os.environ:
         raise PipelineError(f"--pipeline {n} runs one process per stage: start it under torchrun --nproc-per-node {n}")
