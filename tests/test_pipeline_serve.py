@@ -2,7 +2,8 @@
 gives its workers (RANK, WORLD_SIZE, MASTER_ADDR/PORT). Stage 0 serves HTTP and samples; its batched
 steps go through both stages in micro-batches. The `openai` client gets the single-process server's
 greedy text, alone and with 4 requests at once; killing stage 1 mid-answer ends that answer with a
-clear error, later requests get a 503 naming the lost stage, and stage 0 still exits cleanly."""
+clear error, later requests get a 503 naming the lost stage, and stage 0 still exits cleanly; a stage
+that stops answering fails the answer after the pipeline's timeout."""
 import concurrent.futures
 import os
 import signal
@@ -45,12 +46,11 @@ def _wait_up(url: str, procs, timeout: float = 120.0) -> None:
     raise AssertionError("the pipeline server did not come up")
 
 
-@pytest.fixture(scope="module")
-def pipe_server(tmp_path_factory):
+def _launch(timeout_s: float):
     """Stage 0 (HTTP on a free port) and stage 1 of `ggtorch serve --pipeline 2 --micro-batches 2`."""
     http, master = _port(), _port()
     cmd = [sys.executable, "-m", "ggtorch", "serve", MODEL, "--pipeline", "2", "--micro-batches", "2",
-           "--pipeline-timeout", "10", "--parallel", str(PARALLEL), "--ctx", str(CTX), "--port", str(http),
+           "--pipeline-timeout", str(timeout_s), "--parallel", str(PARALLEL), "--ctx", str(CTX), "--port", str(http),
            "--threads", "1"]
     procs = []
     for rank in (0, 1):
@@ -58,15 +58,24 @@ def pipe_server(tmp_path_factory):
                    LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master))
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                       text=True))
-    url = f"http://127.0.0.1:{http}"
+    return f"http://127.0.0.1:{http}", procs
+
+
+def _end(procs) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+
+
+@pytest.fixture(scope="module")
+def pipe_server():
+    url, procs = _launch(10)
     try:
         _wait_up(url, procs)
         yield url, procs
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
+        _end(procs)
 
 
 @pytest.fixture(scope="module")
@@ -129,23 +138,28 @@ def test_pipeline_serve_answers_like_one_process(pipe_server, single_server):
     assert h["status"] == "ok"
 
 
+def _broken_stream(c, fault) -> str:
+    """A long streamed answer, ``fault()`` applied after its first chunk: the error the client got."""
+    stream = c.completions.create(model="m", prompt=PROMPTS[0], max_tokens=480, temperature=0, stream=True,
+                                  extra_body={"ignore_eos": True})
+    pieces = []
+    try:
+        for ch in stream:
+            if not pieces:
+                fault()  # mid-answer
+            pieces.append(ch)
+    except openai.APIError as e:
+        return str(e)
+    raise AssertionError(f"the answer ended without an error after {len(pieces)} chunks")
+
+
 def test_killed_stage_gives_clear_errors(pipe_server):
     """Runs last (it kills the module's stage 1)."""
     url, (stage0, stage1) = pipe_server
     c = _client(url)
-    stream = c.completions.create(model="m", prompt=PROMPTS[0], max_tokens=480, temperature=0, stream=True,
-                                  extra_body={"ignore_eos": True})
     t0 = time.monotonic()
-    pieces, err = [], None
-    try:
-        for ch in stream:
-            if not pieces:
-                stage1.kill()  # mid-answer
-            pieces.append(ch)
-    except openai.APIError as e:
-        err = str(e)
-    assert err is not None, f"the answer ended without an error after {len(pieces)} chunks"
-    assert "lost contact with stage 1" in err and "process ended" in err, err
+    err = _broken_stream(c, stage1.kill)
+    assert "lost contact with stage 1: its process ended" in err, err
     assert time.monotonic() - t0 < 30
     stage1.wait(10)
     # a later request: a 503 naming the lost stage, at once; the server stays up and says so on /health
@@ -159,3 +173,20 @@ def test_killed_stage_gives_clear_errors(pipe_server):
     # and it still shuts down cleanly
     stage0.send_signal(signal.SIGTERM)
     assert stage0.wait(30) == 0, stage0.stderr.read()[-3000:]
+
+
+def test_silent_stage_times_out():
+    """A stage that stops answering (SIGSTOP) fails the answer in flight after --pipeline-timeout."""
+    url, (stage0, stage1) = _launch(2)
+    try:
+        _wait_up(url, (stage0, stage1))
+        t0 = time.monotonic()
+        err = _broken_stream(_client(url), lambda: stage1.send_signal(signal.SIGSTOP))
+        assert "lost contact with stage 1: no answer within 2 s" in err, err
+        assert time.monotonic() - t0 < 20
+        assert httpx.get(url + "/health").status_code == 503
+        stage0.send_signal(signal.SIGTERM)
+        assert stage0.wait(30) == 0, stage0.stderr.read()[-3000:]
+    finally:
+        stage1.send_signal(signal.SIGCONT)
+        _end((stage0, stage1))
