@@ -1,5 +1,6 @@
 """A model split by layers across two processes (ggtorch.dist.pipeline, gloo on loopback) gives the single
-process's logits bit for bit and its greedy text, for every architecture; a stage that dies or goes
+process's logits bit for bit and its greedy text, for every architecture, also for the server's batched
+steps cut into micro-batches; a stage that dies or goes
 silent ends the other with one clear error, not a hang; `ggtorch run --pipeline 2` works under torchrun."""
 import json
 import os
@@ -70,6 +71,21 @@ def probe(m):
     out["long"] = m.net.forward(LONG, m.new_cache(), all_logits=True)
     r = m.generate("Hello world", max_tokens=8)
     out["ids"], out["text"] = r.ids, r.text
+    # the server's batched steps (forward_batch): 3 slots decoding together, then 2 of them with a
+    # 3-token prompt chunk riding along (logits of the decode rows and the chunk's last token); a pipeline
+    # also cuts each step into 2 micro-batches
+    out["batch"] = {}
+    for M in (1, 2) if hasattr(m.net, "micro_batches") else (1,):
+        if hasattr(m.net, "micro_batches"):
+            m.net.micro_batches = M
+        pool = m.net.new_pool(3, 64)
+        nxt = [int(m.net.forward(p, pool, slot=s)[-1].argmax()) for s, p in enumerate((SHORT[:5], SHORT[5:8], SHORT[8:12]))]
+        steps = []
+        for _ in range(2):
+            steps.append(m.net.forward_batch(nxt, [0, 1, 2], pool))
+            nxt = steps[-1].argmax(-1).tolist()
+        steps.append(m.net.forward_batch(nxt[:2] + [5, 6, 7], [0, 1, 2, 2, 2], pool, rows=[0, 1, 4]))
+        out["batch"][M] = steps
     return out
 """
 
@@ -127,6 +143,18 @@ def test_pipeline_equals_single_process(pipelined, path):
     assert torch.equal(want["long"], got["long"]), f"long prompt: largest difference {(want['long'] - got['long']).abs().max()}"
     assert (want["ids"], want["text"]) == (got["ids"], got["text"])
     assert len(got["ids"]) == 8
+    assert [tuple(b.shape) for b in got["batch"][1]] == [(3, want["long"].shape[1])] * 3
+    for i, (a, b) in enumerate(zip(want["batch"][1], got["batch"][1])):
+        assert torch.equal(a, b), f"batched step {i}: largest difference {(a - b).abs().max()}"
+    # in 2 micro-batches: the same numbers, except where experts are routed (the expert kernels group the
+    # rows of a micro-batch, and a group's size picks the kernel): float rounding, the same argmax
+    moe = "moe" in path or "gpt-oss" in path
+    for i, (a, b) in enumerate(zip(want["batch"][1], got["batch"][2])):
+        if moe:
+            assert torch.allclose(a, b, rtol=0, atol=1e-4 * float(a.abs().max())), f"micro-batched step {i}"
+            assert torch.equal(a.argmax(-1), b.argmax(-1))
+        else:
+            assert torch.equal(a, b), f"micro-batched step {i}: largest difference {(a - b).abs().max()}"
 
 
 def test_stage_split_loads_only_its_layers():

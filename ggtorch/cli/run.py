@@ -194,6 +194,8 @@ def register(sub) -> None:
     add_context(p)
     p.add_argument("--pipeline", type=int, default=None, metavar="N",
                    help="split the layers across N processes started by torchrun --nproc-per-node N")
+    p.add_argument("--pipeline-timeout", type=float, default=None, metavar="S",
+                   help="with --pipeline: seconds a stage waits for another before the run fails (default 60)")
 
     p = sub.add_parser("tokenize", help="token ids of a text")
     add_model(p)

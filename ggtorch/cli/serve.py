@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from ..errors import GGTorchError
@@ -26,13 +27,19 @@ def register(sub) -> None:
                    help="a named template of the file (tokenizer.chat_template.NAME), a built-in (chatml, gemma) "
                         "or a .jinja file, used instead of the file's own; its tool-call format is what the "
                         "server parses (e.g. a Hermes or Qwen template gives a ChatML model <tool_call> calls)")
+    g = p.add_argument_group("pipeline (one process per stage, started by torchrun)")
+    g.add_argument("--pipeline", type=int, default=None, metavar="N",
+                   help="split the layers across N processes started by torchrun --nproc-per-node N; stage 0 serves "
+                        "HTTP, batches and samples")
+    g.add_argument("--micro-batches", type=int, default=1, metavar="M",
+                   help="cut each batched step into M parts that overlap across the stages (default 1)")
+    g.add_argument("--pipeline-timeout", type=float, default=None, metavar="S",
+                   help="seconds a stage waits for another before the requests in flight fail (default 60)")
     add_context(p, ctx_help="context in tokens, shared equally by the slots as llama-server does (default: the "
                             "model's trained context, capped at 4096); a prompt longer than a slot's share is refused")
 
 
 def cmd_serve(a) -> int:
-    from ..server import serve
-
     if a.parallel < 1 or a.parallel > 256:
         raise GGTorchError(f"--parallel must be in 1..256, got {a.parallel}")
     if a.context_shift:
@@ -40,6 +47,10 @@ def cmd_serve(a) -> int:
                            "finish_reason 'length'")
     if not 0 < a.port < 65536:
         raise GGTorchError(f"--port must be in 1..65535, got {a.port}")
+    if a.micro_batches < 1:
+        raise GGTorchError(f"--micro-batches must be >= 1, got {a.micro_batches}")
+    if a.pipeline is None and a.micro_batches != 1:
+        raise GGTorchError("--micro-batches splits a pipeline's steps: it needs --pipeline N")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     template = getattr(a, "chat_template", None)
     if template is not None:  # a bad --chat-template fails before the weights load (as `chat` does)
@@ -49,15 +60,26 @@ def cmd_serve(a) -> int:
 
         with GGUFFile(resolve(a.model)) as f:
             _, label = model_template(f.metadata, template)
-        print(f"ggtorch serve: chat template {label}", file=sys.stderr)
-    m = load(a)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"ggtorch serve: chat template {label}", file=sys.stderr)
+    if a.pipeline:  # one torchrun process per stage: stage 0 serves, the others run their layers for it
+        from ..dist.pipeline import cli
+
+        return cli(a, lambda m: _serve(a, m, template))
+    return _serve(a, load(a), template)
+
+
+def _serve(a, m, template) -> int:
+    from ..server import serve
+
     n_ctx = m.n_ctx
     if n_ctx // a.parallel < 2:
         raise GGTorchError(f"--ctx {n_ctx} leaves fewer than 2 tokens per slot for --parallel {a.parallel}")
     show_context(m)
     name = a.alias or a.model
-    print(f"ggtorch serve: {name} on http://{a.host}:{a.port} ({a.parallel} slots x {n_ctx // a.parallel} tokens)",
-          file=sys.stderr)
+    stages = f", {a.pipeline} pipeline stages x {a.micro_batches} micro-batches" if a.pipeline else ""
+    print(f"ggtorch serve: {name} on http://{a.host}:{a.port} ({a.parallel} slots x {n_ctx // a.parallel} tokens"
+          f"{stages})", file=sys.stderr)
     serve(m, host=a.host, port=a.port, parallel=a.parallel, n_ctx=n_ctx, api_key=a.api_key, max_queue=a.queue,
           max_body=a.max_body, model_name=name, chat_template=template)
     return 0

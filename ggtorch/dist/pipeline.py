@@ -28,115 +28,21 @@ import itertools
 import os
 import re
 import weakref
-from dataclasses import dataclass, fields
 from datetime import timedelta
 
 import torch
 
 from ..api import Model
 from ..errors import ModelError, PipelineError
-from ..gguf.reader import GGUFFile
-from ..model import ARCHITECTURES
 from ..model.config import Config
-from ..model.layers import SlotView
+from ..model.layers import BatchView, SlotView
+from .stage import StageConfig, StageFile, load_stage, split_layers  # noqa: F401 (the package's API)
 
-OP_STOP, OP_NEW, OP_FORWARD, OP_SHIFT, OP_FREE = range(5)
+OP_STOP, OP_NEW, OP_FORWARD, OP_SHIFT, OP_FREE, OP_BATCH = range(6)
 HEADER = 8  # int64 words per header
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]  # KV cache types by code
 TIMEOUT_S = 60.0  # a stage that does not answer within this ends the run
 IDLE = timedelta(days=365)  # waiting for stage 0's next request
-
-
-def split_layers(n_layer: int, n_stages: int) -> list[range]:
-    """Contiguous layer ranges, one per stage, as even as possible (earlier stages take the remainder)."""
-    if not 1 <= n_stages <= n_layer:
-        raise PipelineError(f"a pipeline of {n_stages} stages needs 1..{n_layer} stages (the model has {n_layer} layers)")
-    base, extra = divmod(n_layer, n_stages)
-    out, a = [], 0
-    for k in range(n_stages):
-        b = a + base + (k < extra)
-        out.append(range(a, b))
-        a = b
-    return out
-
-
-@dataclass(frozen=True)
-class StageConfig(Config):
-    """A stage's hyper-parameters: n_layer is the stage's count; per-layer rules (is_swa, has_rope) take
-    the stage's layer il at the file's number il + layer_offset."""
-    layer_offset: int = 0
-    n_layer_model: int = 0  # the whole model's layer count
-
-    def is_swa(self, il: int) -> bool:
-        return super().is_swa(il + self.layer_offset)
-
-    def has_rope(self, il: int) -> bool:
-        return super().has_rope(il + self.layer_offset)
-
-
-class StageFile:
-    """The GGUF file as one stage's model sees it: layers ``layers`` renamed ``blk.0.``.., the other
-    layers' tensors absent, everything else (metadata, embeddings, output) as in the file."""
-
-    def __init__(self, f: GGUFFile, layers: range):
-        self.file, self.layers = f, layers
-        self.path, self.metadata = f.path, f.metadata
-        self._orig: dict[str, str] = {}
-        for name in f.tensors:
-            m = re.match(r"blk\.(\d+)\.(.*)", name)
-            if m is None:
-                self._orig[name] = name
-            elif int(m.group(1)) in layers:
-                self._orig[f"blk.{int(m.group(1)) - layers.start}.{m.group(2)}"] = name
-        self.tensors = {n: f.tensors[o] for n, o in self._orig.items()}
-
-    @property
-    def architecture(self):
-        return self.file.architecture
-
-    def get(self, key, default=None):
-        return self.file.get(key, default)
-
-    def arch_key(self, suffix, default=None):
-        return self.file.arch_key(suffix, default)
-
-    def info(self, name):
-        return self.file.info(self._orig.get(name, name))
-
-    def raw(self, name):
-        return self.file.raw(self._orig[name])
-
-    def release(self, name, start=0, end=None):
-        self.file.release(self._orig[name], start, end)
-
-    def close(self):
-        self.file.close()
-
-
-def load_stage(path: str, stage: int, n_stages: int, device: str = "cpu", fast: bool = True):
-    """Stage ``stage``'s model: its layers only, plus the embeddings on stage 0 and output_norm/output
-    on the last stage. Returns (the stage's Transformer, the whole model's Config)."""
-    f = GGUFFile(path)
-    cfg = Config.from_gguf(f)
-    if cfg.arch not in ARCHITECTURES:
-        raise ModelError(f"{path}: architecture {cfg.arch!r} is not supported")
-    layers = split_layers(cfg.n_layer, n_stages)[stage]
-    scfg = StageConfig(**{k.name: getattr(cfg, k.name) for k in fields(Config)} | {"n_layer": len(layers)},
-                       layer_offset=layers.start, n_layer_model=cfg.n_layer)
-    net = ARCHITECTURES[cfg.arch](StageFile(f, layers), scfg, device)
-    if cfg.arch == "gemma2":  # llama_model_gemma2's query scale reads the whole model's layer count (27B: 46)
-        net.q_scale = (cfg.n_embd // cfg.n_head if cfg.n_layer == 46 else cfg.head_dim) ** -0.5
-    last = stage == n_stages - 1
-    # The ends of the model: stage 0 embeds (rows read from the file, no repacked form needed), the last
-    # stage projects. A matrix this stage never multiplies by is left out of the repack, so its pages of
-    # the file are never read.
-    if not (last and net.output is net.tok_embd):
-        net._weights.pop("token_embd.weight", None)
-    if not last:
-        net._weights.pop("output.weight", None)
-    if fast:
-        net.install_fast(cache=False)  # the repack cache is keyed by the whole file, not a stage's part of it
-    return net, cfg
 
 
 class Link:
@@ -144,12 +50,42 @@ class Link:
 
     def __init__(self, rank: int, world: int, timeout_s: float, device):
         self.rank, self.world, self.timeout_s, self.device = rank, world, timeout_s, device
+        self.failed: str | None = None  # the first lost contact: the process group is unusable after it
+
+    def check(self) -> None:
+        """Refuse at once once a peer was lost (another send would wait for the timeout or fail anyway)."""
+        if self.failed is not None:
+            raise PipelineError(f"the pipeline is down: {self.failed}")
 
     def send(self, t: torch.Tensor, dst: int) -> None:
         try:
             torch.distributed.send(t.contiguous(), dst)
         except RuntimeError as e:
             raise self.lost(dst, e) from None
+
+    def isend(self, t: torch.Tensor, dst: int):
+        """Start sending t; returns what :meth:`wait` takes (t stays referenced until then)."""
+        t = t.contiguous()
+        try:
+            return torch.distributed.isend(t, dst), t, dst
+        except RuntimeError as e:
+            raise self.lost(dst, e) from None
+
+    def irecv(self, shape, dtype, src: int):
+        t = torch.empty(shape, dtype=dtype, device=self.device)
+        try:
+            return torch.distributed.irecv(t, src), t, src
+        except RuntimeError as e:
+            raise self.lost(src, e) from None
+
+    def wait(self, op) -> torch.Tensor:
+        """Finish an :meth:`isend` / :meth:`irecv` within the timeout; the tensor."""
+        w, t, peer = op
+        try:
+            w.wait(timedelta(seconds=self.timeout_s))
+        except RuntimeError as e:
+            raise self.lost(peer, e) from None
+        return t
 
     def recv(self, shape, dtype, src: int, idle: bool = False) -> torch.Tensor:
         t = torch.empty(shape, dtype=dtype, device=self.device)
@@ -161,6 +97,7 @@ class Link:
         return t
 
     def header(self, *words: int) -> None:
+        self.check()
         h = torch.zeros(HEADER, dtype=torch.int64, device=self.device)
         h[:len(words)] = torch.tensor(words, dtype=torch.int64)
         self.send(h, self.rank + 1)
@@ -168,6 +105,7 @@ class Link:
     def lost(self, peer: int, e: Exception) -> PipelineError:
         lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
         msg = re.sub(r"^\[[^\]]*\]\s*", "", lines[0] if lines else type(e).__name__)  # gloo's "[file.cc:N] "
+        msg = msg.split(". This is typically")[0]  # gloo's advice to the reader after the cause
         low = msg.lower()
         if "timed out" in low or "timeout" in low:
             why = f"no answer within {self.timeout_s:g} s"
@@ -175,7 +113,10 @@ class Link:
             why = "its process ended"
         else:
             why = msg
-        return PipelineError(f"pipeline stage {self.rank}: lost contact with stage {peer}: {why} ({msg})")
+        err = f"pipeline stage {self.rank}: lost contact with stage {peer}: {why} ({msg})"
+        if self.failed is None:
+            self.failed = err
+        return PipelineError(err)
 
 
 class PipelineNet:
@@ -191,6 +132,7 @@ class PipelineNet:
         self._ids = itertools.count(1)
         self._freed: list[int] = []
         self.closed = False
+        self.micro_batches = 1  # parts a batched step is split into (forward_batch)
 
     @property
     def ubatch(self) -> int:
@@ -244,8 +186,71 @@ class PipelineNet:
         self.link.send(x, 1)
         return self.link.recv((T if all_logits else 1, self.cfg.n_vocab), torch.float32, self.link.world - 1)
 
-    def forward_batch(self, tokens, slots, cache, rows=None):
-        raise PipelineError("a pipeline runs one sequence at a time (batched decode across stages is not built yet)")
+    @torch.inference_mode()
+    def forward_batch(self, tokens, slots, cache, rows: list[int] | None = None) -> torch.Tensor:
+        """Transformer.forward_batch across the stages (the continuous-batching engine's step): the same
+        checks, the same single-sequence shortcut, the same logits. With ``micro_batches`` M > 1 the tokens
+        go down the chain in M consecutive parts: stage k works on part m while stage k+1 works on part
+        m-1, so with S stages one step takes about (M + S - 1) / (M * S) of the unsplit step's time when
+        the stages have cores of their own (GPipe's schedule, here within one decode step)."""
+        net = self.stage
+        ids = net._check_ids(tokens)
+        slots = [int(s) for s in slots]
+        T = ids.numel()
+        if len(slots) != T:
+            raise ModelError(f"forward_batch got {T} tokens for {len(slots)} slots")
+        if any(not 0 <= s < cache.n_slots for s in slots):
+            raise ModelError(f"forward_batch: slots must lie in 0..{cache.n_slots - 1}, got {slots}")
+        want = list(range(T)) if rows is None else [int(r) for r in rows]
+        if any(not 0 <= r < T for r in want):
+            raise ModelError(f"forward_batch: rows must lie in 0..{T - 1}, got {rows}")
+        seen: dict[int, int] = {}
+        pos = []
+        for s in slots:
+            pos.append(cache.lens[s] + seen.get(s, 0))
+            seen[s] = seen.get(s, 0) + 1
+        for s, k in seen.items():
+            net._check_room(cache, s, cache.lens[s] + k)
+        if len(seen) == 1:  # one sequence: Transformer.forward_batch's shortcut, through forward()
+            got, i = {}, 0
+            while i < T:
+                j = i
+                while j < T and slots[j] == slots[i]:
+                    j += 1
+                need = [r for r in want if i <= r < j]
+                every = need != [j - 1] and bool(need)
+                lg = self.forward(ids[i:j], cache, slot=slots[i], all_logits=every)
+                for r in need:
+                    got[r] = lg[r - i:r - i + 1] if every else lg
+                i = j
+            return torch.cat([got[r] for r in want]) if want else torch.empty(0, self.cfg.n_vocab)
+        cid = self._id(cache)
+        self._flush()
+        M = max(1, min(self.micro_batches, T))
+        need = torch.zeros(T, dtype=torch.int64)
+        need[want] = 1
+        meta = torch.stack([torch.tensor(slots), torch.tensor(pos), need]).to(self.device)
+        self.link.header(OP_BATCH, cid, T, M)
+        self.link.send(meta, 1)
+        cache.reserve(max(pos) + 1)
+        parts = micro_batches(T, M)
+        # the logits of each part come back from the last stage: posted now, filled while we compute
+        back = [self.link.irecv((int(need[p].sum()), self.cfg.n_vocab), torch.float32, self.link.world - 1)
+                if int(need[p].sum()) else None for p in parts]
+        sends = []
+        for p in parts:
+            x = net.run_layers(net.inputs(ids[p]), meta[1, p], int(meta[1, p].max()) + 1,
+                               BatchView(cache, slots[p], meta[1, p]), meta[1, p])
+            sends.append(self.link.isend(x, 1))
+        for op in sends:
+            self.link.wait(op)
+        for s, k in seen.items():
+            cache.lens[s] += k
+        got, order = {}, [i for p in parts for i in range(p.start, p.stop) if need[i]]
+        lg = torch.cat([self.link.wait(b) for b in back if b is not None])
+        for i, r in enumerate(order):
+            got[r] = lg[i:i + 1]
+        return torch.cat([got[r] for r in want])
 
     @torch.inference_mode()
     def shift_context(self, cache, n_keep: int, n_discard: int, slot: int = 0) -> None:
@@ -254,10 +259,53 @@ class PipelineNet:
         self.link.header(OP_SHIFT, cid, slot, n_keep, n_discard)
 
     def close(self) -> None:
-        """Tell the other stages to finish (they return from :func:`serve_stage`)."""
+        """Tell the other stages to finish (they return from :func:`serve_stage`); nothing to tell when
+        the pipeline is already down."""
         if not self.closed:
             self.closed = True
-            self.link.header(OP_STOP)
+            if self.link.failed is None:
+                try:
+                    self.link.header(OP_STOP)
+                except PipelineError:
+                    pass
+
+
+def micro_batches(T: int, M: int) -> list[slice]:
+    """T tokens in M consecutive parts as even as possible (the first parts take the remainder); stage 0
+    and every later stage cut a batched step the same way."""
+    base, extra = divmod(T, M)
+    out, a = [], 0
+    for m in range(M):
+        b = a + base + (m < extra)
+        out.append(slice(a, b))
+        a = b
+    return out
+
+
+def _stage_batch(net, link: Link, cache, T: int, M: int) -> None:
+    """A later stage's part of PipelineNet.forward_batch: each part from the previous stage, through this
+    stage's layers, on to the next (or, on the last stage, its logits rows back to stage 0). Receives are
+    posted up front and sends run while the next part computes, so parts overlap across stages."""
+    r, last = link.rank, link.rank == link.world - 1
+    meta = link.wait(link.irecv((3, T), torch.int64, r - 1))
+    if not last:
+        link.send(meta, r + 1)
+    slots, pos, need = meta[0].tolist(), meta[1], meta[2].bool()
+    cache.reserve(int(pos.max()) + 1)
+    parts = micro_batches(T, M)
+    ins = [link.irecv((p.stop - p.start, net.cfg.n_embd), torch.float32, r - 1) for p in parts]
+    sends = []
+    for p, op in zip(parts, ins):
+        x = link.wait(op)
+        x = net.run_layers(x, pos[p], int(pos[p].max()) + 1, BatchView(cache, slots[p], pos[p]), pos[p])
+        if not last:
+            sends.append(link.isend(x, r + 1))
+        elif bool(need[p].any()):
+            sends.append(link.isend(net._head(x[need[p]], None).float(), 0))
+    for s in set(slots):  # stage 0's lengths: each slot ends after its last token here
+        cache.lens[s] = int(pos[meta[0] == s].max()) + 1
+    for op in sends:
+        link.wait(op)
 
 
 @torch.inference_mode()
@@ -279,6 +327,8 @@ def serve_stage(net, link: Link) -> None:
             caches.pop(a, None)
         elif op == OP_SHIFT:
             net.shift_context(caches[a], c, d, b)
+        elif op == OP_BATCH:
+            _stage_batch(net, link, caches[a], b, c)
         elif op == OP_FORWARD:
             cache, slot, start, T = caches[a], b, c, d
             x = link.recv((T, E), torch.float32, r - 1)
@@ -315,6 +365,11 @@ class PipelineModel(Model):
         self._set_context(n_ctx, kv_dtype, context_shift)
         self.load_s = time.perf_counter() - t0
 
+    @property
+    def failure(self) -> str | None:
+        """Why the pipeline is down (a stage was lost), or None: the server answers 503 with it."""
+        return self.net.link.failed
+
     def close(self) -> None:
         self.net.close()
         super().close()
@@ -347,9 +402,10 @@ def init(rank: int | None = None, world: int | None = None, init_method: str | N
 
 
 def start(path: str, n_stages: int, link: Link, fast: bool = True, n_ctx=None, kv_dtype=None,
-          context_shift: bool = False) -> PipelineModel | None:
+          context_shift: bool = False, micro_batches: int = 1) -> PipelineModel | None:
     """Load this process's stage. Stage 0 gets the model to generate with (call its ``close()`` at the
-    end); a later stage serves stage 0 until then and gets None."""
+    end); a later stage serves stage 0 until then and gets None. ``micro_batches``: the parts a batched
+    step (forward_batch) is cut into on its way down the stages."""
     from ..packaged import resolve
 
     if link.world != n_stages:
@@ -357,28 +413,37 @@ def start(path: str, n_stages: int, link: Link, fast: bool = True, n_ctx=None, k
                             f"(torchrun --nproc-per-node {n_stages})")
     stage, cfg = load_stage(resolve(path), link.rank, n_stages, str(link.device), fast)
     if link.rank == 0:
-        return PipelineModel(path, stage, cfg, link, n_ctx, kv_dtype, context_shift)
+        m = PipelineModel(path, stage, cfg, link, n_ctx, kv_dtype, context_shift)
+        m.net.micro_batches = max(1, int(micro_batches))
+        return m
     serve_stage(stage, link)
     stage.file.close()
     return None
 
 
 def cli(a, body) -> int:
-    """``ggtorch run --pipeline N`` in each torchrun process: stage 0 runs ``body(model)``; the others
-    serve it. The process group is left as it ends."""
+    """``ggtorch run/serve --pipeline N`` in each torchrun process: stage 0 runs ``body(model)``; the
+    others serve it. The process group is left as it ends."""
     import torch.distributed as dist
 
     if a.threads:
         torch.set_num_threads(int(a.threads))
     if getattr(a, "ggml_numerics", False):
         raise PipelineError("--ggml-numerics runs in one process (no --pipeline)")
+    if getattr(a, "lora", None) or getattr(a, "lora_scaled", None):
+        raise PipelineError("LoRA adapters (--lora, --lora-scaled) run in one process (no --pipeline)")
     n = int(a.pipeline)
     if "RANK" not in os.environ:
         raise PipelineError(f"--pipeline {n} runs one process per stage: start it under torchrun --nproc-per-node {n}")
-    link = init(device=a.device)
+    timeout = getattr(a, "pipeline_timeout", None)
+    timeout = TIMEOUT_S if timeout is None else timeout
+    if not timeout > 0:
+        raise PipelineError(f"--pipeline-timeout must be > 0 seconds, got {timeout}")
+    link = init(device=a.device, timeout_s=timeout)
     try:
         m = start(a.model, n, link, fast=a.fast, n_ctx=getattr(a, "ctx", None),
-                  kv_dtype=getattr(a, "cache_type", None), context_shift=getattr(a, "context_shift", False))
+                  kv_dtype=getattr(a, "cache_type", None), context_shift=getattr(a, "context_shift", False),
+                  micro_batches=getattr(a, "micro_batches", 1) or 1)
         if m is None:
             return 0
         try:

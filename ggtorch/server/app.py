@@ -50,6 +50,15 @@ class Server:
         self.fingerprint = f"fp_ggtorch_{__version__}"
         self.started = int(time.time())
 
+    def failure(self) -> str | None:
+        """Why the model can no longer run (a pipeline whose stage was lost: ggtorch.dist), or None."""
+        return getattr(self.model, "failure", None)
+
+    def available(self) -> None:
+        why = self.failure()
+        if why is not None:
+            raise APIError(503, f"the model is unavailable: {why}", type="unavailable_error", code="model_unavailable")
+
     # ---- request parts ---------------------------------------------------------------------------
     def authorize(self, request: Request) -> None:
         if not self.api_key or request.url.path in OPEN_PATHS:
@@ -160,6 +169,7 @@ class Server:
             if not ids:
                 raise bad("prompt", "the prompt is empty (no tokens)", "invalid_value")
             self.tokens_fit(ids)
+        self.available()
         job = Job(chat, spec, prompts, self.model_name, self.fingerprint, self.model.tokenizer, plan)
         try:
             self.engine.submit_many(job.reqs)
@@ -185,6 +195,7 @@ class Server:
         _note(info, job)
         err = next((c.error for c in job.choices if c.error), None)
         if err:
+            self.available()  # the model went down under this request (a pipeline stage lost): 503, not 500
             raise RuntimeError(err)
         return JSONResponse(job.response())
 
@@ -289,6 +300,9 @@ def create_app(model, parallel: int = 4, n_ctx: int = 4096, api_key: str | None 
 
     @app.get("/health")
     async def health():
+        why = srv.failure()
+        if why is not None:
+            return JSONResponse({"status": "error", "error": why, **srv.engine.stats()}, status_code=503)
         return {"status": "ok", **srv.engine.stats()}
 
     @app.get("/v1/models")
