@@ -46,6 +46,7 @@ log = logging.getLogger("ggtorch.serve_ray")
 
 APP_NAME = "ggtorch"
 REPLICA_HEADER = "x-ggtorch-replica"  # which replica answered (its Ray Serve replica id)
+_local = False  # this process started the Ray it is connected to (shutdown() then stops it)
 _PROMPT_PATHS = ("/v1/chat/completions", "/chat/completions", "/v1/completions", "/completions")
 
 
@@ -333,6 +334,19 @@ def _front_app(replicas, max_body: int):
 
 
 # ---- deployment -----------------------------------------------------------------------------------------
+def replica_counts(replicas: int, min_replicas: int | None, max_replicas: int | None) -> tuple[bool, int, int]:
+    """(autoscaled?, lowest, highest) replica counts; bad counts fail here, before Ray starts."""
+    if min_replicas is None and max_replicas is None:
+        if replicas < 1:
+            raise RayServeError(f"--replicas must be at least 1, got {replicas}")
+        return False, replicas, replicas
+    lo = min_replicas if min_replicas is not None else 1
+    hi = max_replicas if max_replicas is not None else max(lo, replicas)
+    if not 0 <= lo <= hi or hi < 1:
+        raise RayServeError(f"--min-replicas {lo} / --max-replicas {hi}: need 0 <= min <= max and max >= 1")
+    return True, lo, hi
+
+
 def build(opts: ReplicaOptions, replicas: int = 1, min_replicas: int | None = None, max_replicas: int | None = None,
           prefix_routing: bool = True, cpus_per_replica: float = 1.0):
     """The Ray Serve application: Front -> Replica (fixed count, or autoscaled on queue length)."""
@@ -340,16 +354,12 @@ def build(opts: ReplicaOptions, replicas: int = 1, min_replicas: int | None = No
     from ray import serve
     from ray.serve.config import RequestRouterConfig
 
-    autoscale = min_replicas is not None or max_replicas is not None
+    autoscale, lo, hi = replica_counts(replicas, min_replicas, max_replicas)
     dep = dict(ray_actor_options={"num_cpus": cpus_per_replica},
                # a replica takes twice its slots; more wait in Ray's router, to go to whichever frees first
                max_ongoing_requests=2 * opts.parallel, max_queued_requests=opts.max_queue,
                health_check_period_s=2, health_check_timeout_s=30, graceful_shutdown_timeout_s=5)
     if autoscale:
-        lo = min_replicas if min_replicas is not None else 1
-        hi = max_replicas if max_replicas is not None else max(lo, replicas)
-        if not 0 <= lo <= hi or hi < 1:
-            raise RayServeError(f"--min-replicas {lo} / --max-replicas {hi}: need 0 <= min <= max, max >= 1")
         # Ray Serve scales on ongoing requests per replica (running + queued on it): above `parallel`
         # the slots are full and requests wait, so that is the target
         dep["autoscaling_config"] = {"min_replicas": lo, "max_replicas": hi,
@@ -357,8 +367,6 @@ def build(opts: ReplicaOptions, replicas: int = 1, min_replicas: int | None = No
                                      "target_ongoing_requests": opts.parallel,
                                      "upscale_delay_s": 5, "downscale_delay_s": 60}
     else:
-        if replicas < 1:
-            raise RayServeError(f"--replicas must be at least 1, got {replicas}")
         dep["num_replicas"] = replicas
     if prefix_routing:
         dep["request_router_config"] = RequestRouterConfig(
@@ -385,14 +393,18 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     _require_ray()
     import ray
 
+    global _local
     if ray.is_initialized():
         return
     if address:
         ray.init(address=address, log_to_driver=False)
         return
+    _local = True
     root = str(Path(__file__).resolve().parent.parent)
     path = os.pathsep.join([root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
-    ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
+    # address="local": a new Ray of our own, never one that another process on this host started (a bare
+    # ray.init() joins the last local Ray it finds)
+    ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": path}}, logging_level=logging.WARNING)
 
 
@@ -400,7 +412,10 @@ def deploy(opts: ReplicaOptions, replicas: int = 1, min_replicas: int | None = N
            host: str = "127.0.0.1", port: int = 8000, ray_address: str | None = None, prefix_routing: bool = True,
            cpus_per_replica: float | None = None) -> str:
     """Start (or join) Ray, deploy the application, wait until it answers; returns its base URL."""
-    hi = max(replicas, max_replicas or 0, min_replicas or 0, 1)
+    _require_ray()
+    if opts.parallel < 1:
+        raise RayServeError(f"--parallel must be at least 1, got {opts.parallel}")
+    _, _, hi = replica_counts(replicas, min_replicas, max_replicas)
     if opts.threads is None and not ray_address:  # share this host's cores between the replicas
         opts.threads = max(1, (os.cpu_count() or 1) // hi)
     cpus = cpus_per_replica if cpus_per_replica is not None else float(opts.threads or 1)
@@ -417,12 +432,20 @@ def deploy(opts: ReplicaOptions, replicas: int = 1, min_replicas: int | None = N
 
 
 def shutdown() -> None:
+    """Tear down what deploy() made: a local Ray goes with everything on it; on a cluster, this
+    application is deleted (Serve and other applications stay) and the connection closed."""
     import ray
-    from ray import serve
 
+    global _local
+    if not ray.is_initialized():
+        return
     try:
-        serve.shutdown()
+        if not _local:
+            from ray import serve
+
+            serve.delete(APP_NAME)
     finally:
+        _local = False
         ray.shutdown()
 
 

@@ -57,6 +57,50 @@ def chat(c, messages, **kw):
     return raw.headers.get(REPLICA_HEADER), raw.parse()
 
 
+@pytest.mark.parametrize("args, says", [
+    (["--replicas", "0"], "--replicas must be at least 1"),
+    (["--min-replicas", "3", "--max-replicas", "2"], "need 0 <= min <= max"),
+    (["--replicas", "2", "--parallel", "0"], "--parallel must be"),
+])
+def test_cli_bad_replica_counts_fail_in_one_line_before_ray(args, says, capsys):
+    import ray
+
+    from ggtorch.cli import main
+
+    assert main(["serve", str(MODEL)] + args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and says in err[0], err
+    assert not ray.is_initialized()
+
+
+def test_cli_missing_model_fails_before_ray(capsys):
+    import ray
+
+    from ggtorch.cli import main
+
+    assert main(["serve", "/nonexistent/model.gguf", "--replicas", "2"]) == 2
+    assert "no such model file" in capsys.readouterr().err
+    assert not ray.is_initialized()
+
+
+def test_autoscaling_and_router_configuration():
+    """--min/--max-replicas become Ray Serve's autoscaling on ongoing requests per replica (target: the
+    slots), with the prefix-cache router; --no-prefix-routing keeps Ray's default router."""
+    from ggtorch.serve_ray import build
+
+    def replica_config(app):
+        return app._bound_deployment.init_args[0]._bound_deployment._deployment_config
+
+    c = replica_config(build(ReplicaOptions(str(MODEL), parallel=3), replicas=2, min_replicas=1, max_replicas=4))
+    a = c.autoscaling_config
+    assert (a.min_replicas, a.initial_replicas, a.max_replicas, a.target_ongoing_requests) == (1, 2, 4, 3)
+    assert c.request_router_config.request_router_class == "ggtorch.serve_ray.PromptAffinityRouter"
+    assert c.max_ongoing_requests == 6
+    c = replica_config(build(ReplicaOptions(str(MODEL), parallel=3), replicas=2, prefix_routing=False))
+    assert c.num_replicas == 2 and c.autoscaling_config is None
+    assert "PowerOfTwoChoices" in c.request_router_config.request_router_class
+
+
 def test_health_models_and_client_errors(url):
     h = httpx.get(url + "/health", timeout=30)
     assert h.status_code == 200, h.text

@@ -85,6 +85,6 @@ def _serve_replicas(a, template) -> int:
     opts = ReplicaOptions(str(path), parallel=a.parallel, n_ctx=a.ctx, threads=a.threads, fast=a.fast,
                           api_key=a.api_key, max_queue=a.queue, max_body=a.max_body, model_name=a.alias or a.model,
                           chat_template=template, load_kw=load_kw)
-    serve_forever(opts, replicas=a.replicas or 1, min_replicas=a.min_replicas, max_replicas=a.max_replicas,
+    serve_forever(opts, replicas=1 if a.replicas is None else a.replicas, min_replicas=a.min_replicas, max_replicas=a.max_replicas,
                   host=a.host, port=a.port, ray_address=a.ray_address, prefix_routing=a.prefix_routing)
     return 0
