@@ -42,6 +42,16 @@ def replica_actor(replica_id: str):
     return ray.get_actor(f"SERVE_REPLICA::{APP_NAME}#Replica#{replica_id}", namespace="serve")
 
 
+def replica_ids() -> set:
+    """The ids of the live replica actors of ggtorch.serve_ray's application (a killed one's name goes)."""
+    import ray
+    from ggtorch.serve_ray import APP_NAME
+
+    prefix = f"SERVE_REPLICA::{APP_NAME}#Replica#"
+    return {a["name"][len(prefix):] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith(prefix)}
+
+
 def running_replicas() -> int:
     from ray import serve
     from ggtorch.serve_ray import APP_NAME
