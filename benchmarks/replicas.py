@@ -177,6 +177,43 @@ def summarize(records, wall: float, kill: dict) -> dict:
             "replicas_used": sorted({r.replica for r in ok if r.replica}), "killed": kill.get("replica")}
 
 
+def direct(a) -> dict:
+    """The same load on `ggtorch serve` in a subprocess: one engine, no Ray."""
+    import socket
+    import subprocess
+
+    import httpx
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    threads = a.threads or os.cpu_count() or 1
+    cmd = [sys.executable, "-m", "ggtorch", "serve", a.model, "--port", str(port), "--parallel", str(a.parallel),
+           "--threads", str(threads), "--alias", "m"] + (["--ctx", str(a.ctx)] if a.ctx else [])
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            cwd=os.path.join(os.path.dirname(__file__), ".."))
+    try:
+        url = f"http://127.0.0.1:{port}"
+        t0 = time.perf_counter()
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.perf_counter() - t0 > 300:
+                raise RuntimeError("ggtorch serve did not start")
+            time.sleep(0.5)
+        chat_load(url, min(a.clients, 2), 3, a.max_tokens)
+        s = chat_load(url, a.clients, a.duration, a.max_tokens)
+        s.update(replicas=0, router="direct", threads_per_replica=threads)
+        return s
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("model", nargs="?", default="smollm2-135m")
@@ -188,19 +225,30 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--parallel", type=int, default=4)
     ap.add_argument("--ctx", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="threads per replica (default: cores / replicas)")
+    ap.add_argument("--direct", action="store_true", help="first, the same load on one `ggtorch serve` process "
+                                                          "without Ray (the overhead of Ray Serve's hops)")
     ap.add_argument("--kill-at", type=float, default=None)
     ap.add_argument("--port", type=int, default=8765)
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
+    import logging
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # Ray's logging set-up makes every request a line
 
     from ggtorch.packaged import resolve
     from ggtorch.serve_ray import ReplicaOptions, deploy, shutdown
 
     results = []
+    if a.direct:
+        s = direct(a)
+        results.append(s)
+        print(json.dumps(s), flush=True)
     try:
         for n in [int(x) for x in a.replicas.split(",")]:
             for router in a.routers.split(","):
-                opts = ReplicaOptions(str(resolve(a.model)), parallel=a.parallel, n_ctx=a.ctx, model_name="m")
+                opts = ReplicaOptions(str(resolve(a.model)), parallel=a.parallel, n_ctx=a.ctx, model_name="m",
+                                      threads=a.threads)
                 t = time.perf_counter()
                 url = deploy(opts, replicas=n, port=a.port, prefix_routing=router == "prefix")
                 ready = time.perf_counter() - t
@@ -214,10 +262,10 @@ def main(argv=None) -> int:
                 serve.delete("ggtorch")
     finally:
         shutdown()
-    print(f"\n{'replicas':>8} {'router':>6} {'tok/s':>7} {'req':>5} {'ok':>5} {'killed-in-flight':>16} "
+    print(f"\n{'replicas':>8} {'router':>6} {'thr':>3} {'tok/s':>7} {'req':>5} {'ok':>5} {'killed-in-flight':>16} "
           f"{'lost':>4} {'cached':>7} {'p50 s':>6}")
     for s in results:
-        print(f"{s['replicas']:>8} {s['router']:>6} {s['tok_s']:>7.1f} {s['requests']:>5} {s['ok']:>5} "
+        print(f"{s['replicas'] or 'serve':>8} {s['router']:>6} {s['threads_per_replica']:>3} {s['tok_s']:>7.1f} {s['requests']:>5} {s['ok']:>5} "
               f"{s['failed_in_flight_on_killed']:>16} {s['lost']:>4} {s['cached_share']:>7.1%} "
               f"{s['p50_s'] or 0:>6.2f}")
     if a.json:

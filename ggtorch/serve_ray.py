@@ -419,6 +419,16 @@ def deploy(opts: ReplicaOptions, replicas: int = 1, min_replicas: int | None = N
     if opts.threads is None and not ray_address:  # share this host's cores between the replicas
         opts.threads = max(1, (os.cpu_count() or 1) // hi)
     cpus = cpus_per_replica if cpus_per_replica is not None else float(opts.threads or 1)
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        return _deploy(opts, replicas, min_replicas, max_replicas, host, port, ray_address, prefix_routing, hi, cpus)
+    finally:  # Ray Serve gives the caller's root logger a stderr handler at INFO (every httpx request a
+        root.handlers[:] = handlers  # line, twice under the CLI's own handler): the caller's set-up is put back
+        root.setLevel(level)
+
+
+def _deploy(opts, replicas, min_replicas, max_replicas, host, port, ray_address, prefix_routing, hi, cpus) -> str:
     start_ray(ray_address, num_cpus=None if ray_address else max(os.cpu_count() or 1, int(hi * cpus + 0.999)))
     from ray import serve
 

@@ -41,8 +41,15 @@ def url():
     # 2 slots per replica, 2,048 tokens each (above the tiny model's trained 512: it only warns), so a
     # stream of 1,500 tokens (~2 s here) is still under way when the test kills its replica
     opts = ReplicaOptions(str(MODEL), parallel=2, n_ctx=4096, threads=1, model_name="tiny")
+    import logging
+
+    root = logging.getLogger()
+    before = (list(root.handlers), root.level)
     try:
-        yield deploy(opts, replicas=2, port=free_port())
+        u = deploy(opts, replicas=2, port=free_port())
+        # Ray Serve adds a stderr handler at INFO to the caller's root logger; deploy() puts it back
+        assert (list(root.handlers), root.level) == before
+        yield u
     finally:
         shutdown()
 
