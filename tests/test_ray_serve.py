@@ -168,6 +168,31 @@ def test_prefix_router_sends_next_turn_to_its_replica(url):
     assert cached > prompt // 2
 
 
+def test_client_leaving_frees_its_slot_on_the_replica(url):
+    """A client that closes its stream: the cancellation crosses the proxy, the Front and the handle, and
+    the replica's app sees the disconnect and ends the request (1,500 tokens would take seconds)."""
+    raw = client(url).completions.with_raw_response.create(model="tiny", prompt="kelp " * 5, max_tokens=1500,
+                                                           stream=True, extra_body={"ignore_eos": True})
+    rep = raw.headers.get(REPLICA_HEADER)
+    it = iter(raw.parse())
+    next(it), next(it)
+    raw.http_response.close()
+    t0 = time.perf_counter()
+    while True:  # /health answers from either replica: wait for this one's report
+        h = httpx.get(url + "/health", timeout=30).json()["one_replica"]
+        if h["replica"] == rep and h["slots_processing"] == 0 and h["queued"] == 0:
+            break
+        assert time.perf_counter() - t0 < 1.0, f"the replica still decodes for the client that left: {h}"
+        time.sleep(0.02)
+
+
+def test_python_m_serve_ray_is_the_serve_command(capsys):
+    from ggtorch.serve_ray import main
+
+    assert main([str(MODEL), "--replicas", "0"]) == 2
+    assert "--replicas must be at least 1" in capsys.readouterr().err
+
+
 def test_killed_replica_fails_its_streams_cleanly_and_is_restarted(url):
     """Streams in flight on a killed replica end with an error the openai client raises (no hang); the
     other replica's streams finish; new requests succeed; Ray Serve starts a replacement replica."""
