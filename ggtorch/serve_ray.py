@@ -30,7 +30,6 @@ requests to the live ones meanwhile.
 """
 # no `from __future__ import annotations`: FastAPI reads the route functions' annotations (Request) at definition
 
-import argparse
 import asyncio
 import json
 import logging
@@ -486,10 +485,10 @@ def _describe(kw: dict) -> str:
 def add_arguments(p) -> None:
     """The replica options, shared by `ggtorch serve` and `python -m ggtorch.serve_ray`."""
     g = p.add_argument_group("replicas (Ray Serve; pip install 'ggtorch[ray]')")
-    g.add_argument("--replicas", type=int, default=None, help="serve N replicas of the model behind Ray Serve's "
+    g.add_argument("--replicas", type=int, default=None, metavar="N", help="serve N replicas of the model behind Ray Serve's "
                                                               "HTTP proxy (a local Ray is started unless --ray-address)")
-    g.add_argument("--min-replicas", type=int, default=None, help="autoscale on queue length, down to this many")
-    g.add_argument("--max-replicas", type=int, default=None, help="autoscale on queue length, up to this many")
+    g.add_argument("--min-replicas", type=int, default=None, metavar="N", help="autoscale on queue length, down to this many")
+    g.add_argument("--max-replicas", type=int, default=None, metavar="N", help="autoscale on queue length, up to this many")
     g.add_argument("--ray-address", default=None, metavar="ADDR", help="a running Ray cluster (e.g. auto, "
                                                                        "ray://head:10001) instead of a local Ray")
     g.add_argument("--no-prefix-routing", dest="prefix_routing", action="store_false",
