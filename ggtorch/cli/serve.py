@@ -6,7 +6,7 @@ import os
 import sys
 
 from ..errors import GGTorchError
-from .common import add_context, add_model, load, show_context
+from .common import add_context, add_model, load, lora_specs, show_context
 
 
 def register(sub) -> None:
@@ -37,6 +37,9 @@ def register(sub) -> None:
                    help="seconds a stage waits for another before the requests in flight fail (default 60)")
     add_context(p, ctx_help="context in tokens, shared equally by the slots as llama-server does (default: the "
                             "model's trained context, capped at 4096); a prompt longer than a slot's share is refused")
+    from ..serve_ray import add_arguments
+
+    add_arguments(p)
 
 
 def cmd_serve(a) -> int:
@@ -53,6 +56,10 @@ def cmd_serve(a) -> int:
         raise GGTorchError("--micro-batches splits a pipeline's steps: it needs --pipeline N")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     template = getattr(a, "chat_template", None)
+    replicated = any(getattr(a, k, None) is not None for k in ("replicas", "min_replicas", "max_replicas"))
+    if getattr(a, "ray_address", None) and not replicated:
+        a.replicas = 1  # --ray-address alone: one replica on that cluster
+        replicated = True
     if template is not None:  # a bad --chat-template fails before the weights load (as `chat` does)
         from ..chat import model_template
         from ..gguf.reader import GGUFFile
@@ -62,6 +69,10 @@ def cmd_serve(a) -> int:
             _, label = model_template(f.metadata, template)
         if os.environ.get("RANK", "0") == "0":
             print(f"ggtorch serve: chat template {label}", file=sys.stderr)
+    if replicated:
+        if a.pipeline:
+            raise GGTorchError("--replicas and --pipeline do not combine: a replica is one process")
+        return _serve_replicas(a, template)
     if a.pipeline:  # one torchrun process per stage: stage 0 serves, the others run their layers for it
         from ..dist.pipeline import cli
 
@@ -82,4 +93,22 @@ def _serve(a, m, template) -> int:
           f"{stages})", file=sys.stderr)
     serve(m, host=a.host, port=a.port, parallel=a.parallel, n_ctx=n_ctx, api_key=a.api_key, max_queue=a.queue,
           max_body=a.max_body, model_name=name, chat_template=template)
+    return 0
+
+
+def _serve_replicas(a, template) -> int:
+    """--replicas/--min-replicas/--max-replicas: the same server, N replicas behind Ray Serve (ggtorch.serve_ray)."""
+    from ..packaged import resolve
+    from ..serve_ray import ReplicaOptions, serve_forever
+
+    path = resolve(a.model)  # a missing file fails here, in one line, not in N replica constructors
+    if a.device != "cpu":
+        raise GGTorchError("--replicas runs CPU replicas for now (--device cuda is for one process)")
+    load_kw = {"kv_dtype": a.cache_type, "cache": a.cache, "ggml_numerics": a.ggml_numerics,
+               "lora": lora_specs(a) or None}
+    opts = ReplicaOptions(str(path), parallel=a.parallel, n_ctx=a.ctx, threads=a.threads, fast=a.fast,
+                          api_key=a.api_key, max_queue=a.queue, max_body=a.max_body, model_name=a.alias or a.model,
+                          chat_template=template, load_kw=load_kw)
+    serve_forever(opts, replicas=1 if a.replicas is None else a.replicas, min_replicas=a.min_replicas, max_replicas=a.max_replicas,
+                  host=a.host, port=a.port, ray_address=a.ray_address, prefix_routing=a.prefix_routing)
     return 0
