@@ -256,3 +256,18 @@ def test_ctrl_c_stops_serve_gracefully_with_exit_130():
     rc, out, err, took = _sigint(["serve", TINY / "tiny-llama-Q8_0.gguf", "--port", port, "--parallel", "2"], up)
     _one_line_130(rc, err, "serve")
     assert took < 30
+
+
+def test_device_and_scale_out_options_refused_in_one_line():
+    """--device cuda without CUDA, --ggml-numerics off the CPU, --replicas with --pipeline: exit 2, one line."""
+    import torch
+
+    cases = [("run", SMALL, "-p", "hi", "-n", "2", "--device", "cuda:0", "--ggml-numerics"),
+             ("serve", SMALL, "--replicas", "2", "--pipeline", "2")]
+    if not torch.cuda.is_available():
+        cases.append(("run", SMALL, "-p", "hi", "-n", "2", "--device", "cuda"))
+    for args in cases:
+        r = gg(*args, check=False)
+        assert r.returncode == 2, (args, r.stderr)
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and "Traceback" not in r.stderr, (args, r.stderr)
