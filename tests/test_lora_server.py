@@ -3,6 +3,7 @@ per-sequence scales behind them: two adapters loaded on the tiny fixture model (
 with different adapters batched in one forward, each answer equal to that adapter alone."""
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -12,6 +13,8 @@ import httpx
 import openai
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import ggtorch
 from conftest import TINY, tiny_manifest
@@ -197,9 +200,10 @@ def test_lora_adapters_get_post_round_trip(served, client, reference):
 
 BAD_POST = [b'{"id": 0, "scale": 1}', b'[{"id": 2, "scale": 1}]', b'[{"id": -1, "scale": 1}]',
             b'[{"id": 0, "scale": "x"}]', b'[{"id": "0", "scale": 1}]', b'[{"id": 0}]', b'[{"id": true, "scale": 1}]',
-            b'[{"id": 0, "scale": NaN}]', b'[{"id": 0, "scale": null}]', b'[3]', b'not json']
+            b'[{"id": 0, "scale": NaN}]', b'[{"id": 0, "scale": 1e30}]', b'[{"id": 0, "scale": null}]', b'[3]',
+            b'not json']
 BAD_FIELD = ["x", [{"id": 2, "scale": 1}], [{"id": 0, "scale": None}], [{"id": -1, "scale": 1}], [5],
-             {"id": 0, "scale": 1}, [{"id": 0.0, "scale": 1}], [{"id": 0, "scale": [1]}]]
+             {"id": 0, "scale": 1}, [{"id": 0.0, "scale": 1}], [{"id": 0, "scale": [1]}], [{"id": 1, "scale": -1e30}]]
 
 
 def test_bad_lora_input_is_a_400(served, client):
@@ -220,6 +224,28 @@ def test_bad_lora_input_is_a_400(served, client):
                                            extra_body={"lora": lora})
     r = httpx.post(served.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, "lora": []})
     assert r.status_code == 200  # an empty list: the global scales, as llama.cpp
+
+
+junk = st.recursive(st.none() | st.booleans() | st.integers(-3, 3) | st.floats() | st.text(max_size=4),
+                    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.sampled_from(["id", "scale", "x"]), c,
+                                                                        max_size=3), max_leaves=6)
+entry = st.fixed_dictionaries({}, optional={"id": st.integers(-2, 3) | junk, "scale": st.floats() | junk})
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(field=st.lists(entry, max_size=3) | junk, post=st.booleans())
+def test_fuzz_lora_fields_never_500(served, field, post):
+    """Whatever the lora field or POST body, a 2xx or a 400 with the error object; never a 500."""
+    running(served.engine)
+    if post:
+        r = httpx.post(served.url + "/lora-adapters", content=json.dumps(field).encode(), timeout=60)
+        httpx.post(served.url + "/lora-adapters", json=[{"id": 0, "scale": 1.0}, {"id": 1, "scale": 0.5}])
+    else:
+        body = {"prompt": PROMPT, "max_tokens": 2, "logprobs": 2, "lora": field}
+        r = httpx.post(served.url + "/v1/completions", content=json.dumps(body).encode(), timeout=60)
+    assert r.status_code in (200, 400), r.text
+    if r.status_code == 400:
+        assert r.json()["error"]["message"]
 
 
 def test_server_without_adapters():

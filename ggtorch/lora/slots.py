@@ -16,15 +16,18 @@ clears the slot's cache when the adapters change).
 """
 from __future__ import annotations
 
-import math
-
 from ..errors import LoRAError
 from .apply import set_slot_scales
+
+# a user scale's bound: past it an adapter's term overflows float32 into inf/NaN logits (a 1e30 scale
+# did on the tiny fixtures); useful scales are around 0..2 (llama.cpp sets no bound)
+MAX_SCALE = 100.0
 
 
 def parse_scales(entries, n_adapters: int, what: str = "lora") -> dict[int, float]:
     """``[{"id": i, "scale": s}, ...]`` (JSON) -> {id: scale}, checked against the ``n_adapters`` loaded:
-    an id that names no adapter, or a scale that is not a finite number, is one line naming the entry.
+    an id that names no adapter, or a scale that is not a number in [-MAX_SCALE, MAX_SCALE], is one line
+    naming the entry.
     A repeated id takes its last scale (as llama.cpp's parse_lora_request)."""
     if not isinstance(entries, list):
         raise LoRAError(f'{what} must be a list of {{"id": N, "scale": X}} objects, got {type(entries).__name__}')
@@ -40,8 +43,8 @@ def parse_scales(entries, n_adapters: int, what: str = "lora") -> dict[int, floa
             have = f"ids 0..{n_adapters - 1} (GET /lora-adapters lists them)" if n_adapters else \
                 "no adapters are loaded (start the server with --lora FILE)"
             raise LoRAError(f"{p}.id {k} names no loaded LoRA adapter: {have}")
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
-            raise LoRAError(f"{p}.scale must be a finite number, got {str(s)[:40]}")
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not -MAX_SCALE <= s <= MAX_SCALE:  # NaN too
+            raise LoRAError(f"{p}.scale must be a number in [-{MAX_SCALE:g}, {MAX_SCALE:g}], got {str(s)[:40]}")
         out[k] = float(s)
     return out
 
