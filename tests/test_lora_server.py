@@ -305,3 +305,34 @@ def test_token_embd_adapter_takes_per_row_scales():
     want = torch.cat(alone)
     assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
     assert (alone[0] - alone[1]).abs().max() > 0.1
+
+
+def test_cli_serve_loads_several_adapters():
+    """`ggtorch serve MODEL --lora A --lora-scaled B 0.5`: GET /lora-adapters lists both with their scales."""
+    import subprocess
+    import sys
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    p = subprocess.Popen([sys.executable, "-m", "ggtorch", "serve", MODEL, "--port", str(port), "--parallel", "2",
+                          "--ctx", "128", "--threads", "1", "--lora", A, "--lora-scaled", B, "0.5"],
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        t0 = time.time()
+        while True:
+            assert p.poll() is None and time.time() - t0 < 120, "ggtorch serve did not come up"
+            try:
+                got = httpx.get(f"http://127.0.0.1:{port}/lora-adapters", timeout=1).json()
+                break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        assert [(e["id"], e["path"], e["scale"]) for e in got] == [(0, A, 1.0), (1, B, 0.5)]
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
+                       json={"prompt": PROMPT, "max_tokens": 2, "lora": [{"id": 1, "scale": 1.0}]})
+        assert r.status_code == 200
+    finally:
+        p.terminate()
+        err = p.communicate(timeout=30)[1]
+    assert f"LoRA adapter 1: {B} (scale 0.5)" in err
