@@ -51,7 +51,7 @@ class SlotScales:
         self._slots, self._rows, self._memo = v, None, {}
 
     def row_scales(self, k: int, r: int, n: int):
-        """The effective scales [n] (float32) of adapter k's rank-r pairs for the n rows of this forward;
+        """The effective scales [n, 1] (float32) of adapter k's rank-r pairs for the n rows of this forward;
         None: no per-row table (use the attached scalar); False: no row uses adapter k (skip the term)."""
         if self.table is None or self._slots is None:
             return None
@@ -70,7 +70,7 @@ class SlotScales:
         ad = self.adapters[k]
         by_slot = {s: ad.scale_for_rank(r, self.table[s][k]) for s in set(rows)}
         vals = [by_slot[s] for s in rows]
-        out = torch.tensor(vals, dtype=torch.float32, device=self.device) if any(vals) else False
+        out = torch.tensor(vals, dtype=torch.float32, device=self.device)[:, None] if any(vals) else False
         self._memo[key] = out
         return out
 
@@ -98,8 +98,8 @@ class LowRank:
             if per is False:
                 continue  # no row of this batch uses adapter k
             d = (x.to(a.dtype) @ a.T) @ b.T  # two thin products: r is small, never B A formed
-            if per is not None:
-                d = d * per.reshape(*x.shape[:-1], 1).to(d.dtype)
+            if per is not None:  # in place on the 2-D inference product: ~10 us less a term than a new tensor
+                d = d.mul_(per) if d.dim() == 2 and not grad else d * per.reshape(*x.shape[:-1], 1)
             elif s != 1.0:
                 d = d * s
             if lo == 0 and hi == y.shape[-1]:
@@ -198,5 +198,5 @@ def embed_delta(net, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if per is False:
             continue
         d = a[ids] @ b.T
-        x = x + (d * per.reshape(-1, 1) if per is not None else d * s)
+        x = x + (d * per if per is not None else d * s)
     return x
