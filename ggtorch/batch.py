@@ -27,6 +27,7 @@ import torch
 from .constrain import fill_masks
 from .errors import GenerationError
 from .generate import Result, StopText, Timings, check_fits
+from .lora.slots import SlotLoRA
 from .sampling import SamplingParams, argmax_rows, make_generator, sample_batch
 
 
@@ -74,6 +75,7 @@ class BatchRequest:
     logprobs: int | None = None  # None: none; k: the chosen token's logprob and k alternatives
     on_event: Callable[[Event], None] | None = None
     constraint: "Constraint | None" = None  # structured output (ggtorch.constrain): one per request
+    lora: dict[int, float] | None = None  # {adapter id: scale}, others 0; None: the global ones (lora/slots.py)
 
     def __post_init__(self):
         self._cancel = threading.Event()
@@ -202,6 +204,7 @@ class BatchEngine:
         self.thread: threading.Thread | None = None
         self.running = False
         self.steps = 0  # decode steps run (each one forward over every decoding sequence)
+        self.lora = SlotLoRA.of(model.net, n_slots, self.backend.batched)  # per-request adapters, or None
 
     # ---- requests ------------------------------------------------------------------------------
     def check(self, req: BatchRequest) -> None:
@@ -215,6 +218,8 @@ class BatchEngine:
             raise GenerationError(f"token id {bad[0]} is outside the vocabulary (0..{self.model.n_vocab - 1})")
         if req.max_tokens < 0:
             raise GenerationError("max_tokens must be >= 0")
+        if req.lora:
+            SlotLoRA.check(self.lora, req.lora)  # an id that names no loaded adapter: one line
 
     def submit(self, req: BatchRequest) -> BatchRequest:
         self.check(req)
@@ -314,12 +319,17 @@ class BatchEngine:
                 if req.cancelled:
                     self._emit(req, Event(finish_reason="cancelled", prompt_tokens=len(req.prompt_ids)))
                     continue
-                # the free slot whose cached tokens share the longest prefix; else the least recently used
-                best = max(free, key=lambda i: (common_prefix(self.slots[i].tokens, req.prompt_ids),
-                                                -self.slots[i].last_used))
+                # the free slot whose cached tokens share the longest prefix (computed under this request's
+                # LoRA scales: lora/slots.py); else the least recently used
+                lora = self.lora.resolve(req.lora) if self.lora is not None else None
+                prefix = {i: common_prefix(self.slots[i].tokens, req.prompt_ids)
+                          if lora is None or self.lora.held[i] == lora else 0 for i in free}
+                best = max(free, key=lambda i: (prefix[i], -self.slots[i].last_used))
                 slot = self.slots[best]
                 # keep at least one prompt token to evaluate: its logits start the generation
-                keep = min(common_prefix(slot.tokens, req.prompt_ids), len(req.prompt_ids) - 1)
+                keep = min(prefix[best], len(req.prompt_ids) - 1)
+                if lora is not None:
+                    self.lora.assign(best, lora)
                 self.backend.truncate(best, keep)
                 slot.tokens = slot.tokens[:keep]
                 slot.seq = _Seq(req, best, keep, self.tok)
@@ -389,6 +399,8 @@ class BatchEngine:
         """After a decode step over ``batch`` (whose logits rows come first, then one row for each of
         ``prompts`` that finished in the same forward): record the decoded tokens, sample every row."""
         self.steps += 1
+        if self.lora is not None:
+            self.lora.note([q.slot for q in batch] + [q.slot for q in prompts])
         for q in batch:
             self.slots[q.slot].tokens.append(q.next)
             q.next = None

@@ -12,8 +12,9 @@ from .common import add_context, add_model, load, lora_specs, show_context
 def register(sub) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching",
                        description="Serve one model over an OpenAI-compatible API (/v1/chat/completions, "
-                                   "/v1/completions, /v1/models, /health, /tokenize, /detokenize, /apply-template). "
-                                   "Up to --parallel requests are decoded together in one batch; more wait in a queue.")
+                                   "/v1/completions, /v1/models, /health, /tokenize, /detokenize, /apply-template, "
+                                   "/lora-adapters). Adapters loaded with --lora/--lora-scaled can be switched per "
+                                   "request (the lora field). Up to --parallel requests are decoded together in one batch; more wait in a queue.")
     add_model(p, optional=True)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
@@ -87,6 +88,8 @@ def _serve(a, m, template) -> int:
     if n_ctx // a.parallel < 2:
         raise GGTorchError(f"--ctx {n_ctx} leaves fewer than 2 tokens per slot for --parallel {a.parallel}")
     show_context(m)
+    for i, (ad, s) in enumerate(m.loras):  # the ids that GET /lora-adapters and a request's lora field use
+        print(f"ggtorch serve: LoRA adapter {i}: {ad.path} (scale {s:g})", file=sys.stderr)
     name = a.alias or a.model
     stages = f", {a.pipeline} pipeline stages x {a.micro_batches} micro-batches" if a.pipeline else ""
     print(f"ggtorch serve: {name} on http://{a.host}:{a.port} ({a.parallel} slots x {n_ctx // a.parallel} tokens"

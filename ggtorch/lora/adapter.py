@@ -54,9 +54,12 @@ class Adapter:
 
     def scale(self, name: str, user_scale: float = 1.0) -> float:
         """get_scale: user_scale * alpha / rank, or user_scale when alpha is 0."""
+        return self.scale_for_rank(self.rank(name), user_scale)
+
+    def scale_for_rank(self, r: int, user_scale: float = 1.0) -> float:
+        """:meth:`scale` for a pair of rank r (the one formula, so per-sequence scales round alike)."""
         if not self.alpha:
             return float(user_scale)
-        r = self.rank(name)
         return float(user_scale) * self.alpha / (r ** 0.5 if self.rslora else r)
 
     @property

@@ -206,7 +206,14 @@ class Transformer:
     def _run(self, ids, pos, n_kv, cache, start, trace) -> torch.Tensor:
         """Embeddings through every block: ``pos`` [T] are the tokens' positions, ``cache`` the view
         the blocks write to (one slot, or one slot per token)."""
+        self._lora_slots(cache, ids.numel())  # before the embeddings: an adapter may act on token_embd
         return self.run_layers(self.inputs(ids, trace), pos, n_kv, cache, start, trace)
+
+    def _lora_slots(self, cache, T: int) -> None:
+        """Each row's sequence, for per-sequence LoRA scales (ggtorch.lora.apply.SlotScales)."""
+        if getattr(self, "lora_rows", None) is not None:
+            self.lora_rows.slots = cache.idx if isinstance(cache, BatchView) else torch.full(
+                (T,), cache.slot, dtype=torch.long, device=self.device)
 
     def inputs(self, ids: torch.Tensor, trace: Tracer | None = None) -> torch.Tensor:
         """The tokens' embeddings [T, n_embd], scaled as the architecture asks (the first block's input)."""
@@ -225,9 +232,7 @@ class Transformer:
         # a batched step, or a few tokens of one sequence: the JIT library's attention (model/fastpath.py)
         T = x.shape[0]
         ctx["rows"] = fastpath.rows(cache, start, T) if fastpath.usable(self, T, cache, trace) else None
-        if getattr(self, "lora_rows", None) is not None:  # each row's sequence, for per-sequence LoRA scales
-            self.lora_rows.slots = cache.idx if isinstance(cache, BatchView) else torch.full(
-                (T,), cache.slot, dtype=torch.long, device=self.device)
+        self._lora_slots(cache, T)
         if ctx["rows"] is not None:  # every layer in one call where the architecture allows (model/fastpath.py)
             step = fastpath.step_of(self)
             if step is not None:

@@ -4,7 +4,7 @@
     app = create_app(ggtorch.load("smollm2-135m"), parallel=4)   # any ASGI server can run it
 
 or ``ggtorch serve smollm2-135m --port 8080``. Endpoints: /v1/chat/completions, /v1/completions,
-/v1/models, /health, /tokenize, /detokenize, /apply-template.
+/v1/models, /health, /tokenize, /detokenize, /apply-template, /lora-adapters (GET, POST).
 """
 from __future__ import annotations
 

@@ -23,7 +23,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..batch import BatchEngine, QueueFullError
-from ..errors import GGTorchError
+from ..errors import GGTorchError, LoRAError
+from ..lora.slots import parse_scales
 from . import schema
 from ..toolcall import template_takes_tools, with_tools_prompt
 from .jobs import ClientGone, Job, ToolPlan
@@ -69,7 +70,7 @@ class Server:
             raise APIError(401, "invalid or missing API key (send Authorization: Bearer KEY)",
                            type="authentication_error", code="invalid_api_key")
 
-    async def body(self, request: Request) -> dict:
+    async def body(self, request: Request, want: type = dict) -> dict | list:
         self.authorize(request)
         n = request.headers.get("content-length", "")
         if n.isdigit() and int(n) > self.max_body:
@@ -82,7 +83,7 @@ class Server:
                 raise APIError(413, f"the request body is larger than the limit of {self.max_body} bytes",
                                code="request_too_large")
             chunks.append(c)
-        return schema.parse_json(b"".join(chunks))
+        return schema.parse_json(b"".join(chunks), want)
 
     def tokens_fit(self, ids: list[int]) -> None:
         n_ctx = self.engine.n_ctx
@@ -149,7 +150,8 @@ class Server:
     # ---- completions -------------------------------------------------------------------------------
     async def complete(self, request: Request, chat: bool):
         body = await self.body(request)
-        spec = schema.gen_spec(body, self.model.n_vocab, self.engine.n_ctx, chat)
+        lora = self.engine.lora
+        spec = schema.gen_spec(body, self.model.n_vocab, self.engine.n_ctx, chat, len(lora.adapters) if lora else 0)
         plan = None
         structured = schema.structured_output(body)
         if structured is not None:
@@ -323,6 +325,24 @@ def create_app(model, parallel: int = 4, n_ctx: int = 4096, api_key: str | None 
     @app.post("/completions")
     async def completions(request: Request):
         return await srv.complete(request, chat=False)
+
+    @app.get("/lora-adapters")
+    async def lora_adapters(request: Request):
+        srv.authorize(request)
+        return srv.engine.lora.info() if srv.engine.lora is not None else []
+
+    @app.post("/lora-adapters")
+    async def set_lora_adapters(request: Request):
+        entries = await srv.body(request, list)
+        lora = srv.engine.lora
+        try:
+            if lora is not None:
+                lora.set_scales(entries)
+            else:
+                parse_scales(entries, 0, "body")  # only [] fits: there is nothing to scale
+        except LoRAError as e:
+            raise bad(None, str(e), "invalid_value") from None
+        return {"success": True}
 
     @app.post("/tokenize")
     async def tokenize(request: Request):

@@ -54,7 +54,8 @@ class Job:
                 grammar = tools.grammar if tools is not None and tools.grammar is not None else spec.constraint
                 self.reqs.append(BatchRequest(ids, params, spec.max_tokens, spec.stop, spec.ignore_eos, spec.logprobs,
                                               on_event=lambda ev, idx=idx: self._on_event(idx, ev),
-                                              constraint=grammar.new() if grammar is not None else None))
+                                              constraint=grammar.new() if grammar is not None else None,
+                                              lora=spec.lora))
                 c = Choice(idx)
                 if tools is not None and chat:
                     c.parse = ChoiceParse(tools, spec.stop, lazy=not spec.stream)

@@ -33,13 +33,14 @@ def bad(param: str | None, message: str, code: str | None = None) -> APIError:
     return APIError(400, message, param=param, code=code)
 
 
-def parse_json(raw: bytes) -> dict:
+def parse_json(raw: bytes, want: type = dict) -> dict | list:
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
         raise bad(None, f"the request body is not valid JSON: {str(e)[:200]}", "invalid_json") from None
-    if not isinstance(body, dict):
-        raise bad(None, f"the request body must be a JSON object, got {type(body).__name__}")
+    if not isinstance(body, want):
+        kind = "an object" if want is dict else "an array"
+        raise bad(None, f"the request body must be {kind}, got {type(body).__name__}")
     return body
 
 
@@ -117,9 +118,25 @@ class GenSpec:
     seed: int | None
     prompts: list = field(default_factory=list)  # text or token-id lists, filled by the endpoint
     constraint: object = None  # a compiled ggtorch.constrain.Grammar: each choice gets its own matcher
+    lora: dict | None = None  # {adapter id: scale} (llama.cpp's per-request lora field); None: global scales
 
 
-def gen_spec(body: dict, n_vocab: int, n_ctx: int, chat: bool) -> GenSpec:
+def lora_field(body: dict, n_adapters: int) -> dict | None:
+    """llama.cpp server's ``lora: [{"id": i, "scale": s}]``: adapters not listed get scale 0; absent or []
+    takes the global scales (POST /lora-adapters). An id that names no loaded adapter is a 400."""
+    from ..errors import LoRAError
+    from ..lora.slots import parse_scales
+
+    v = body.get("lora")
+    if v is None:
+        return None
+    try:
+        return parse_scales(v, n_adapters) or None
+    except LoRAError as e:
+        raise bad("lora", str(e), "invalid_value") from None
+
+
+def gen_spec(body: dict, n_vocab: int, n_ctx: int, chat: bool, n_lora: int = 0) -> GenSpec:
     mt = _number(body, "max_completion_tokens", None, 0, None, integer=True)
     mt = _number(body, "max_tokens", mt, 0, None, integer=True) if body.get("max_tokens") is not None else mt
     max_tokens = n_ctx if mt is None else mt  # none given: until the end of generation or of the context
@@ -158,7 +175,7 @@ def gen_spec(body: dict, n_vocab: int, n_ctx: int, chat: bool) -> GenSpec:
         if _bool(body, "echo", False):
             raise bad("echo", "echo is not supported", "unsupported_value")
     return GenSpec(params, int(max_tokens), _stop(body), _bool(body, "ignore_eos", False), int(n), stream,
-                   include_usage, logprobs, params.seed)
+                   include_usage, logprobs, params.seed, lora=lora_field(body, n_lora))
 
 
 def structured_output(body: dict) -> tuple[dict, str] | None:
