@@ -2,13 +2,13 @@
 synthetic task, and check what issue 23's acceptance asks:
 
 - the task: answer every question with one line of JSON, ``{"answer": "<short answer>"}``, never prose.
-  Questions of four kinds (colours, capitals, animal sounds, opposites); a quarter of the items of each
-  kind, plus a fifth kind never trained on (small sums), are held out: never trained on, not even as
+  Questions of four kinds (colours, capitals, animal sounds, opposites); 5 items of each kind,
+  plus a fifth kind never trained on (small sums), are held out: never trained on, not even as
   the training loop's validation split;
 - the validation loss goes down: the loop's own validation split (other phrasings of trained items) and
   the loss of the held-out questions' JSON answers, before and after;
 - greedy answers to the held-out questions follow the task (counted before and after; also how many
-  give the right answer);
+  give the right answer), on the default (fast) path, ``--exact-answers`` for the exact one;
 - llama.cpp (llama-cpp-python, optional, in a child process: llama.cpp and PyTorch in one process can
   crash each other) with the saved adapter gives the same greedy answers on the same prompt tokens.
 
@@ -16,7 +16,7 @@ It prints (and writes with ``--json``) training tokens/s and peak memory (peak R
 ``--speed-only`` measures only those on any GGUF (e.g. the random-weight 1.1B of
 shared/tools/make_synthetic_model.py), training a few steps on filler text of ``--seq`` tokens.
 
-    python benchmarks/lora_finetune.py [--model smollm2-135m] [--steps 300] [--threads 2] [--json FILE]
+    python benchmarks/lora_finetune.py [--model smollm2-135m] [--steps 300] [--batch 2] [--threads 1] [--json FILE]
     python benchmarks/lora_finetune.py --model /tmp/synthetic-1.1b-Q4_1.gguf --speed-only --steps 4
 """
 from __future__ import annotations
@@ -185,11 +185,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--ctx", type=int, default=128)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--max-tokens", type=int, default=16, help="greedy answer length")
     ap.add_argument("--limit", type=int, default=0, help="only the first N held-out questions (a quick check)")
     ap.add_argument("--resume", action="store_true", help="continue from OUT/ckpt")
@@ -262,7 +262,8 @@ def experiment(a, path):
     rows = []
     for i, (q, y) in enumerate(held):
         rows.append({"q": q, "expected": y, "base": before[i][1], "lora": after[i][1],
-                     "llama_cpp_base": ref["base"][i] if ref else None, "llama_cpp_lora": ref["lora"][i] if ref else None})
+                     "llama_cpp_base": ref["base"][i] if ref else None,
+                     "llama_cpp_lora": ref["lora"][i] if ref else None})
     n = len(held)
     return {
         "model": os.path.basename(path), "task": 'answer with one line of JSON {"answer": "..."}',
@@ -285,7 +286,8 @@ def machine() -> str:
             name = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{name}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at the end, torch {torch.__version__}"
+    load = os.getloadavg()[0]
+    return f"{name}, {os.cpu_count()} cores, load average {load:.2f} at the end, torch {torch.__version__}"
 
 
 if __name__ == "__main__":
