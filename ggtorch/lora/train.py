@@ -38,7 +38,7 @@ class Example:
 class TrainResult:
     adapter: Adapter
     train_loss: list[float] = field(default_factory=list)  # per optimizer step
-    val_loss: list[float] = field(default_factory=list)  # before training, then after each epoch
+    val_loss: list[float] = field(default_factory=list)  # before training, after each epoch and at a max_steps stop
     tokens_per_s: float = 0.0
     steps: int = 0
     peak_rss_mb: float = 0.0
@@ -128,12 +128,17 @@ def forward_packed(net, seqs: list[list[int]]) -> torch.Tensor:
 
     cache = net.new_cache(T, dtype=torch.float32)
     cache.reserve(T)
-    net.mask = mask
+    # lora_training keeps the forward off the JIT attention (fastpath.usable), which would attend over
+    # the whole packed row and ignore the block-diagonal mask: set for every caller (evaluate() outside
+    # finetune too), not only inside the training loop
+    was = getattr(net, "lora_training", False)
+    net.mask, net.lora_training = mask, True
     try:
         h = net._run(x, pos, T, SlotView(cache, 0), 0, None)
+        return net._head(h, None)
     finally:
         del net.mask
-    return net._head(h, None)
+        net.lora_training = was
 
 
 def batch_loss(net, exs: list[Example]) -> tuple[torch.Tensor, int]:
@@ -253,7 +258,7 @@ def finetune(model, data, out: str | None = None, *, chat: bool | None = None, r
     ad = new_adapter(net, targets, rank, alpha, seed)
     params = [p for ab in ad.pairs.values() for p in ab]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    start_epoch, step = 0, 0
+    start_epoch, step, val_at = 0, 0, -1
     res = TrainResult(ad)
     if resume and checkpoint and os.path.exists(checkpoint):
         st = torch.load(checkpoint, weights_only=False)
@@ -266,6 +271,7 @@ def finetune(model, data, out: str | None = None, *, chat: bool | None = None, r
         opt.load_state_dict(st["opt"])
         start_epoch, step = st["epoch"], st["step"]
         res.train_loss, res.val_loss = st["train_loss"], st["val_loss"]
+        val_at = st.get("val_at", -1)
     saved_loras = list(getattr(net, "loras", []))
     attach(net, [(ad, 1.0)])
     net.lora_training = True
@@ -275,7 +281,7 @@ def finetune(model, data, out: str | None = None, *, chat: bool | None = None, r
             tmp = checkpoint + ".tmp"
             torch.save({"pairs": {n: (a.detach(), b.detach()) for n, (a, b) in ad.pairs.items()}, "opt": opt.state_dict(),
                         "epoch": epoch, "step": step, "rank": rank, "train_loss": res.train_loss,
-                        "val_loss": res.val_loss}, tmp)
+                        "val_loss": res.val_loss, "val_at": evaluated_at}, tmp)
             os.replace(tmp, checkpoint)
 
     from tqdm import tqdm
@@ -284,9 +290,19 @@ def finetune(model, data, out: str | None = None, *, chat: bool | None = None, r
     total = per_epoch * epochs if max_steps is None else min(max_steps, per_epoch * epochs)
     bar = tqdm(total=total, initial=min(step, total), desc="finetune", disable=not progress or None, file=sys.stderr)
     n_tok, t_train = 0, 0.0
-    try:
-        if val_set and not res.val_loss:
+    evaluated_at = val_at  # the step whose adapter the last val_loss entry measured
+
+    def validate(label):
+        nonlocal evaluated_at
+        if val_set and evaluated_at != step:
             res.val_loss.append(evaluate(net, val_set))
+            evaluated_at = step
+            if label:
+                bar.write(f"{label}: validation loss {res.val_loss[-1]:.4f}", file=sys.stderr)
+
+    try:
+        if not res.val_loss:  # a resumed run has it already
+            validate(None)
         for epoch in range(start_epoch, epochs):
             ep_order = list(range(len(train_set)))
             random.Random(seed * 1000003 + epoch).shuffle(ep_order)
@@ -315,11 +331,11 @@ def finetune(model, data, out: str | None = None, *, chat: bool | None = None, r
                 if save_every and step % save_every == 0:
                     save_ckpt(epoch)
             if stopped:
+                # the adapter handed back is this one: measure it (once), not only the last epoch's end
+                validate(f"step {step}")
                 save_ckpt(epoch)
                 break
-            if val_set:
-                res.val_loss.append(evaluate(net, val_set))
-                bar.write(f"epoch {epoch + 1}: validation loss {res.val_loss[-1]:.4f}", file=sys.stderr)
+            validate(f"epoch {epoch + 1}")
             save_ckpt(epoch + 1)
     finally:
         bar.close()
