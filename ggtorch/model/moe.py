@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from ..errors import ModelError
 from ..quant.linear import QWeight, qmatmul
+from .fastpath import expert_ffn
 
 # ggml_clamp(weights_sum, 6.103515625e-5, INF) in build_moe_ffn: the smallest normal F16
 _MIN_SUM = 6.103515625e-5
@@ -85,7 +86,8 @@ def route(logits: torch.Tensor, n_used: int, gating: str = "softmax", norm_w: bo
     if trace:
         trace(f"ffn_moe_probs-{il}", probs)
     sel = probs if selection_bias is None else probs + selection_bias
-    experts = torch.topk(sel, n_used, dim=-1).indices  # ggml_argsort_top_k: largest first
+    # ggml_argsort_top_k: largest first; ties (left to std::sort by ggml) go to the lower index, as in moe.cpp
+    experts = torch.sort(sel, dim=-1, descending=True, stable=True).indices[..., :n_used]
     weights = probs.gather(-1, experts)
     if trace:
         trace(f"ffn_moe_topk-{il}", experts.to(torch.int32))
@@ -165,6 +167,25 @@ def load_moe(net, L: dict, p: str) -> None:
 def moe(net, L: dict, x: torch.Tensor, trace=None, il: int = 0, act: Callable = silu_glu) -> torch.Tensor:
     """build_moe_ffn for one layer with the architecture's gating from the config, plus the shared
     experts where the layer has them (ffn_shexp added to ffn_moe_out)."""
+    fast = expert_ffn(net, il, trace) if act is silu_glu and not x.requires_grad else None
+    if fast is not None:  # router and routed experts in one call (quant/csrc/moe.cpp), as the one-call step
+        out, experts = fast(x.reshape(-1, x.shape[-1]))
+        out = out.reshape(x.shape)
+    else:
+        out, experts = _moe_torch(net, L, x, trace, il, act)
+    if L.get("ffn_up_shexp") is not None:
+        sh = qmatmul(silu_glu(qmatmul(x, L["ffn_gate_shexp"]), qmatmul(x, L["ffn_up_shexp"])), L["ffn_down_shexp"])
+        if trace:
+            trace(f"ffn_shexp-{il}", sh)
+        out = out + sh
+    seen = getattr(net, "expert_log", None)  # benchmarks: which experts each forward used
+    if seen is not None:
+        seen.append((il, experts))
+    return out
+
+
+def _moe_torch(net, L: dict, x: torch.Tensor, trace, il: int, act: Callable):
+    """build_moe_ffn in PyTorch operations, expert by expert: (out, chosen experts)."""
     c = net.cfg
     logits = qmatmul(x, L["ffn_gate_inp"])
     if trace:
@@ -180,15 +201,7 @@ def moe(net, L: dict, x: torch.Tensor, trace=None, il: int = 0, act: Callable = 
                   L.get("ffn_gate_up_exps"), trace, il)
     if trace:
         trace(f"ffn_moe_out-{il}", out)
-    if L.get("ffn_up_shexp") is not None:
-        sh = qmatmul(silu_glu(qmatmul(x, L["ffn_gate_shexp"]), qmatmul(x, L["ffn_up_shexp"])), L["ffn_down_shexp"])
-        if trace:
-            trace(f"ffn_shexp-{il}", sh)
-        out = out + sh
-    seen = getattr(net, "expert_log", None)  # benchmarks: which experts each forward used
-    if seen is not None:
-        seen.append((il, experts))
-    return out
+    return out, experts
 
 
 def _expert(xe, e, up, gate, down, act, up_b, gate_b, down_b, fused):
@@ -258,6 +271,14 @@ def expert_nbytes(L: dict, e: int) -> int:
 def decode_expert_traffic(net, prompt: list[int], n_gen: int = 16) -> dict:
     """Greedy-decode ``n_gen`` tokens after ``prompt`` and count the expert bytes each decoded token
     reads (the distinct experts it was routed to in every layer), against all expert bytes."""
+    step, net._step = getattr(net, "_step", None), False  # the per-layer path, where moe() logs the experts
+    try:
+        return _traffic(net, prompt, n_gen)
+    finally:
+        net._step = step
+
+
+def _traffic(net, prompt: list[int], n_gen: int) -> dict:
     cache = net.new_cache(len(prompt) + n_gen + 1)
     logits = net.forward(prompt, cache)
     per_token = []
