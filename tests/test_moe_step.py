@@ -188,3 +188,29 @@ def test_decode_token_reads_only_its_experts():
     poison(0, min(routed[0]))
     c.lens[:] = lens
     assert not torch.equal(net.forward(SEQ[-1:], c), want)
+
+
+def test_experts_repacked_straight_into_their_fused_matrix():
+    """model/repack.py repacks each expert's gate and up straight into one matrix (qdot_fused): the same
+    bytes as packing each and concatenating (quant.kernels.install + fuse), and the repack cache gives
+    them back (second load a hit, same logits)."""
+    from ggtorch.quant.kernels import fuse, install
+
+    path = str(ARCHS / "tiny-llama-moe-Q4_K.gguf")
+    fast = ggtorch.load(path, fast=True, cache=False).net
+    ref = ggtorch.load(path, fast=False).net
+    for Lf, Lr in zip(fast.layers, ref.layers):
+        for e in range(fast.cfg.n_expert):
+            g, u = Lr["ffn_gate_exps"][e], Lr["ffn_up_exps"][e]
+            install(g)
+            install(u)
+            want = fuse([g, u]).state
+            got = Lf["ffn_gate_up_exps"][e].state
+            assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+    first = ggtorch.load(path, fast=True)
+    second = ggtorch.load(path, fast=True)
+    assert second.repack_cache == "hit"
+    a, _ = decode(first.net, SEQ)
+    b, _ = decode(second.net, SEQ)
+    c, _ = decode(fast, SEQ)
+    assert torch.equal(a, b) and torch.equal(a, c)
