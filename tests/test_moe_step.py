@@ -214,3 +214,16 @@ def test_experts_repacked_straight_into_their_fused_matrix():
     b, _ = decode(second.net, SEQ)
     c, _ = decode(fast, SEQ)
     assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_expert_traffic_counts_routed_experts_only():
+    """benchmarks/vs_llamacpp.py's expert bytes per decoded token: the k routed experts of each layer
+    (half of the 4), within 5% of the file's blocks of the same experts (what llama.cpp reads: the
+    repacked Q4_K keeps a float16 d per 256 values instead of per 32-value pair, +2.8%); the model
+    keeps its one-call step afterwards."""
+    net = net_of("tiny-qwen3moe-Q4_K")
+    step = fastpath.step_of(net)
+    r = moe_mod.decode_expert_traffic(net, SEQ[:8], 6)
+    assert r["fraction"] == pytest.approx(net.cfg.n_expert_used / net.cfg.n_expert)
+    assert 1.0 <= r["expert_bytes_per_token"] / r["file_bytes_per_token"] <= 1.05
+    assert fastpath.step_of(net) is step

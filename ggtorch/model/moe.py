@@ -270,7 +270,8 @@ def expert_nbytes(L: dict, e: int) -> int:
 
 def decode_expert_traffic(net, prompt: list[int], n_gen: int = 16) -> dict:
     """Greedy-decode ``n_gen`` tokens after ``prompt`` and count the expert bytes each decoded token
-    reads (the distinct experts it was routed to in every layer), against all expert bytes."""
+    reads (the distinct experts it was routed to in every layer), against all expert bytes and against
+    the file's bytes of the same experts (``file_bytes_per_token``, what llama.cpp reads for them)."""
     step, net._step = getattr(net, "_step", None), False  # the per-layer path, where moe() logs the experts
     try:
         return _traffic(net, prompt, n_gen)
@@ -281,13 +282,16 @@ def decode_expert_traffic(net, prompt: list[int], n_gen: int = 16) -> dict:
 def _traffic(net, prompt: list[int], n_gen: int) -> dict:
     cache = net.new_cache(len(prompt) + n_gen + 1)
     logits = net.forward(prompt, cache)
-    per_token = []
+    per_token, in_file = [], []
     for _ in range(n_gen):
         net.expert_log = []
         logits = net.forward([int(logits[-1].argmax())], cache)
-        per_token.append(sum(expert_nbytes(net.layers[il], e) for il, ex in net.expert_log
-                             for e in torch.unique(ex).tolist()))
+        used = [(net.layers[il], e) for il, ex in net.expert_log for e in torch.unique(ex).tolist()]
+        per_token.append(sum(expert_nbytes(L, e) for L, e in used))
+        in_file.append(sum(L[k][e].raw.numel() for L, e in used for k in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
+                           if L[k]))  # the GGUF blocks of the same experts: what llama.cpp reads for them
     net.expert_log = None
     total = sum(expert_nbytes(L, e) for L in net.layers if L.get("ffn_up_exps") for e in range(len(L["ffn_up_exps"])))
     return {"expert_bytes_per_token": sum(per_token) / len(per_token), "expert_bytes_all": total,
-            "fraction": sum(per_token) / len(per_token) / total}
+            "fraction": sum(per_token) / len(per_token) / total,
+            "file_bytes_per_token": sum(in_file) / len(in_file)}
