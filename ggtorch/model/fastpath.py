@@ -11,10 +11,11 @@ tensors under llama.cpp's names), no ggml-numerics mode, no fault injection, on 
 built.
 
 What is guaranteed (batch invariance). On the default kernels (a model loaded with fast mode, its
-weights on the JIT matrix kernel) of an architecture with a ``step_spec`` (llama, qwen3, smollm3,
-gemma3 files without biases, experts or attention temperature), every forward takes ``Step``, whose
-matrix products compute each row on its own and whose attention (ops.cpp's qdot_attend) gives each
-(token, head) one fixed arithmetic. A token's logits and its keys and values in the cache are then a
+weights on the JIT matrix kernel) of an architecture with a ``step_spec`` (llama with or without
+Mixtral-style experts, qwen3, qwen3moe, smollm3, gemma3 files without biases, shared experts or
+attention temperature), every forward takes ``Step``, whose matrix products compute each row on its
+own, whose attention (ops.cpp's qdot_attend) gives each (token, head) one fixed arithmetic, and whose
+routed experts (moe.cpp) route each token on its own and group rows by expert without changing any. A token's logits and its keys and values in the cache are then a
 function of the token and its history only, to the bit: the same whether the prompt is evaluated alone
 or beside other sequences in a batched step, in one forward or in any chunking (the server's
 prefill_chunk, a ride along a decode step, the ubatch), and after a cached prefix. A greedy request
@@ -43,7 +44,7 @@ KV_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # ops.cpp's 
 # one-call step does not apply (the per-layer path: biases, the exact weights): the server's prompts of
 # up to batch.BatchEngine.mixed_chunk (32) tokens ride along with other sequences' decode step through
 # it, so a short prompt gets the same arithmetic served alone or in a batch. Where the one-call step
-# applies (the default kernels of llama/qwen3/smollm3/gemma3 files), prompts of every length take it:
+# applies (the default kernels of llama/qwen3/qwen3moe/smollm3/gemma3 files), prompts of every length take it:
 # a token's logits then never depend on the chunk it is prefilled in, on a cached prefix or on the
 # other sequences of a batch (ops.cpp's qdot_attend and the matrix kernel compute each row on its own).
 MAX_TOKENS = 32

@@ -4,6 +4,11 @@ Experts are 3-D GGUF tensors {n_in, n_out, n_expert}. They stay as GGUF blocks: 
 one 2-D :class:`QWeight` view per expert (zero-copy slices of the file), so each expert gets the same
 per-type kernels as any other matrix, and a token only ever reads the experts it was routed to.
 
+On CPU with the JIT library, :func:`moe` hands the router and the routed experts to one call
+(quant/csrc/moe.cpp through model/fastpath.ExpertFFN; the one-call step calls the same function), which
+sorts the tokens' (token, slot) rows by expert as ggml_mul_mat_id does. Traces, expert biases, other
+activations (gpt-oss's swiglu_oai) and weights without the JIT kernel take the PyTorch path below.
+
 Routing (:func:`route`) and the expert pass (:func:`moe_ffn`) report llama.cpp's callback names:
 ``ffn_moe_logits``, ``ffn_moe_probs``, ``ffn_moe_topk``, ``ffn_moe_weights``, ``ffn_moe_weights_norm``,
 ``ffn_moe_gate``, ``ffn_moe_up``, ``ffn_moe_down``, ``ffn_moe_out`` (with ``-il``).
