@@ -113,12 +113,19 @@ static inline void run_job(const Job &j, const QRows &a, float *out, int64_t ldo
 // One token: contiguous ranges of jobs per thread (each streams its share of the weights). Several: jobs
 // of unequal row counts, taken as threads free up. Each output is written by one job either way, so the
 // schedule does not change the result.
+// Work below MIN_PARALLEL multiply-adds stays on the calling thread: a tiny model's experts cost less
+// than waking the other threads (and far less than waiting for a preempted one on a loaded machine).
+static const int64_t MIN_PARALLEL = 1 << 18;
+
 static void run_jobs(const Job *jobs, int64_t n, const QRows &a, float *out, int64_t ldo, bool many) {
+    int64_t work = 0;
+    for (int64_t i = 0; i < n; i++) work += jobs[i].M * 16 * (jobs[i].t1 - jobs[i].t0) * a.K;
+    const bool par = work >= MIN_PARALLEL;
     if (many) {
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) if (par)
         for (int64_t i = 0; i < n; i++) run_job(jobs[i], a, out, ldo);
     } else {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (par)
         for (int64_t i = 0; i < n; i++) run_job(jobs[i], a, out, ldo);
     }
 }
