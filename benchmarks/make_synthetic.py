@@ -53,7 +53,7 @@ def _random_imatrix(f16: str):
     return arr, keep
 
 
-def _quantize(f16: str, out: str, t: str) -> None:
+def _quantize(f16: str, out: str, t: str, requantize: bool = False) -> None:
     import llama_cpp
 
     ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{t}", None)
@@ -62,6 +62,7 @@ def _quantize(f16: str, out: str, t: str) -> None:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = 2
+    params.allow_requantize = requantize
     keep = None
     if t in NEEDS_IMATRIX:
         arr, keep = _random_imatrix(f16)
@@ -98,6 +99,34 @@ def make(out_dir: str, types=TYPES, layers: int | None = None) -> dict[str, str]
         done[t] = p
     if made_f16 and "F16" not in types:
         os.unlink(f16)
+    return done
+
+
+def moe_path(out_dir: str, t: str, layers: int | None = None) -> str:
+    return os.path.join(out_dir, f"synthetic-qwen3moe-{t}.gguf" if not layers else f"synthetic-qwen3moe-{layers}L-{t}.gguf")
+
+
+def make_moe(out_dir: str, types=("Q4_K_M",), layers: int | None = None) -> dict[str, str]:
+    """The synthetic Qwen3-MoE (make_synthetic_model.py --arch qwen3moe: Qwen3-30B-A3B's layer shape, 8
+    layers unless ``layers``): Q8_0 written by the tool, any other type requantized from it by llama.cpp's
+    quantizer (--allow-requantize), as issue 22 describes. The Q8_0 file is kept (1.5 GB at 4 layers)."""
+    os.makedirs(out_dir, exist_ok=True)
+    tool = os.environ.get("GGTORCH_SYNTHETIC_TOOL", TOOL)
+    q8 = moe_path(out_dir, "Q8_0", layers)
+    if not os.path.exists(q8):
+        subprocess.run([sys.executable, tool, q8, "--arch", "qwen3moe", "--type", "Q8_0",
+                        *(["--layers", str(layers)] if layers else [])], check=True)
+    done = {}
+    for t in types:
+        p = moe_path(out_dir, t, layers)
+        if t != "Q8_0" and not os.path.exists(p):
+            try:
+                import llama_cpp  # noqa: F401
+            except ImportError:
+                print(f"llama-cpp-python is not installed: no {t} file", file=sys.stderr)
+                continue
+            _quantize(q8, p, t, requantize=True)
+        done[t] = p
     return done
 
 

@@ -2,6 +2,7 @@
 
     python benchmarks/vs_llamacpp.py [MODEL ...] [-p 512] [-n 128] [-r 3] [--threads 2] [--exact]
     python benchmarks/vs_llamacpp.py --synthetic [--synthetic-dir DIR] [--types Q4_0,Q8_0,Q4_K_M] [--layers N]
+    python benchmarks/vs_llamacpp.py --moe [--moe-types Q4_K_M] [--moe-layers N]
 
 Each measurement runs in its own process, so peak RSS is its own. ggtorch's load is measured twice,
 with a fresh repack cache (cold: repack; the entry is written on a thread after load returns; the
@@ -14,7 +15,9 @@ never the user's. Peak RSS is printed in total and above a floor: `import torch`
 IQ2_XS, IQ1_S, ...: llama.cpp's quantizer writes them from an F16 file, with a random importance matrix
 where it needs one); `--layers N` keeps N of its 22 layers (a quicker stand-in). Each file's line says
 how its weight bytes split over tensor types and which of them take ggtorch's JIT kernel
-(ggtorch.quant.types.TYPES); the others take PyTorch's kernels.
+(ggtorch.quant.types.TYPES); the others take PyTorch's kernels. `--moe` adds the synthetic Qwen3-MoE
+(Qwen3-30B-A3B's layer shape: 64 experts of width 768, 8 routed) and prints, for MoE files, the expert
+bytes ggtorch reads per decoded token beside the file's bytes of the same experts (llama.cpp's).
 llama-cpp-python is optional; without it the llama.cpp rows are skipped with a message.
 """
 import argparse
@@ -163,15 +166,23 @@ def main():
     ap.add_argument("--synthetic-dir", default="/tmp/ggtorch-synthetic")
     ap.add_argument("--types", default="Q4_0,Q8_0,Q4_K_M", help="synthetic model types (llama.cpp ftype names)")
     ap.add_argument("--layers", type=int, default=None, help="synthetic models with this many of the 22 layers")
+    ap.add_argument("--moe", action="store_true", help="add the synthetic Qwen3-MoE (Qwen3-30B-A3B's layer shape, "
+                    "make_synthetic.make_moe) in --moe-types")
+    ap.add_argument("--moe-types", default="Q4_K_M", help="synthetic Qwen3-MoE types (Q8_0, or requantized from it)")
+    ap.add_argument("--moe-layers", type=int, default=None, help="synthetic Qwen3-MoE with this many layers (8)")
     ap.add_argument("--json", default=None, help="also write every row to this file")
     ap.add_argument("--quick", action="store_true", help="prefill and decode only (one cold ggtorch process, no warm "
                     "load, `run -n 1` or expert traffic): for a loaded machine")
     a = ap.parse_args()
-    models = list(a.models) or ([] if a.synthetic else ["smollm2-135m", "gemma3-270m"])
+    models = list(a.models) or ([] if a.synthetic or a.moe else ["smollm2-135m", "gemma3-270m"])
     if a.synthetic:
         from make_synthetic import make
 
         models += list(make(a.synthetic_dir, a.types.split(","), a.layers).values())
+    if a.moe:
+        from make_synthetic import make_moe
+
+        models += list(make_moe(a.synthetic_dir, a.moe_types.split(","), a.moe_layers).values())
     try:
         import llama_cpp  # noqa: F401
         have = True
@@ -210,8 +221,9 @@ def main():
         moe = ours.get("moe")
         if moe:
             print(f"{name}: expert weights read per decoded token {moe['expert_bytes_per_token'] / 1024:.1f} KiB of "
-                  f"{moe['expert_bytes_all'] / 1024:.1f} KiB in all experts ({100 * moe['fraction']:.0f}%)",
-                  file=sys.stderr)
+                  f"{moe['expert_bytes_all'] / 1024:.1f} KiB in all experts ({100 * moe['fraction']:.0f}%); the file's "
+                  f"blocks of the same experts {moe['file_bytes_per_token'] / 1024:.1f} KiB "
+                  f"({moe['expert_bytes_per_token'] / moe['file_bytes_per_token']:.3f}x)", file=sys.stderr)
     print("\n".join(out))
     if a.json:
         with open(a.json, "w") as f:

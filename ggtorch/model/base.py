@@ -349,6 +349,7 @@ class Transformer:
         from .repack import install_fast
 
         self._step = None  # built again from the new kernels
+        self._experts = None  # and the layers' routed experts (fastpath.expert_ffn)
         return install_fast(self, cache)
 
     def step_spec(self) -> tuple[list[dict], str] | None:

@@ -11,10 +11,11 @@ tensors under llama.cpp's names), no ggml-numerics mode, no fault injection, on 
 built.
 
 What is guaranteed (batch invariance). On the default kernels (a model loaded with fast mode, its
-weights on the JIT matrix kernel) of an architecture with a ``step_spec`` (llama, qwen3, smollm3,
-gemma3 files without biases, experts or attention temperature), every forward takes ``Step``, whose
-matrix products compute each row on its own and whose attention (ops.cpp's qdot_attend) gives each
-(token, head) one fixed arithmetic. A token's logits and its keys and values in the cache are then a
+weights on the JIT matrix kernel) of an architecture with a ``step_spec`` (llama with or without
+Mixtral-style experts, qwen3, qwen3moe, smollm3, gemma3 files without biases, shared experts or
+attention temperature), every forward takes ``Step``, whose matrix products compute each row on its
+own, whose attention (ops.cpp's qdot_attend) gives each (token, head) one fixed arithmetic, and whose
+routed experts (moe.cpp) route each token on its own and group rows by expert without changing any. A token's logits and its keys and values in the cache are then a
 function of the token and its history only, to the bit: the same whether the prompt is evaluated alone
 or beside other sequences in a batched step, in one forward or in any chunking (the server's
 prefill_chunk, a ride along a decode step, the ubatch), and after a cached prefix. A greedy request
@@ -43,7 +44,7 @@ KV_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # ops.cpp's 
 # one-call step does not apply (the per-layer path: biases, the exact weights): the server's prompts of
 # up to batch.BatchEngine.mixed_chunk (32) tokens ride along with other sequences' decode step through
 # it, so a short prompt gets the same arithmetic served alone or in a batch. Where the one-call step
-# applies (the default kernels of llama/qwen3/smollm3/gemma3 files), prompts of every length take it:
+# applies (the default kernels of llama/qwen3/qwen3moe/smollm3/gemma3 files), prompts of every length take it:
 # a token's logits then never depend on the chunk it is prefilled in, on a cached prefix or on the
 # other sequences of a batch (ops.cpp's qdot_attend and the matrix kernel compute each row on its own).
 MAX_TOKENS = 32
@@ -146,11 +147,15 @@ def gated(model, L: dict, x: torch.Tensor, act: str) -> torch.Tensor | None:
 
 
 # ---- every layer of a decode step in one call (quant/csrc/step.cpp) ----------------------------------
+_WEIGHTS = ("qkv", "q", "k", "v", "o", "gate_up", "gate", "up", "down")
+_VECTORS = ("attn_norm", "q_norm", "k_norm", "post_attn_norm", "ffn_norm", "post_ffw_norm")
+
+
 class _Layer(ctypes.Structure):
     """csrc/step.cpp's struct Layer, field by field."""
     _fields_ = [(n, ctypes.c_void_p) for n in ("attn_norm", "qkv", "q", "k", "v", "q_norm", "k_norm", "o",
                                                "post_attn_norm", "ffn_norm", "gate_up", "gate", "up", "down",
-                                               "post_ffw_norm")] + [("rope", ctypes.c_int32), ("window", ctypes.c_int32)]
+                                               "post_ffw_norm", "moe")] + [("rope", ctypes.c_int32), ("window", ctypes.c_int32)]
 
 
 class _Model(ctypes.Structure):
@@ -192,18 +197,21 @@ class Step:
             self.keep.append(t)
             return t.data_ptr()
 
-        ffs = {L["down"].in_features for L in layers}
-        if len(ffs) != 1:
-            raise _Unsupported  # one FFN width for every layer
+        ffs = {L["down"].in_features for L in layers if L.get("moe") is None}
+        if len(ffs) > 1:
+            raise _Unsupported  # one FFN width for every dense layer
         self.layers = (_Layer * len(layers))()
         for s, L in zip(self.layers, layers):
-            for name, _ in _Layer._fields_[:-2]:
-                v = L.get(name)
-                setattr(s, name, weight(v) if name in ("qkv", "q", "k", "v", "o", "gate_up", "gate", "up", "down")
-                        else vector(v))
+            for name in _WEIGHTS:
+                setattr(s, name, weight(L.get(name)))
+            for name in _VECTORS:
+                setattr(s, name, vector(L.get(name)))
+            if L.get("moe") is not None:  # routed experts (moe.cpp) instead of the dense FFN
+                self.keep.append(L["moe"])
+                s.moe = L["moe"].ref
             s.rope, s.window = int(L["rope"]), int(L["window"])
         n_rot = c.n_rot if any(L["rope"] for L in layers) else 0
-        self.model = _Model(len(layers), c.n_embd, c.n_head, c.n_head_kv, c.head_dim, c.head_dim_v, ffs.pop(), n_rot,
+        self.model = _Model(len(layers), c.n_embd, c.n_head, c.n_head_kv, c.head_dim, c.head_dim_v, ffs.pop() if ffs else 0, n_rot,
                             int(c.rope_type == "neox"), GLU[act], 0, model.eps(), c.attn_scale,
                             ctypes.addressof(self.layers))
         self.ref = ctypes.addressof(self.model)
@@ -243,3 +251,107 @@ def step_of(model) -> Step | None:
             st = False
         model._step = st
     return st or None
+
+
+# ---- a layer's routed experts in one call (quant/csrc/moe.cpp) -----------------------------------------
+class _MoE(ctypes.Structure):
+    """csrc/qdot.h's struct MoE, field by field."""
+    _fields_ = [(n, ctypes.c_void_p) for n in ("router", "router_q", "router_b", "sel_b", "gate_up", "gate", "up",
+                                               "down")] + \
+               [(n, ctypes.c_int32) for n in ("n_expert", "n_used", "F", "gating", "norm_w", "act")] + \
+               [("scale", ctypes.c_float)]
+
+
+GATING = {"softmax": 0, "sigmoid": 1, "softmax_weight": 2}  # moe.cpp's route()
+
+
+class ExpertFFN:
+    """One layer's router and routed experts as moe.cpp's struct MoE (build_moe_ffn without expert
+    biases; shared experts stay with the caller): ``self(x)`` -> (out [T, n_embd], chosen experts [T, k]).
+    Raises _Unsupported where moe.cpp cannot compute it: an expert without the JIT kernel (exact mode,
+    a type without it), expert biases, no gate experts, rows not a multiple of 16, LoRA adapters."""
+
+    def __init__(self, model, L: dict, act: str = "silu"):
+        from ..quant.qdot import qdot_kernel, qdot_linear
+
+        c = model.cfg
+        self.keep = []
+        up, gate, down, router = L.get("ffn_up_exps"), L.get("ffn_gate_exps"), L.get("ffn_down_exps"), L.get("ffn_gate_inp")
+        if (c.expert_gating not in GATING or act not in GLU or not up or not gate or not down or router is None
+                or any(L.get(n + ".bias") is not None for n in ("ffn_up_exps", "ffn_gate_exps", "ffn_down_exps"))):
+            raise _Unsupported
+        self.F, self.E, self.k = up.n_out, down.n_out, c.n_expert_used
+        if self.F % 16 or self.E % 16 or down.n_in != self.F or self.E != c.n_embd:
+            raise _Unsupported
+
+        def ref(w, pad_ok=False):
+            if (w is None or getattr(w, "kernel", None) is not qdot_kernel or getattr(w, "lora", None) is not None
+                    or (w.out_features % 16 and not pad_ok)):
+                raise _Unsupported
+            lin = qdot_linear(w)
+            self.keep.append(lin)
+            return lin.ref
+
+        def array(refs):
+            a = (ctypes.c_void_p * len(refs))(*refs)
+            self.keep.append(a)
+            return ctypes.addressof(a)
+
+        def vector(t):
+            if t is None:
+                return None
+            t = t.float().contiguous()
+            if t.device.type != "cpu":
+                raise _Unsupported
+            self.keep.append(t)
+            return t.data_ptr()
+
+        n = c.n_expert
+        fused = L.get("ffn_gate_up_exps") or {}
+        if len(fused) == n and all(list(fused[e].parts) == [self.F, self.F] for e in range(n)):
+            gu, g, u = array([ref(fused[e]) for e in range(n)]), None, None
+        else:
+            gu, g, u = None, array([ref(gate[e]) for e in range(n)]), array([ref(up[e]) for e in range(n)])
+        d = array([ref(down[e]) for e in range(n)])
+        if getattr(router, "lora", None) is not None:
+            raise _Unsupported
+        if router.kernel is qdot_kernel:
+            rf, rq = None, ref(router, pad_ok=True)
+        elif router.kernel is None and router.dense is not None:
+            rf, rq = vector(router.dense), None
+        else:
+            raise _Unsupported
+        self.model = _MoE(rf, rq, vector(L.get("ffn_gate_inp.bias")), vector(L.get("exp_probs_b")), gu, g, u, d, n,
+                          self.k, self.F, GATING[c.expert_gating], int(bool(c.expert_norm)), GLU[act],
+                          float(c.expert_weights_scale or 0.0))
+        self.ref = ctypes.addressof(self.model)
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.reshape(-1, self.E)
+        if x.dtype != torch.float32 or not x.is_contiguous():
+            x = x.float().contiguous()
+        T = x.shape[0]
+        out = torch.empty(T, self.E)
+        sel = torch.empty(T, self.k, dtype=torch.int32)
+        jit.library().qdot_moe(self.ref, x.data_ptr(), T, self.E, out.data_ptr(), sel.data_ptr())
+        return out, sel
+
+
+def expert_ffn(model, il: int, trace=None) -> ExpertFFN | None:
+    """Layer il's ExpertFFN (built on first use), or None where the per-layer PyTorch experts must run:
+    a tracer (it reports each expert's products), ggml-numerics mode, fault injection, LoRA training, not
+    CPU, no JIT library, or weights moe.cpp does not take."""
+    if (not ENABLED or trace is not None or model.numerics or model.faults or getattr(model, "lora_training", False)
+            or getattr(model, "loras", None) or model.device.type != "cpu" or not jit.available()):
+        return None
+    cache = getattr(model, "_experts", None)
+    if cache is None:
+        cache = model._experts = {}
+    f = cache.get(il)
+    if f is None:
+        try:
+            f = ExpertFFN(model, model.layers[il])
+        except _Unsupported:
+            f = False
+        cache[il] = f
+    return f or None

@@ -45,21 +45,27 @@ class Llama(Transformer):
         return ctx
 
     def step_spec(self):
-        """The layers for fastpath.Step: llama, qwen3 (per-head norms) and smollm3 (layers without RoPE);
-        not biases (qwen2), experts, granite's scalings or mistral3's attention temperature."""
+        """The layers for fastpath.Step: llama, qwen3 (per-head norms), smollm3 (layers without RoPE) and
+        the routed experts of Mixtral-style llama and qwen3moe files (fastpath.ExpertFFN); not biases
+        (qwen2), shared experts, granite's scalings or mistral3's attention temperature."""
         c = self.cfg
-        if c.n_expert or c.residual_scale or c.attn_temp_scale or any(c.is_swa(il) for il in range(c.n_layer)):
+        if c.residual_scale or c.attn_temp_scale or any(c.is_swa(il) for il in range(c.n_layer)):
             return None
         layers = []
         for il, L in enumerate(self.layers):
             if any(L.get(n) is not None for n in ("attn_q.bias", "attn_k.bias", "attn_v.bias", "attn_output.bias",
                                                    "ffn_gate.bias", "ffn_up.bias", "ffn_down.bias")):
                 return None
+            experts = None
+            if c.n_expert:
+                experts = fastpath.expert_ffn(self, il)
+                if experts is None or L.get("ffn_up_shexp") is not None:
+                    return None
             layers.append({"attn_norm": L["attn_norm"], "qkv": L.get("attn_qkv"), "q": L.get("attn_q"),
                            "k": L.get("attn_k"), "v": L.get("attn_v"), "q_norm": L["attn_q_norm"],
                            "k_norm": L["attn_k_norm"], "o": L["attn_output"], "ffn_norm": L["ffn_norm"],
                            "gate_up": L.get("ffn_gate_up"), "gate": L.get("ffn_gate"), "up": L.get("ffn_up"),
-                           "down": L["ffn_down"], "rope": int(c.has_rope(il)), "window": 0})
+                           "down": L.get("ffn_down"), "moe": experts, "rope": int(c.has_rope(il)), "window": 0})
             if layers[-1]["qkv"] is not None:
                 layers[-1].update(q=None, k=None, v=None)
             if layers[-1]["gate_up"] is not None:

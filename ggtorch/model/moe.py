@@ -4,6 +4,11 @@ Experts are 3-D GGUF tensors {n_in, n_out, n_expert}. They stay as GGUF blocks: 
 one 2-D :class:`QWeight` view per expert (zero-copy slices of the file), so each expert gets the same
 per-type kernels as any other matrix, and a token only ever reads the experts it was routed to.
 
+On CPU with the JIT library, :func:`moe` hands the router and the routed experts to one call
+(quant/csrc/moe.cpp through model/fastpath.ExpertFFN; the one-call step calls the same function), which
+sorts the tokens' (token, slot) rows by expert as ggml_mul_mat_id does. Traces, expert biases, other
+activations (gpt-oss's swiglu_oai) and weights without the JIT kernel take the PyTorch path below.
+
 Routing (:func:`route`) and the expert pass (:func:`moe_ffn`) report llama.cpp's callback names:
 ``ffn_moe_logits``, ``ffn_moe_probs``, ``ffn_moe_topk``, ``ffn_moe_weights``, ``ffn_moe_weights_norm``,
 ``ffn_moe_gate``, ``ffn_moe_up``, ``ffn_moe_down``, ``ffn_moe_out`` (with ``-il``).
@@ -17,6 +22,7 @@ import torch.nn.functional as F
 
 from ..errors import ModelError
 from ..quant.linear import QWeight, qmatmul
+from .fastpath import expert_ffn
 
 # ggml_clamp(weights_sum, 6.103515625e-5, INF) in build_moe_ffn: the smallest normal F16
 _MIN_SUM = 6.103515625e-5
@@ -85,7 +91,8 @@ def route(logits: torch.Tensor, n_used: int, gating: str = "softmax", norm_w: bo
     if trace:
         trace(f"ffn_moe_probs-{il}", probs)
     sel = probs if selection_bias is None else probs + selection_bias
-    experts = torch.topk(sel, n_used, dim=-1).indices  # ggml_argsort_top_k: largest first
+    # ggml_argsort_top_k: largest first; ties (left to std::sort by ggml) go to the lower index, as in moe.cpp
+    experts = torch.sort(sel, dim=-1, descending=True, stable=True).indices[..., :n_used]
     weights = probs.gather(-1, experts)
     if trace:
         trace(f"ffn_moe_topk-{il}", experts.to(torch.int32))
@@ -165,6 +172,25 @@ def load_moe(net, L: dict, p: str) -> None:
 def moe(net, L: dict, x: torch.Tensor, trace=None, il: int = 0, act: Callable = silu_glu) -> torch.Tensor:
     """build_moe_ffn for one layer with the architecture's gating from the config, plus the shared
     experts where the layer has them (ffn_shexp added to ffn_moe_out)."""
+    fast = expert_ffn(net, il, trace) if act is silu_glu and not x.requires_grad else None
+    if fast is not None:  # router and routed experts in one call (quant/csrc/moe.cpp), as the one-call step
+        out, experts = fast(x.reshape(-1, x.shape[-1]))
+        out = out.reshape(x.shape)
+    else:
+        out, experts = _moe_torch(net, L, x, trace, il, act)
+    if L.get("ffn_up_shexp") is not None:
+        sh = qmatmul(silu_glu(qmatmul(x, L["ffn_gate_shexp"]), qmatmul(x, L["ffn_up_shexp"])), L["ffn_down_shexp"])
+        if trace:
+            trace(f"ffn_shexp-{il}", sh)
+        out = out + sh
+    seen = getattr(net, "expert_log", None)  # benchmarks: which experts each forward used
+    if seen is not None:
+        seen.append((il, experts))
+    return out
+
+
+def _moe_torch(net, L: dict, x: torch.Tensor, trace, il: int, act: Callable):
+    """build_moe_ffn in PyTorch operations, expert by expert: (out, chosen experts)."""
     c = net.cfg
     logits = qmatmul(x, L["ffn_gate_inp"])
     if trace:
@@ -180,15 +206,7 @@ def moe(net, L: dict, x: torch.Tensor, trace=None, il: int = 0, act: Callable = 
                   L.get("ffn_gate_up_exps"), trace, il)
     if trace:
         trace(f"ffn_moe_out-{il}", out)
-    if L.get("ffn_up_shexp") is not None:
-        sh = qmatmul(silu_glu(qmatmul(x, L["ffn_gate_shexp"]), qmatmul(x, L["ffn_up_shexp"])), L["ffn_down_shexp"])
-        if trace:
-            trace(f"ffn_shexp-{il}", sh)
-        out = out + sh
-    seen = getattr(net, "expert_log", None)  # benchmarks: which experts each forward used
-    if seen is not None:
-        seen.append((il, experts))
-    return out
+    return out, experts
 
 
 def _expert(xe, e, up, gate, down, act, up_b, gate_b, down_b, fused):
@@ -257,16 +275,28 @@ def expert_nbytes(L: dict, e: int) -> int:
 
 def decode_expert_traffic(net, prompt: list[int], n_gen: int = 16) -> dict:
     """Greedy-decode ``n_gen`` tokens after ``prompt`` and count the expert bytes each decoded token
-    reads (the distinct experts it was routed to in every layer), against all expert bytes."""
+    reads (the distinct experts it was routed to in every layer), against all expert bytes and against
+    the file's bytes of the same experts (``file_bytes_per_token``, what llama.cpp reads for them)."""
+    step, net._step = getattr(net, "_step", None), False  # the per-layer path, where moe() logs the experts
+    try:
+        return _traffic(net, prompt, n_gen)
+    finally:
+        net._step = step
+
+
+def _traffic(net, prompt: list[int], n_gen: int) -> dict:
     cache = net.new_cache(len(prompt) + n_gen + 1)
     logits = net.forward(prompt, cache)
-    per_token = []
+    per_token, in_file = [], []
     for _ in range(n_gen):
         net.expert_log = []
         logits = net.forward([int(logits[-1].argmax())], cache)
-        per_token.append(sum(expert_nbytes(net.layers[il], e) for il, ex in net.expert_log
-                             for e in torch.unique(ex).tolist()))
+        used = [(net.layers[il], e) for il, ex in net.expert_log for e in torch.unique(ex).tolist()]
+        per_token.append(sum(expert_nbytes(L, e) for L, e in used))
+        in_file.append(sum(L[k][e].raw.numel() for L, e in used for k in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
+                           if L[k]))  # the GGUF blocks of the same experts: what llama.cpp reads for them
     net.expert_log = None
     total = sum(expert_nbytes(L, e) for L in net.layers if L.get("ffn_up_exps") for e in range(len(L["ffn_up_exps"])))
     return {"expert_bytes_per_token": sum(per_token) / len(per_token), "expert_bytes_all": total,
-            "fraction": sum(per_token) / len(per_token) / total}
+            "fraction": sum(per_token) / len(per_token) / total,
+            "file_bytes_per_token": sum(in_file) / len(in_file)}

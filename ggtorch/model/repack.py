@@ -54,6 +54,16 @@ def _repack(net) -> None:
             if f is not None:
                 L[key] = f
                 done.update(id(L[n]) for n in names)
+        if L.get("ffn_up_exps") and L.get("ffn_gate_exps"):  # MoE: each expert's gate|up, straight
+            gate, up = L["ffn_gate_exps"], L["ffn_up_exps"]  # (packing each and concatenating copied 2/3
+            fused = {}                                        # of the expert bytes once more on a cold load)
+            for e in range(len(up)):
+                f = qdot_fused([gate[e], up[e]])
+                if f is not None:
+                    fused[e] = f
+                    done.update((id(gate[e]), id(up[e])))
+            if fused:
+                L["ffn_gate_up_exps"] = fused
     for i, w in enumerate(net._weights.values()):
         if id(w) not in done:
             install(w, planes=PLANES_EVERYWHERE or w is net.output)
@@ -66,7 +76,7 @@ def _repack(net) -> None:
             f = fuse([L.get(n) for n in names])
             if f is not None:
                 L[key] = f
-        if L.get("ffn_up_exps"):  # MoE: each expert's gate|up as one matrix
+        if L.get("ffn_up_exps") and not L.get("ffn_gate_up_exps"):  # MoE: each expert's gate|up as one matrix
             from .moe import fuse_experts
 
             L["ffn_gate_up_exps"] = fuse_experts(L["ffn_gate_exps"], L["ffn_up_exps"])

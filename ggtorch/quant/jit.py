@@ -1,6 +1,6 @@
 """The JIT library, built on first use with the machine's C++ compiler and kept in a cache: csrc/qdot.cpp
 (the matrix kernel), ops.cpp (a decode step's small operations), step.cpp (a decode step's layers in one
-call), repack.cpp (GGUF blocks into the kernel's layout).
+call), repack.cpp (GGUF blocks into the kernel's layout), moe.cpp (a layer's routed experts in one call).
 
 Nothing is compiled at install time. The first process that wants the kernel compiles it
 (``-O3 -march=native -fopenmp``, about 5 s for the four files here) into ``~/.cache/ggtorch/jit/<key>/``, where the key
@@ -28,7 +28,8 @@ import torch
 
 log = logging.getLogger("ggtorch.jit")
 
-SOURCES = [Path(__file__).with_name("csrc") / n for n in ("qdot.cpp", "ops.cpp", "step.cpp", "repack.cpp")]
+SOURCES = [Path(__file__).with_name("csrc") / n for n in ("qdot.cpp", "ops.cpp", "step.cpp", "repack.cpp",
+                                                                   "moe.cpp")]
 HEADER = Path(__file__).with_name("csrc") / "qdot.h"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-fno-math-errno"]
 
@@ -110,6 +111,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.qdot_glu.restype = None
     lib.qdot_step.argtypes = [P, P, I64, P, P, I64, P, P, P, P, P, P]
     lib.qdot_step.restype = None
+    lib.qdot_moe.argtypes = [P, P, I64, I64, P, P]
+    lib.qdot_moe.restype = None
+    lib.qdot_mm_tiles.argtypes = [P, P, P, P, I64, P, I64, I64, I64]
+    lib.qdot_mm_tiles.restype = None
     lib.qdot_repack.argtypes = [I, P, I64, I64, I64, P, P, P, P, P, P]
     lib.qdot_repack.restype = I
     for f in (lib.qdot_mm_k, lib.qdot_mm_k_ref):

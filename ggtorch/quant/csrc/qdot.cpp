@@ -316,6 +316,53 @@ static float dot_row_k(int bits, int G, const uint8_t *qw, const int8_t *sc, con
     return acc;
 }
 
+#if QDOT_VNNI
+// Tile t (16 rows) of a weight against M activation rows, 8 rows at a time (out: the tile's first column).
+static void mm_tile(int bits, int G, const uint8_t *qw, const uint16_t *dw, const uint16_t *mw, float zoff, int64_t K,
+                    const int8_t *xq, const float *dx, const float *sx, int64_t M, int64_t t, float *out, int64_t ldo,
+                    int flags) {
+    const int64_t ng = K / G, gb = group_bytes(bits, G);
+    const uint8_t *qt = qw + t * ng * gb;
+    const uint16_t *dt = dw + t * ng * 16, *mt = mw ? mw + t * ng * 16 : nullptr;
+    float *o = out + t * 16;
+    for (int64_t m0 = 0; m0 < M; m0 += 8) {
+        switch (M - m0 < 8 ? M - m0 : 8) {
+        case 8: tile<8>(bits, G, qt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo, flags); break;
+        case 7: tile<7>(bits, G, qt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo, flags); break;
+        case 6: tile<6>(bits, G, qt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo, flags); break;
+        case 5: tile<5>(bits, G, qt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo, flags); break;
+        case 4: tile<4>(bits, G, qt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo, flags); break;
+        case 3: tile<3>(bits, G, qt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo, flags); break;
+        case 2: tile<2>(bits, G, qt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo, flags); break;
+        default: tile<1>(bits, G, qt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo, flags); break;
+        }
+    }
+}
+
+// the same for the K layout
+static void mm_ktile(int bits, int G, const uint8_t *qw, const int8_t *sc, const int8_t *mn, const uint16_t *dw,
+                     const uint16_t *mw, float zoff, int64_t K, const int8_t *xq, const float *dx, const float *sx,
+                     int64_t M, int64_t t, float *out, int64_t ldo, int flags) {
+    const int64_t ng = K / G, gb = group_bytes(bits, G), nsb = K / 256;
+    const uint8_t *qt = qw + t * ng * gb;
+    const int8_t *st = sc + t * ng * 16, *nt = mn ? mn + t * ng * 16 : nullptr;
+    const uint16_t *dt = dw + t * nsb * 16, *mt = mw ? mw + t * nsb * 16 : nullptr;
+    float *o = out + t * 16;
+    for (int64_t m0 = 0; m0 < M; m0 += 8) {
+        switch (M - m0 < 8 ? M - m0 : 8) {
+        case 8: ktile<8>(bits, G, qt, st, nt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo, flags); break;
+        case 7: ktile<7>(bits, G, qt, st, nt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo, flags); break;
+        case 6: ktile<6>(bits, G, qt, st, nt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo, flags); break;
+        case 5: ktile<5>(bits, G, qt, st, nt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo, flags); break;
+        case 4: ktile<4>(bits, G, qt, st, nt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo, flags); break;
+        case 3: ktile<3>(bits, G, qt, st, nt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo, flags); break;
+        case 2: ktile<2>(bits, G, qt, st, nt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo, flags); break;
+        default: ktile<1>(bits, G, qt, st, nt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo, flags); break;
+        }
+    }
+}
+#endif
+
 // out[m, n] (row stride ldo >= N) = sum_k x[m, k] * W[n, k] for the activations qdot_quantize() made;
 // N is the padded row count (a multiple of 16).
 EXPORT void qdot_mm(int bits, int G, const uint8_t *qw, const uint16_t *dw, const uint16_t *mw, float zoff,
@@ -323,25 +370,9 @@ EXPORT void qdot_mm(int bits, int G, const uint8_t *qw, const uint16_t *dw, cons
                     int64_t ldo, int flags) {
     const int64_t ng = K / G;
 #if QDOT_VNNI
-    const int64_t ntiles = N / 16, gb = group_bytes(bits, G);
+    (void)ng;
 #pragma omp parallel for schedule(static)
-    for (int64_t t = 0; t < ntiles; t++) {
-        const uint8_t *qt = qw + t * ng * gb;
-        const uint16_t *dt = dw + t * ng * 16, *mt = mw ? mw + t * ng * 16 : nullptr;
-        float *o = out + t * 16;
-        for (int64_t m0 = 0; m0 < M; m0 += 8) {
-            switch (M - m0 < 8 ? M - m0 : 8) {
-            case 8: tile<8>(bits, G, qt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo, flags); break;
-            case 7: tile<7>(bits, G, qt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo, flags); break;
-            case 6: tile<6>(bits, G, qt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo, flags); break;
-            case 5: tile<5>(bits, G, qt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo, flags); break;
-            case 4: tile<4>(bits, G, qt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo, flags); break;
-            case 3: tile<3>(bits, G, qt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo, flags); break;
-            case 2: tile<2>(bits, G, qt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo, flags); break;
-            default: tile<1>(bits, G, qt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo, flags); break;
-            }
-        }
-    }
+    for (int64_t t = 0; t < N / 16; t++) mm_tile(bits, G, qw, dw, mw, zoff, K, xq, dx, sx, M, t, out, ldo, flags);
 #else
 #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; n++)
@@ -366,31 +397,37 @@ EXPORT void qdot_mm_k(int bits, int G, const uint8_t *qw, const int8_t *sc, cons
                       const float *sx, int64_t M, float *out, int64_t ldo, int flags) {
     const int64_t ng = K / G;
 #if QDOT_VNNI
-    const int64_t ntiles = N / 16, gb = group_bytes(bits, G), nsb = K / 256;
+    (void)ng;
 #pragma omp parallel for schedule(static)
-    for (int64_t t = 0; t < ntiles; t++) {
-        const uint8_t *qt = qw + t * ng * gb;
-        const int8_t *st = sc + t * ng * 16, *nt = mn ? mn + t * ng * 16 : nullptr;
-        const uint16_t *dt = dw + t * nsb * 16, *mt = mw ? mw + t * nsb * 16 : nullptr;
-        float *o = out + t * 16;
-        for (int64_t m0 = 0; m0 < M; m0 += 8) {
-            switch (M - m0 < 8 ? M - m0 : 8) {
-            case 8: ktile<8>(bits, G, qt, st, nt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo, flags); break;
-            case 7: ktile<7>(bits, G, qt, st, nt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo, flags); break;
-            case 6: ktile<6>(bits, G, qt, st, nt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo, flags); break;
-            case 5: ktile<5>(bits, G, qt, st, nt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo, flags); break;
-            case 4: ktile<4>(bits, G, qt, st, nt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo, flags); break;
-            case 3: ktile<3>(bits, G, qt, st, nt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo, flags); break;
-            case 2: ktile<2>(bits, G, qt, st, nt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo, flags); break;
-            default: ktile<1>(bits, G, qt, st, nt, dt, mt, zoff, K, xq, dx, sx, m0, o, ldo, flags); break;
-            }
-        }
-    }
+    for (int64_t t = 0; t < N / 16; t++)
+        mm_ktile(bits, G, qw, sc, mn, dw, mw, zoff, K, xq, dx, sx, M, t, out, ldo, flags);
 #else
 #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; n++)
         for (int64_t m = 0; m < M; m++)
             out[m * ldo + n] = dot_row_k(bits, G, qw, sc, mn, dw, mw, zoff, K, n, xq + m * K, dx + m * ng, sx + m * ng, flags);
+#endif
+}
+
+// Tiles t0..t1-1 of w (rows 16 t0 .. 16 t1 - 1) against M activation rows that qdot_quantize() made for
+// w's (G, mode), on the calling thread: for callers that share the tiles of several weights among their
+// own threads (moe.cpp). Each output is computed exactly as qdot_linear computes it.
+EXPORT void qdot_mm_tiles(const QWeight *w, const int8_t *xq, const float *dx, const float *sx, int64_t M, float *out,
+                          int64_t ldo, int64_t t0, int64_t t1) {
+    const int64_t K = w->K;
+#if QDOT_VNNI
+    for (int64_t t = t0; t < t1; t++) {
+        if (w->sc) mm_ktile(w->bits, w->G, w->qw, w->sc, w->mn, w->dw, w->mw, w->zoff, K, xq, dx, sx, M, t, out, ldo, w->flags);
+        else mm_tile(w->bits, w->G, w->qw, w->dw, w->mw, w->zoff, K, xq, dx, sx, M, t, out, ldo, w->flags);
+    }
+#else
+    const int64_t ng = K / w->G;
+    for (int64_t n = 16 * t0; n < 16 * t1; n++)
+        for (int64_t m = 0; m < M; m++)
+            out[m * ldo + n] = w->sc ? dot_row_k(w->bits, w->G, w->qw, w->sc, w->mn, w->dw, w->mw, w->zoff, K, n, xq + m * K,
+                                                 dx + m * ng, sx + m * ng, w->flags)
+                                     : dot_row(w->bits, w->G, w->qw, w->dw, w->mw, w->zoff, K, n, xq + m * K, dx + m * ng,
+                                               sx + m * ng, w->flags);
 #endif
 }
 

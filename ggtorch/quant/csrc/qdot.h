@@ -19,6 +19,9 @@ struct QWeight {
 enum { QDOT_LUT_IQ4 = 1, QDOT_SM4 = 2 };
 
 EXPORT void qdot_linear(const QWeight *w, const float *x, int64_t M, float *out);
+EXPORT void qdot_quantize(const float *x, int64_t M, int64_t K, int G, int mode, int8_t *xq, float *dx, float *sx);
+EXPORT void qdot_mm_tiles(const QWeight *w, const int8_t *xq, const float *dx, const float *sx, int64_t M, float *out,
+                          int64_t ldo, int64_t t0, int64_t t1);
 EXPORT void qdot_rms_norm(const float *x, const float *w, float eps, int64_t M, int64_t K, float *y);
 EXPORT void qdot_attend(const float *qkv, int64_t T, int64_t ld, int H, int Hkv, int D, int Dv, const float *qn,
                         const float *kn, float eps, const float *cs, const float *sn, int n_rot, int neox, void *Kc,
@@ -26,3 +29,17 @@ EXPORT void qdot_attend(const float *qkv, int64_t T, int64_t ld, int H, int Hkv,
                         float scale, float *out);
 EXPORT void qdot_glu(const float *gate, const float *up, int64_t M, int64_t F, int64_t ldg, int64_t ldu, int kind,
                      float *out);
+
+// One layer's routed experts (moe.cpp); fastpath.py's _MoE mirrors it field by field.
+struct MoE {
+    const float *router;               // ffn_gate_inp as float32 [n_expert][E], or null with router_q
+    const QWeight *router_q;           // ffn_gate_inp in the JIT layout, or null
+    const float *router_b;             // ffn_gate_inp.bias [n_expert] or null
+    const float *sel_b;                // exp_probs_b [n_expert]: added for the choice only, or null
+    const QWeight *const *gate_up;     // per expert: [gate; up] fused (2F rows), or null (then gate and up)
+    const QWeight *const *gate, *const *up, *const *down;
+    int32_t n_expert, n_used, F, gating, norm_w, act;  // gating: 0 softmax, 1 sigmoid, 2 softmax_weight
+    float scale;                       // w_scale (0 or 1: none)
+};
+
+EXPORT void qdot_moe(const MoE *m, const float *x, int64_t T, int64_t E, float *out, int32_t *sel_out);

@@ -6,7 +6,8 @@
 // back to back in C, calling the same functions the per-operation path calls (qdot_rms_norm,
 // qdot_linear, qdot_attend, qdot_glu) in the same order, so the result is the same to the bit. The
 // architectures describe their layers once (model/fastpath.py's Step); anything else (a tracer, a
-// weight without the JIT kernel, biases, experts) keeps the per-operation path.
+// weight without the JIT kernel, biases, experts moe.cpp does not take) keeps the per-operation path.
+// A MoE layer's FFN is qdot_moe, the same call the per-operation path makes for it.
 #include <stdlib.h>
 #include <string.h>
 #include "qdot.h"
@@ -21,6 +22,7 @@ struct Layer {
     const QWeight *gate_up, *gate, *up;  // the fused [gate; up] product, or the two
     const QWeight *down;
     const float *post_ffw_norm;  // gemma3
+    const MoE *moe;              // routed experts instead of gate/up/down (moe.cpp), or null
     int32_t rope;                // 0: no RoPE on this layer; 1: the global tables; 2: the local ones (gemma3)
     int32_t window;              // > 0: sliding-window attention over this many positions
 };
@@ -67,7 +69,8 @@ EXPORT void qdot_step(const Model *m, float *x, int64_t T, void *const *K, void 
         if (L->post_attn_norm) qdot_rms_norm(o, L->post_attn_norm, m->eps, T, E, o);
         add_rows(x, o, T * E);
         qdot_rms_norm(x, L->ffn_norm, m->eps, T, E, y);
-        if (L->gate_up) {
+        if (L->moe) qdot_moe(L->moe, y, T, E, o, nullptr);
+        else if (L->gate_up) {
             qdot_linear(L->gate_up, y, T, gu);
             qdot_glu(gu, gu + F, T, F, 2 * F, 2 * F, m->act, act);
         } else {
@@ -75,7 +78,7 @@ EXPORT void qdot_step(const Model *m, float *x, int64_t T, void *const *K, void 
             qdot_linear(L->up, y, T, tmp);
             qdot_glu(gu, tmp, T, F, F, F, m->act, act);
         }
-        qdot_linear(L->down, act, T, o);
+        if (!L->moe) qdot_linear(L->down, act, T, o);
         if (L->post_ffw_norm) qdot_rms_norm(o, L->post_ffw_norm, m->eps, T, E, o);
         add_rows(x, o, T * E);
     }
