@@ -118,11 +118,17 @@ def test_kernel_equals_llama_cpp_arithmetic(t):
         assert (plain - ref[-1:]).abs().max().item() > 1e-4 * scale
 
 
-@pytest.mark.parametrize("t", NEW)
+def need_fixture(t: str):
+    if tiny_file(t) is None:
+        pytest.skip(f"no tiny-llama-{t} fixture in {TINY} (tools/make_tiny_iq_fixtures.py makes it with llama.cpp)")
+
+
+@pytest.mark.parametrize("t", NEW + GRID)
 def test_tiny_model_fidelity_on_the_default_path(t):
     """The default (fast) load gives the type's matrices the JIT kernel, and the tiny model still matches
     llama.cpp's logits and greedy tokens as tightly as the exact path is held to (test_tiny_models)."""
     need_jit()
+    need_fixture(t)
     key = f"tiny-llama-{t}"
     man = tiny_manifest()
     m = ggtorch.load(str(TINY / f"{key}.gguf"), cache=False)
@@ -138,11 +144,12 @@ def test_tiny_model_fidelity_on_the_default_path(t):
     assert r.ids[:n] == e["greedy"][:n]
 
 
-@pytest.mark.parametrize("t", ["IQ4_XS", "Q2_K"])
+@pytest.mark.parametrize("t", ["IQ4_XS", "Q2_K", "IQ2_XXS", "IQ1_S"])
 def test_one_call_step_takes_the_new_types(t, monkeypatch):
     """The new types use the same kernel entry point, so the one-call decode step takes them and equals
     the per-layer path bit for bit."""
     need_jit()
+    need_fixture(t)
     from test_fastpath import SEQS, decode
 
     from ggtorch.model import fastpath
