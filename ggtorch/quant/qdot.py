@@ -2,10 +2,11 @@
 multiplies them (see the layout comment in csrc/qdot.cpp).
 
 What each type stores is said once, in quant/types/ (its family's module and the TypeSpec it
-registers): the values keep the file's 2, 3, 4, 5, 6 or 8 bits (IQ4's 4-bit indices into their table),
-16 rows interleaved; the scales are float16 per group (and an offset where it is not a multiple of the
-scale), except the K layout (K-quants, IQ4_XS), which keeps the file's int8 sub-block scales (and mins)
-with d (and dmin) per 256 values (4.625 bits a weight for Q4_K, 6.56 for Q6_K, 2.625 for Q2_K).
+registers): the values keep the file's 2, 3, 4, 5, 6 or 8 bits (IQ4's 4-bit indices into their table;
+the grid i-quants' entries as 2-, 3- or 4-bit indices of their signed values, types.LUTS), 16 rows
+interleaved; the scales are float16 per group (and an offset where it is not a multiple of the scale),
+except the K layout (K-quants, the 256-value i-quants), which keeps the file's int8 sub-block scales (and
+mins) with d (and dmin) per 256 values (4.625 bits a weight for Q4_K, 6.56 for Q6_K, 2.625 for Q2_K).
 Activations are quantized as llama.cpp quantizes them for each type (TypeSpec.amode). The repacking is
 done by the library's one-pass loop (csrc/repack.cpp) and, as the reference and fallback, by PyTorch
 (_qdot_pack with jit=False) from the family's block reader; both give the same bytes.

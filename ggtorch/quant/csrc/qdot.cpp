@@ -26,10 +26,11 @@
 // [tiles][groups][16], d and -dmin float16 [tiles][K/256][16].
 //
 // Two more value widths and two flags serve the low-bit types (Q2_K, Q3_K, IQ4_NL, IQ4_XS):
-// - 2-bit values (Q2_K, G = 16): one 64-byte block per 4 steps, step 4p + s at bits 2s..2s+1 of byte 4r + t;
-// - 3-bit values (Q3_K, G = 16 only): the 2-bit block of the low bits, then 32 bytes of high bits: bit s
-//   (step s) of the low nibble of byte p for position p = 4r + t < 32, of the high nibble of byte p - 32
-//   otherwise; value = d * sc * (u - 4);
+// - 2-bit values (Q2_K, G = 16; IQ1_S, G = 32): one 64-byte block per 4 steps, step 4p + s at bits
+//   2s..2s+1 of byte 4r + t;
+// - 3-bit values (Q3_K, G = 16; the IQ2 types, G = 16 or 32): the 2-bit blocks of the low bits, then per
+//   4-step block 32 bytes of high bits: bit s (step 4p + s) of the low nibble of byte p for position
+//   p = 4r + t < 32, of the high nibble of byte p - 32 otherwise; Q3_K: value = d * sc * (u - 4);
 // - QDOT_LUT_IQ4: the 4-bit values are indices into kvalues_iq4nl (IQ4_NL, IQ4_XS); the kernel turns
 //   them into kvalues_iq4nl + 128 (unsigned) with one byte shuffle per step, the table lookup llama.cpp's
 //   ggml_vec_dot_iq4_nl_q8_0 does, and the offset -128 * scale (zoff) takes the 128 back out;
