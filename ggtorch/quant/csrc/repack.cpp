@@ -112,8 +112,8 @@ static void block_values(int type, const uint8_t *b, uint8_t *u, const uint8_t *
         for (int i = 0; i < 64; i++) {
             const uint8_t *g = grid + 4 * (b[2 + i] | (((b[66 + i / 8] >> (i % 8)) & 1) << 8));
             for (int t = 0; t < 4; t++) {
-                const int k = 4 * i + t, s = (b[74 + k / 8] >> (k % 8)) & 1;
-                u[k] = (uint8_t)(((s ? -g[t] : g[t]) + 15) / 2);
+                const int k = 4 * i + t, m = -((b[74 + k / 8] >> (k % 8)) & 1);  // 0 or -1: no branch on a random bit
+                u[k] = (uint8_t)((((int)g[t] ^ m) - m + 15) >> 1);
             }
         }
         break;
