@@ -1,4 +1,5 @@
-"""The JIT kernel for the low-bit types (IQ4_NL, IQ4_XS, Q2_K, Q3_K, IQ3_S): the repacked form gives back the
+"""The JIT kernel for the low-bit types (IQ4_NL, IQ4_XS, Q2_K, Q3_K, IQ3_S, and the grid i-quants IQ3_XXS,
+IQ2_XXS, IQ2_XS, IQ2_S, IQ1_S, IQ1_M): the repacked form gives back the
 dequantized weights exactly, the library's repack writes the PyTorch reference's bytes, the kernel
 equals the dequantize-then-multiply product with llama.cpp's activation rounding on every tile shape,
 and the tiny fixture models keep their fidelity on the default (fast) path."""
@@ -16,8 +17,10 @@ from ggtorch.quant.qdot import _qdot_pack, _qdot_pack_jit, qdot_kernel, qdot_lin
 from ggtorch.quant.types import TYPES
 
 NEW = ["IQ4_NL", "IQ4_XS", "Q2_K", "Q3_K", "IQ3_S"]
+GRID = ["IQ3_XXS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M"]  # no tiny fixture model of these (yet)
 # where each type's float16 scales sit in its block (d, and dmin for Q2_K): set to sane values in random blocks
-F16_AT = {"IQ4_NL": (0,), "IQ4_XS": (0,), "Q2_K": (80, 82), "Q3_K": (108,), "IQ3_S": (0,)}
+F16_AT = {"IQ4_NL": (0,), "IQ4_XS": (0,), "Q2_K": (80, 82), "Q3_K": (108,), "IQ3_S": (0,), "IQ3_XXS": (0,),
+          "IQ2_XXS": (0,), "IQ2_XS": (0,), "IQ2_S": (0,), "IQ1_S": (0,), "IQ1_M": ()}
 
 
 def need_jit():
@@ -34,6 +37,10 @@ def random_weight(t: str, rows: int, K: int, seed: int) -> QWeight:
     raw = rng.integers(0, 256, size=(nb, gt.type_size), dtype=np.uint8)
     for at in F16_AT[t]:
         raw[:, at:at + 2] = rng.uniform(1e-4, 0.05, nb).astype(np.float16).view(np.uint8).reshape(nb, 2)
+    if t == "IQ1_M":  # d's 16 bits are the top nibbles of the four u16 scale words (bytes 49, 51, 53, 55)
+        d = rng.uniform(1e-4, 0.05, nb).astype(np.float16).view(np.uint16)
+        for k in range(4):
+            raw[:, 49 + 2 * k] = (raw[:, 49 + 2 * k] & 0x0F) | (((d >> (4 * k)) & 15) << 4).astype(np.uint8)
     return QWeight(torch.from_numpy(raw.reshape(-1)), gt, (K, rows), f"random-{t}")
 
 
@@ -45,32 +52,45 @@ def state_equal(a: dict, b: dict) -> bool:
                                                                                     else b[k]) for k in a)
 
 
-@pytest.mark.parametrize("t", NEW)
+def tiny_file(t: str):
+    """The tiny fixture model of type t, or None (the grid i-quants have none yet: llama.cpp quantizes them
+    only with an importance matrix; their tests use random blocks, where every bit pattern occurs)."""
+    f = TINY / f"tiny-llama-{t}.gguf"
+    assert f.exists() or t in GRID, f"missing fixture {f}"
+    return f if f.exists() else None
+
+
+@pytest.mark.parametrize("t", NEW + GRID)
 def test_repacked_form_gives_back_the_weights(t):
     """The layout keeps the file's bits: unpacking the PyTorch reference's state gives the dequantized
     weights exactly (tiny model's matrices and random blocks, padded tiles included)."""
-    m = ggtorch.load(str(TINY / f"tiny-llama-{t}.gguf"), fast=False)
-    ws = [w for w in m.net.weights().values() if w.type.name == t]
-    assert ws, f"no {t} matrix in the tiny model"
-    ws += [random_weight(t, 37, 512, 1)]
+    ws = []
+    if tiny_file(t):
+        m = ggtorch.load(str(tiny_file(t)), fast=False)
+        ws = [w for w in m.net.weights().values() if w.type.name == t]
+        assert ws, f"no {t} matrix in the tiny model"
+    ws += [random_weight(t, 37, 512, 1), random_weight(t, 16, 256, 3)]
     for w in ws:
         st = _qdot_pack(w, jit=False)
         assert int(st["flags"]) == TYPES[t].flags and int(st["amode"]) == TYPES[t].amode
         assert torch.equal(qdot_unpack(st, w.in_features)[:w.out_features], w.dequantize()), w.name
 
 
-@pytest.mark.parametrize("t", NEW)
+@pytest.mark.parametrize("t", NEW + GRID)
 def test_library_repack_equals_the_pytorch_repack(t):
     """csrc/repack.cpp writes the PyTorch reference's bytes, whole tiles and a partial one."""
     need_jit()
-    m = ggtorch.load(str(TINY / f"tiny-llama-{t}.gguf"), fast=False)
-    full = next(w for w in m.net.weights().values() if w.type.name == t)
+    if tiny_file(t):
+        m = ggtorch.load(str(tiny_file(t)), fast=False)
+        full = next(w for w in m.net.weights().values() if w.type.name == t)
+    else:
+        full = random_weight(t, 64, 512, 4)
     for w in (full, QWeight(full.raw[:37], full.type, (full.in_features, 37), "part"), random_weight(t, 40, 768, 2)):
         a, b = _qdot_pack_jit(w), _qdot_pack(w, jit=False)
         assert a is not None and state_equal(a, b), w.name
 
 
-@pytest.mark.parametrize("t", NEW)
+@pytest.mark.parametrize("t", NEW + GRID)
 def test_kernel_equals_llama_cpp_arithmetic(t):
     """x @ W.T through the JIT kernel (vectorized and portable loops) equals the float64 product of the
     dequantized weights with the activations rounded as llama.cpp rounds them for this type (Q8_0 for
@@ -98,11 +118,17 @@ def test_kernel_equals_llama_cpp_arithmetic(t):
         assert (plain - ref[-1:]).abs().max().item() > 1e-4 * scale
 
 
-@pytest.mark.parametrize("t", NEW)
+def need_fixture(t: str):
+    if tiny_file(t) is None:
+        pytest.skip(f"no tiny-llama-{t} fixture in {TINY} (tools/make_tiny_iq_fixtures.py makes it with llama.cpp)")
+
+
+@pytest.mark.parametrize("t", NEW + GRID)
 def test_tiny_model_fidelity_on_the_default_path(t):
     """The default (fast) load gives the type's matrices the JIT kernel, and the tiny model still matches
     llama.cpp's logits and greedy tokens as tightly as the exact path is held to (test_tiny_models)."""
     need_jit()
+    need_fixture(t)
     key = f"tiny-llama-{t}"
     man = tiny_manifest()
     m = ggtorch.load(str(TINY / f"{key}.gguf"), cache=False)
@@ -118,11 +144,12 @@ def test_tiny_model_fidelity_on_the_default_path(t):
     assert r.ids[:n] == e["greedy"][:n]
 
 
-@pytest.mark.parametrize("t", ["IQ4_XS", "Q2_K"])
+@pytest.mark.parametrize("t", ["IQ4_XS", "Q2_K", "IQ2_XXS", "IQ1_S"])
 def test_one_call_step_takes_the_new_types(t, monkeypatch):
     """The new types use the same kernel entry point, so the one-call decode step takes them and equals
     the per-layer path bit for bit."""
     need_jit()
+    need_fixture(t)
     from test_fastpath import SEQS, decode
 
     from ggtorch.model import fastpath

@@ -22,7 +22,8 @@ def add_model(p, optional=False):
                    help="the float32 reference path: dequantize GGUF blocks on every call (slow). The default "
                         "repacks each weight once (cached on disk) for a C++ kernel compiled on first use: the file's "
                         "bits and block scales kept, activations quantized to int8 as llama.cpp does, for "
-                        "Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, Q2_K..Q6_K, IQ4_NL, IQ4_XS, IQ3_S; other types, or without a C++ "
+                        "Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, Q2_K..Q6_K, IQ4_NL, IQ4_XS, IQ3_S, IQ3_XXS, IQ2_XXS/IQ2_XS/IQ2_S, "
+                        "IQ1_S/IQ1_M; other types, or without a C++ "
                         "compiler, PyTorch's int4/int8 kernels with bf16 activations")
     p.add_argument("--fast", dest="fast", action="store_true",
                    help="the default path's kernels (see --exact); the default except for trace and diff, "

@@ -3,9 +3,11 @@ and benchmarks/).
 
 - With the JIT kernel (quant/qdot.py, jit.py, csrc/qdot.cpp; built on first use when a C++ compiler exists):
   every type in quant/types' table (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0; Q2_K, Q3_K, Q4_K, Q5_K, Q6_K; IQ4_NL,
-  IQ4_XS; IQ3_S) keeps its block scales and multiplies int8-quantized activations the way llama.cpp does. The
-  values keep the file's bits; the scales are float16 per group, except the K layout (K-quants, IQ4_XS),
-  which keeps the file's int8 sub-block scales and mins with d and dmin per 256. For one token it takes
+  IQ4_XS; IQ3_S, IQ3_XXS; IQ2_XXS, IQ2_XS, IQ2_S; IQ1_S, IQ1_M) keeps its block scales and multiplies
+  int8-quantized activations the way llama.cpp does. The values keep the file's bits (the grid i-quants'
+  grid entries decoded once into small indices of their signed values); the scales are float16 per
+  group, except the K layout (K-quants, the 256-value i-quants), which keeps the file's int8 sub-block
+  scales and mins with d and dmin per 256. For one token it takes
   half the time of PyTorch's int4 kernel at 1.1B shapes, and it drops the int8 per-row requantization
   below. Without the JIT library (or for the other types), PyTorch's kernels:
 - Q4_0, Q4_1, Q4_K: repacked once for PyTorch's int4 weight-only matmul (`_weight_int4pack_mm_for_cpu`),
@@ -32,7 +34,7 @@ from .qdot import QDOT_TYPES, _flags, _qdot_pack, qdot_kernel
 
 PLANE_TYPES = ("Q8_0", "Q5_0", "Q5_1", "Q5_K")  # two int4 planes per weight (see _plane_parts)
 INT8_MAX_ROWS = 16  # above this many activation rows, widen int8 to bf16 and use a GEMM
-FORMAT = "10"  # the repacked layout's version: bump when what install() stores changes (keys the repack cache)
+FORMAT = "11"  # the repacked layout's version: bump when what install() stores changes (keys the repack cache)
 
 
 def repack_format() -> str:

@@ -2,10 +2,11 @@
 multiplies them (see the layout comment in csrc/qdot.cpp).
 
 What each type stores is said once, in quant/types/ (its family's module and the TypeSpec it
-registers): the values keep the file's 2, 3, 4, 5, 6 or 8 bits (IQ4's 4-bit indices into their table),
-16 rows interleaved; the scales are float16 per group (and an offset where it is not a multiple of the
-scale), except the K layout (K-quants, IQ4_XS), which keeps the file's int8 sub-block scales (and mins)
-with d (and dmin) per 256 values (4.625 bits a weight for Q4_K, 6.56 for Q6_K, 2.625 for Q2_K).
+registers): the values keep the file's 2, 3, 4, 5, 6 or 8 bits (IQ4's 4-bit indices into their table;
+the grid i-quants' entries as 2-, 3- or 4-bit indices of their signed values, types.LUTS), 16 rows
+interleaved; the scales are float16 per group (and an offset where it is not a multiple of the scale),
+except the K layout (K-quants, the 256-value i-quants), which keeps the file's int8 sub-block scales (and
+mins) with d (and dmin) per 256 values (4.625 bits a weight for Q4_K, 6.56 for Q6_K, 2.625 for Q2_K).
 Activations are quantized as llama.cpp quantizes them for each type (TypeSpec.amode). The repacking is
 done by the library's one-pass loop (csrc/repack.cpp) and, as the reference and fallback, by PyTorch
 (_qdot_pack with jit=False) from the family's block reader; both give the same bytes.
@@ -15,17 +16,33 @@ from __future__ import annotations
 import torch
 
 from .fused import Fused, finish
-from .types import IQ4NL_VALUES, LUT_IQ4, SM4, TYPES, grid_bytes
+from .types import IQ1S, SM4, TYPES, grid_bytes, lut, oscale
 
 QDOT_TYPES = tuple(TYPES)
 K_TYPES = tuple(n for n, s in TYPES.items() if s.klayout)  # kept in their two levels of scales
 AMODE = {n: s.amode for n, s in TYPES.items()}
-IQ4_U8 = torch.tensor(IQ4NL_VALUES, dtype=torch.int32) + 128  # what the kernel's byte shuffle makes of an index
 
 
-def _values(spec, u: torch.Tensor) -> torch.Tensor:
-    """The unsigned values the kernel multiplies: the stored ones, or their table entries (LUT_IQ4)."""
-    return IQ4_U8.to(u.device)[u.long()].to(torch.uint8) if spec.flags & LUT_IQ4 else u
+def _values(flags: int, u: torch.Tensor) -> torch.Tensor:
+    """The unsigned values the kernel multiplies: the stored ones, or their table entries (types.LUTS:
+    what the kernel's byte shuffle makes of an index)."""
+    t = lut(flags)
+    return u if t is None else torch.tensor(t, dtype=torch.uint8, device=u.device)[u.long()]
+
+
+def _k_scales(flags: int, zoff: float, d: torch.Tensor, sc: torch.Tensor, dm, mn) -> tuple[torch.Tensor, torch.Tensor]:
+    """The K layout's per-group scale and offset [n, groups] from d (and -dmin) already repeated per
+    group and the int8 sc (and mn), as the kernel forms them (ktile): exact in float32."""
+    if flags & SM4:  # Q2_K: the file's scale | min << 4
+        b = sc.view(torch.uint8).int()
+        return d * (b & 15).float(), dm * (b >> 4).float()
+    d = d * oscale(flags)
+    if flags & IQ1S:  # IQ1_S: ls | delta sign << 3, value = d * (2 ls + 1) * (u - 1 -+ 1/8)
+        b = sc.view(torch.uint8).int()
+        s = d * (2 * (b & 7) + 1).float()
+        return s, s * torch.where((b & 8) != 0, -1.125, -0.875)
+    s = d * sc.float()
+    return s, dm * mn.float() if mn is not None else zoff * s
 
 
 def _qdot_parts(w, raw: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]:
@@ -33,17 +50,13 @@ def _qdot_parts(w, raw: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor, 
     value = dw[g] * u + mw[g] (K layouts' two levels multiplied out; table types' values looked up, 8 bits)."""
     spec = TYPES[w.type.name]
     p = spec.read(w, raw)
-    u, bits = _values(spec, p["u"]), 8 if spec.flags & LUT_IQ4 else spec.bits
+    u, bits = _values(spec.flags, p["u"]), 8 if lut(spec.flags) else spec.bits
     if not spec.klayout:
         mw = p["mw"] if spec.mins else spec.zoff * p["dw"]
         return u, bits, p["dw"].float(), mw.float()
     ns = 256 // spec.G
-    d = p["d"].repeat_interleave(ns, 1)
-    if spec.flags & SM4:
-        sc = p["sc"].view(torch.uint8).int()
-        return u, bits, d * (sc & 15).float(), p["dm"].repeat_interleave(ns, 1) * (sc >> 4).float()
-    dw = d * p["sc"].float()
-    mw = p["dm"].repeat_interleave(ns, 1) * p["mn"].float() if p["mn"] is not None else spec.zoff * dw
+    dm = None if p["dm"] is None else p["dm"].repeat_interleave(ns, 1)
+    dw, mw = _k_scales(spec.flags, spec.zoff, p["d"].repeat_interleave(ns, 1), p["sc"], dm, p["mn"])
     return u, bits, dw, mw
 
 
@@ -92,10 +105,10 @@ def _qdot_values(u: torch.Tensor, bits: int, G: int) -> torch.Tensor:
     if bits <= 3:  # steps 4p..4p+3 at bits 0, 2, 4, 6 of one 64-byte block
         lo = (q & 3).reshape(t, ng, G // 16, 4, 16, 4)
         parts = [(lo[:, :, :, 0] | (lo[:, :, :, 1] << 2) | (lo[:, :, :, 2] << 4) | (lo[:, :, :, 3] << 6)).reshape(t, ng, -1)]
-        if bits == 3:  # G = 16: bit s = step s's high bit; positions 4r + j < 32 in low nibbles, the rest in high
-            hb = (q >> 2) & 1
-            nib = (hb[:, :, 0] | (hb[:, :, 1] << 1) | (hb[:, :, 2] << 2) | (hb[:, :, 3] << 3)).reshape(t, ng, 64)
-            parts.append(nib[:, :, :32] | (nib[:, :, 32:] << 4))
+        if bits == 3:  # per 4-step block, bit s = step s's high bit; positions 4r + j < 32 in low nibbles, the rest in high
+            hb = ((q >> 2) & 1).reshape(t, ng, G // 16, 4, 16, 4)
+            nib = (hb[:, :, :, 0] | (hb[:, :, :, 1] << 1) | (hb[:, :, :, 2] << 2) | (hb[:, :, :, 3] << 3)).reshape(t, ng, -1, 64)
+            parts.append((nib[..., :32] | (nib[..., 32:] << 4)).reshape(t, ng, -1))
         return torch.cat(parts, dim=2).reshape(t, -1).contiguous()
     # steps 2p (low nibbles) and 2p + 1 (high nibbles) share 64 bytes
     lo = q & 15
@@ -222,11 +235,11 @@ def qdot_unpack(st: dict, K: int) -> torch.Tensor:
     elif bits <= 3:
         lo = g[:, :, :4 * G].reshape(t, ng, -1, 1, 16, 4)  # blocks of 4 steps
         q = ((lo >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(1, 1, 1, 4, 1, 1)) & 3).reshape(t, ng, G // 4, 16, 4)
-        if bits == 3:
-            h = g[:, :, 4 * G:]
-            nib = torch.cat((h & 15, h >> 4), dim=2).reshape(t, ng, 1, 16, 4)
-            steps = torch.arange(G // 4, dtype=torch.uint8).view(1, 1, -1, 1, 1)
-            q = q | (((nib >> steps) & 1) << 2)
+        if bits == 3:  # 32 bytes of nibbles per 4-step block
+            h = g[:, :, 4 * G:].reshape(t, ng, G // 16, 32)
+            nib = torch.cat((h & 15, h >> 4), dim=3).reshape(t, ng, G // 16, 1, 16, 4)
+            steps = torch.arange(4, dtype=torch.uint8).view(1, 1, 1, 4, 1, 1)
+            q = q | (((nib >> steps) & 1) << 2).reshape(t, ng, G // 4, 16, 4)
     else:
         lo = g[:, :, :8 * G].reshape(t, ng, -1, 16, 4)  # step pairs
         q = torch.stack((lo & 15, lo >> 4), dim=3).reshape(t, ng, G // 4, 16, 4)
@@ -236,20 +249,17 @@ def qdot_unpack(st: dict, K: int) -> torch.Tensor:
             steps = torch.arange(G // 4, dtype=torch.int32).view(1, 1, -1, 1, 1)
             q = q | (((h >> (hb * steps)) & ((1 << hb) - 1)) << 4).to(torch.uint8)
     q = q.permute(0, 3, 1, 2, 4).reshape(t * 16, K)
-    q = (IQ4_U8[q.long()] if flags & LUT_IQ4 else q).float()
+    q = _values(flags, q).float()
 
     def rows(s):
         return s.view(t, -1, 16).transpose(1, 2).reshape(t * 16, -1).float()
 
     if "sc" in st:  # the K layout: d and -dmin per 256 values, sc and mn per group
         ns = 256 // G
-        dd = rows(dw).repeat_interleave(ns, 1)
-        if flags & SM4:
-            b = rows(st["sc"].view(torch.uint8)).int()
-            d, m = dd * (b & 15).float(), rows(st["mw"]).repeat_interleave(ns, 1) * (b >> 4).float()
-        else:
-            d = dd * rows(st["sc"])
-            m = rows(st["mw"]).repeat_interleave(ns, 1) * rows(st["mn"]) if "mn" in st else float(st["zoff"]) * d
+        dm = rows(st["mw"]).repeat_interleave(ns, 1) if "mw" in st else None
+        sc = st["sc"].view(t, -1, 16).transpose(1, 2).reshape(t * 16, -1)
+        mn = rows(st["mn"]) if "mn" in st else None
+        d, m = _k_scales(flags, float(st["zoff"]), rows(dw).repeat_interleave(ns, 1), sc, dm, mn)
     else:
         d = rows(dw)
         m = rows(st["mw"]) if "mw" in st else float(st["zoff"]) * d

@@ -26,15 +26,26 @@
 // [tiles][groups][16], d and -dmin float16 [tiles][K/256][16].
 //
 // Two more value widths and two flags serve the low-bit types (Q2_K, Q3_K, IQ4_NL, IQ4_XS):
-// - 2-bit values (Q2_K, G = 16): one 64-byte block per 4 steps, step 4p + s at bits 2s..2s+1 of byte 4r + t;
-// - 3-bit values (Q3_K, G = 16 only): the 2-bit block of the low bits, then 32 bytes of high bits: bit s
-//   (step s) of the low nibble of byte p for position p = 4r + t < 32, of the high nibble of byte p - 32
-//   otherwise; value = d * sc * (u - 4);
+// - 2-bit values (Q2_K, G = 16; IQ1_S, G = 32): one 64-byte block per 4 steps, step 4p + s at bits
+//   2s..2s+1 of byte 4r + t;
+// - 3-bit values (Q3_K, G = 16; the IQ2 types, G = 16 or 32): the 2-bit blocks of the low bits, then per
+//   4-step block 32 bytes of high bits: bit s (step 4p + s) of the low nibble of byte p for position
+//   p = 4r + t < 32, of the high nibble of byte p - 32 otherwise; Q3_K: value = d * sc * (u - 4);
 // - QDOT_LUT_IQ4: the 4-bit values are indices into kvalues_iq4nl (IQ4_NL, IQ4_XS); the kernel turns
 //   them into kvalues_iq4nl + 128 (unsigned) with one byte shuffle per step, the table lookup llama.cpp's
 //   ggml_vec_dot_iq4_nl_q8_0 does, and the offset -128 * scale (zoff) takes the 128 back out;
 // - QDOT_SM4 (Q2_K): sc holds the file's byte per group, scale in the low nibble and min in the high one
 //   (value = d * (sc & 15) * u - dmin * (sc >> 4)), so the scales cost what they cost in the file.
+//
+// The grid i-quants (IQ3_XXS, IQ2_XXS, IQ2_XS, IQ2_S, IQ1_S, IQ1_M; quant/types/iq3.py, iq2.py, iq1.py)
+// have their grid indices decoded once, at repack, into small indices of signed values (nothing
+// requantized): a table flag (QDOT_LUT_IQ3XXS, QDOT_LUT_IQ2, QDOT_LUT_IQ1M) turns each index into its
+// value plus an offset (zoff = -offset) with the same byte shuffle as IQ4, in the K layout with
+// sc = 2 * ls + 1. 3-bit values may have G = 32 (two 4-step blocks, each with its 32 bytes of high
+// bits after all the 2-bit blocks). Bits 8..10 of flags give n in d * 2^-n: llama.cpp multiplies its
+// sums by 1/4 (IQ3_XXS) or 1/8 (IQ2, IQ1_M) once at the end; here d is multiplied by it (exact).
+// QDOT_IQ1S (IQ1_S): 2-bit u = g + 1 (g in -1..1), and sc holds ls | delta sign << 3: the group's scale
+// is d * (2 ls + 1) and its offset that times -1 -+ 1/8 (IQ1S_DELTA), so value = scale * (g +- 1/8).
 //
 // With that layout one vpdpbusd multiplies 4 values of 16 rows with the same 4 activations (a
 // broadcast), the int32 lanes sum a whole group without any shuffle, and each group costs 16 rows
@@ -60,6 +71,20 @@ EXPORT int qdot_has_vnni(void) { return QDOT_VNNI; }
 
 // kvalues_iq4nl + 128: the IQ4 values as unsigned bytes
 static const uint8_t IQ4_U8[16] = {1, 24, 45, 63, 79, 93, 106, 118, 129, 141, 153, 166, 181, 197, 217, 241};
+// IQ3_XXS: index k | sign << 3 -> (sign ? -1 : 1) * level_k + 62, levels 4, 12, ..., 52, 62 (iq3xxs_grid's)
+static const uint8_t IQ3XXS_U8[16] = {66, 74, 82, 90, 98, 106, 114, 124, 58, 50, 42, 34, 26, 18, 10, 0};
+// IQ2_*: index k | sign << 2 -> (sign ? -1 : 1) * level_k + 43, levels 8, 25, 43 (the iq2 grids')
+static const uint8_t IQ2_U8[16] = {51, 68, 86, 43, 35, 18, 0, 43, 43, 43, 43, 43, 43, 43, 43, 43};
+// IQ1_M: (g + 1) | delta sign << 2 -> 8 g +- 1 + 9 (value = d * ls * (g +- 1/8), the 8 in the output scale)
+static const uint8_t IQ1M_U8[16] = {2, 10, 18, 9, 0, 8, 16, 9, 9, 9, 9, 9, 9, 9, 9, 9};
+
+static inline const uint8_t *lut_of(int flags) {
+    return flags & QDOT_LUT_IQ4 ? IQ4_U8 : flags & QDOT_LUT_IQ3XXS ? IQ3XXS_U8 : flags & QDOT_LUT_IQ2 ? IQ2_U8
+         : flags & QDOT_LUT_IQ1M ? IQ1M_U8 : nullptr;
+}
+
+// the output scale of the i-quants' sums (QDOT_OSHIFT), a power of two: exact on any float
+static inline float oscale_of(int flags) { return ldexpf(1.f, -QDOT_OSHIFT(flags)); }
 
 static inline float round_f16(float x) { return (float)(_Float16)x; }  // ggml's FP32_TO_FP16 and back
 
@@ -142,24 +167,26 @@ static inline void unpack(int bits, int G, const uint8_t *q, __m512i *w, int fla
             w[4 * p + 2] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m2);
             w[4 * p + 3] = _mm512_and_si512(_mm512_srli_epi16(v, 6), m2);
         }
-        if (bits == 3) {  // G = 16: the high bits of 64 positions as 32 bytes of nibbles, moved to bit 2
-            const __m256i h = _mm256_loadu_si256((const __m256i *)(q + 4 * G)), n4 = _mm256_set1_epi8(0x0F);
+        // the high bits of each 4-step block: 64 positions as 32 bytes of nibbles, moved to bit 2
+        for (int p = 0; bits == 3 && p < steps / 4; p++) {
+            const __m256i h = _mm256_loadu_si256((const __m256i *)(q + 4 * G + 32 * p)), n4 = _mm256_set1_epi8(0x0F);
             const __m512i hz = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(h, n4)),
                                                   _mm256_and_si256(_mm256_srli_epi16(h, 4), n4), 1);
             const __m512i b2 = _mm512_set1_epi8(4);
-            w[0] = _mm512_or_si512(w[0], _mm512_and_si512(_mm512_slli_epi16(hz, 2), b2));
-            w[1] = _mm512_or_si512(w[1], _mm512_and_si512(_mm512_slli_epi16(hz, 1), b2));
-            w[2] = _mm512_or_si512(w[2], _mm512_and_si512(hz, b2));
-            w[3] = _mm512_or_si512(w[3], _mm512_and_si512(_mm512_srli_epi16(hz, 1), b2));
+            __m512i *v = w + 4 * p;
+            v[0] = _mm512_or_si512(v[0], _mm512_and_si512(_mm512_slli_epi16(hz, 2), b2));
+            v[1] = _mm512_or_si512(v[1], _mm512_and_si512(_mm512_slli_epi16(hz, 1), b2));
+            v[2] = _mm512_or_si512(v[2], _mm512_and_si512(hz, b2));
+            v[3] = _mm512_or_si512(v[3], _mm512_and_si512(_mm512_srli_epi16(hz, 1), b2));
         }
-        return;
+    } else {
+        for (int p = 0; p < steps / 2; p++) {
+            const __m512i v = _mm512_loadu_si512((const void *)(q + 64 * p));
+            w[2 * p] = _mm512_and_si512(v, m4);
+            w[2 * p + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+        }
     }
-    for (int p = 0; p < steps / 2; p++) {
-        const __m512i v = _mm512_loadu_si512((const void *)(q + 64 * p));
-        w[2 * p] = _mm512_and_si512(v, m4);
-        w[2 * p + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
-    }
-    if (bits != 4) {  // the high bits, moved to bit 4 (and 5) of each byte
+    if (bits > 4) {  // the high bits, moved to bit 4 (and 5) of each byte
         const __m512i h = _mm512_loadu_si512((const void *)(q + 8 * G));
         const int hb = bits - 4;
         const __m512i mask = _mm512_set1_epi8((char)(((1 << hb) - 1) << 4));
@@ -170,8 +197,8 @@ static inline void unpack(int bits, int G, const uint8_t *q, __m512i *w, int fla
             w[st] = _mm512_or_si512(w[st], _mm512_and_si512(t, mask));
         }
     }
-    if (flags & QDOT_LUT_IQ4) {  // indices -> kvalues_iq4nl + 128, 16 entries per 128-bit lane
-        const __m512i lut = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)IQ4_U8));
+    if (flags & QDOT_LUTS) {  // indices -> table values (kvalues_iq4nl + 128, ...), 16 entries per 128-bit lane
+        const __m512i lut = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)lut_of(flags)));
         for (int s = 0; s < steps; s++) w[s] = _mm512_shuffle_epi8(lut, w[s]);
     }
 }
@@ -228,8 +255,9 @@ static void ktile(int bits, int G, const uint8_t *qt, const int8_t *st, const in
     const int64_t gb = group_bytes(bits, G), ns = 256 / G;
     __m512 acc[MT];
     for (int i = 0; i < MT; i++) acc[i] = _mm512_setzero_ps();
+    const __m512 os = _mm512_set1_ps(oscale_of(flags));
     for (int64_t sb = 0; sb < K / 256; sb++) {
-        const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dt + sb * 16)));
+        const __m512 dv = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dt + sb * 16))), os);
         const __m512 mv = mt ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(mt + sb * 16))) : dv;
         for (int64_t g = sb * ns; g < (sb + 1) * ns; g++) {
             __m512i w[8];
@@ -239,6 +267,12 @@ static void ktile(int bits, int G, const uint8_t *qt, const int8_t *st, const in
                 const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(st + g * 16)));
                 sw = _mm512_mul_ps(dv, _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15))));
                 mw = _mm512_mul_ps(mv, _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)));
+            } else if (flags & QDOT_IQ1S) {  // IQ1_S: ls | delta sign << 3
+                const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(st + g * 16)));
+                const __m512i ls = _mm512_and_si512(b, _mm512_set1_epi32(7));
+                sw = _mm512_mul_ps(dv, _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_add_epi32(ls, ls), _mm512_set1_epi32(1))));
+                const __mmask16 neg = _mm512_test_epi32_mask(b, _mm512_set1_epi32(8));
+                mw = _mm512_mul_ps(sw, _mm512_mask_blend_ps(neg, _mm512_set1_ps(-0.875f), _mm512_set1_ps(-1.125f)));
             } else {
                 sw = _mm512_mul_ps(
                     dv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(st + g * 16)))));
@@ -257,13 +291,14 @@ static void ktile(int bits, int G, const uint8_t *qt, const int8_t *st, const in
 static inline int value_at(int bits, int G, const uint8_t *q, int64_t r, int k, int flags) {
     const int step = k / 4, j = k % 4;
     if (bits == 8) return q[64 * step + 4 * r + j];
+    const uint8_t *lut = lut_of(flags);
     if (bits <= 3) {
         int u = (q[64 * (step / 4) + 4 * r + j] >> (2 * (step % 4))) & 3;
         if (bits == 3) {
-            const int p = (int)(4 * r + j), h = q[4 * G + p % 32] >> (p < 32 ? 0 : 4);
-            u |= ((h >> step) & 1) << 2;
+            const int p = (int)(4 * r + j), h = q[4 * G + 32 * (step / 4) + p % 32] >> (p < 32 ? 0 : 4);
+            u |= ((h >> (step % 4)) & 1) << 2;
         }
-        return u;
+        return lut ? lut[u] : u;
     }
     const uint8_t b = q[64 * (step / 2) + 4 * r + j];
     int u = step % 2 ? (b >> 4) : (b & 15);
@@ -271,7 +306,7 @@ static inline int value_at(int bits, int G, const uint8_t *q, int64_t r, int k, 
         const int hb = bits - 4;
         u |= ((q[8 * G + 4 * r + j] >> (hb * step)) & ((1 << hb) - 1)) << 4;
     }
-    return flags & QDOT_LUT_IQ4 ? IQ4_U8[u] : u;
+    return lut ? lut[u] : u;
 }
 
 // portable: weight row n (of the padded rows) against activation row m
@@ -296,6 +331,7 @@ static float dot_row_k(int bits, int G, const uint8_t *qw, const int8_t *sc, con
                        const uint16_t *mw, float zoff, int64_t K, int64_t n, const int8_t *xr, const float *dxr,
                        const float *sxr, int flags) {
     const int64_t ng = K / G, gb = group_bytes(bits, G), t = n / 16, r = n % 16, ns = 256 / G, nsb = K / 256;
+    const float os = oscale_of(flags);
     float acc = 0.f;
     for (int64_t g = 0; g < ng; g++) {
         const uint8_t *q = qw + (t * ng + g) * gb;
@@ -307,8 +343,12 @@ static float dot_row_k(int bits, int G, const uint8_t *qw, const int8_t *sc, con
             const uint8_t b = (uint8_t)sc[at];
             d = h2f(dw[sat]) * (float)(b & 15);
             m = h2f(mw[sat]) * (float)(b >> 4);
+        } else if (flags & QDOT_IQ1S) {
+            const uint8_t b = (uint8_t)sc[at];
+            d = h2f(dw[sat]) * os * (float)(2 * (b & 7) + 1);
+            m = d * (b & 8 ? -1.125f : -0.875f);
         } else {
-            d = h2f(dw[sat]) * (float)sc[at];
+            d = h2f(dw[sat]) * os * (float)sc[at];
             m = mn ? h2f(mw[sat]) * (float)mn[at] : zoff * d;
         }
         acc += (float)s * (d * dxr[g]) + m * sxr[g];

@@ -13,10 +13,14 @@ struct QWeight {
     float zoff;
     int64_t N, K;  // N: rows padded to a multiple of 16
     const int8_t *sc, *mn;  // the K-quant layout (non-null sc): integer sub-block scales and mins, dw/mw per 256
-    int32_t flags;          // QDOT_LUT_IQ4, QDOT_SM4 (qdot.cpp's layout comment)
+    int32_t flags;          // QDOT_LUT_*, QDOT_SM4, QDOT_IQ1S, and an output scale (qdot.cpp's layout comment)
 };
 
-enum { QDOT_LUT_IQ4 = 1, QDOT_SM4 = 2 };
+// layout flags (quant/types/__init__.py mirrors them): at most one table (LUT) per type; bits 8..10 hold
+// n for a factor 2^-n on d (the 1/4 or 1/8 that llama.cpp applies once at the end of the i-quants' dot)
+enum { QDOT_LUT_IQ4 = 1, QDOT_SM4 = 2, QDOT_LUT_IQ3XXS = 4, QDOT_LUT_IQ2 = 8, QDOT_LUT_IQ1M = 16, QDOT_IQ1S = 32 };
+#define QDOT_LUTS (QDOT_LUT_IQ4 | QDOT_LUT_IQ3XXS | QDOT_LUT_IQ2 | QDOT_LUT_IQ1M)
+#define QDOT_OSHIFT(flags) (((flags) >> 8) & 7)
 
 EXPORT void qdot_linear(const QWeight *w, const float *x, int64_t M, float *out);
 EXPORT void qdot_quantize(const float *x, int64_t M, int64_t K, int G, int mode, int8_t *xq, float *dx, float *sx);

@@ -7,9 +7,25 @@
 #include "qdot.h"
 
 enum { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q2_K = 10, Q3_K = 11, Q4_K = 12, Q5_K = 13, Q6_K = 14,
-       IQ4_NL = 20, IQ3_S = 21, IQ4_XS = 23 };
+       IQ2_XXS = 16, IQ2_XS = 17, IQ3_XXS = 18, IQ1_S = 19, IQ4_NL = 20, IQ3_S = 21, IQ2_S = 22, IQ4_XS = 23,
+       IQ1_M = 29 };
 
 static inline uint16_t rd16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
+static inline uint32_t rd32(const uint8_t *p) { return (uint32_t)rd16(p) | ((uint32_t)rd16(p + 2) << 16); }
+
+// ggml's ksigns_iq2xs[i]: the 7 sign bits i and an 8th that makes the number of minus signs even
+static inline unsigned ksign(unsigned i) { return i | ((unsigned)__builtin_parity(i) << 7); }
+
+// 8 grid values (an iq2 grid entry, levels 8, 25, 43) with their sign bits -> index | sign << 2
+// (qdot.cpp's IQ2_U8 gives back sign * level + 43)
+static inline void iq2_put(uint8_t *u, const uint8_t *g, unsigned signs) {
+    for (int j = 0; j < 8; j++) u[j] = (uint8_t)((g[j] > 8) + (g[j] > 25) + (((signs >> j) & 1) << 2));
+}
+
+// 8 iq1s_grid values g in -1..1 (read as bytes) -> g + 1, and | delta sign << 2 for IQ1_M (dsign >= 0)
+static inline void iq1_put(uint8_t *u, const uint8_t *g, int dsign) {
+    for (int j = 0; j < 8; j++) u[j] = (uint8_t)((int8_t)g[j] + 1 + (dsign > 0 ? 4 : 0));
+}
 
 // ggml's get_scale_min_k4: the j-th 6-bit scale and min of a Q4_K/Q5_K block's 12 bytes
 static inline void scale_min(const uint8_t *s, int j, int8_t *sc, int8_t *mn) {
@@ -32,6 +48,12 @@ static inline int8_t q3k_scale(const uint8_t *s, int j) {
 static inline int8_t iq4xs_scale(const uint8_t *b, int j) {
     const int lo = (b[4 + j / 2] >> (4 * (j % 2))) & 15, hi = (rd16(b + 2) >> (2 * j)) & 3;
     return (int8_t)((lo | (hi << 4)) - 32);
+}
+
+// IQ1_M's float16 d: the top nibbles of its four u16 scales (dequantize_row_iq1_m)
+static inline uint16_t iq1m_d(const uint8_t *b) {
+    const uint16_t s0 = rd16(b + 48), s1 = rd16(b + 50), s2 = rd16(b + 52), s3 = rd16(b + 54);
+    return (uint16_t)((s0 >> 12) | ((s1 >> 8) & 0xF0) | ((s2 >> 4) & 0xF00) | (s3 & 0xF000));
 }
 
 // one block's unsigned values (the order ggml dequantizes them in)
@@ -90,9 +112,47 @@ static void block_values(int type, const uint8_t *b, uint8_t *u, const uint8_t *
         for (int i = 0; i < 64; i++) {
             const uint8_t *g = grid + 4 * (b[2 + i] | (((b[66 + i / 8] >> (i % 8)) & 1) << 8));
             for (int t = 0; t < 4; t++) {
-                const int k = 4 * i + t, s = (b[74 + k / 8] >> (k % 8)) & 1;
-                u[k] = (uint8_t)(((s ? -g[t] : g[t]) + 15) / 2);
+                const int k = 4 * i + t, m = -((b[74 + k / 8] >> (k % 8)) & 1);  // 0 or -1: no branch on a random bit
+                u[k] = (uint8_t)((((int)g[t] ^ m) - m + 15) >> 1);
             }
+        }
+        break;
+    case IQ3_XXS:  // 64 grid entries of 4 levels 4..62 (index (g - 4) >> 3: 0..7), sign bits from the 7-bit
+                   // index in each sub-block's u32 (dequantize_row_iq3_xxs); stored as index | sign << 3
+        for (int i = 0; i < 64; i++) {
+            const uint8_t *g = grid + 4 * b[2 + i];
+            const unsigned signs = ksign((rd32(b + 66 + 4 * (i / 8)) >> (7 * ((i % 8) / 2))) & 127) >> (4 * (i % 2));
+            for (int t = 0; t < 4; t++) u[4 * i + t] = (uint8_t)(((g[t] - 4) >> 3) | (((signs >> t) & 1) << 3));
+        }
+        break;
+    case IQ2_XXS:  // per 32 values: u32 of 4 grid indices, u32 of 4 x 7 sign bits | scale << 28 (dequantize_row_iq2_xxs)
+        for (int ib = 0; ib < 8; ib++) {
+            const uint32_t aux = rd32(b + 2 + 8 * ib + 4);
+            for (int l = 0; l < 4; l++) iq2_put(u + 32 * ib + 8 * l, grid + 8 * b[2 + 8 * ib + l], ksign((aux >> (7 * l)) & 127));
+        }
+        break;
+    case IQ2_XS:  // 32 u16: 9-bit grid index | 7-bit sign index << 9 (dequantize_row_iq2_xs)
+        for (int k = 0; k < 32; k++) {
+            const unsigned q = rd16(b + 2 + 2 * k);
+            iq2_put(u + 8 * k, grid + 8 * (q & 511), ksign(q >> 9));
+        }
+        break;
+    case IQ2_S:  // qs[32] low index bits, signs[32], qh[8] two high bits per entry (dequantize_row_iq2_s)
+        for (int k = 0; k < 32; k++) {
+            const unsigned idx = b[2 + k] | ((b[66 + k / 4] << (8 - 2 * (k % 4))) & 0x300);
+            iq2_put(u + 8 * k, grid + 8 * idx, b[34 + k]);
+        }
+        break;
+    case IQ1_S:  // qs[32] low index bits, qh[8] u16: 4 x 3 high bits (dequantize_row_iq1_s)
+        for (int k = 0; k < 32; k++) {
+            const unsigned idx = b[2 + k] | (((rd16(b + 34 + 2 * (k / 4)) >> (3 * (k % 4))) & 7) << 8);
+            iq1_put(u + 8 * k, grid + 8 * idx, -1);
+        }
+        break;
+    case IQ1_M:  // qs[32], qh[16]: per entry a nibble of 3 high index bits and the delta sign (dequantize_row_iq1_m)
+        for (int k = 0; k < 32; k++) {
+            const unsigned h = (b[32 + k / 2] >> (4 * (k % 2))) & 15;
+            iq1_put(u + 8 * k, grid + 8 * (b[k] | ((h & 7) << 8)), h >> 3);
         }
         break;
     case Q6_K: {
@@ -123,14 +183,15 @@ static inline void put_group(uint8_t *q, int64_t r, const uint8_t *v) {
                 for (int s = 0; s < 4; s++) b |= (unsigned)(v[16 * p + 4 * s + j] & 3) << (2 * s);
                 q[64 * p + 4 * r + j] = (uint8_t)b;
             }
-        if (bits == 3)
-            for (int j = 0; j < 4; j++) {
-                unsigned h = 0;
-                for (int s = 0; s < G / 4; s++) h |= (unsigned)((v[4 * s + j] >> 2) & 1) << s;
-                const int p = (int)(4 * r + j), sh = p < 32 ? 0 : 4;
-                uint8_t *at = q + 4 * G + p % 32;
-                *at = (uint8_t)((*at & (0xF0 >> sh)) | (h << sh));
-            }
+        if (bits == 3)  // per 4-step block, 32 bytes after all the 2-bit blocks
+            for (int p = 0; p < G / 16; p++)
+                for (int j = 0; j < 4; j++) {
+                    unsigned h = 0;
+                    for (int s = 0; s < 4; s++) h |= (unsigned)((v[16 * p + 4 * s + j] >> 2) & 1) << s;
+                    const int pos = (int)(4 * r + j), sh = pos < 32 ? 0 : 4;
+                    uint8_t *at = q + 4 * G + 32 * p + pos % 32;
+                    *at = (uint8_t)((*at & (0xF0 >> sh)) | (h << sh));
+                }
         return;
     }
     for (int p = 0; p < G / 8; p++)
@@ -147,7 +208,8 @@ template <int type, int bits, int G>
 static void repack(const uint8_t *src, int64_t rows, int64_t K, int64_t block_bytes, uint8_t *qw, uint16_t *dw,
                    uint16_t *mw, int8_t *sc, int8_t *mn, const uint8_t *grid) {
     constexpr int kq = type == Q4_K || type == Q5_K || type == Q6_K || type == Q2_K || type == Q3_K || type == IQ4_XS ||
-                       type == IQ3_S;
+                       type == IQ3_S || type == IQ3_XXS || type == IQ2_XXS || type == IQ2_XS || type == IQ2_S ||
+                       type == IQ1_S || type == IQ1_M;
     constexpr int64_t bv = kq ? 256 : 32, gpb = bv / G,
                       gb = bits == 8 ? 16 * G : bits == 4 ? 8 * G : bits == 2 ? 4 * G : bits == 3 ? 6 * G : 8 * G + 64;
     constexpr int d_at = type == Q6_K ? 208 : type == Q2_K ? 80 : type == Q3_K ? 108 : 0;
@@ -172,6 +234,12 @@ static void repack(const uint8_t *src, int64_t rows, int64_t K, int64_t block_by
                         else if (type == Q3_K) sc[at] = q3k_scale(b + 96, (int)gi);
                         else if (type == IQ4_XS) sc[at] = iq4xs_scale(b, (int)gi);
                         else if (type == IQ3_S) sc[at] = (int8_t)(2 * (1 + 2 * ((b[106 + gi / 2] >> (4 * (gi % 2))) & 15)));
+                        else if (type == IQ3_XXS) sc[at] = (int8_t)(2 * (rd32(b + 66 + 4 * gi) >> 28) + 1);
+                        else if (type == IQ2_XXS) sc[at] = (int8_t)(2 * (rd32(b + 2 + 8 * gi + 4) >> 28) + 1);
+                        else if (type == IQ2_XS || type == IQ2_S)  // a nibble per 16 values
+                            sc[at] = (int8_t)(2 * ((b[(type == IQ2_XS ? 66 : 74) + gi / 2] >> (4 * (gi % 2))) & 15) + 1);
+                        else if (type == IQ1_S) sc[at] = (int8_t)(rd16(b + 34 + 2 * gi) >> 12);  // ls | delta sign << 3
+                        else if (type == IQ1_M) sc[at] = (int8_t)(2 * ((rd16(b + 48 + 2 * (gi / 4)) >> (3 * (gi % 4))) & 7) + 1);
                         else scale_min(b + 4, (int)gi, &sc[at], &mn[at]);
                     } else {
                         dw[at] = pad ? 0 : rd16(b);
@@ -180,7 +248,7 @@ static void repack(const uint8_t *src, int64_t rows, int64_t K, int64_t block_by
                 }
                 if (kq) {
                     const int64_t at = (t * nb + bi) * 16 + r;
-                    dw[at] = pad ? 0 : rd16(b + d_at);
+                    dw[at] = pad ? 0 : type == IQ1_M ? iq1m_d(b) : rd16(b + d_at);
                     if (mw) mw[at] = pad ? 0 : (uint16_t)(rd16(b + d_at + 2) ^ 0x8000);  // -dmin: the sign bit
                 }
             }
@@ -207,10 +275,16 @@ EXPORT int qdot_repack(int type, const uint8_t *src, int64_t rows, int64_t K, in
     case Q3_K: repack<Q3_K, 3, 16>(src, rows, K, block_bytes, qw, dw, mw, sc, mn, grid); return 0;
     case IQ4_NL: repack<IQ4_NL, 4, 32>(src, rows, K, block_bytes, qw, dw, mw, sc, mn, grid); return 0;
     case IQ4_XS: repack<IQ4_XS, 4, 32>(src, rows, K, block_bytes, qw, dw, mw, sc, mn, grid); return 0;
-    case IQ3_S:
-        if (!grid) return -1;
-        repack<IQ3_S, 4, 32>(src, rows, K, block_bytes, qw, dw, mw, sc, mn, grid);
-        return 0;
+    }
+    if (!grid) return -1;  // the grid types
+    switch (type) {
+    case IQ3_S: repack<IQ3_S, 4, 32>(src, rows, K, block_bytes, qw, dw, mw, sc, mn, grid); return 0;
+    case IQ3_XXS: repack<IQ3_XXS, 4, 32>(src, rows, K, block_bytes, qw, dw, mw, sc, mn, grid); return 0;
+    case IQ2_XXS: repack<IQ2_XXS, 3, 32>(src, rows, K, block_bytes, qw, dw, mw, sc, mn, grid); return 0;
+    case IQ2_XS: repack<IQ2_XS, 3, 16>(src, rows, K, block_bytes, qw, dw, mw, sc, mn, grid); return 0;
+    case IQ2_S: repack<IQ2_S, 3, 16>(src, rows, K, block_bytes, qw, dw, mw, sc, mn, grid); return 0;
+    case IQ1_S: repack<IQ1_S, 2, 32>(src, rows, K, block_bytes, qw, dw, mw, sc, mn, grid); return 0;
+    case IQ1_M: repack<IQ1_M, 3, 16>(src, rows, K, block_bytes, qw, dw, mw, sc, mn, grid); return 0;
     }
     return -1;
 }

@@ -2,7 +2,8 @@
 laid out and multiplied (csrc/qdot.cpp's layout comment says what the fields mean).
 
 Each family has one module here (``legacy`` for the 32-value types Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, ``kquants``
-for Q2_K..Q6_K, ``iq4`` for IQ4_NL/IQ4_XS, ``iq3`` for IQ3_S) that registers a :class:`TypeSpec` per type: the width of its
+for Q2_K..Q6_K, ``iq4`` for IQ4_NL/IQ4_XS, ``iq3`` for IQ3_S/IQ3_XXS, ``iq2`` for IQ2_XXS/IQ2_XS/IQ2_S,
+``iq1`` for IQ1_S/IQ1_M) that registers a :class:`TypeSpec` per type: the width of its
 stored unsigned values, its scale group, how llama.cpp quantizes the activations it multiplies (its
 type_traits vec_dot_type), its offset, its layout flags, and a PyTorch reader of the file's blocks (the
 reference the C++ repack in csrc/repack.cpp is held to, byte for byte). The linear layer's kernel
@@ -22,8 +23,37 @@ Q8_0, Q8_1, Q8_K = 0, 1, 2
 # layout flags (csrc/qdot.h)
 LUT_IQ4 = 1  # 4-bit values are indices into kvalues_iq4nl; the kernel looks them up with a byte shuffle
 SM4 = 2  # K layout whose sc byte holds the file's scale | min << 4 (Q2_K)
+LUT_IQ3XXS = 4  # 4-bit index | sign << 3 into IQ3_XXS's 8 grid levels (LUTS below)
+LUT_IQ2 = 8  # 3-bit index | sign << 2 into the iq2 grids' 3 levels
+LUT_IQ1M = 16  # 3-bit (g + 1) | delta sign << 2 -> 8 g +- 1 (IQ1_M)
+IQ1S = 32  # 2-bit g + 1; the sc byte holds ls | delta sign << 3 (IQ1_S)
+
+
+def oshift(n: int) -> int:
+    """The flags bits for a factor 2^-n on d (llama.cpp's final * 0.25 or * 0.125 of the i-quants' sums)."""
+    return n << 8
+
+
+def oscale(flags: int) -> float:
+    return 2.0 ** -((flags >> 8) & 7)
+
 
 IQ4NL_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # kvalues_iq4nl
+IQ3XXS_LEVELS = (4, 12, 20, 28, 36, 44, 52, 62)  # the magnitudes in iq3xxs_grid
+IQ2_LEVELS = (8, 25, 43)  # the magnitudes in iq2xxs_grid, iq2xs_grid and iq2s_grid
+# What the kernel's byte shuffle makes of a stored index (csrc/qdot.cpp's tables hold the same numbers):
+# the signed value plus the offset that makes it unsigned (= -zoff); unused indices give the offset.
+LUTS = {
+    LUT_IQ4: tuple(v + 128 for v in IQ4NL_VALUES),
+    LUT_IQ3XXS: tuple(62 + v for v in IQ3XXS_LEVELS) + tuple(62 - v for v in IQ3XXS_LEVELS),
+    LUT_IQ2: tuple(43 + v for v in IQ2_LEVELS) + (43,) + tuple(43 - v for v in IQ2_LEVELS) + (43,) * 9,
+    LUT_IQ1M: tuple(9 + 8 * g + 1 for g in (-1, 0, 1)) + (9,) + tuple(9 + 8 * g - 1 for g in (-1, 0, 1)) + (9,) * 9,
+}
+
+
+def lut(flags: int):
+    """The table (16 unsigned values) a type's stored indices go through in the kernel, or None."""
+    return next((v for f, v in LUTS.items() if flags & f), None)
 
 
 @dataclass(frozen=True)
@@ -34,7 +64,7 @@ class TypeSpec:
     amode: the activation quantization llama.cpp pairs with the type (Q8_0, Q8_1 or Q8_K).
     klayout: the two-level scales of K-quants (int8 sc per group, float16 d per 256 values) instead of a
     float16 scale per group. mins: an offset per group is stored (mw, or mn/-dmin in the K layout);
-    without it the value is scale * (u + zoff). flags: LUT_IQ4, SM4.
+    without it the value is scale * (u + zoff). flags: LUT_*, SM4, IQ1S and oshift(n).
     read(w, raw rows) -> dict: the exact parts, {"u", "dw", "mw"} (value = dw * u + mw per group) or,
     for the K layout, {"u", "sc", "mn", "d", "dm"} (value = d * sc * (u + zoff) + dm * mn).
     """
@@ -84,4 +114,4 @@ def grid_bytes(name: str):
     return _GRIDS[name]
 
 
-from . import iq3, iq4, kquants, legacy  # noqa: E402,F401  (each registers its types)
+from . import iq1, iq2, iq3, iq4, kquants, legacy  # noqa: E402,F401  (each registers its types)

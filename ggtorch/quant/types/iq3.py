@@ -1,18 +1,25 @@
-"""IQ3_S: 256-value super-blocks whose values are grid entries (4 odd magnitudes 1..15 per 9-bit index,
-iq3s_grid) with a sign bit each, times d * (1 + 2 * sc) per 32 values (dequantize_row_iq3_s).
+"""The 3-bit grid i-quants: 256-value super-blocks whose values are grid entries (4 magnitudes per
+index) with a sign bit each.
 
-A signed odd magnitude s * g is one of 16 values -15, -13, ..., 15, so it is stored exactly as the 4-bit
-v = (s * g + 15) / 2 with value = 2 * d * (1 + 2 * sc) * (v - 7.5): the plain 4-bit kernel in the K
-layout (int8 sub-scale 2 * (1 + 2 * sc), float16 d per 256, zoff -7.5), with no table lookup in the
-product. 4 bits a weight against the file's 3.44 (grid indices are decoded once, at repack);
-activations Q8_K (ggml_vec_dot_iq3_s_q8_K).
+- IQ3_S: odd magnitudes 1..15 per 9-bit index (iq3s_grid), times d * (1 + 2 * sc) per 32 values
+  (dequantize_row_iq3_s). A signed odd magnitude s * g is one of 16 values -15, -13, ..., 15, so it is
+  stored exactly as the 4-bit v = (s * g + 15) / 2 with value = 2 * d * (1 + 2 * sc) * (v - 7.5): the
+  plain 4-bit kernel in the K layout (int8 sub-scale 2 * (1 + 2 * sc), float16 d per 256, zoff -7.5),
+  with no table lookup in the product. 4 bits a weight against the file's 3.44 (grid indices are
+  decoded once, at repack); activations Q8_K (ggml_vec_dot_iq3_s_q8_K).
+- IQ3_XXS: magnitudes 4, 12, ..., 52, 62 per 8-bit index (iq3xxs_grid), signs from a 7-bit index
+  (ksigns_iq2xs), value = d * (1 + 2 * ls) / 4 * g per 32 values (dequantize_row_iq3_xxs). 62 breaks
+  the even spacing, so each value is stored as a 4-bit index k | sign << 3 that the kernel turns into
+  sign * level_k + 62 with a byte shuffle (LUT_IQ3XXS, zoff -62), sc = 1 + 2 * ls, and the 1/4 that
+  llama.cpp applies once at the end of ggml_vec_dot_iq3_xxs_q8_K applied to d (oshift(2), exact).
+  4.3 bits a weight against the file's 3.06; activations Q8_K.
 """
 from __future__ import annotations
 
 import torch
 
-from ..dequant import _bits, _f16, _nibbles, _tab
-from . import Q8_K, TypeSpec, register
+from ..dequant import _bits, _f16, _nibbles, _tab, _u32
+from . import LUT_IQ3XXS, Q8_K, TypeSpec, oshift, register
 
 
 def _read_iq3s(w, raw) -> dict:
@@ -27,4 +34,22 @@ def _read_iq3s(w, raw) -> dict:
             "d": _f16(b, 0).reshape(n, -1), "dm": None}
 
 
+def ksign_bits(idx: torch.Tensor) -> torch.Tensor:
+    """7-bit sign indices [...] -> [..., 8] sign bits (1: minus) through ggml's ksigns_iq2xs."""
+    return _bits(_tab("ksigns", idx)[idx], 8)
+
+
+def _read_iq3xxs(w, raw) -> dict:
+    b = raw.reshape(-1, w.type.type_size)
+    nb, n = b.shape[0], raw.shape[0]
+    aux = _u32(b, 66, 8)  # per 32 values: 4 x 7 sign bits | ls << 28
+    neg = ksign_bits((aux.unsqueeze(-1) >> torch.tensor([0, 7, 14, 21], device=b.device)) & 127)  # [nb, 8, 4, 8]
+    g = _tab("IQ3_XXS", b)[b[:, 2:66].long()].reshape(nb, 8, 4, 8).to(torch.int32)
+    u = ((g - 4) >> 3) | (neg << 3)  # level index (62 -> 7) | sign << 3
+    return {"u": u.to(torch.uint8).reshape(n, -1), "sc": (2 * (aux >> 28) + 1).to(torch.int8).reshape(n, -1),
+            "mn": None, "d": _f16(b, 0).reshape(n, -1), "dm": None}
+
+
 register(TypeSpec("IQ3_S", "iq3", 4, 32, Q8_K, True, False, -7.5, _read_iq3s, grid="IQ3_S"))
+register(TypeSpec("IQ3_XXS", "iq3", 4, 32, Q8_K, True, False, -62.0, _read_iq3xxs, LUT_IQ3XXS | oshift(2),
+                  grid="IQ3_XXS"))
