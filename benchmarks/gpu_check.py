@@ -223,7 +223,7 @@ def kernel_sweep(dev, bw: float, small: bool) -> list[str]:
             sync(dev)
             dt = (time.perf_counter() - t) / reps
             res.append(f"{tiles[0]}x{tiles[1]}: {nbytes / dt / 1e9:.0f} GB/s ({100 * nbytes / dt / bw:.0f}%)")
-        for m in (1, 8):  # the autotuned decode kernel (_matvec_acc) the product uses
+        for m in (1, 8):  # the autotuned decode kernel (_matvec) the product uses
             x = torch.randn(m, k, device=dev)
             K.linear(x, w.state, w.tparams, n)
             sync(dev)

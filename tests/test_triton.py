@@ -85,7 +85,7 @@ def test_kernels_match_dequantize_then_matmul(name):
 
 @pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q4_K", "Q6_K", "IQ4_NL", "IQ4_XS", "Q5_1"])
 def test_decode_kernel_of_cuda_matches(name):
-    """_matvec_acc and _matvec_pairs (4-bit layouts), the autotuned decode kernels CUDA uses (1-8 rows),
+    """_matvec and _matvec_pairs (4-bit layouts), the autotuned decode kernels CUDA uses (1-8 rows),
     with fixed tiles here: rows and K not multiples of the tile, weight planes that differ per type."""
     from ggtorch.quant.triton import kernels as K
 
@@ -101,7 +101,7 @@ def test_decode_kernel_of_cuda_matches(name):
     consts = dict(LO_BITS=p.LO_BITS, HI_BITS=p.HI_BITS, OFF=p.OFF, SB=p.SB, G=p.G, HAS_SC=p.HAS_SC, HAS_M=p.HAS_M,
                   HAS_MN=p.HAS_MN, MIN_SUB=p.MIN_SUB, TABLE=p.TABLE)
     g = torch.Generator().manual_seed(2)
-    kernels = [K._matvec_acc] + ([K._matvec_pairs] if p.LO_BITS == 4 and p.HI_BITS == 0 else [])
+    kernels = [K._matvec] + ([K._matvec_pairs] if p.LO_BITS == 4 and p.HI_BITS == 0 else [])
     for kern in kernels:
         for m, (bn, bk) in ((1, (4, 64)), (1, (1, 1024)), (3, (2, 128)), (8, (8, 64))):
             x = torch.randn(m, k, generator=g)

@@ -1,9 +1,11 @@
-"""The two Triton kernels over the GPU layout (see layout.py), compiled per type from one template.
+"""The Triton kernels over the GPU layout (see layout.py), compiled per type from one template.
 
 - ``_matvec``: decode, 1-8 activation rows. Each program owns BN output rows and walks K in BK
   steps: it dequantizes a [BN, BK] weight tile in registers and accumulates x·w in fp32 for every
   activation row at once, so the weights are read once per call whatever the row count (the role of
   llama.cpp's mul_mat_vec_q, ggml-cuda/mmvq.cu, which multiplies q8_1-quantized activations instead).
+  ``_matvec_pairs`` is its form for the 4-bit layouts without high bits (wide byte loads). On CUDA
+  their tiles are autotuned; prefill there multiplies fp16 weights written once with cuBLAS.
 - ``_tiled``: prefill, more rows. A [BM, BN] output tile; per BK step the weight tile is dequantized
   to fp16 and multiplied with ``tl.dot`` (tensor cores on a GPU) into an fp32 accumulator (the role of
   ggml-cuda/mmq.cu). Activations are rounded to fp16 there; the matvec kernel keeps them fp32.
@@ -84,7 +86,7 @@ def _matvec_pairs(x_ptr, y_ptr, M, N, K, lo_ptr, hi_ptr, d_ptr, sc_ptr, m_ptr, m
                   MIN_SUB: tl.constexpr, TABLE: tl.constexpr):
     """Decode for the 4-bit layouts without high bits (Q4_0, Q4_1, Q4_K, IQ4_NL, IQ4_XS) on CUDA: each
     step loads BK/2 consecutive bytes of a row (wide loads) and takes both nibbles of each, the even
-    and the odd column, which share their block's scales (loaded once); sums as _matvec_acc."""
+    and the odd column, which share their block's scales (loaded once); sums as _matvec."""
     BH: tl.constexpr = BK // 2
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     ms = tl.arange(0, BM)
@@ -115,29 +117,7 @@ def _matvec(x_ptr, y_ptr, M, N, K, lo_ptr, hi_ptr, d_ptr, sc_ptr, m_ptr, mn_ptr,
             LO_BITS: tl.constexpr, HI_BITS: tl.constexpr, OFF: tl.constexpr, SB: tl.constexpr, G: tl.constexpr,
             HAS_SC: tl.constexpr, HAS_M: tl.constexpr, HAS_MN: tl.constexpr, MIN_SUB: tl.constexpr,
             TABLE: tl.constexpr):
-    rows = tl.program_id(0) * BN + tl.arange(0, BN)
-    ms = tl.arange(0, BM)
-    rmask = rows < N
-    mmask = ms < M
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        cols = k0 + tl.arange(0, BK)
-        cmask = cols < K
-        w = _dequant(lo_ptr, hi_ptr, d_ptr, sc_ptr, m_ptr, mn_ptr, tab_ptr, rows, cols,
-                     rmask[:, None] & cmask[None, :], K, LO_BITS, HI_BITS, OFF, SB, G, HAS_SC, HAS_M, HAS_MN,
-                     MIN_SUB, TABLE)
-        x = tl.load(x_ptr + ms[:, None] * K + cols[None, :], mask=mmask[:, None] & cmask[None, :], other=0.0)
-        acc += tl.sum(w[None, :, :] * x[:, None, :], axis=2)
-    tl.store(y_ptr + ms[:, None] * N + rows[None, :], acc, mask=mmask[:, None] & rmask[None, :])
-
-
-@triton.jit
-def _matvec_acc(x_ptr, y_ptr, M, N, K, lo_ptr, hi_ptr, d_ptr, sc_ptr, m_ptr, mn_ptr, tab_ptr,
-                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                LO_BITS: tl.constexpr, HI_BITS: tl.constexpr, OFF: tl.constexpr, SB: tl.constexpr, G: tl.constexpr,
-                HAS_SC: tl.constexpr, HAS_M: tl.constexpr, HAS_MN: tl.constexpr, MIN_SUB: tl.constexpr,
-                TABLE: tl.constexpr):
-    """Decode (1-8 activation rows) on CUDA: products accumulate element-wise in a [BM, BN, BK] tile and
+    """Decode (1-8 activation rows): products accumulate element-wise in a [BM, BN, BK] tile and
     are summed once at the end (no reduction per K step); few weight rows per program and long K
     steps, so a matrix of a few thousand rows still gives every multiprocessor several programs
     (llama.cpp's mul_mat_vec_q likewise gives each row a block of threads along K)."""
@@ -158,8 +138,8 @@ def _matvec_acc(x_ptr, y_ptr, M, N, K, lo_ptr, hi_ptr, d_ptr, sc_ptr, m_ptr, mn_
 
 
 # On CUDA the decode kernel picks its tile by measuring on first use (per row block, type and matrix
-# shape): the best tile depends on the chip and the shape, and gpu_check.py showed the fixed tiles of
-# _matvec at 4-9% of the copy bandwidth on an H200.
+# shape): the best tile depends on the chip and the shape (gpu_check.py showed fixed tiles, with a
+# reduction per K step, at 4-9% of the copy bandwidth on an H200).
 _KEY = ["N", "K", "BM", "LO_BITS", "HI_BITS", "HAS_SC", "HAS_M", "TABLE"]
 _CONFIGS_1 = [triton.Config({"BN": bn, "BK": bk}, num_warps=w)
               for bn, bk, w in ((1, 1024, 4), (2, 1024, 4), (2, 512, 4), (4, 512, 4), (4, 256, 4),
@@ -167,11 +147,11 @@ _CONFIGS_1 = [triton.Config({"BN": bn, "BK": bk}, num_warps=w)
 _CONFIGS_N = [triton.Config({"BN": bn, "BK": bk}, num_warps=w)
               for bn, bk, w in ((1, 512, 4), (2, 256, 4), (4, 128, 4), (1, 256, 4), (2, 128, 4), (8, 64, 4),
                                 (1, 1024, 8), (2, 512, 8))]
-_matvec_1 = triton.autotune(configs=_CONFIGS_1, key=_KEY)(_matvec_acc)
-_matvec_n = triton.autotune(configs=_CONFIGS_N, key=_KEY)(_matvec_acc)
+_matvec_1 = triton.autotune(configs=_CONFIGS_1, key=_KEY)(_matvec)
+_matvec_n = triton.autotune(configs=_CONFIGS_N, key=_KEY)(_matvec)
 _pairs_1 = triton.autotune(configs=_CONFIGS_1, key=_KEY)(_matvec_pairs)
 _pairs_n = triton.autotune(configs=_CONFIGS_N, key=_KEY)(_matvec_pairs)
-# "pairs": the 4-bit layouts without high bits take _matvec_pairs ("0": _matvec_acc for them too)
+# "pairs": the 4-bit layouts without high bits take _matvec_pairs ("0": _matvec for them too)
 PAIRS = os.environ.get("GGTORCH_TRITON_PAIRS", "1") != "0"
 
 
@@ -210,7 +190,7 @@ CPU_TILED_TILES = (64, 1024, 1024)
 # and multiplies with cuBLAS (tensor cores, its own tiling; the fp16 copy is transient), "tiled" runs
 # the _tiled kernel above. gpu_check.py measures both.
 PREFILL = os.environ.get("GGTORCH_TRITON_PREFILL", "dequant")
-# decode on CUDA: the autotuned _matvec_acc ("0": the fixed tiles of _matvec)
+# decode on CUDA: the autotuned _matvec ("0": the fixed tiles of _matvec)
 MATVEC_TUNED = os.environ.get("GGTORCH_TRITON_MATVEC_TUNED", "1") != "0"
 DEQUANT_ROWS = 64
 
