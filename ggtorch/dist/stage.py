@@ -71,6 +71,12 @@ class StageFile:
     def raw(self, name):
         return self.file.raw(self._orig[name])
 
+    def copy(self, name):
+        return self.file.copy(self._orig[name])
+
+    def rows(self, name, ids, row_bytes):
+        return self.file.rows(self._orig[name], ids, row_bytes)
+
     def release(self, name, start=0, end=None):
         self.file.release(self._orig[name], start, end)
 

@@ -153,6 +153,18 @@ def _read_value(cur: _Cursor, vt: int, key: str, depth: int = 0):
     return items, (ValueType.ARRAY, ValueType.ARRAY, tuple(infos))
 
 
+def _advise(mm: mmap.mmap, start: int, end: int, advice: str) -> None:
+    """madvise over the whole pages inside [start, end) of a mapping; advice only, so a platform
+    without it (or a refusal) changes nothing."""
+    page = mmap.PAGESIZE
+    start, end = -(-start // page) * page, end // page * page
+    if end > start and hasattr(mm, "madvise") and hasattr(mmap, advice):
+        try:
+            mm.madvise(getattr(mmap, advice), start, end - start)
+        except (OSError, ValueError):
+            pass
+
+
 class GGUFFile:
     """An open GGUF model (one file, or all shards of a gguf-split model opened from the first).
 
@@ -284,6 +296,10 @@ class GGUFFile:
         for (a0, a1, an), (b0, b1, bn) in zip(spans, spans[1:]):
             if b0 < a1:
                 raise GGUFError(f"{path}: tensor data overlap: {an!r} [{a0}, {a1}) and {bn!r} [{b0}, {b1})")
+        del buf, cur
+        # The header (a 262k-token vocabulary is ~5 MB) was parsed into Python objects: give its pages
+        # back, so that the mapping's resident size is only the tensor bytes that are really read.
+        _advise(mm, 0, data_start, "MADV_DONTNEED")
 
     # ---- access ----------------------------------------------------------------------------
     @property
@@ -312,21 +328,43 @@ class GGUFFile:
             raise QuantError(f"tensor {name!r} has ggml type id {ti.type_id}, which this version of ggtorch does not know")
         return np.frombuffer(self._maps[ti.shard], dtype=np.uint8, count=ti.nbytes, offset=ti.offset)
 
+    def copy(self, name: str) -> np.ndarray:
+        """The tensor's bytes as a fresh array read with pread, not through the mapping: a norm vector
+        read this way does not fault the mapping's read-ahead window (8 MB on this machine's disk)
+        into the process's resident set."""
+        ti = self.info(name)
+        out = np.empty(ti.nbytes, dtype=np.uint8)
+        fd, got = self._files[ti.shard].fileno(), 0
+        while got < ti.nbytes:
+            n = os.preadv(fd, [memoryview(out)[got:]], ti.offset + got)
+            if n <= 0:
+                raise GGUFError(f"{self.path}: short read of tensor {name!r} at byte {ti.offset + got}")
+            got += n
+        return out
+
+    def rows(self, name: str, ids: np.ndarray, row_bytes: int) -> np.ndarray:
+        """Rows ``ids`` of a matrix tensor ([n, row_bytes] uint8), read with pread: an embedding lookup
+        that does not fault the mapping. With large page-cache folios (ext4 since Linux 6.16) one
+        faulted row maps its whole folio, so 128 looked-up rows of Gemma 3's 262k-row table made
+        90 MB resident; llama.cpp's get_rows reads the mapping, and its tied output then reads the
+        whole table anyway, which ours does from the repacked copy."""
+        ti = self.info(name)
+        out = np.empty((len(ids), row_bytes), dtype=np.uint8)
+        fd = self._files[ti.shard].fileno()
+        for i, r in enumerate(ids.tolist()):
+            if not 0 <= r < ti.nbytes // row_bytes:
+                raise IndexError(f"row {r} of {name!r} is out of range")
+            if os.preadv(fd, [out[i]], ti.offset + r * row_bytes) != row_bytes:
+                raise GGUFError(f"{self.path}: short read of row {r} of tensor {name!r}")
+        return out
+
     def release(self, name: str, start: int = 0, end: int | None = None) -> None:
         """Let the kernel drop the resident pages of this tensor's bytes [start, end) (a repacked copy
         is used instead). The mapping is private and unmodified, so a later read simply faults the
         bytes in from the file again."""
         ti = self.info(name)
-        mm = self._maps[ti.shard]
-        page = mmap.PAGESIZE
         end = ti.nbytes if end is None else min(end, ti.nbytes)
-        start = -(-(ti.offset + start) // page) * page
-        end = (ti.offset + end) // page * page
-        if end > start and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
-            try:
-                mm.madvise(mmap.MADV_DONTNEED, start, end - start)
-            except OSError:  # advice only
-                pass
+        _advise(self._maps[ti.shard], ti.offset + start, ti.offset + end, "MADV_DONTNEED")
 
     def __iter__(self) -> Iterator[TensorInfo]:
         return iter(self.tensors.values())

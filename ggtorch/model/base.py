@@ -12,6 +12,7 @@ import torch
 
 from ..errors import ContextError, ModelError
 from ..gguf.reader import GGUFFile
+from ..quant.dequant import dequantize
 from ..quant.linear import QWeight, embedding, qmatmul
 from . import cuda_graph, fastpath
 from .config import Config
@@ -28,6 +29,9 @@ class Transformer:
         self._vectors: dict[str, torch.Tensor] = {}
         self.tok_embd = self.weight("token_embd.weight")
         self.output = self.weight("output.weight", required=False) or self.tok_embd  # tied when absent
+        # embedding rows are read from the file with pread while the table is the file's, on CPU
+        # (GGUFFile.rows: a lookup then leaves nothing resident)
+        self._embd_file_ptr = self.tok_embd.raw.data_ptr() if hasattr(f, "rows") and self.device.type == "cpu" else None
         self.output_norm = self.vector("output_norm.weight")
         ff = self.vector("rope_freqs.weight", required=False)
         self.freq_factors = ff
@@ -66,9 +70,8 @@ class Transformer:
             if required:
                 raise ModelError(f"{self.file.path}: tensor {name!r} is missing (architecture {self.cfg.arch})")
             return None
-        from ..quant.dequant import dequantize
-
-        v = dequantize(self.file.raw(name), ti.type).to(self.device)
+        # a copy read from the file, not the mapping (GGUFFile.copy: no read-ahead window made resident)
+        v = dequantize(self.file.copy(name), ti.type).to(self.device)
         self._vectors[name] = v
         return v
 
@@ -89,7 +92,12 @@ class Transformer:
                        dtype or self.kv_dtype, n_slots=n_slots, n_ctx=n_ctx)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        x = embedding(ids, self.tok_embd)
+        w = self.tok_embd
+        if self._embd_file_ptr is not None and w.dense is None and w.raw.data_ptr() == self._embd_file_ptr:
+            raw = torch.from_numpy(self.file.rows("token_embd.weight", ids.reshape(-1).numpy(), w.row_bytes))
+            x = dequantize(raw, w.type).reshape(-1, w.in_features)
+        else:
+            x = embedding(ids, w)
         if getattr(self, "lora_embd", None):  # a LoRA adapter on token_embd (ggtorch.lora.apply)
             from ..lora.apply import embed_delta
 

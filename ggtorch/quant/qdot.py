@@ -147,16 +147,25 @@ def _qdot_alloc(t: str, N: int, K: int) -> dict:
     return st
 
 
-def _qdot_fill(lib, w, st: dict, row0: int = 0) -> bool:
-    """Repack w's rows into st from row row0 on (a multiple of 16) with the library's loop."""
-    tile0 = row0 // 16
-
-    def p(k):
-        return st[k][tile0:].data_ptr() if k in st else None
-
+def _qdot_fill(lib, w, st: dict, row0: int = 0, chunk_bytes: int = 8 << 20) -> bool:
+    """Repack w's rows into st from row row0 on (a multiple of 16) with the library's loop, ~8 MB of
+    the file at a time, each slice's file pages released as soon as it is repacked (w.release): a
+    large matrix (Gemma 3's 178 MB tied table) is then never resident twice, file and copy."""
     grid = TYPES[w.type.name].grid
-    return lib.qdot_repack(w.type.id, w.raw.data_ptr(), w.out_features, w.in_features, w.type.type_size, p("qw"),
-                           p("dw"), p("mw"), p("sc"), p("mn"), grid_bytes(grid).data_ptr() if grid else None) == 0
+    gp = grid_bytes(grid).data_ptr() if grid else None
+    step = max(16, chunk_bytes // w.row_bytes // 16 * 16)
+    for r in range(0, w.out_features, step):
+        n, tile0 = min(step, w.out_features - r), (row0 + r) // 16
+
+        def p(k):
+            return st[k][tile0:].data_ptr() if k in st else None
+
+        if lib.qdot_repack(w.type.id, w.raw.data_ptr() + r * w.row_bytes, n, w.in_features, w.type.type_size,
+                           p("qw"), p("dw"), p("mw"), p("sc"), p("mn"), gp) != 0:
+            return False
+        if w.release is not None:
+            w.release(r * w.row_bytes, (r + n) * w.row_bytes)
+    return True
 
 
 def _qdot_pack_jit(w) -> dict | None:
