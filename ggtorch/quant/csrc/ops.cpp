@@ -478,8 +478,12 @@ static inline float exp_v(float x) {
 }
 
 // The gated FFN's activation: out = act(gate) * up, act = SiLU (kind 0, LLM_FFN_SILU: x / (1 + e^-x)) or
-// GELU's tanh form (kind 1, ggml_gelu: 0.5 x (1 + tanh(u)) = x / (1 + e^(-2u)), u = sqrt(2/pi)(x + 0.044715 x^3)).
+// GELU's tanh form (kind 1, ggml_gelu: 0.5 x (1 + tanh(u)) = x / (1 + e^(-2u)), u = sqrt(2/pi)(x + 0.044715 x^3)),
+// or gpt-oss's clamped SwiGLU (kind 2, ggml_compute_forward_swiglu_oai_f32 with build_moe_ffn's alpha 1.702 and
+// limit 7: x = min(gate, 7), y = clamp(up, -7, 7), out = x / (1 + e^(-1.702 x)) * (y + 1)).
 // gate and up may be column ranges of one fused product (row strides ldg, ldu); out is [M, F].
+static const float OAI_ALPHA = 1.702f, OAI_LIMIT = 7.0f;  // build_moe_ffn's LLM_FFN_SWIGLU_OAI_MOE constants
+
 EXPORT void qdot_glu(const float *gate, const float *up, int64_t M, int64_t F, int64_t ldg, int64_t ldu, int kind,
                      float *out) {
     const float c2 = 2.0f * 0.7978845608028654f;  // 2 sqrt(2 / pi)
@@ -489,6 +493,13 @@ EXPORT void qdot_glu(const float *gate, const float *up, int64_t M, int64_t F, i
         float *o = out + m * F;
         if (kind == 0)
             for (int64_t i = 0; i < F; i++) o[i] = g[i] / (1.0f + exp_v(-g[i])) * u[i];
+        else if (kind == 2)
+            for (int64_t i = 0; i < F; i++) {
+                const float x = g[i] < OAI_LIMIT ? g[i] : OAI_LIMIT;  // (comparisons: NaN-free, vectorizable)
+                float y = u[i] < OAI_LIMIT ? u[i] : OAI_LIMIT;
+                y = y > -OAI_LIMIT ? y : -OAI_LIMIT;
+                o[i] = x / (1.0f + exp_v(OAI_ALPHA * -x)) * (y + 1.0f);
+            }
         else
             for (int64_t i = 0; i < F; i++) {
                 const float x = g[i];

@@ -44,7 +44,8 @@ struct MoE {
     const float *sel_b;                // exp_probs_b [n_expert]: added for the choice only, or null
     const QWeight *const *gate_up;     // per expert: [gate; up] fused (2F rows), or null (then gate and up)
     const QWeight *const *gate, *const *up, *const *down;
-    int32_t n_expert, n_used, F, gating, norm_w, act;  // gating: 0 softmax, 1 sigmoid, 2 softmax_weight
+    const float *gate_b, *up_b, *down_b;  // ffn_{gate,up,down}_exps.bias [n_expert][F or E] (ggml_add_id), or null
+    int32_t n_expert, n_used, F, gating, norm_w, act;  // gating: 0 softmax, 1 sigmoid, 2 softmax_weight; act: qdot_glu's kind
     float scale;                       // w_scale (0 or 1: none)
 };
 
