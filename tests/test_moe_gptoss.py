@@ -41,52 +41,75 @@ def decode(net, seq, steps=5):
 
 
 def counting(monkeypatch):
-    calls = {"experts": 0}
-    real = fastpath.ExpertFFN.__call__
+    """Calls of moe.cpp from Python (ExpertFFN.__call__: the per-layer path's) and of the one-call step."""
+    calls = {"experts": 0, "step": 0}
+    real_ffn, real_run = fastpath.ExpertFFN.__call__, fastpath.Step.run
 
     def ffn(self, x):
         calls["experts"] += 1
-        return real(self, x)
+        return real_ffn(self, x)
+
+    def run(self, *a, **k):
+        calls["step"] += 1
+        return real_run(self, *a, **k)
 
     monkeypatch.setattr(fastpath.ExpertFFN, "__call__", ffn)
+    monkeypatch.setattr(fastpath.Step, "run", run)
     return calls
 
 
+def decode_cache(net, seq, steps=5):
+    c = net.new_cache(32, dtype="f16")
+    first = net.forward(seq[:-steps], c, all_logits=True)
+    return torch.cat([first] + [net.forward([t], c) for t in seq[-steps:]]), c
+
+
 @pytest.mark.parametrize("name", FILES)
-def test_gpt_oss_experts_in_one_call_equal_the_pytorch_experts(name, monkeypatch):
-    """Every gpt-oss layer takes moe.cpp (a prompt of 9 tokens and 5 decode steps: 6 calls per layer),
-    and the logits stay within float rounding of the PyTorch experts (the per-expert products are the
-    same kernel's; the activation's exp and the order of the sums differ in the last bits)."""
+def test_gpt_oss_step_equals_the_per_layer_path_and_the_pytorch_experts(name, monkeypatch):
+    """gpt-oss now has a one-call step (Q/K/V and output biases, sinks, windows, moe.cpp's experts): a
+    prompt of 9 tokens and 5 decode steps are 6 calls, equal to the bit (logits and cache) to the
+    per-layer path, where every layer calls moe.cpp once per forward; and both stay within float rounding
+    of the PyTorch experts (the activation's exp and the order of the sums differ in the last bits)."""
     net = load(name)
     assert all(len(L["ffn_gate_exps.bias"]) == net.cfg.n_expert for L in net.layers)  # the fixture has biases
+    assert fastpath.step_of(net) is not None
     calls = counting(monkeypatch)
-    got = decode(net, SEQ)
+    got, cg = decode_cache(net, SEQ)
+    assert calls == {"experts": 0, "step": 6}
+    monkeypatch.setattr(fastpath, "step_of", lambda model: None)
+    want, cw = decode_cache(net, SEQ)
     assert calls["experts"] == 6 * net.cfg.n_layer
+    assert torch.equal(got, want)
+    assert all(torch.equal(a, b) for a, b in zip(cg.k + cg.v, cw.k + cw.v))
     monkeypatch.setattr(moe_mod, "expert_ffn", lambda *a, **k: None)
-    want = decode(net, SEQ)
-    assert calls["experts"] == 6 * net.cfg.n_layer
-    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (got - want).abs().max()
-    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    old, _ = decode_cache(net, SEQ)
+    assert calls["experts"] == 6 * net.cfg.n_layer  # the PyTorch experts: no more moe.cpp calls
+    assert torch.allclose(got, old, atol=1e-4, rtol=1e-4), (got - old).abs().max()
+    assert torch.equal(got.argmax(-1), old.argmax(-1))
 
 
 @pytest.mark.parametrize("name", FILES)
 def test_gpt_oss_fast_path_keeps_its_fidelity_to_llama_cpp(name):
-    """With moe.cpp the fixture's logits stay within the fast kernels' bound of llama.cpp's (test_archs)."""
+    """With the one-call step (and moe.cpp) the fixture's logits stay within the fast kernels' bound of
+    llama.cpp's (test_archs), through a slot cache (where the step applies) and model.logits."""
     man = json.loads((ARCHS / "manifest.json").read_text())
     m = ggtorch.load(str(ARCHS / f"{name}.gguf"), cache=False)
-    assert all(fastpath.expert_ffn(m.net, il, None, "swiglu_oai") is not None for il in range(m.net.cfg.n_layer))
+    assert fastpath.step_of(m.net) is not None
     ref = np.load(ARCHS / f"{name}.logits.npy")
-    e = np.abs(m.logits(man["prompt_ids"]).numpy() - ref).max() / ref.std()
-    assert e <= 0.2, e
+    c = m.net.new_cache(32, dtype="f16")
+    for lg in (m.net.forward(man["prompt_ids"], c, all_logits=True).numpy(), m.logits(man["prompt_ids"]).numpy()):
+        e = np.abs(lg - ref).max() / ref.std()
+        assert e <= 0.2, e
 
 
 def test_top_k_ties_go_to_the_lower_index(monkeypatch):
     """A zero router and router bias give every expert the same logit: moe.cpp and route() both choose
-    experts 0 and 1, and the logits agree as above."""
+    experts 0 and 1; the step equals the per-layer path to the bit and the PyTorch experts as above."""
     net = load("tiny-gpt-oss-MXFP4")
     for L in net.layers:
         L["ffn_gate_inp"].dense = torch.zeros_like(L["ffn_gate_inp"].dense)
         L["ffn_gate_inp.bias"] = torch.zeros_like(L["ffn_gate_inp.bias"])
+    got = decode(net, SEQ)
     seen = []
     real = fastpath.ExpertFFN.__call__
 
@@ -96,15 +119,32 @@ def test_top_k_ties_go_to_the_lower_index(monkeypatch):
         return out, sel
 
     monkeypatch.setattr(fastpath.ExpertFFN, "__call__", log)
-    got = decode(net, SEQ)
+    monkeypatch.setattr(fastpath, "step_of", lambda model: None)
+    want = decode(net, SEQ)
     assert len(seen) == 6 * net.cfg.n_layer and all(s.tolist() == [[0, 1]] * s.shape[0] for s in seen)
+    assert torch.equal(got, want)
     monkeypatch.setattr(moe_mod, "expert_ffn", lambda *a, **k: None)
     net.expert_log = []
-    want = decode(net, SEQ)
+    old = decode(net, SEQ)
     assert net.expert_log and all(e.tolist() == [[0, 1]] * e.shape[0] for _, e in net.expert_log)
     net.expert_log = None
     assert len(seen) == 6 * net.cfg.n_layer  # the PyTorch run made no moe.cpp call
-    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(got, old, atol=1e-4, rtol=1e-4)
+
+
+def test_sinks_take_probability_mass(monkeypatch):
+    """qdot_attend's sinks: the step's logits move when the sinks are raised (they are read), and
+    match the per-layer PyTorch attention (attention_ext with sinks) within float rounding."""
+    net = load("tiny-gpt-oss-Q8_0")
+    got = decode(net, SEQ)
+    monkeypatch.setattr(fastpath, "usable", lambda *a, **k: False)  # PyTorch attention (experts: moe.cpp)
+    torch_attn = decode(net, SEQ)
+    assert torch.allclose(got, torch_attn, atol=2e-4, rtol=1e-4), (got - torch_attn).abs().max()
+    monkeypatch.undo()
+    for L in net.layers:
+        L["attn_sinks"].add_(3.0)  # in place: the step's struct points at these
+    moved = decode(net, SEQ)
+    assert (moved - got).abs().max() > 1e-2
 
 
 def one_layer(net, L, x, act_name, act):
@@ -155,3 +195,27 @@ def test_swiglu_oai_kernel_equals_ggml_formula():
     want = x / (1 + torch.exp(-1.702 * x)) * (y + 1)
     assert torch.allclose(out.double(), want, rtol=1e-6, atol=1e-6)
     assert torch.allclose(out, swiglu_oai(g, u), rtol=1e-5, atol=1e-6)
+
+
+def test_batched_gpt_oss_step_changes_no_row():
+    """A batched step (decode tokens of 3 slots, then a 9-token prompt riding along) through the gpt-oss
+    step: each row equals its sequence run alone, to the bit (windows and sinks per slot)."""
+    net = load("tiny-gpt-oss-MXFP4")
+    seqs = [SEQ[:12], [1, 44, 9], SEQ[4:13]]  # the first is longer than the sliding window (8)
+    alone = []
+    for s in seqs:
+        c = net.new_cache(32, dtype="f16")
+        net.forward(s[:-1], c)
+        alone.append(net.forward(s[-1:], c))
+    pool = net.new_pool(4, 32, dtype="f16")
+    for i, s in enumerate(seqs):
+        net.forward(s[:-1], pool, slot=i)
+    got = net.forward_batch([s[-1] for s in seqs], [0, 1, 2], pool)
+    assert all(torch.equal(got[i:i + 1], alone[i]) for i in range(3))
+    ride = SEQ[2:11]
+    c = net.new_cache(32, dtype="f16")
+    want = net.forward(ride, c, all_logits=True)
+    pool2 = net.new_pool(2, 32, dtype="f16")
+    net.forward(seqs[0], pool2, slot=0)
+    got = net.forward_batch([5] + ride, [0] + [1] * len(ride), pool2)
+    assert torch.equal(got[1:], want)

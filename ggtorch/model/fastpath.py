@@ -88,12 +88,12 @@ def qkv_row(model, L: dict, x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
 
 def attend(model, il: int, qkv: torch.Tensor, parts: list[int], cache, where: tuple[torch.Tensor, torch.Tensor],
            rope: tuple[torch.Tensor, torch.Tensor] | None, neox: bool, window: int, q_norm: torch.Tensor | None,
-           k_norm: torch.Tensor | None, scale: float) -> torch.Tensor:
+           k_norm: torch.Tensor | None, scale: float, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """qkv [T, H*D + Hkv*D + Hkv*Dv] (each token's projections, see qkv_row) -> attention output
     [T, H*Dv]; each token's K/V is now in its slot of the cache at its position (``where``, from
     :func:`rows`). ``rope``: the tokens' (cos, sin) tables, None for a layer without RoPE; ``window``
     > 0: sliding-window attention (is_masked_swa: keys within ``window`` positions);
-    ``q_norm``/``k_norm``: per-head RMS norms before RoPE."""
+    ``q_norm``/``k_norm``: per-head RMS norms before RoPE; ``sinks`` [H]: gpt-oss's attention sinks."""
     c, pool = model.cfg, cache.pool
     K, V = pool.k[il], pool.v[il]
     H, Hkv, D, Dv = c.n_head, c.n_head_kv, c.head_dim, c.head_dim_v
@@ -107,7 +107,7 @@ def attend(model, il: int, qkv: torch.Tensor, parts: list[int], cache, where: tu
     jit.library().qdot_attend(qkv.data_ptr(), T, qkv.stride(0), H, Hkv, D, Dv, _ptr(q_norm), _ptr(k_norm),
                               model.eps(), _ptr(cs), _ptr(sn), n_rot, int(neox), K.data_ptr(), V.data_ptr(),
                               KV_TYPES[pool.dtype], K.shape[2], slot.data_ptr(), pos.data_ptr(), window, scale,
-                              out.data_ptr())
+                              out.data_ptr(), _ptr(sinks))
     return out
 
 
@@ -148,14 +148,15 @@ def gated(model, L: dict, x: torch.Tensor, act: str) -> torch.Tensor | None:
 
 # ---- every layer of a decode step in one call (quant/csrc/step.cpp) ----------------------------------
 _WEIGHTS = ("qkv", "q", "k", "v", "o", "gate_up", "gate", "up", "down")
-_VECTORS = ("attn_norm", "q_norm", "k_norm", "post_attn_norm", "ffn_norm", "post_ffw_norm")
+_VECTORS = ("attn_norm", "q_norm", "k_norm", "post_attn_norm", "ffn_norm", "post_ffw_norm", "qkv_b", "o_b", "sinks")
 
 
 class _Layer(ctypes.Structure):
     """csrc/step.cpp's struct Layer, field by field."""
     _fields_ = [(n, ctypes.c_void_p) for n in ("attn_norm", "qkv", "q", "k", "v", "q_norm", "k_norm", "o",
                                                "post_attn_norm", "ffn_norm", "gate_up", "gate", "up", "down",
-                                               "post_ffw_norm", "moe")] + [("rope", ctypes.c_int32), ("window", ctypes.c_int32)]
+                                               "post_ffw_norm", "moe", "qkv_b", "o_b", "sinks")] + \
+               [("rope", ctypes.c_int32), ("window", ctypes.c_int32)]
 
 
 class _Model(ctypes.Structure):

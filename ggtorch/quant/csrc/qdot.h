@@ -32,7 +32,7 @@ EXPORT void qdot_rms_norm(const float *x, const float *w, float eps, int64_t M, 
 EXPORT void qdot_attend(const float *qkv, int64_t T, int64_t ld, int H, int Hkv, int D, int Dv, const float *qn,
                         const float *kn, float eps, const float *cs, const float *sn, int n_rot, int neox, void *Kc,
                         void *Vc, int kv_type, int64_t cap, const int64_t *slot, const int64_t *pos, int64_t window,
-                        float scale, float *out);
+                        float scale, float *out, const float *sinks);
 EXPORT void qdot_glu(const float *gate, const float *up, int64_t M, int64_t F, int64_t ldg, int64_t ldu, int kind,
                      float *out);
 
