@@ -36,8 +36,11 @@ class GptOss(Transformer):
 
     def prepare(self, pos, rope_pos, n_kv):
         c = self.cfg
-        ctx = {"global": self.rope_tables(rope_pos, c.rope_base) + (self.mask(pos, n_kv),)}
-        ctx["local"] = self.rope_tables(rope_pos, c.rope_base_local) + (self.mask(pos, n_kv, c.sliding_window),)
+        g = self.rope_tables(rope_pos, c.rope_base)
+        # one YaRN table for both kinds of layers when their bases agree (gpt-oss's do): a tenth of a tiny
+        # model's decode step
+        loc = g if c.rope_base_local == c.rope_base else self.rope_tables(rope_pos, c.rope_base_local)
+        ctx = {"global": g + (self.mask(pos, n_kv),), "local": loc + (self.mask(pos, n_kv, c.sliding_window),)}
         return ctx
 
     def _jit_attention(self) -> bool:
