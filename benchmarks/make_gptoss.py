@@ -1,7 +1,7 @@
 """Dev script: a random-weight model with gpt-oss-20b's layer shape, as llama.cpp's MXFP4_MOE quantization
 lays it out (experts MXFP4, the other matrices Q8_0, norms/biases/sinks/router F32), for speed comparisons.
 
-    python benchmarks/make_gptoss.py [OUT] [--layers 4] [--vocab 32000] [--seed 0]
+    python benchmarks/make_gptoss.py [OUT] [--layers 4] [--vocab 32000] [--seed 0] [--experts MXFP4|Q8_0]
         (default /tmp/ggtorch-synthetic/synthetic-gptoss-4L-MXFP4.gguf)
 
 Shape (gpt-oss-20b's): n_embd 2880, 64 query heads of 64, 8 KV heads, 32 experts of width 2880 with 4
@@ -45,7 +45,7 @@ def vocab(n: int):
     return toks, [0.0] * n, types
 
 
-def make(path: str, layers: int = 4, n_vocab: int = 32000, seed: int = 0) -> str:
+def make(path: str, layers: int = 4, n_vocab: int = 32000, seed: int = 0, experts: str = "MXFP4") -> str:
     import gguf
 
     Q8, MX = gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.MXFP4
@@ -93,7 +93,11 @@ def make(path: str, layers: int = 4, n_vocab: int = 32000, seed: int = 0) -> str
         f32(p + "ffn_gate_inp.weight", (N_EXPERT, E), 0.0, 4.0 / np.sqrt(E))
         f32(p + "ffn_gate_inp.bias", N_EXPERT, 0.0, 0.5)
         for n, rows, cols in (("ffn_gate_exps", FF, E), ("ffn_up_exps", FF, E), ("ffn_down_exps", E, FF)):
-            w.add_tensor(p + n + ".weight", mxfp4(rng, N_EXPERT, rows, cols), raw_dtype=MX)
+            if experts == "MXFP4":
+                w.add_tensor(p + n + ".weight", mxfp4(rng, N_EXPERT, rows, cols), raw_dtype=MX)
+            else:  # Q8_0 experts (the same shapes, for comparisons)
+                b = np.stack([q8_0(rng, rows, cols, 1.0 / np.sqrt(cols)) for _ in range(N_EXPERT)])
+                w.add_tensor(p + n + ".weight", b, raw_dtype=Q8)
             f32(p + n + ".bias", (N_EXPERT, rows), 0.0, 0.1)
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -108,7 +112,8 @@ if __name__ == "__main__":
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--experts", choices=("MXFP4", "Q8_0"), default="MXFP4")
     a = ap.parse_args()
-    out = a.out or f"/tmp/ggtorch-synthetic/synthetic-gptoss-{a.layers}L-MXFP4.gguf"
+    out = a.out or f"/tmp/ggtorch-synthetic/synthetic-gptoss-{a.layers}L-{a.experts}.gguf"
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    print(make(out, a.layers, a.vocab, a.seed))
+    print(make(out, a.layers, a.vocab, a.seed, a.experts))
