@@ -88,12 +88,12 @@ def qkv_row(model, L: dict, x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
 
 def attend(model, il: int, qkv: torch.Tensor, parts: list[int], cache, where: tuple[torch.Tensor, torch.Tensor],
            rope: tuple[torch.Tensor, torch.Tensor] | None, neox: bool, window: int, q_norm: torch.Tensor | None,
-           k_norm: torch.Tensor | None, scale: float) -> torch.Tensor:
+           k_norm: torch.Tensor | None, scale: float, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """qkv [T, H*D + Hkv*D + Hkv*Dv] (each token's projections, see qkv_row) -> attention output
     [T, H*Dv]; each token's K/V is now in its slot of the cache at its position (``where``, from
     :func:`rows`). ``rope``: the tokens' (cos, sin) tables, None for a layer without RoPE; ``window``
     > 0: sliding-window attention (is_masked_swa: keys within ``window`` positions);
-    ``q_norm``/``k_norm``: per-head RMS norms before RoPE."""
+    ``q_norm``/``k_norm``: per-head RMS norms before RoPE; ``sinks`` [H]: gpt-oss's attention sinks."""
     c, pool = model.cfg, cache.pool
     K, V = pool.k[il], pool.v[il]
     H, Hkv, D, Dv = c.n_head, c.n_head_kv, c.head_dim, c.head_dim_v
@@ -107,11 +107,11 @@ def attend(model, il: int, qkv: torch.Tensor, parts: list[int], cache, where: tu
     jit.library().qdot_attend(qkv.data_ptr(), T, qkv.stride(0), H, Hkv, D, Dv, _ptr(q_norm), _ptr(k_norm),
                               model.eps(), _ptr(cs), _ptr(sn), n_rot, int(neox), K.data_ptr(), V.data_ptr(),
                               KV_TYPES[pool.dtype], K.shape[2], slot.data_ptr(), pos.data_ptr(), window, scale,
-                              out.data_ptr())
+                              out.data_ptr(), _ptr(sinks))
     return out
 
 
-GLU = {"silu": 0, "gelu": 1}  # ops.cpp qdot_glu's kinds
+GLU = {"silu": 0, "gelu": 1, "swiglu_oai": 2}  # ops.cpp qdot_glu's kinds
 
 
 def gated(model, L: dict, x: torch.Tensor, act: str) -> torch.Tensor | None:
@@ -148,14 +148,15 @@ def gated(model, L: dict, x: torch.Tensor, act: str) -> torch.Tensor | None:
 
 # ---- every layer of a decode step in one call (quant/csrc/step.cpp) ----------------------------------
 _WEIGHTS = ("qkv", "q", "k", "v", "o", "gate_up", "gate", "up", "down")
-_VECTORS = ("attn_norm", "q_norm", "k_norm", "post_attn_norm", "ffn_norm", "post_ffw_norm")
+_VECTORS = ("attn_norm", "q_norm", "k_norm", "post_attn_norm", "ffn_norm", "post_ffw_norm", "qkv_b", "o_b", "sinks")
 
 
 class _Layer(ctypes.Structure):
     """csrc/step.cpp's struct Layer, field by field."""
     _fields_ = [(n, ctypes.c_void_p) for n in ("attn_norm", "qkv", "q", "k", "v", "q_norm", "k_norm", "o",
                                                "post_attn_norm", "ffn_norm", "gate_up", "gate", "up", "down",
-                                               "post_ffw_norm", "moe")] + [("rope", ctypes.c_int32), ("window", ctypes.c_int32)]
+                                               "post_ffw_norm", "moe", "qkv_b", "o_b", "sinks")] + \
+               [("rope", ctypes.c_int32), ("window", ctypes.c_int32)]
 
 
 class _Model(ctypes.Structure):
@@ -257,7 +258,7 @@ def step_of(model) -> Step | None:
 class _MoE(ctypes.Structure):
     """csrc/qdot.h's struct MoE, field by field."""
     _fields_ = [(n, ctypes.c_void_p) for n in ("router", "router_q", "router_b", "sel_b", "gate_up", "gate", "up",
-                                               "down")] + \
+                                               "down", "gate_b", "up_b", "down_b")] + \
                [(n, ctypes.c_int32) for n in ("n_expert", "n_used", "F", "gating", "norm_w", "act")] + \
                [("scale", ctypes.c_float)]
 
@@ -266,10 +267,11 @@ GATING = {"softmax": 0, "sigmoid": 1, "softmax_weight": 2}  # moe.cpp's route()
 
 
 class ExpertFFN:
-    """One layer's router and routed experts as moe.cpp's struct MoE (build_moe_ffn without expert
-    biases; shared experts stay with the caller): ``self(x)`` -> (out [T, n_embd], chosen experts [T, k]).
-    Raises _Unsupported where moe.cpp cannot compute it: an expert without the JIT kernel (exact mode,
-    a type without it), expert biases, no gate experts, rows not a multiple of 16, LoRA adapters."""
+    """One layer's router and routed experts as moe.cpp's struct MoE (build_moe_ffn, expert biases
+    included; shared experts stay with the caller): ``self(x)`` -> (out [T, n_embd], chosen experts [T, k]).
+    ``act``: the activation's name in GLU (gpt-oss: "swiglu_oai"). Raises _Unsupported where moe.cpp
+    cannot compute it: an expert without the JIT kernel (exact mode, a type without it), no gate experts,
+    rows not a multiple of 16, LoRA adapters."""
 
     def __init__(self, model, L: dict, act: str = "silu"):
         from ..quant.qdot import qdot_kernel, qdot_linear
@@ -277,8 +279,7 @@ class ExpertFFN:
         c = model.cfg
         self.keep = []
         up, gate, down, router = L.get("ffn_up_exps"), L.get("ffn_gate_exps"), L.get("ffn_down_exps"), L.get("ffn_gate_inp")
-        if (c.expert_gating not in GATING or act not in GLU or not up or not gate or not down or router is None
-                or any(L.get(n + ".bias") is not None for n in ("ffn_up_exps", "ffn_gate_exps", "ffn_down_exps"))):
+        if c.expert_gating not in GATING or act not in GLU or not up or not gate or not down or router is None:
             raise _Unsupported
         self.F, self.E, self.k = up.n_out, down.n_out, c.n_expert_used
         if self.F % 16 or self.E % 16 or down.n_in != self.F or self.E != c.n_embd:
@@ -321,8 +322,9 @@ class ExpertFFN:
             rf, rq = vector(router.dense), None
         else:
             raise _Unsupported
-        self.model = _MoE(rf, rq, vector(L.get("ffn_gate_inp.bias")), vector(L.get("exp_probs_b")), gu, g, u, d, n,
-                          self.k, self.F, GATING[c.expert_gating], int(bool(c.expert_norm)), GLU[act],
+        biases = [vector(L.get(f"ffn_{p}_exps.bias")) for p in ("gate", "up", "down")]  # [n_expert, F or E]
+        self.model = _MoE(rf, rq, vector(L.get("ffn_gate_inp.bias")), vector(L.get("exp_probs_b")), gu, g, u, d,
+                          *biases, n, self.k, self.F, GATING[c.expert_gating], int(bool(c.expert_norm)), GLU[act],
                           float(c.expert_weights_scale or 0.0))
         self.ref = ctypes.addressof(self.model)
 
@@ -337,8 +339,9 @@ class ExpertFFN:
         return out, sel
 
 
-def expert_ffn(model, il: int, trace=None) -> ExpertFFN | None:
-    """Layer il's ExpertFFN (built on first use), or None where the per-layer PyTorch experts must run:
+def expert_ffn(model, il: int, trace=None, act: str = "silu") -> ExpertFFN | None:
+    """Layer il's ExpertFFN with activation ``act`` (built on first use; one activation per model), or None
+    where the per-layer PyTorch experts must run:
     a tracer (it reports each expert's products), ggml-numerics mode, fault injection, LoRA training, not
     CPU, no JIT library, or weights moe.cpp does not take."""
     if (not ENABLED or trace is not None or model.numerics or model.faults or getattr(model, "lora_training", False)
@@ -350,7 +353,7 @@ def expert_ffn(model, il: int, trace=None) -> ExpertFFN | None:
     f = cache.get(il)
     if f is None:
         try:
-            f = ExpertFFN(model, model.layers[il])
+            f = ExpertFFN(model, model.layers[il], act)
         except _Unsupported:
             f = False
         cache[il] = f

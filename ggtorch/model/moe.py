@@ -6,8 +6,9 @@ per-type kernels as any other matrix, and a token only ever reads the experts it
 
 On CPU with the JIT library, :func:`moe` hands the router and the routed experts to one call
 (quant/csrc/moe.cpp through model/fastpath.ExpertFFN; the one-call step calls the same function), which
-sorts the tokens' (token, slot) rows by expert as ggml_mul_mat_id does. Traces, expert biases, other
-activations (gpt-oss's swiglu_oai) and weights without the JIT kernel take the PyTorch path below.
+sorts the tokens' (token, slot) rows by expert as ggml_mul_mat_id does; expert biases and gpt-oss's
+swiglu_oai included. Traces, other activations and weights without the JIT kernel take the PyTorch
+path below.
 
 Routing (:func:`route`) and the expert pass (:func:`moe_ffn`) report llama.cpp's callback names:
 ``ffn_moe_logits``, ``ffn_moe_probs``, ``ffn_moe_topk``, ``ffn_moe_weights``, ``ffn_moe_weights_norm``,
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from ..errors import ModelError
 from ..quant.linear import QWeight, qmatmul
 from .fastpath import expert_ffn
+from .layers import swiglu_oai
 
 # ggml_clamp(weights_sum, 6.103515625e-5, INF) in build_moe_ffn: the smallest normal F16
 _MIN_SUM = 6.103515625e-5
@@ -149,6 +151,9 @@ def moe_ffn(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, up: E
     return out
 
 
+_ACT_NAMES = {silu_glu: "silu", swiglu_oai: "swiglu_oai"}  # the activations moe.cpp has (fastpath.GLU)
+
+
 def load_moe(net, L: dict, p: str) -> None:
     """The router and expert tensors of one layer (create_tensor in the MoE architectures' loaders):
     ffn_gate_inp {n_embd, n_expert} (+ bias), ffn_{up,gate,down}_exps (gate optional) with optional
@@ -172,7 +177,8 @@ def load_moe(net, L: dict, p: str) -> None:
 def moe(net, L: dict, x: torch.Tensor, trace=None, il: int = 0, act: Callable = silu_glu) -> torch.Tensor:
     """build_moe_ffn for one layer with the architecture's gating from the config, plus the shared
     experts where the layer has them (ffn_shexp added to ffn_moe_out)."""
-    fast = expert_ffn(net, il, trace) if act is silu_glu and not x.requires_grad else None
+    name = _ACT_NAMES.get(act)
+    fast = expert_ffn(net, il, trace, name) if name is not None and not x.requires_grad else None
     if fast is not None:  # router and routed experts in one call (quant/csrc/moe.cpp), as the one-call step
         out, experts = fast(x.reshape(-1, x.shape[-1]))
         out = out.reshape(x.shape)

@@ -105,7 +105,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.qdot_rms_norm.restype = None
     lib.qdot_linear.argtypes = [P, P, I64, P]
     lib.qdot_linear.restype = None
-    lib.qdot_attend.argtypes = [P, I64, I64, I, I, I, I, P, P, F, P, P, I, I, P, P, I, I64, P, P, I64, F, P]
+    lib.qdot_attend.argtypes = [P, I64, I64, I, I, I, I, P, P, F, P, P, I, I, P, P, I, I64, P, P, I64, F, P, P]
     lib.qdot_attend.restype = None
     lib.qdot_glu.argtypes = [P, P, I64, I64, I64, I64, I, P]
     lib.qdot_glu.restype = None

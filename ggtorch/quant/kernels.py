@@ -3,7 +3,7 @@ and benchmarks/).
 
 - With the JIT kernel (quant/qdot.py, jit.py, csrc/qdot.cpp; built on first use when a C++ compiler exists):
   every type in quant/types' table (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0; Q2_K, Q3_K, Q4_K, Q5_K, Q6_K; IQ4_NL,
-  IQ4_XS; IQ3_S, IQ3_XXS; IQ2_XXS, IQ2_XS, IQ2_S; IQ1_S, IQ1_M) keeps its block scales and multiplies
+  IQ4_XS; IQ3_S, IQ3_XXS; IQ2_XXS, IQ2_XS, IQ2_S; IQ1_S, IQ1_M; MXFP4) keeps its block scales and multiplies
   int8-quantized activations the way llama.cpp does. The values keep the file's bits (the grid i-quants'
   grid entries decoded once into small indices of their signed values); the scales are float16 per
   group, except the K layout (K-quants, the 256-value i-quants), which keeps the file's int8 sub-block
@@ -34,7 +34,7 @@ from .qdot import QDOT_TYPES, _flags, _qdot_pack, qdot_kernel
 
 PLANE_TYPES = ("Q8_0", "Q5_0", "Q5_1", "Q5_K")  # two int4 planes per weight (see _plane_parts)
 INT8_MAX_ROWS = 16  # above this many activation rows, widen int8 to bf16 and use a GEMM
-FORMAT = "11"  # the repacked layout's version: bump when what install() stores changes (keys the repack cache)
+FORMAT = "12"  # the repacked layout's version: bump when what install() stores changes (keys the repack cache)
 
 
 def repack_format() -> str:

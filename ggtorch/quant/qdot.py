@@ -4,8 +4,8 @@ multiplies them (see the layout comment in csrc/qdot.cpp).
 What each type stores is said once, in quant/types/ (its family's module and the TypeSpec it
 registers): the values keep the file's 2, 3, 4, 5, 6 or 8 bits (IQ4's 4-bit indices into their table;
 the grid i-quants' entries as 2-, 3- or 4-bit indices of their signed values, types.LUTS), 16 rows
-interleaved; the scales are float16 per group (and an offset where it is not a multiple of the scale),
-except the K layout (K-quants, the 256-value i-quants), which keeps the file's int8 sub-block scales (and
+interleaved; the scales are float16 per group (and an offset where it is not a multiple of the scale;
+MXFP4 keeps its e8m0 exponent byte, whose range float16 lacks: types/mxfp4.py), except the K layout (K-quants, the 256-value i-quants), which keeps the file's int8 sub-block scales (and
 mins) with d (and dmin) per 256 values (4.625 bits a weight for Q4_K, 6.56 for Q6_K, 2.625 for Q2_K).
 Activations are quantized as llama.cpp quantizes them for each type (TypeSpec.amode). The repacking is
 done by the library's one-pass loop (csrc/repack.cpp) and, as the reference and fallback, by PyTorch
@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 
 from .fused import Fused, finish
-from .types import IQ1S, SM4, TYPES, grid_bytes, lut, oscale
+from .types import E8M0, IQ1S, SM4, TYPES, grid_bytes, lut, oscale
+from .types.mxfp4 import e8m0_byte, e8m0_scale
 
 QDOT_TYPES = tuple(TYPES)
 K_TYPES = tuple(n for n, s in TYPES.items() if s.klayout)  # kept in their two levels of scales
@@ -84,15 +85,19 @@ def _qdot_ktiles(u, bits, sc, mn, d, dm) -> dict:
     return st
 
 
-def _qdot_tiles(u: torch.Tensor, bits: int, dw: torch.Tensor, mw: torch.Tensor | None):
+def _qdot_tiles(u: torch.Tensor, bits: int, dw: torch.Tensor, mw: torch.Tensor | None, flags: int = 0):
     """csrc/qdot.cpp's layout: rows padded to a multiple of 16 (zero scales), 16 rows side by side group
-    by group, 4 values of each row per 64-byte step; scales as float16 [tiles, groups * 16]."""
+    by group, 4 values of each row per 64-byte step; scales as float16 [tiles, groups * 16] (E8M0: the
+    scales' exponent bytes, uint8, padding rows 0)."""
     n, K = u.shape
     pad = -n % 16
+    if flags & E8M0:
+        dw = e8m0_byte(dw)
     u, dw, mw = _pad_rows(u, pad), _pad_rows(dw, pad), _pad_rows(mw, pad)
     t = (n + pad) // 16
     q = _qdot_values(u, bits, K // dw.shape[1])
-    return q, _tile_rows(dw, t, torch.float16), None if mw is None else _tile_rows(mw, t, torch.float16)
+    d = _tile_rows(dw, t, torch.uint8 if flags & E8M0 else torch.float16)
+    return q, d, None if mw is None else _tile_rows(mw, t, torch.float16)
 
 
 def _qdot_values(u: torch.Tensor, bits: int, G: int) -> torch.Tensor:
@@ -136,7 +141,8 @@ def _qdot_alloc(t: str, N: int, K: int) -> dict:
     spec = TYPES[t]
     tiles, ng = (N + 15) // 16, K // spec.G
     st = {"qw": torch.empty(tiles, ng * group_bytes(spec.bits, spec.G), dtype=torch.uint8),
-          "dw": torch.empty(tiles, (K // 256 if spec.klayout else ng) * 16, dtype=torch.float16)}
+          "dw": torch.empty(tiles, (K // 256 if spec.klayout else ng) * 16,
+                            dtype=torch.uint8 if spec.flags & E8M0 else torch.float16)}
     if spec.mins:
         st["mw"] = torch.empty_like(st["dw"])
     if spec.klayout:
@@ -217,7 +223,8 @@ def _qdot_pack(w, chunk: int = 4096, jit: bool = True) -> dict:
         if spec.klayout:
             parts.append(_qdot_ktiles(p["u"], spec.bits, p["sc"], p["mn"], p["d"], p["dm"]))
         else:
-            q, d, m = _qdot_tiles(p["u"], spec.bits, p["dw"].float(), p["mw"].float() if spec.mins else None)
+            q, d, m = _qdot_tiles(p["u"], spec.bits, p["dw"].float(), p["mw"].float() if spec.mins else None,
+                                  spec.flags)
             parts.append({"qw": q, "dw": d} if m is None else {"qw": q, "dw": d, "mw": m})
         if w.release is not None:
             w.release(i * w.row_bytes, (i + chunk) * w.row_bytes)
@@ -270,7 +277,7 @@ def qdot_unpack(st: dict, K: int) -> torch.Tensor:
         mn = rows(st["mn"]) if "mn" in st else None
         d, m = _k_scales(flags, float(st["zoff"]), rows(dw).repeat_interleave(ns, 1), sc, dm, mn)
     else:
-        d = rows(dw)
+        d = e8m0_scale(dw.view(t, -1, 16).transpose(1, 2).reshape(t * 16, -1)) if flags & E8M0 else rows(dw)
         m = rows(st["mw"]) if "mw" in st else float(st["zoff"]) * d
     return (q.view(t * 16, ng, G) * d[..., None] + m[..., None]).view(t * 16, K)
 

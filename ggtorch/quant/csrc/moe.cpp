@@ -8,7 +8,8 @@
 // expert as mul_mat_id does, so that an expert's weights are read once per call whatever the number of
 // tokens routed to it, and runs every routed expert's gate/up tiles, then every down tile, in one
 // parallel loop each, with the matrix kernel's own tile code (qdot_mm_tiles): each output is computed
-// exactly as qdot_linear would compute it for that expert alone. The weighted sum runs in slot order,
+// exactly as qdot_linear would compute it for that expert alone. Expert biases (gpt-oss) are added to
+// the gate/up and down products before the activation and the weighting, as ggml_add_id does. The weighted sum runs in slot order,
 // as llama.cpp adds the experts' views one after the other.
 #include <math.h>
 #include <stdlib.h>
@@ -165,8 +166,23 @@ static void products(const QWeight *const *ws, int n_expert, const int64_t *star
     free(jobs);
 }
 
+// ggml_add_id: expert e's bias row added to each of its (sorted) rows of a product [R][ld]: b1 [n][F] at
+// column 0 and b2 [n][F] at column F (either may be null)
+static void add_biases(float *y, int64_t ld, const float *b1, const float *b2, int64_t F, int n_expert,
+                       const int64_t *start, const int64_t *cnt) {
+    if (!b1 && !b2) return;
+    for (int e = 0; e < n_expert; e++)
+        for (int64_t r = start[e]; r < start[e] + cnt[e]; r++) {
+            float *row = y + r * ld;
+            if (b1)
+                for (int64_t i = 0; i < F; i++) row[i] = row[i] + b1[e * F + i];
+            if (b2)
+                for (int64_t i = 0; i < F; i++) row[F + i] = row[F + i] + b2[e * F + i];
+        }
+}
+
 // out [T][E] = the routed experts' weighted sum for the tokens x [T][E] (build_moe_ffn after the
-// router, without biases on the expert products); sel_out (or null) [T][n_used]: the chosen experts.
+// router, with the experts' biases where the layer has them); sel_out (or null) [T][n_used]: the chosen experts.
 // Expert products have N a multiple of 16 (F and E, the caller checks).
 EXPORT void qdot_moe(const MoE *m, const float *x, int64_t T, int64_t E, float *out, int32_t *sel_out) {
     const int n = m->n_expert, k = m->n_used;
@@ -215,6 +231,7 @@ EXPORT void qdot_moe(const MoE *m, const float *x, int64_t T, int64_t E, float *
         products(m->up, n, start, cnt, a, gu, 2 * F, F, many);
         free_rows(a);
     }
+    add_biases(gu, 2 * F, m->gate_b, m->up_b, F, n, start, cnt);  // ggml_add_id on gate and up
     qdot_glu(gu, gu + F, R, F, 2 * F, 2 * F, m->act, act);
     {
         const QWeight *d = m->down[sel[0]];
@@ -225,6 +242,7 @@ EXPORT void qdot_moe(const MoE *m, const float *x, int64_t T, int64_t E, float *
         products(m->down, n, start, cnt, a, dn, E, 0, many);
         free_rows(a);
     }
+    add_biases(dn, E, m->down_b, nullptr, E, n, start, cnt);
     for (int64_t t = 0; t < T; t++) {  // experts[0] * w0 + experts[1] * w1 + ..., in slot order
         float *o = out + t * E;
         for (int j = 0; j < k; j++) {

@@ -234,13 +234,16 @@ template <int G> static inline void qk_tile(const float *const *q, const float *
         for (int v = 0; v < NV; v++) vst(s[g] + v * AW, vmul(acc[g][v], vset(scale)));
 }
 
-// one query's scores s[0..n) -> e^(s - max) in place (zeros up to the next multiple of TW); returns 1 / sum
-static float softmax_row(float *s, int64_t n) {
+// one query's scores s[0..n) -> e^(s - max) in place (zeros up to the next multiple of TW); returns 1 / sum.
+// sink (or null): gpt-oss's attention sink, one more logit in the normalizer that has no value row
+// (ggml_compute_forward_soft_max_f32 with sinks: max over the scores and the sink, e^(sink - max) added)
+static float softmax_row(float *s, int64_t n, const float *sink) {
     vf mv = vset(-INFINITY);
     int64_t j = 0;
     for (; j + AW <= n; j += AW) mv = vmax(mv, vld(s + j));
     float m = vhmax(mv);
     for (; j < n; j++) m = s[j] > m ? s[j] : m;
+    if (sink) m = *sink > m ? *sink : m;
     const vf vm = vset(m);
     vf part[NV];
     for (int v = 0; v < NV; v++) part[v] = vzero();
@@ -256,6 +259,7 @@ static float softmax_row(float *s, int64_t n) {
     for (int v = 0; v < NV; v++) vst(l + v * AW, part[v]);
     for (int w = TW / 2; w >= 1; w /= 2)
         for (int i = 0; i < w; i++) l[i] += l[i + w];
+    if (sink) l[0] += expf(*sink - m);
     return 1.0f / l[0];
 }
 
@@ -310,6 +314,7 @@ struct Attn {  // what every item reads
     const int64_t *slot, *pos;
     float scale;
     float *out;
+    const float *sinks;  // [H] or null
     int64_t first(int64_t t) const { return window > 0 && pos[t] - window + 1 > 0 ? pos[t] - window + 1 : 0; }
 };
 
@@ -343,7 +348,8 @@ template <int KT> static void attend_item(const Attn &A, const Item &it, float *
             const int G = it.nh - h < 4 ? it.nh - h : 4;
             for (int g = 0; g < G; g++) {
                 p[g] = S + (i * it.nh + h + g) * ldS + a;
-                inv[g] = softmax_row((float *)p[g], n);
+                inv[g] = softmax_row((float *)p[g], n,
+                                     A.sinks ? A.sinks + (size_t)it.g * rep + it.h0 + h + g : nullptr);
                 o[g] = A.out + ((size_t)t * A.H + (size_t)it.g * rep + it.h0 + h + g) * A.Dv;
             }
             const int64_t row0 = head + J0 + a;
@@ -369,12 +375,13 @@ static int by_cost(const void *a, const void *b) {
 //   Kc, Vc: the cache pool, [slot][Hkv][cap][D] and [slot][Hkv][cap][Dv] in kv_type; token t is stored
 //   at row pos[t] of slot[t] and then attends to that slot's rows j0..pos[t], j0 = pos[t] - window + 1
 //   with a sliding window (is_masked_swa), else 0;
-//   out [T][H*Dv] = softmax(scale * q.K^T) V per head, head h reading KV head h / (H / Hkv).
+//   out [T][H*Dv] = softmax(scale * q.K^T) V per head, head h reading KV head h / (H / Hkv);
+//   sinks [H] or null: gpt-oss's attention sinks (see softmax_row).
 // Each (token, head)'s result is a function of its own query, keys and values only (see above).
 EXPORT void qdot_attend(const float *qkv, int64_t T, int64_t ld, int H, int Hkv, int D, int Dv, const float *qn,
                         const float *kn, float eps, const float *cs, const float *sn, int n_rot, int neox, void *Kc,
                         void *Vc, int kv_type, int64_t cap, const int64_t *slot, const int64_t *pos, int64_t window,
-                        float scale, float *out) {
+                        float scale, float *out, const float *sinks) {
     float *qr = (float *)malloc(sizeof(float) * (size_t)T * (size_t)(H + 1) * D);
     const int half = n_rot / 2;
 #pragma omp parallel for schedule(static) if (T * (H + 2 * Hkv) * D >= 65536)
@@ -396,7 +403,7 @@ EXPORT void qdot_attend(const float *qkv, int64_t T, int64_t ld, int H, int Hkv,
             for (int d = 0; d < Dv; d++) store_kv(Vc, kv_type, (base + g * cap) * Dv + d, v[d]);
         }
     }
-    const Attn A = {qr, H, Hkv, D, Dv, Kc, Vc, cap, window, slot, pos, scale, out};
+    const Attn A = {qr, H, Hkv, D, Dv, Kc, Vc, cap, window, slot, pos, scale, out, sinks};
     const int rep = H / Hkv, nthr = omp_get_max_threads();
     // blocks: runs of one slot's consecutive positions, cut into up to 16 tokens (fewer for long contexts,
     // so that a block's scores stay near 512 KiB)
@@ -478,8 +485,12 @@ static inline float exp_v(float x) {
 }
 
 // The gated FFN's activation: out = act(gate) * up, act = SiLU (kind 0, LLM_FFN_SILU: x / (1 + e^-x)) or
-// GELU's tanh form (kind 1, ggml_gelu: 0.5 x (1 + tanh(u)) = x / (1 + e^(-2u)), u = sqrt(2/pi)(x + 0.044715 x^3)).
+// GELU's tanh form (kind 1, ggml_gelu: 0.5 x (1 + tanh(u)) = x / (1 + e^(-2u)), u = sqrt(2/pi)(x + 0.044715 x^3)),
+// or gpt-oss's clamped SwiGLU (kind 2, ggml_compute_forward_swiglu_oai_f32 with build_moe_ffn's alpha 1.702 and
+// limit 7: x = min(gate, 7), y = clamp(up, -7, 7), out = x / (1 + e^(-1.702 x)) * (y + 1)).
 // gate and up may be column ranges of one fused product (row strides ldg, ldu); out is [M, F].
+static const float OAI_ALPHA = 1.702f, OAI_LIMIT = 7.0f;  // build_moe_ffn's LLM_FFN_SWIGLU_OAI_MOE constants
+
 EXPORT void qdot_glu(const float *gate, const float *up, int64_t M, int64_t F, int64_t ldg, int64_t ldu, int kind,
                      float *out) {
     const float c2 = 2.0f * 0.7978845608028654f;  // 2 sqrt(2 / pi)
@@ -489,6 +500,13 @@ EXPORT void qdot_glu(const float *gate, const float *up, int64_t M, int64_t F, i
         float *o = out + m * F;
         if (kind == 0)
             for (int64_t i = 0; i < F; i++) o[i] = g[i] / (1.0f + exp_v(-g[i])) * u[i];
+        else if (kind == 2)
+            for (int64_t i = 0; i < F; i++) {
+                const float x = g[i] < OAI_LIMIT ? g[i] : OAI_LIMIT;  // (comparisons: NaN-free, vectorizable)
+                float y = u[i] < OAI_LIMIT ? u[i] : OAI_LIMIT;
+                y = y > -OAI_LIMIT ? y : -OAI_LIMIT;
+                o[i] = x / (1.0f + exp_v(OAI_ALPHA * -x)) * (y + 1.0f);
+            }
         else
             for (int64_t i = 0; i < F; i++) {
                 const float x = g[i];

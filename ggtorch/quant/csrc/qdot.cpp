@@ -34,6 +34,10 @@
 // - QDOT_LUT_IQ4: the 4-bit values are indices into kvalues_iq4nl (IQ4_NL, IQ4_XS); the kernel turns
 //   them into kvalues_iq4nl + 128 (unsigned) with one byte shuffle per step, the table lookup llama.cpp's
 //   ggml_vec_dot_iq4_nl_q8_0 does, and the offset -128 * scale (zoff) takes the 128 back out;
+// - QDOT_LUT_MXFP4 with QDOT_E8M0 (MXFP4): the same lookup into kvalues_mxfp4 + 12 (zoff = -12), and dw
+//   holds the file's e8m0 exponent byte per group (uint8 [tiles][groups][16]) instead of a float16 scale:
+//   2^(e - 128) spans 2^-128..2^127, beyond float16, and the kernel builds the float32 scale from the
+//   byte's bits as ggml_e8m0_to_fp32_half does (ggml_vec_dot_mxfp4_q8_0), exact for every byte;
 // - QDOT_SM4 (Q2_K): sc holds the file's byte per group, scale in the low nibble and min in the high one
 //   (value = d * (sc & 15) * u - dmin * (sc >> 4)), so the scales cost what they cost in the file.
 //
@@ -75,13 +79,24 @@ static const uint8_t IQ4_U8[16] = {1, 24, 45, 63, 79, 93, 106, 118, 129, 141, 15
 static const uint8_t IQ3XXS_U8[16] = {66, 74, 82, 90, 98, 106, 114, 124, 58, 50, 42, 34, 26, 18, 10, 0};
 // IQ2_*: index k | sign << 2 -> (sign ? -1 : 1) * level_k + 43, levels 8, 25, 43 (the iq2 grids')
 static const uint8_t IQ2_U8[16] = {51, 68, 86, 43, 35, 18, 0, 43, 43, 43, 43, 43, 43, 43, 43, 43};
+// MXFP4: kvalues_mxfp4 (0, 1, 2, 3, 4, 6, 8, 12 and their negatives) + 12
+static const uint8_t MXFP4_U8[16] = {12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0};
 // IQ1_M: (g + 1) | delta sign << 2 -> 8 g +- 1 + 9 (value = d * ls * (g +- 1/8), the 8 in the output scale)
 static const uint8_t IQ1M_U8[16] = {2, 10, 18, 9, 0, 8, 16, 9, 9, 9, 9, 9, 9, 9, 9, 9};
 
 static inline const uint8_t *lut_of(int flags) {
     return flags & QDOT_LUT_IQ4 ? IQ4_U8 : flags & QDOT_LUT_IQ3XXS ? IQ3XXS_U8 : flags & QDOT_LUT_IQ2 ? IQ2_U8
-         : flags & QDOT_LUT_IQ1M ? IQ1M_U8 : nullptr;
+         : flags & QDOT_LUT_IQ1M ? IQ1M_U8 : flags & QDOT_LUT_MXFP4 ? MXFP4_U8 : nullptr;
 }
+
+// ggml_e8m0_to_fp32_half: 2^(e - 128) from its bits (subnormal for e < 2), exact
+static inline float e8m0_half(uint8_t e) {
+    const uint32_t bits = e < 2 ? 0x00200000u << e : (uint32_t)(e - 1) << 23;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
 
 // the output scale of the i-quants' sums (QDOT_OSHIFT), a power of two: exact on any float
 static inline float oscale_of(int flags) { return ldexpf(1.f, -QDOT_OSHIFT(flags)); }
@@ -92,6 +107,16 @@ static inline float h2f(uint16_t h) {
     _Float16 f;
     memcpy(&f, &h, 2);
     return (float)f;
+}
+
+// entry `at` of a per-group scale array: float16, or an e8m0 byte (QDOT_E8M0)
+static inline float scale_at(const uint16_t *dw, int64_t at, int flags) {
+    return flags & QDOT_E8M0 ? e8m0_half(((const uint8_t *)dw)[at]) : h2f(dw[at]);
+}
+
+// where tile t's per-group scales start (float16, or one byte each with QDOT_E8M0)
+static inline const uint16_t *scales_of(const uint16_t *dw, int64_t t, int64_t ng, int flags) {
+    return flags & QDOT_E8M0 ? (const uint16_t *)((const uint8_t *)dw + t * ng * 16) : dw + t * ng * 16;
 }
 
 // Activation quantization, as llama.cpp does it for the weight type's vec_dot_type:
@@ -229,6 +254,14 @@ static inline void group_rows(const __m512i *w, int G, __m512 sw, __m512 mw, int
     }
 }
 
+// 16 e8m0 bytes -> their float32 scales 2^(e - 128), as e8m0_half (the subnormals for e < 2)
+static inline __m512 e8m0_16(const uint8_t *p) {
+    const __m512i e = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+    const __m512i normal = _mm512_slli_epi32(_mm512_sub_epi32(e, _mm512_set1_epi32(1)), 23);
+    const __m512i sub = _mm512_sllv_epi32(_mm512_set1_epi32(0x00200000), e);
+    return _mm512_castsi512_ps(_mm512_mask_blend_epi32(_mm512_cmplt_epu32_mask(e, _mm512_set1_epi32(2)), normal, sub));
+}
+
 template <int MT>
 static void tile(int bits, int G, const uint8_t *qt, const uint16_t *dt, const uint16_t *mt, float zoff, int64_t K,
                  const int8_t *xq, const float *dx, const float *sx, int64_t m0, float *out, int64_t ldo, int flags) {
@@ -238,7 +271,8 @@ static void tile(int bits, int G, const uint8_t *qt, const uint16_t *dt, const u
     for (int64_t g = 0; g < ng; g++) {
         __m512i w[8];
         load_group(bits, G, qt + g * gb, gb, w, flags);
-        const __m512 sw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dt + g * 16)));
+        const __m512 sw = flags & QDOT_E8M0 ? e8m0_16((const uint8_t *)dt + g * 16)
+                                            : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dt + g * 16)));
         const __m512 mw = mt ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(mt + g * 16)))
                              : _mm512_mul_ps(sw, _mm512_set1_ps(zoff));
         group_rows<MT>(w, G, sw, mw, K, xq, dx, sx, m0, g, acc);
@@ -319,7 +353,7 @@ static float dot_row(int bits, int G, const uint8_t *qw, const uint16_t *dw, con
         int32_t s = 0;
         for (int k = 0; k < G; k++) s += value_at(bits, G, q, r, k, flags) * (int32_t)xr[g * G + k];
         const int64_t at = (t * ng + g) * 16 + r;
-        const float d = h2f(dw[at]);
+        const float d = scale_at(dw, at, flags);
         const float m = mw ? h2f(mw[at]) : zoff * d;
         acc += (float)s * (d * dxr[g]) + m * sxr[g];
     }
@@ -363,7 +397,7 @@ static void mm_tile(int bits, int G, const uint8_t *qw, const uint16_t *dw, cons
                     int flags) {
     const int64_t ng = K / G, gb = group_bytes(bits, G);
     const uint8_t *qt = qw + t * ng * gb;
-    const uint16_t *dt = dw + t * ng * 16, *mt = mw ? mw + t * ng * 16 : nullptr;
+    const uint16_t *dt = scales_of(dw, t, ng, flags), *mt = mw ? mw + t * ng * 16 : nullptr;
     float *o = out + t * 16;
     for (int64_t m0 = 0; m0 < M; m0 += 8) {
         switch (M - m0 < 8 ? M - m0 : 8) {

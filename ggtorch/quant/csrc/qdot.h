@@ -9,7 +9,7 @@
 struct QWeight {
     int32_t bits, G, mode;
     const uint8_t *qw;
-    const uint16_t *dw, *mw;
+    const uint16_t *dw, *mw;  // float16 scales (QDOT_E8M0: dw is uint8 exponents)
     float zoff;
     int64_t N, K;  // N: rows padded to a multiple of 16
     const int8_t *sc, *mn;  // the K-quant layout (non-null sc): integer sub-block scales and mins, dw/mw per 256
@@ -18,8 +18,10 @@ struct QWeight {
 
 // layout flags (quant/types/__init__.py mirrors them): at most one table (LUT) per type; bits 8..10 hold
 // n for a factor 2^-n on d (the 1/4 or 1/8 that llama.cpp applies once at the end of the i-quants' dot)
-enum { QDOT_LUT_IQ4 = 1, QDOT_SM4 = 2, QDOT_LUT_IQ3XXS = 4, QDOT_LUT_IQ2 = 8, QDOT_LUT_IQ1M = 16, QDOT_IQ1S = 32 };
-#define QDOT_LUTS (QDOT_LUT_IQ4 | QDOT_LUT_IQ3XXS | QDOT_LUT_IQ2 | QDOT_LUT_IQ1M)
+// QDOT_E8M0 (MXFP4): dw holds one e8m0 exponent byte per group and row (uint8, not float16), scale 2^(e - 128)
+enum { QDOT_LUT_IQ4 = 1, QDOT_SM4 = 2, QDOT_LUT_IQ3XXS = 4, QDOT_LUT_IQ2 = 8, QDOT_LUT_IQ1M = 16, QDOT_IQ1S = 32,
+       QDOT_LUT_MXFP4 = 64, QDOT_E8M0 = 128 };
+#define QDOT_LUTS (QDOT_LUT_IQ4 | QDOT_LUT_IQ3XXS | QDOT_LUT_IQ2 | QDOT_LUT_IQ1M | QDOT_LUT_MXFP4)
 #define QDOT_OSHIFT(flags) (((flags) >> 8) & 7)
 
 EXPORT void qdot_linear(const QWeight *w, const float *x, int64_t M, float *out);
@@ -30,7 +32,7 @@ EXPORT void qdot_rms_norm(const float *x, const float *w, float eps, int64_t M, 
 EXPORT void qdot_attend(const float *qkv, int64_t T, int64_t ld, int H, int Hkv, int D, int Dv, const float *qn,
                         const float *kn, float eps, const float *cs, const float *sn, int n_rot, int neox, void *Kc,
                         void *Vc, int kv_type, int64_t cap, const int64_t *slot, const int64_t *pos, int64_t window,
-                        float scale, float *out);
+                        float scale, float *out, const float *sinks);
 EXPORT void qdot_glu(const float *gate, const float *up, int64_t M, int64_t F, int64_t ldg, int64_t ldu, int kind,
                      float *out);
 
@@ -42,7 +44,8 @@ struct MoE {
     const float *sel_b;                // exp_probs_b [n_expert]: added for the choice only, or null
     const QWeight *const *gate_up;     // per expert: [gate; up] fused (2F rows), or null (then gate and up)
     const QWeight *const *gate, *const *up, *const *down;
-    int32_t n_expert, n_used, F, gating, norm_w, act;  // gating: 0 softmax, 1 sigmoid, 2 softmax_weight
+    const float *gate_b, *up_b, *down_b;  // ffn_{gate,up,down}_exps.bias [n_expert][F or E] (ggml_add_id), or null
+    int32_t n_expert, n_used, F, gating, norm_w, act;  // gating: 0 softmax, 1 sigmoid, 2 softmax_weight; act: qdot_glu's kind
     float scale;                       // w_scale (0 or 1: none)
 };
 

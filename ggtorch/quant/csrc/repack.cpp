@@ -8,7 +8,7 @@
 
 enum { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q2_K = 10, Q3_K = 11, Q4_K = 12, Q5_K = 13, Q6_K = 14,
        IQ2_XXS = 16, IQ2_XS = 17, IQ3_XXS = 18, IQ1_S = 19, IQ4_NL = 20, IQ3_S = 21, IQ2_S = 22, IQ4_XS = 23,
-       IQ1_M = 29 };
+       IQ1_M = 29, MXFP4 = 39 };
 
 static inline uint16_t rd16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
 static inline uint32_t rd32(const uint8_t *p) { return (uint32_t)rd16(p) | ((uint32_t)rd16(p + 2) << 16); }
@@ -61,8 +61,9 @@ static void block_values(int type, const uint8_t *b, uint8_t *u, const uint8_t *
     switch (type) {
     case Q4_0:
     case IQ4_NL:  // indices into kvalues_iq4nl, laid out as Q4_0's nibbles
+    case MXFP4:   // indices into kvalues_mxfp4 after the e8m0 byte (dequantize_row_mxfp4)
     case Q4_1: {
-        const uint8_t *qs = b + (type == Q4_1 ? 4 : 2);
+        const uint8_t *qs = b + (type == Q4_1 ? 4 : type == MXFP4 ? 1 : 2);
         for (int i = 0; i < 16; i++) u[i] = qs[i] & 15, u[i + 16] = qs[i] >> 4;
         break;
     }
@@ -241,6 +242,8 @@ static void repack(const uint8_t *src, int64_t rows, int64_t K, int64_t block_by
                         else if (type == IQ1_S) sc[at] = (int8_t)(rd16(b + 34 + 2 * gi) >> 12);  // ls | delta sign << 3
                         else if (type == IQ1_M) sc[at] = (int8_t)(2 * ((rd16(b + 48 + 2 * (gi / 4)) >> (3 * (gi % 4))) & 7) + 1);
                         else scale_min(b + 4, (int)gi, &sc[at], &mn[at]);
+                    } else if (type == MXFP4) {
+                        ((uint8_t *)dw)[at] = pad ? 0 : b[0];  // the e8m0 exponent byte itself (QDOT_E8M0)
                     } else {
                         dw[at] = pad ? 0 : rd16(b);
                         if (mw) mw[at] = pad ? 0 : rd16(b + 2);  // Q4_1, Q5_1: m
@@ -258,7 +261,7 @@ static void repack(const uint8_t *src, int64_t rows, int64_t K, int64_t block_by
 
 // type: the ggml type id; src: rows x (K / block values) blocks; the outputs as kernels.py allocates
 // them (every byte is written): qw [tiles][groups][group bytes], per-group types dw/mw
-// [tiles][groups][16] (mw null where the offset is zoff * dw), K-quants dw/mw [tiles][K/256][16] and
+// [tiles][groups][16] (mw null where the offset is zoff * dw; MXFP4's dw: uint8 exponents), K-quants dw/mw [tiles][K/256][16] and
 // sc/mn [tiles][groups][16]. Returns 0, or -1 for a type it does not know.
 EXPORT int qdot_repack(int type, const uint8_t *src, int64_t rows, int64_t K, int64_t block_bytes, uint8_t *qw,
                        uint16_t *dw, uint16_t *mw, int8_t *sc, int8_t *mn, const uint8_t *grid) {
@@ -275,6 +278,7 @@ EXPORT int qdot_repack(int type, const uint8_t *src, int64_t rows, int64_t K, in
     case Q3_K: repack<Q3_K, 3, 16>(src, rows, K, block_bytes, qw, dw, mw, sc, mn, grid); return 0;
     case IQ4_NL: repack<IQ4_NL, 4, 32>(src, rows, K, block_bytes, qw, dw, mw, sc, mn, grid); return 0;
     case IQ4_XS: repack<IQ4_XS, 4, 32>(src, rows, K, block_bytes, qw, dw, mw, sc, mn, grid); return 0;
+    case MXFP4: repack<MXFP4, 4, 32>(src, rows, K, block_bytes, qw, dw, mw, sc, mn, grid); return 0;
     }
     if (!grid) return -1;  // the grid types
     switch (type) {

@@ -6,7 +6,8 @@
 // back to back in C, calling the same functions the per-operation path calls (qdot_rms_norm,
 // qdot_linear, qdot_attend, qdot_glu) in the same order, so the result is the same to the bit. The
 // architectures describe their layers once (model/fastpath.py's Step); anything else (a tracer, a
-// weight without the JIT kernel, biases, experts moe.cpp does not take) keeps the per-operation path.
+// weight without the JIT kernel, FFN biases, experts moe.cpp does not take) keeps the per-operation path.
+// gpt-oss's Q/K/V and output biases and attention sinks are here (Layer's qkv_b, o_b, sinks).
 // A MoE layer's FFN is qdot_moe, the same call the per-operation path makes for it.
 #include <stdlib.h>
 #include <string.h>
@@ -23,6 +24,8 @@ struct Layer {
     const QWeight *down;
     const float *post_ffw_norm;  // gemma3
     const MoE *moe;              // routed experts instead of gate/up/down (moe.cpp), or null
+    const float *qkv_b, *o_b;    // gpt-oss: the [Q; K; V] biases [H*D + Hkv*D + Hkv*Dv] and the output's [E], or null
+    const float *sinks;          // gpt-oss's attention sinks [H], or null
     int32_t rope;                // 0: no RoPE on this layer; 1: the global tables; 2: the local ones (gemma3)
     int32_t window;              // > 0: sliding-window attention over this many positions
 };
@@ -35,6 +38,12 @@ struct Model {
 
 static void add_rows(float *x, const float *y, int64_t n) {
     for (int64_t i = 0; i < n; i++) x[i] += y[i];
+}
+
+// b [n] added to each of T rows of x (row stride ld): a product's bias (ggml_add)
+static void add_bias(float *x, int64_t T, int64_t ld, const float *b, int64_t n) {
+    if (b)
+        for (int64_t t = 0; t < T; t++) add_rows(x + t * ld, b, n);
 }
 
 // x [T][E]: the tokens' embeddings in, the last layer's output out. Token t belongs to cache slot
@@ -61,11 +70,13 @@ EXPORT void qdot_step(const Model *m, float *x, int64_t T, void *const *K, void 
                 for (int64_t t = 0; t < T; t++) memcpy(qkv + t * W + off[i], tmp + t * n[i], sizeof(float) * n[i]);
             }
         }
+        add_bias(qkv, T, W, L->qkv_b, W);
         const int local = L->rope == 2;
         qdot_attend(qkv, T, W, m->H, m->Hkv, m->D, m->Dv, L->q_norm, L->k_norm, m->eps, local ? cs_l : cs,
                     local ? sn_l : sn, L->rope ? m->n_rot : 0, m->neox, K[il], V[il], m->kv_type, cap, slot, pos,
-                    L->window, m->scale, att);
+                    L->window, m->scale, att, L->sinks);
         qdot_linear(L->o, att, T, o);
+        add_bias(o, T, E, L->o_b, E);
         if (L->post_attn_norm) qdot_rms_norm(o, L->post_attn_norm, m->eps, T, E, o);
         add_rows(x, o, T * E);
         qdot_rms_norm(x, L->ffn_norm, m->eps, T, E, y);

@@ -3,7 +3,7 @@ laid out and multiplied (csrc/qdot.cpp's layout comment says what the fields mea
 
 Each family has one module here (``legacy`` for the 32-value types Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, ``kquants``
 for Q2_K..Q6_K, ``iq4`` for IQ4_NL/IQ4_XS, ``iq3`` for IQ3_S/IQ3_XXS, ``iq2`` for IQ2_XXS/IQ2_XS/IQ2_S,
-``iq1`` for IQ1_S/IQ1_M) that registers a :class:`TypeSpec` per type: the width of its
+``iq1`` for IQ1_S/IQ1_M, ``mxfp4`` for MXFP4) that registers a :class:`TypeSpec` per type: the width of its
 stored unsigned values, its scale group, how llama.cpp quantizes the activations it multiplies (its
 type_traits vec_dot_type), its offset, its layout flags, and a PyTorch reader of the file's blocks (the
 reference the C++ repack in csrc/repack.cpp is held to, byte for byte). The linear layer's kernel
@@ -27,6 +27,8 @@ LUT_IQ3XXS = 4  # 4-bit index | sign << 3 into IQ3_XXS's 8 grid levels (LUTS bel
 LUT_IQ2 = 8  # 3-bit index | sign << 2 into the iq2 grids' 3 levels
 LUT_IQ1M = 16  # 3-bit (g + 1) | delta sign << 2 -> 8 g +- 1 (IQ1_M)
 IQ1S = 32  # 2-bit g + 1; the sc byte holds ls | delta sign << 3 (IQ1_S)
+LUT_MXFP4 = 64  # 4-bit values are indices into kvalues_mxfp4 (MXFP4), looked up like LUT_IQ4
+E8M0 = 128  # dw holds each group's e8m0 exponent byte (uint8), the scale being 2^(e - 128) (MXFP4)
 
 
 def oshift(n: int) -> int:
@@ -40,6 +42,7 @@ def oscale(flags: int) -> float:
 
 IQ4NL_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # kvalues_iq4nl
 IQ3XXS_LEVELS = (4, 12, 20, 28, 36, 44, 52, 62)  # the magnitudes in iq3xxs_grid
+MXFP4_VALUES = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)  # kvalues_mxfp4 (e2m1 doubled)
 IQ2_LEVELS = (8, 25, 43)  # the magnitudes in iq2xxs_grid, iq2xs_grid and iq2s_grid
 # What the kernel's byte shuffle makes of a stored index (csrc/qdot.cpp's tables hold the same numbers):
 # the signed value plus the offset that makes it unsigned (= -zoff); unused indices give the offset.
@@ -47,6 +50,7 @@ LUTS = {
     LUT_IQ4: tuple(v + 128 for v in IQ4NL_VALUES),
     LUT_IQ3XXS: tuple(62 + v for v in IQ3XXS_LEVELS) + tuple(62 - v for v in IQ3XXS_LEVELS),
     LUT_IQ2: tuple(43 + v for v in IQ2_LEVELS) + (43,) + tuple(43 - v for v in IQ2_LEVELS) + (43,) * 9,
+    LUT_MXFP4: tuple(v + 12 for v in MXFP4_VALUES),
     LUT_IQ1M: tuple(9 + 8 * g + 1 for g in (-1, 0, 1)) + (9,) + tuple(9 + 8 * g - 1 for g in (-1, 0, 1)) + (9,) * 9,
 }
 
@@ -114,4 +118,4 @@ def grid_bytes(name: str):
     return _GRIDS[name]
 
 
-from . import iq1, iq2, iq3, iq4, kquants, legacy  # noqa: E402,F401  (each registers its types)
+from . import iq1, iq2, iq3, iq4, kquants, legacy, mxfp4  # noqa: E402,F401  (each registers its types)
