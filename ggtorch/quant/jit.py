@@ -124,6 +124,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     for f in (lib.qdot_mm, lib.qdot_mm_ref):
         f.argtypes = [I, I, P, P, P, F, I64, I64, P, P, P, I64, P, I64, I]
         f.restype = None
+    lib.qdot_mm.argtypes = lib.qdot_mm_ref.argtypes + [P]  # sq
 
 
 def library() -> ctypes.CDLL | None:
@@ -218,7 +219,7 @@ def matmul(x: torch.Tensor, qw: torch.Tensor, dw: torch.Tensor, mw: torch.Tensor
     else:
         f = lib.qdot_mm_ref if ref else lib.qdot_mm
         f(bits, G, qw.data_ptr(), dw.data_ptr(), _p(mw), zoff, N, K, xq.data_ptr(), dx.data_ptr(), sx.data_ptr(),
-          M, out.data_ptr(), N, flags)
+          M, out.data_ptr(), N, flags, *(() if ref else (sq.data_ptr(),)))
     return out if n is None or n == N else out[:, :n].contiguous()
 
 

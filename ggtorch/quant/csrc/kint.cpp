@@ -102,7 +102,8 @@ static void itile(const KT &k, int64_t K, const int8_t *xq, const float *dx, con
     for (int i = 0; i < MT; i++) _mm512_storeu_ps(out + (m0 + i) * ldo, acc[i]);
 }
 
-// all M rows: 8 at a time, then 4, 2, 1 (each row block reads the tile once)
+// all M rows: 8 at a time, then 4, 2, 1 (each row block unpacks the tile once; 16 rows per block measured
+// no faster at M = 128: the registers run out)
 template <int BITS, int G, bool SC16, bool MINS, bool SM4>
 static void rows(const KT &k, int64_t K, const int8_t *xq, const float *dx, const int16_t *sq, int64_t M, float *out,
                  int64_t ldo) {
@@ -111,6 +112,44 @@ static void rows(const KT &k, int64_t K, const int8_t *xq, const float *dx, cons
     if (M - m0 >= 4) itile<4, BITS, G, SC16, MINS, SM4>(k, K, xq, dx, sq, m0, out, ldo), m0 += 4;
     if (M - m0 >= 2) itile<2, BITS, G, SC16, MINS, SM4>(k, K, xq, dx, sq, m0, out, ldo), m0 += 2;
     if (M - m0 >= 1) itile<1, BITS, G, SC16, MINS, SM4>(k, K, xq, dx, sq, m0, out, ldo);
+}
+
+// The plain layout (one float16 scale per group, no mins: Q4_0, Q5_0, Q8_0, IQ4_NL): the dot product
+// starts at zoff * bsum, so it sums the file's signed values (llama.cpp's sumi), and each group costs one
+// convert and one multiply-add per row instead of qdot.cpp's tile() two (its offset term mw * sx).
+template <int MT, int BITS, int G>
+static void ptile(const uint8_t *qt, const uint16_t *dt, int flags, int zi, int64_t K, const int8_t *xq,
+                  const float *dx, const int16_t *sq, int64_t m0, float *out, int64_t ldo) {
+    constexpr int64_t gb = BITS == 8 ? 16 * G : BITS == 4 ? 8 * G : BITS == 2 ? 4 * G : BITS == 3 ? 6 * G : 8 * G + 64;
+    const int64_t ng = K / G;
+    __m512 acc[MT];
+    for (int i = 0; i < MT; i++) acc[i] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < ng; g++) {
+        __m512i w[G / 4];
+        load_group(BITS, G, qt + g * gb, gb, w, flags);
+        const __m512 sw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dt + g * 16)));
+        for (int i = 0; i < MT; i++) {
+            const int8_t *x = xq + (m0 + i) * K + g * G;
+            __m512i d = _mm512_set1_epi32(zi * (int32_t)sq[(m0 + i) * ng + g]);
+            for (int s = 0; s < G / 4; s++) {
+                int32_t x4;
+                memcpy(&x4, x + 4 * s, 4);
+                d = _mm512_dpbusd_epi32(d, w[s], _mm512_set1_epi32(x4));
+            }
+            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sw, _mm512_set1_ps(dx[(m0 + i) * ng + g])), acc[i]);
+        }
+    }
+    for (int i = 0; i < MT; i++) _mm512_storeu_ps(out + (m0 + i) * ldo, acc[i]);
+}
+
+template <int BITS, int G>
+static void prows(const uint8_t *qt, const uint16_t *dt, int flags, int zi, int64_t K, const int8_t *xq,
+                  const float *dx, const int16_t *sq, int64_t M, float *out, int64_t ldo) {
+    int64_t m0 = 0;
+    for (; m0 + 8 <= M; m0 += 8) ptile<8, BITS, G>(qt, dt, flags, zi, K, xq, dx, sq, m0, out, ldo);
+    if (M - m0 >= 4) ptile<4, BITS, G>(qt, dt, flags, zi, K, xq, dx, sq, m0, out, ldo), m0 += 4;
+    if (M - m0 >= 2) ptile<2, BITS, G>(qt, dt, flags, zi, K, xq, dx, sq, m0, out, ldo), m0 += 2;
+    if (M - m0 >= 1) ptile<1, BITS, G>(qt, dt, flags, zi, K, xq, dx, sq, m0, out, ldo);
 }
 
 // the largest |u + zoff| the type's stored values give (through its table, if any)
@@ -153,6 +192,31 @@ bool kint_tile(int bits, int G, const uint8_t *qw, const int8_t *sc, const int8_
 #else
     (void)bits, (void)G, (void)qw, (void)sc, (void)mn, (void)dw, (void)mw, (void)zoff, (void)K, (void)xq, (void)dx;
     (void)sq, (void)M, (void)t, (void)out, (void)ldo, (void)flags;
+    return false;
+#endif
+}
+
+// Tile t of a plain-layout weight (qdot.cpp's mm_tile arguments) through ptile(); false when it has mins
+// (Q4_1, Q5_1: their float16 s = d * sum(q) is llama.cpp's own offset term, which tile() keeps) or a
+// shape ptile() is not made for.
+bool kint_ptile(int bits, int G, const uint8_t *qw, const uint16_t *dw, const uint16_t *mw, float zoff, int64_t K,
+                const int8_t *xq, const float *dx, const int16_t *sq, int64_t M, int64_t t, float *out, int64_t ldo,
+                int flags) {
+#if QDOT_VNNI
+    const int zi = (int)zoff;
+    if (!sq || mw || (float)zi != zoff || G != 32) return false;
+    const int64_t ng = K / G, gb = group_bytes(bits, G);
+    const uint8_t *qt = qw + t * ng * gb;
+    const uint16_t *dt = dw + t * ng * 16;
+    float *o = out + t * 16;
+    if (bits == 4) prows<4, 32>(qt, dt, flags, zi, K, xq, dx, sq, M, o, ldo);  // Q4_0, IQ4_NL
+    else if (bits == 5) prows<5, 32>(qt, dt, flags, zi, K, xq, dx, sq, M, o, ldo);  // Q5_0
+    else if (bits == 8) prows<8, 32>(qt, dt, flags, zi, K, xq, dx, sq, M, o, ldo);  // Q8_0
+    else return false;
+    return true;
+#else
+    (void)bits, (void)G, (void)qw, (void)dw, (void)mw, (void)zoff, (void)K, (void)xq, (void)dx, (void)sq, (void)M;
+    (void)t, (void)out, (void)ldo, (void)flags;
     return false;
 #endif
 }

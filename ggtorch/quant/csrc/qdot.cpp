@@ -275,8 +275,9 @@ static float dot_row_k(int bits, int G, const uint8_t *qw, const int8_t *sc, con
 #if QDOT_VNNI
 // Tile t (16 rows) of a weight against M activation rows, 8 rows at a time (out: the tile's first column).
 static void mm_tile(int bits, int G, const uint8_t *qw, const uint16_t *dw, const uint16_t *mw, float zoff, int64_t K,
-                    const int8_t *xq, const float *dx, const float *sx, int64_t M, int64_t t, float *out, int64_t ldo,
-                    int flags) {
+                    const int8_t *xq, const float *dx, const float *sx, const int16_t *sq, int64_t M, int64_t t,
+                    float *out, int64_t ldo, int flags) {
+    if (kint_ptile(bits, G, qw, dw, mw, zoff, K, xq, dx, sq, M, t, out, ldo, flags)) return;  // kint.cpp
     const int64_t ng = K / G, gb = group_bytes(bits, G);
     const uint8_t *qt = qw + t * ng * gb;
     const uint16_t *dt = dw + t * ng * 16, *mt = mw ? mw + t * ng * 16 : nullptr;
@@ -324,13 +325,14 @@ static void mm_ktile(int bits, int G, const uint8_t *qw, const int8_t *sc, const
 // N is the padded row count (a multiple of 16).
 EXPORT void qdot_mm(int bits, int G, const uint8_t *qw, const uint16_t *dw, const uint16_t *mw, float zoff,
                     int64_t N, int64_t K, const int8_t *xq, const float *dx, const float *sx, int64_t M, float *out,
-                    int64_t ldo, int flags) {
+                    int64_t ldo, int flags, const int16_t *sq) {
     const int64_t ng = K / G;
 #if QDOT_VNNI
     (void)ng;
 #pragma omp parallel for schedule(static)
-    for (int64_t t = 0; t < N / 16; t++) mm_tile(bits, G, qw, dw, mw, zoff, K, xq, dx, sx, M, t, out, ldo, flags);
+    for (int64_t t = 0; t < N / 16; t++) mm_tile(bits, G, qw, dw, mw, zoff, K, xq, dx, sx, sq, M, t, out, ldo, flags);
 #else
+    (void)sq;
 #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; n++)
         for (int64_t m = 0; m < M; m++)
@@ -376,7 +378,7 @@ EXPORT void qdot_mm_tiles(const QWeight *w, const int8_t *xq, const float *dx, c
 #if QDOT_VNNI
     for (int64_t t = t0; t < t1; t++) {
         if (w->sc) mm_ktile(w->bits, w->G, w->qw, w->sc, w->mn, w->dw, w->mw, w->zoff, K, xq, dx, sx, sq, M, t, out, ldo, w->flags);
-        else mm_tile(w->bits, w->G, w->qw, w->dw, w->mw, w->zoff, K, xq, dx, sx, M, t, out, ldo, w->flags);
+        else mm_tile(w->bits, w->G, w->qw, w->dw, w->mw, w->zoff, K, xq, dx, sx, sq, M, t, out, ldo, w->flags);
     }
 #else
     (void)sq;
@@ -410,7 +412,7 @@ EXPORT void qdot_linear(const QWeight *w, const float *x, int64_t M, float *out)
     if (w->sc)
         qdot_mm_k(w->bits, w->G, w->qw, w->sc, w->mn, w->dw, w->mw, w->zoff, w->N, K, xq, dx, sx, M, out, w->N, w->flags, sq);
     else
-        qdot_mm(w->bits, w->G, w->qw, w->dw, w->mw, w->zoff, w->N, K, xq, dx, sx, M, out, w->N, w->flags);
+        qdot_mm(w->bits, w->G, w->qw, w->dw, w->mw, w->zoff, w->N, K, xq, dx, sx, M, out, w->N, w->flags, sq);
     free(xq);
     free(dx);
 }

@@ -31,6 +31,10 @@ EXPORT void qdot_mm_tiles(const QWeight *w, const int8_t *xq, const float *dx, c
 bool kint_tile(int bits, int G, const uint8_t *qw, const int8_t *sc, const int8_t *mn, const uint16_t *dw,
                const uint16_t *mw, float zoff, int64_t K, const int8_t *xq, const float *dx, const int16_t *sq,
                int64_t M, int64_t t, float *out, int64_t ldo, int flags);
+// the same for the plain layout without mins (Q4_0, Q5_0, Q8_0, IQ4_NL), or false (then qdot.cpp's tile)
+bool kint_ptile(int bits, int G, const uint8_t *qw, const uint16_t *dw, const uint16_t *mw, float zoff, int64_t K,
+                const int8_t *xq, const float *dx, const int16_t *sq, int64_t M, int64_t t, float *out, int64_t ldo,
+                int flags);
 EXPORT void qdot_rms_norm(const float *x, const float *w, float eps, int64_t M, int64_t K, float *y);
 EXPORT void qdot_attend(const float *qkv, int64_t T, int64_t ld, int H, int Hkv, int D, int Dv, const float *qn,
                         const float *kn, float eps, const float *cs, const float *sn, int n_rot, int neox, void *Kc,
