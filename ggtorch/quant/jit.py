@@ -28,9 +28,9 @@ import torch
 
 log = logging.getLogger("ggtorch.jit")
 
-SOURCES = [Path(__file__).with_name("csrc") / n for n in ("qdot.cpp", "ops.cpp", "step.cpp", "repack.cpp",
+SOURCES = [Path(__file__).with_name("csrc") / n for n in ("qdot.cpp", "kint.cpp", "ops.cpp", "step.cpp", "repack.cpp",
                                                                    "moe.cpp")]
-HEADER = Path(__file__).with_name("csrc") / "qdot.h"
+HEADERS = [Path(__file__).with_name("csrc") / n for n in ("qdot.h", "tiles.h")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-fno-math-errno"]
 
 _lib: ctypes.CDLL | None | bool = None  # False: tried and unavailable
@@ -68,7 +68,7 @@ def _key(cxx: str) -> str:
     except (OSError, subprocess.SubprocessError):
         version = ""
     h = hashlib.sha256()
-    for part in (*(s.read_bytes() for s in SOURCES), HEADER.read_bytes(), cxx.encode(), version.encode(), " ".join(FLAGS).encode(), _cpu_id().encode(),
+    for part in (*(s.read_bytes() for s in SOURCES), *(f.read_bytes() for f in HEADERS), cxx.encode(), version.encode(), " ".join(FLAGS).encode(), _cpu_id().encode(),
                  platform.machine().encode()):
         h.update(part)
         h.update(b"\0")
@@ -99,7 +99,7 @@ class QW(ctypes.Structure):
 def _declare(lib: ctypes.CDLL) -> None:
     P, I64, I, F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     lib.qdot_has_vnni.restype = I
-    lib.qdot_quantize.argtypes = [P, I64, I64, I, I, P, P, P]
+    lib.qdot_quantize.argtypes = [P, I64, I64, I, I, P, P, P, P]
     lib.qdot_quantize.restype = None
     lib.qdot_rms_norm.argtypes = [P, P, F, I64, I64, P]
     lib.qdot_rms_norm.restype = None
@@ -113,16 +113,18 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.qdot_step.restype = None
     lib.qdot_moe.argtypes = [P, P, I64, I64, P, P]
     lib.qdot_moe.restype = None
-    lib.qdot_mm_tiles.argtypes = [P, P, P, P, I64, P, I64, I64, I64]
+    lib.qdot_mm_tiles.argtypes = [P, P, P, P, P, I64, P, I64, I64, I64]
     lib.qdot_mm_tiles.restype = None
     lib.qdot_repack.argtypes = [I, P, I64, I64, I64, P, P, P, P, P, P]
     lib.qdot_repack.restype = I
     for f in (lib.qdot_mm_k, lib.qdot_mm_k_ref):
         f.argtypes = [I, I, P, P, P, P, P, F, I64, I64, P, P, P, I64, P, I64, I]
         f.restype = None
+    lib.qdot_mm_k.argtypes = lib.qdot_mm_k_ref.argtypes + [P]  # sq: the activations' integer group sums
     for f in (lib.qdot_mm, lib.qdot_mm_ref):
         f.argtypes = [I, I, P, P, P, F, I64, I64, P, P, P, I64, P, I64, I]
         f.restype = None
+    lib.qdot_mm.argtypes = lib.qdot_mm_ref.argtypes + [P]  # sq
 
 
 def library() -> ctypes.CDLL | None:
@@ -173,13 +175,14 @@ MODES = {"q8_0": 0, "q8_1": 1, "q8_K": 2}  # llama.cpp's activation types (csrc/
 
 def quantize(lib, x: torch.Tensor, G: int, mode: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """float32 [M, K] -> (int8 [M, K], activation scale per weight group [M, K/G], scale*sum(q) per
-    weight group [M, K/G]); see qdot_quantize."""
+    weight group [M, K/G], sum(q) per weight group int16 [M, K/G]); see qdot_quantize."""
     M, K = x.shape
     xq = torch.empty(M, K, dtype=torch.int8)
     dx = torch.empty(M, K // G)
     sx = torch.empty(M, K // G)
-    lib.qdot_quantize(x.data_ptr(), M, K, G, mode, xq.data_ptr(), dx.data_ptr(), sx.data_ptr())
-    return xq, dx, sx
+    sq = torch.empty(M, K // G, dtype=torch.int16)
+    lib.qdot_quantize(x.data_ptr(), M, K, G, mode, xq.data_ptr(), dx.data_ptr(), sx.data_ptr(), sq.data_ptr())
+    return xq, dx, sx, sq
 
 
 def layout(K: int, qw: torch.Tensor, dw: torch.Tensor, sc: torch.Tensor | None = None) -> tuple[int, int]:
@@ -207,16 +210,16 @@ def matmul(x: torch.Tensor, qw: torch.Tensor, dw: torch.Tensor, mw: torch.Tensor
     M, K = x.shape
     N = qw.shape[0] * 16
     bits, G = layout(K, qw, dw, sc)
-    xq, dx, sx = quantize(lib, x, G, mode)
+    xq, dx, sx, sq = quantize(lib, x, G, mode)
     out = torch.empty(M, N)
     if sc is not None:
         f = lib.qdot_mm_k_ref if ref else lib.qdot_mm_k
         f(bits, G, qw.data_ptr(), sc.data_ptr(), _p(mn), dw.data_ptr(), _p(mw), zoff, N, K, xq.data_ptr(),
-          dx.data_ptr(), sx.data_ptr(), M, out.data_ptr(), N, flags)
+          dx.data_ptr(), sx.data_ptr(), M, out.data_ptr(), N, flags, *(() if ref else (sq.data_ptr(),)))
     else:
         f = lib.qdot_mm_ref if ref else lib.qdot_mm
         f(bits, G, qw.data_ptr(), dw.data_ptr(), _p(mw), zoff, N, K, xq.data_ptr(), dx.data_ptr(), sx.data_ptr(),
-          M, out.data_ptr(), N, flags)
+          M, out.data_ptr(), N, flags, *(() if ref else (sq.data_ptr(),)))
     return out if n is None or n == N else out[:, :n].contiguous()
 
 

@@ -102,12 +102,13 @@ static int64_t add_jobs(Job *jobs, int64_t n, const QWeight *const *ws, int n_ex
 // Quantized activation rows for the weights of one config (G, mode), gathered into the sorted order.
 struct QRows {
     int8_t *q;
-    float *d, *s;
+    float *d, *s;  // d: 2 ng floats per row (d, then s), then ng int16 per row (sq)
+    int16_t *sq;
     int64_t K, ng;
 };
 
 static inline void run_job(const Job &j, const QRows &a, float *out, int64_t ldo) {
-    qdot_mm_tiles(j.w, a.q + j.r0 * a.K, a.d + j.r0 * a.ng, a.s + j.r0 * a.ng, j.M, out + j.r0 * ldo + j.col, ldo, j.t0,
+    qdot_mm_tiles(j.w, a.q + j.r0 * a.K, a.d + j.r0 * a.ng, a.s + j.r0 * a.ng, a.sq + j.r0 * a.ng, j.M, out + j.r0 * ldo + j.col, ldo, j.t0,
                   j.t1);
 }
 
@@ -135,15 +136,18 @@ static void run_jobs(const Job *jobs, int64_t n, const QRows &a, float *out, int
 static QRows quantize_rows(const QWeight *w, const float *x, int64_t T, int64_t K, const int64_t *tok, int64_t R) {
     const int64_t ng = K / w->G;
     int8_t *xq = (int8_t *)malloc((size_t)(T * K) + 64);
-    float *dx = (float *)malloc(sizeof(float) * (size_t)(T * ng) * 2 + 64), *sx = dx + T * ng;
-    qdot_quantize(x, T, K, w->G, w->mode, xq, dx, sx);
-    QRows r{(int8_t *)malloc((size_t)(R * K) + 64), nullptr, nullptr, K, ng};
-    r.d = (float *)malloc(sizeof(float) * (size_t)(R * ng) * 2 + 64);
+    float *dx = (float *)malloc(sizeof(float) * (size_t)(T * ng) * 3 + 64), *sx = dx + T * ng;
+    int16_t *sq = (int16_t *)(sx + T * ng);
+    qdot_quantize(x, T, K, w->G, w->mode, xq, dx, sx, sq);
+    QRows r{(int8_t *)malloc((size_t)(R * K) + 64), nullptr, nullptr, nullptr, K, ng};
+    r.d = (float *)malloc(sizeof(float) * (size_t)(R * ng) * 3 + 64);
     r.s = r.d + R * ng;
+    r.sq = (int16_t *)(r.s + R * ng);
     for (int64_t i = 0; i < R; i++) {
         memcpy(r.q + i * K, xq + tok[i] * K, (size_t)K);
         memcpy(r.d + i * ng, dx + tok[i] * ng, sizeof(float) * (size_t)ng);
         memcpy(r.s + i * ng, sx + tok[i] * ng, sizeof(float) * (size_t)ng);
+        memcpy(r.sq + i * ng, sq + tok[i] * ng, sizeof(int16_t) * (size_t)ng);
     }
     free(xq);
     free(dx);
@@ -235,10 +239,11 @@ EXPORT void qdot_moe(const MoE *m, const float *x, int64_t T, int64_t E, float *
     qdot_glu(gu, gu + F, R, F, 2 * F, 2 * F, m->act, act);
     {
         const QWeight *d = m->down[sel[0]];
-        QRows a{(int8_t *)malloc((size_t)(R * F) + 64), nullptr, nullptr, F, F / d->G};
-        a.d = (float *)malloc(sizeof(float) * (size_t)(R * a.ng) * 2 + 64);
+        QRows a{(int8_t *)malloc((size_t)(R * F) + 64), nullptr, nullptr, nullptr, F, F / d->G};
+        a.d = (float *)malloc(sizeof(float) * (size_t)(R * a.ng) * 3 + 64);
         a.s = a.d + R * a.ng;
-        qdot_quantize(act, R, F, d->G, d->mode, a.q, a.d, a.s);
+        a.sq = (int16_t *)(a.s + R * a.ng);
+        qdot_quantize(act, R, F, d->G, d->mode, a.q, a.d, a.s, a.sq);
         products(m->down, n, start, cnt, a, dn, E, 0, many);
         free_rows(a);
     }

@@ -62,32 +62,10 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-#include <immintrin.h>
-#define QDOT_VNNI 1
-#else
-#define QDOT_VNNI 0
-#endif
 
-#include "qdot.h"
+#include "tiles.h"
 
 EXPORT int qdot_has_vnni(void) { return QDOT_VNNI; }
-
-// kvalues_iq4nl + 128: the IQ4 values as unsigned bytes
-static const uint8_t IQ4_U8[16] = {1, 24, 45, 63, 79, 93, 106, 118, 129, 141, 153, 166, 181, 197, 217, 241};
-// IQ3_XXS: index k | sign << 3 -> (sign ? -1 : 1) * level_k + 62, levels 4, 12, ..., 52, 62 (iq3xxs_grid's)
-static const uint8_t IQ3XXS_U8[16] = {66, 74, 82, 90, 98, 106, 114, 124, 58, 50, 42, 34, 26, 18, 10, 0};
-// IQ2_*: index k | sign << 2 -> (sign ? -1 : 1) * level_k + 43, levels 8, 25, 43 (the iq2 grids')
-static const uint8_t IQ2_U8[16] = {51, 68, 86, 43, 35, 18, 0, 43, 43, 43, 43, 43, 43, 43, 43, 43};
-// MXFP4: kvalues_mxfp4 (0, 1, 2, 3, 4, 6, 8, 12 and their negatives) + 12
-static const uint8_t MXFP4_U8[16] = {12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0};
-// IQ1_M: (g + 1) | delta sign << 2 -> 8 g +- 1 + 9 (value = d * ls * (g +- 1/8), the 8 in the output scale)
-static const uint8_t IQ1M_U8[16] = {2, 10, 18, 9, 0, 8, 16, 9, 9, 9, 9, 9, 9, 9, 9, 9};
-
-static inline const uint8_t *lut_of(int flags) {
-    return flags & QDOT_LUT_IQ4 ? IQ4_U8 : flags & QDOT_LUT_IQ3XXS ? IQ3XXS_U8 : flags & QDOT_LUT_IQ2 ? IQ2_U8
-         : flags & QDOT_LUT_IQ1M ? IQ1M_U8 : flags & QDOT_LUT_MXFP4 ? MXFP4_U8 : nullptr;
-}
 
 // ggml_e8m0_to_fp32_half: 2^(e - 128) from its bits (subnormal for e < 2), exact
 static inline float e8m0_half(uint8_t e) {
@@ -96,10 +74,6 @@ static inline float e8m0_half(uint8_t e) {
     memcpy(&f, &bits, 4);
     return f;
 }
-
-
-// the output scale of the i-quants' sums (QDOT_OSHIFT), a power of two: exact on any float
-static inline float oscale_of(int flags) { return ldexpf(1.f, -QDOT_OSHIFT(flags)); }
 
 static inline float round_f16(float x) { return (float)(_Float16)x; }  // ggml's FP32_TO_FP16 and back
 
@@ -126,8 +100,10 @@ static inline const uint16_t *scales_of(const uint16_t *dw, int64_t t, int64_t n
 //   mode 2, Q8_K (Q4_K, Q5_K, Q6_K): per 256 values iscale = -127/max with max the value of largest
 //     magnitude, q = min(127, round_even(iscale * x)), d = 1/iscale in float32 (quantize_row_q8_K_ref).
 // Outputs, per weight group g of G values: xq [M, K] int8; dx [M, K/G], the activation scale of the
-// block holding g; sx [M, K/G], the offsets' factor (scale * sum(q) over the group).
-EXPORT void qdot_quantize(const float *x, int64_t M, int64_t K, int G, int mode, int8_t *xq, float *dx, float *sx) {
+// block holding g; sx [M, K/G], the offsets' factor (scale * sum(q) over the group); sq [M, K/G] (or null),
+// sum(q) over the group as an integer (llama.cpp's block_q8_K bsums, what kint.cpp's tiles take).
+EXPORT void qdot_quantize(const float *x, int64_t M, int64_t K, int G, int mode, int8_t *xq, float *dx, float *sx,
+                          int16_t *sq) {
     const int64_t AB = mode == 2 ? 256 : 32;  // activation block
     const int64_t ng = K / G;
 #pragma omp parallel for schedule(static) if (M * K > 65536)
@@ -162,78 +138,14 @@ EXPORT void qdot_quantize(const float *x, int64_t M, int64_t K, int G, int mode,
                 int s = 0;
                 for (int i = 0; i < G; i++) s += qr[g * G + i];
                 dx[m * ng + g] = dq;
+                if (sq) sq[m * ng + g] = (int16_t)s;  // |s| <= 127 G: the integer tiles' offsets (kint.cpp)
                 sx[m * ng + g] = mode == 1 ? round_f16(d * (float)s) : dq * (float)s;
             }
         }
     }
 }
 
-// bytes of one tile's group: 16 rows x G values; 5- and 6-bit values are a 4-bit part plus a 64-byte
-// block of high bits (bit s, or bits 2s..2s+1, of byte 4r + t: row r's value 4s + t)
-static inline int64_t group_bytes(int bits, int G) {
-    return bits == 8 ? 16 * G : bits == 4 ? 8 * G : bits == 2 ? 4 * G : bits == 3 ? 6 * G : 8 * G + 64;
-}
-
 #if QDOT_VNNI
-// one tile's group of G values into G/4 registers of unsigned bytes (step s: 4 values of 16 rows)
-static inline void unpack(int bits, int G, const uint8_t *q, __m512i *w, int flags) {
-    const int steps = G / 4;
-    const __m512i m4 = _mm512_set1_epi8(0x0F);
-    if (bits == 8) {
-        for (int s = 0; s < steps; s++) w[s] = _mm512_loadu_si512((const void *)(q + 64 * s));
-        return;
-    }
-    if (bits <= 3) {
-        const __m512i m2 = _mm512_set1_epi8(3);
-        for (int p = 0; p < steps / 4; p++) {
-            const __m512i v = _mm512_loadu_si512((const void *)(q + 64 * p));
-            w[4 * p] = _mm512_and_si512(v, m2);
-            w[4 * p + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 2), m2);
-            w[4 * p + 2] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m2);
-            w[4 * p + 3] = _mm512_and_si512(_mm512_srli_epi16(v, 6), m2);
-        }
-        // the high bits of each 4-step block: 64 positions as 32 bytes of nibbles, moved to bit 2
-        for (int p = 0; bits == 3 && p < steps / 4; p++) {
-            const __m256i h = _mm256_loadu_si256((const __m256i *)(q + 4 * G + 32 * p)), n4 = _mm256_set1_epi8(0x0F);
-            const __m512i hz = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(h, n4)),
-                                                  _mm256_and_si256(_mm256_srli_epi16(h, 4), n4), 1);
-            const __m512i b2 = _mm512_set1_epi8(4);
-            __m512i *v = w + 4 * p;
-            v[0] = _mm512_or_si512(v[0], _mm512_and_si512(_mm512_slli_epi16(hz, 2), b2));
-            v[1] = _mm512_or_si512(v[1], _mm512_and_si512(_mm512_slli_epi16(hz, 1), b2));
-            v[2] = _mm512_or_si512(v[2], _mm512_and_si512(hz, b2));
-            v[3] = _mm512_or_si512(v[3], _mm512_and_si512(_mm512_srli_epi16(hz, 1), b2));
-        }
-    } else {
-        for (int p = 0; p < steps / 2; p++) {
-            const __m512i v = _mm512_loadu_si512((const void *)(q + 64 * p));
-            w[2 * p] = _mm512_and_si512(v, m4);
-            w[2 * p + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
-        }
-    }
-    if (bits > 4) {  // the high bits, moved to bit 4 (and 5) of each byte
-        const __m512i h = _mm512_loadu_si512((const void *)(q + 8 * G));
-        const int hb = bits - 4;
-        const __m512i mask = _mm512_set1_epi8((char)(((1 << hb) - 1) << 4));
-        for (int st = 0; st < steps; st++) {
-            const int sh = 4 - hb * st;  // where step st's bits are, relative to bit 4
-            const __m512i t = sh >= 0 ? _mm512_sll_epi16(h, _mm_cvtsi32_si128(sh))
-                                      : _mm512_srl_epi16(h, _mm_cvtsi32_si128(-sh));
-            w[st] = _mm512_or_si512(w[st], _mm512_and_si512(t, mask));
-        }
-    }
-    if (flags & QDOT_LUTS) {  // indices -> table values (kvalues_iq4nl + 128, ...), 16 entries per 128-bit lane
-        const __m512i lut = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)lut_of(flags)));
-        for (int s = 0; s < steps; s++) w[s] = _mm512_shuffle_epi8(lut, w[s]);
-    }
-}
-
-// a tile's group: prefetch the one two groups ahead (the next row block of the stream), then unpack
-static inline void load_group(int bits, int G, const uint8_t *q, int64_t gb, __m512i *w, int flags) {
-    for (int c = 0; c < 4; c++) _mm_prefetch((const char *)(q + 2 * gb + 64 * c), _MM_HINT_T0);
-    unpack(bits, G, q, w, flags);
-}
-
 // group g of one tile against MT activation rows: the integer dot products of 16 rows at once, then
 // acc += dot * (sw * dx) + mw * sx per row (sw, mw: the group's scale and offset per weight row)
 template <int MT>
@@ -393,8 +305,9 @@ static float dot_row_k(int bits, int G, const uint8_t *qw, const int8_t *sc, con
 #if QDOT_VNNI
 // Tile t (16 rows) of a weight against M activation rows, 8 rows at a time (out: the tile's first column).
 static void mm_tile(int bits, int G, const uint8_t *qw, const uint16_t *dw, const uint16_t *mw, float zoff, int64_t K,
-                    const int8_t *xq, const float *dx, const float *sx, int64_t M, int64_t t, float *out, int64_t ldo,
-                    int flags) {
+                    const int8_t *xq, const float *dx, const float *sx, const int16_t *sq, int64_t M, int64_t t,
+                    float *out, int64_t ldo, int flags) {
+    if (kint_ptile(bits, G, qw, dw, mw, zoff, K, xq, dx, sq, M, t, out, ldo, flags)) return;  // kint.cpp
     const int64_t ng = K / G, gb = group_bytes(bits, G);
     const uint8_t *qt = qw + t * ng * gb;
     const uint16_t *dt = scales_of(dw, t, ng, flags), *mt = mw ? mw + t * ng * 16 : nullptr;
@@ -416,7 +329,8 @@ static void mm_tile(int bits, int G, const uint8_t *qw, const uint16_t *dw, cons
 // the same for the K layout
 static void mm_ktile(int bits, int G, const uint8_t *qw, const int8_t *sc, const int8_t *mn, const uint16_t *dw,
                      const uint16_t *mw, float zoff, int64_t K, const int8_t *xq, const float *dx, const float *sx,
-                     int64_t M, int64_t t, float *out, int64_t ldo, int flags) {
+                     const int16_t *sq, int64_t M, int64_t t, float *out, int64_t ldo, int flags) {
+    if (kint_tile(bits, G, qw, sc, mn, dw, mw, zoff, K, xq, dx, sq, M, t, out, ldo, flags)) return;  // kint.cpp
     const int64_t ng = K / G, gb = group_bytes(bits, G), nsb = K / 256;
     const uint8_t *qt = qw + t * ng * gb;
     const int8_t *st = sc + t * ng * 16, *nt = mn ? mn + t * ng * 16 : nullptr;
@@ -441,13 +355,14 @@ static void mm_ktile(int bits, int G, const uint8_t *qw, const int8_t *sc, const
 // N is the padded row count (a multiple of 16).
 EXPORT void qdot_mm(int bits, int G, const uint8_t *qw, const uint16_t *dw, const uint16_t *mw, float zoff,
                     int64_t N, int64_t K, const int8_t *xq, const float *dx, const float *sx, int64_t M, float *out,
-                    int64_t ldo, int flags) {
+                    int64_t ldo, int flags, const int16_t *sq) {
     const int64_t ng = K / G;
 #if QDOT_VNNI
     (void)ng;
 #pragma omp parallel for schedule(static)
-    for (int64_t t = 0; t < N / 16; t++) mm_tile(bits, G, qw, dw, mw, zoff, K, xq, dx, sx, M, t, out, ldo, flags);
+    for (int64_t t = 0; t < N / 16; t++) mm_tile(bits, G, qw, dw, mw, zoff, K, xq, dx, sx, sq, M, t, out, ldo, flags);
 #else
+    (void)sq;
 #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; n++)
         for (int64_t m = 0; m < M; m++)
@@ -468,14 +383,15 @@ EXPORT void qdot_mm_ref(int bits, int G, const uint8_t *qw, const uint16_t *dw, 
 // The K layout's product (sc, mn, dw, mw as the layout comment says; zoff: Q6_K's -32, else 0).
 EXPORT void qdot_mm_k(int bits, int G, const uint8_t *qw, const int8_t *sc, const int8_t *mn, const uint16_t *dw,
                       const uint16_t *mw, float zoff, int64_t N, int64_t K, const int8_t *xq, const float *dx,
-                      const float *sx, int64_t M, float *out, int64_t ldo, int flags) {
+                      const float *sx, int64_t M, float *out, int64_t ldo, int flags, const int16_t *sq) {
     const int64_t ng = K / G;
 #if QDOT_VNNI
     (void)ng;
 #pragma omp parallel for schedule(static)
     for (int64_t t = 0; t < N / 16; t++)
-        mm_ktile(bits, G, qw, sc, mn, dw, mw, zoff, K, xq, dx, sx, M, t, out, ldo, flags);
+        mm_ktile(bits, G, qw, sc, mn, dw, mw, zoff, K, xq, dx, sx, sq, M, t, out, ldo, flags);
 #else
+    (void)sq;
 #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; n++)
         for (int64_t m = 0; m < M; m++)
@@ -486,15 +402,16 @@ EXPORT void qdot_mm_k(int bits, int G, const uint8_t *qw, const int8_t *sc, cons
 // Tiles t0..t1-1 of w (rows 16 t0 .. 16 t1 - 1) against M activation rows that qdot_quantize() made for
 // w's (G, mode), on the calling thread: for callers that share the tiles of several weights among their
 // own threads (moe.cpp). Each output is computed exactly as qdot_linear computes it.
-EXPORT void qdot_mm_tiles(const QWeight *w, const int8_t *xq, const float *dx, const float *sx, int64_t M, float *out,
+EXPORT void qdot_mm_tiles(const QWeight *w, const int8_t *xq, const float *dx, const float *sx, const int16_t *sq, int64_t M, float *out,
                           int64_t ldo, int64_t t0, int64_t t1) {
     const int64_t K = w->K;
 #if QDOT_VNNI
     for (int64_t t = t0; t < t1; t++) {
-        if (w->sc) mm_ktile(w->bits, w->G, w->qw, w->sc, w->mn, w->dw, w->mw, w->zoff, K, xq, dx, sx, M, t, out, ldo, w->flags);
-        else mm_tile(w->bits, w->G, w->qw, w->dw, w->mw, w->zoff, K, xq, dx, sx, M, t, out, ldo, w->flags);
+        if (w->sc) mm_ktile(w->bits, w->G, w->qw, w->sc, w->mn, w->dw, w->mw, w->zoff, K, xq, dx, sx, sq, M, t, out, ldo, w->flags);
+        else mm_tile(w->bits, w->G, w->qw, w->dw, w->mw, w->zoff, K, xq, dx, sx, sq, M, t, out, ldo, w->flags);
     }
 #else
+    (void)sq;
     const int64_t ng = K / w->G;
     for (int64_t n = 16 * t0; n < 16 * t1; n++)
         for (int64_t m = 0; m < M; m++)
@@ -518,13 +435,14 @@ EXPORT void qdot_mm_k_ref(int bits, int G, const uint8_t *qw, const int8_t *sc, 
 EXPORT void qdot_linear(const QWeight *w, const float *x, int64_t M, float *out) {
     const int64_t K = w->K, ng = K / w->G;
     int8_t *xq = (int8_t *)malloc((size_t)(M * K) + 64);
-    float *dx = (float *)malloc(sizeof(float) * (size_t)(M * ng) * 2 + 64);
+    float *dx = (float *)malloc(sizeof(float) * (size_t)(M * ng) * 3 + 64);
     float *sx = dx + M * ng;
-    qdot_quantize(x, M, K, w->G, w->mode, xq, dx, sx);
+    int16_t *sq = (int16_t *)(sx + M * ng);
+    qdot_quantize(x, M, K, w->G, w->mode, xq, dx, sx, sq);
     if (w->sc)
-        qdot_mm_k(w->bits, w->G, w->qw, w->sc, w->mn, w->dw, w->mw, w->zoff, w->N, K, xq, dx, sx, M, out, w->N, w->flags);
+        qdot_mm_k(w->bits, w->G, w->qw, w->sc, w->mn, w->dw, w->mw, w->zoff, w->N, K, xq, dx, sx, M, out, w->N, w->flags, sq);
     else
-        qdot_mm(w->bits, w->G, w->qw, w->dw, w->mw, w->zoff, w->N, K, xq, dx, sx, M, out, w->N, w->flags);
+        qdot_mm(w->bits, w->G, w->qw, w->dw, w->mw, w->zoff, w->N, K, xq, dx, sx, M, out, w->N, w->flags, sq);
     free(xq);
     free(dx);
 }

@@ -25,9 +25,18 @@ enum { QDOT_LUT_IQ4 = 1, QDOT_SM4 = 2, QDOT_LUT_IQ3XXS = 4, QDOT_LUT_IQ2 = 8, QD
 #define QDOT_OSHIFT(flags) (((flags) >> 8) & 7)
 
 EXPORT void qdot_linear(const QWeight *w, const float *x, int64_t M, float *out);
-EXPORT void qdot_quantize(const float *x, int64_t M, int64_t K, int G, int mode, int8_t *xq, float *dx, float *sx);
-EXPORT void qdot_mm_tiles(const QWeight *w, const int8_t *xq, const float *dx, const float *sx, int64_t M, float *out,
+EXPORT void qdot_quantize(const float *x, int64_t M, int64_t K, int G, int mode, int8_t *xq, float *dx, float *sx,
+                          int16_t *sq);
+EXPORT void qdot_mm_tiles(const QWeight *w, const int8_t *xq, const float *dx, const float *sx, const int16_t *sq, int64_t M, float *out,
                           int64_t ldo, int64_t t0, int64_t t1);
+// kint.cpp: tile t of a K-layout weight with llama.cpp's integer super-block sums, or false (then qdot.cpp's ktile)
+bool kint_tile(int bits, int G, const uint8_t *qw, const int8_t *sc, const int8_t *mn, const uint16_t *dw,
+               const uint16_t *mw, float zoff, int64_t K, const int8_t *xq, const float *dx, const int16_t *sq,
+               int64_t M, int64_t t, float *out, int64_t ldo, int flags);
+// the same for the plain layout without mins (Q4_0, Q5_0, Q8_0, IQ4_NL), or false (then qdot.cpp's tile)
+bool kint_ptile(int bits, int G, const uint8_t *qw, const uint16_t *dw, const uint16_t *mw, float zoff, int64_t K,
+                const int8_t *xq, const float *dx, const int16_t *sq, int64_t M, int64_t t, float *out, int64_t ldo,
+                int flags);
 EXPORT void qdot_rms_norm(const float *x, const float *w, float eps, int64_t M, int64_t K, float *y);
 EXPORT void qdot_attend(const float *qkv, int64_t T, int64_t ld, int H, int Hkv, int D, int Dv, const float *qn,
                         const float *kn, float eps, const float *cs, const float *sn, int n_rot, int neox, void *Kc,

@@ -1,0 +1,223 @@
+// ggtorch's JIT library, part six: the K layout's tiles with llama.cpp's integer sums.
+//
+// qdot.cpp's ktile() turns every group's integer dot product into float and adds it with its own scale
+// (a convert, a multiply and two multiply-adds per group and activation row). llama.cpp's K-quant dot
+// products (ggml_vec_dot_q2_K_q8_K, q3_K, q4_K, q6_K, iq4_xs in ggml-cpu/arch/x86/quants.c) instead sum
+// sc * dot over a 256-value super-block in int32 (the sub-block scales are small integers) and
+// convert once per super-block: sumf += d * y.d * sumi, and the mins the same way from the activations'
+// integer group sums (bsums): sumf -= dmin * y.d * sum(mn * bsum). These tiles do that in the 16-row
+// layout, which is exact and takes per group and activation row one instruction besides the dot
+// product's vpdpbusd (vpdpwssd where the group's dot product fits int16, else vpmulld + vpaddd):
+// - offsets zoff (Q6_K -32, Q3_K -4, IQ4_XS -128, the grid i-quants' level offsets): the dot product
+//   starts at zoff * bsum instead of 0, so it sums (u + zoff) * q, the file's signed values;
+// - mins (Q2_K, Q4_K, Q5_K): per super-block, mn of two groups as int16 pairs times the two groups'
+//   bsums (vpdpwssd), one pair per instruction;
+// - per super-block: acc += float(sumi) * (d * dx) (+ float(summ) * (-dmin * dx)), as llama.cpp.
+// Types whose offset is not an integer (IQ3_S) or that carry a delta per group (IQ1_S) keep ktile().
+#include "tiles.h"
+
+#if QDOT_VNNI
+#include <string.h>
+
+struct KT {  // one tile's K layout (qdot.cpp's mm_ktile pointers)
+    const uint8_t *qt;
+    const int8_t *st, *nt;
+    const uint16_t *dt, *mt;
+    int flags, zi;
+};
+
+// the group's scale per weight row as int32 lanes (SC16: the low 16 bits only, for vpdpwssd)
+template <bool SC16, bool SM4>
+static inline __m512i scales(const int8_t *s) {
+    const __m128i b = _mm_loadu_si128((const __m128i *)s);
+    if (SM4) return _mm512_and_si512(_mm512_cvtepu8_epi32(b), _mm512_set1_epi32(15));
+    const __m512i v = _mm512_cvtepi8_epi32(b);
+    return SC16 ? _mm512_and_si512(v, _mm512_set1_epi32(0xFFFF)) : v;
+}
+
+// the mins of groups g and g + 1 as int16 pairs per weight row (vpdpwssd with the bsums of g, g + 1)
+template <bool SM4>
+static inline __m512i min_pair(const int8_t *s) {
+    __m512i lo, hi;
+    if (SM4) {  // Q2_K: the high nibble of the file's byte
+        lo = _mm512_srli_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)s)), 4);
+        hi = _mm512_srli_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(s + 16))), 4);
+    } else {
+        lo = _mm512_and_si512(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)s)), _mm512_set1_epi32(0xFFFF));
+        hi = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(s + 16)));
+    }
+    return _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
+}
+
+// MT activation rows m0.. against one tile: out = sum over super-blocks of the integer sums' floats.
+template <int MT, int BITS, int G, bool SC16, bool MINS, bool SM4>
+static void itile(const KT &k, int64_t K, const int8_t *xq, const float *dx, const int16_t *sq, int64_t m0, float *out,
+                  int64_t ldo) {
+    constexpr int64_t gb = BITS == 8 ? 16 * G : BITS == 4 ? 8 * G : BITS == 2 ? 4 * G : BITS == 3 ? 6 * G : 8 * G + 64;
+    constexpr int ns = 256 / G;
+    const int64_t ng = K / G;
+    const __m512 os = _mm512_set1_ps(oscale_of(k.flags));
+    __m512 acc[MT];
+    for (int i = 0; i < MT; i++) acc[i] = _mm512_setzero_ps();
+    for (int64_t sb = 0; sb < K / 256; sb++) {
+        const int64_t g0 = sb * ns;
+        const __m512 dv = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(k.dt + sb * 16))), os);
+        if (MINS) {  // sum(mn * bsum) per row, two groups per vpdpwssd
+            __m512i ms[MT];
+            for (int i = 0; i < MT; i++) ms[i] = _mm512_setzero_si512();
+            for (int j = 0; j < ns; j += 2) {
+                const __m512i p = min_pair<SM4>((SM4 ? k.st : k.nt) + (g0 + j) * 16);
+                for (int i = 0; i < MT; i++) {
+                    int32_t s2;
+                    memcpy(&s2, sq + (m0 + i) * ng + g0 + j, 4);
+                    ms[i] = _mm512_dpwssd_epi32(ms[i], p, _mm512_set1_epi32(s2));
+                }
+            }
+            const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(k.mt + sb * 16)));
+            for (int i = 0; i < MT; i++)
+                acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ms[i]), _mm512_mul_ps(mv, _mm512_set1_ps(dx[(m0 + i) * ng + g0])),
+                                         acc[i]);
+        }
+        __m512i is[MT];
+        for (int i = 0; i < MT; i++) is[i] = _mm512_setzero_si512();
+        for (int64_t g = g0; g < g0 + ns; g++) {
+            __m512i w[G / 4];
+            load_group(BITS, G, k.qt + g * gb, gb, w, k.flags);
+            const __m512i sv = scales<SC16, SM4>(k.st + g * 16);
+            for (int i = 0; i < MT; i++) {
+                const int8_t *x = xq + (m0 + i) * K + g * G;
+                __m512i d = k.zi ? _mm512_set1_epi32(k.zi * (int32_t)sq[(m0 + i) * ng + g]) : _mm512_setzero_si512();
+                for (int s = 0; s < G / 4; s++) {
+                    int32_t x4;
+                    memcpy(&x4, x + 4 * s, 4);
+                    d = _mm512_dpbusd_epi32(d, w[s], _mm512_set1_epi32(x4));
+                }
+                is[i] = SC16 ? _mm512_dpwssd_epi32(is[i], d, sv) : _mm512_add_epi32(is[i], _mm512_mullo_epi32(d, sv));
+            }
+        }
+        for (int i = 0; i < MT; i++)
+            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is[i]), _mm512_mul_ps(dv, _mm512_set1_ps(dx[(m0 + i) * ng + g0])),
+                                     acc[i]);
+    }
+    for (int i = 0; i < MT; i++) _mm512_storeu_ps(out + (m0 + i) * ldo, acc[i]);
+}
+
+// all M rows: 8 at a time, then 4, 2, 1 (each row block unpacks the tile once; 16 rows per block measured
+// no faster at M = 128: the registers run out)
+template <int BITS, int G, bool SC16, bool MINS, bool SM4>
+static void rows(const KT &k, int64_t K, const int8_t *xq, const float *dx, const int16_t *sq, int64_t M, float *out,
+                 int64_t ldo) {
+    int64_t m0 = 0;
+    for (; m0 + 8 <= M; m0 += 8) itile<8, BITS, G, SC16, MINS, SM4>(k, K, xq, dx, sq, m0, out, ldo);
+    if (M - m0 >= 4) itile<4, BITS, G, SC16, MINS, SM4>(k, K, xq, dx, sq, m0, out, ldo), m0 += 4;
+    if (M - m0 >= 2) itile<2, BITS, G, SC16, MINS, SM4>(k, K, xq, dx, sq, m0, out, ldo), m0 += 2;
+    if (M - m0 >= 1) itile<1, BITS, G, SC16, MINS, SM4>(k, K, xq, dx, sq, m0, out, ldo);
+}
+
+// The plain layout (one float16 scale per group, no mins: Q4_0, Q5_0, Q8_0, IQ4_NL): the dot product
+// starts at zoff * bsum, so it sums the file's signed values (llama.cpp's sumi), and each group costs one
+// convert and one multiply-add per row instead of qdot.cpp's tile() two (its offset term mw * sx).
+template <int MT, int BITS, int G>
+static void ptile(const uint8_t *qt, const uint16_t *dt, int flags, int zi, int64_t K, const int8_t *xq,
+                  const float *dx, const int16_t *sq, int64_t m0, float *out, int64_t ldo) {
+    constexpr int64_t gb = BITS == 8 ? 16 * G : BITS == 4 ? 8 * G : BITS == 2 ? 4 * G : BITS == 3 ? 6 * G : 8 * G + 64;
+    const int64_t ng = K / G;
+    __m512 acc[MT];
+    for (int i = 0; i < MT; i++) acc[i] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < ng; g++) {
+        __m512i w[G / 4];
+        load_group(BITS, G, qt + g * gb, gb, w, flags);
+        const __m512 sw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dt + g * 16)));
+        for (int i = 0; i < MT; i++) {
+            const int8_t *x = xq + (m0 + i) * K + g * G;
+            __m512i d = _mm512_set1_epi32(zi * (int32_t)sq[(m0 + i) * ng + g]);
+            for (int s = 0; s < G / 4; s++) {
+                int32_t x4;
+                memcpy(&x4, x + 4 * s, 4);
+                d = _mm512_dpbusd_epi32(d, w[s], _mm512_set1_epi32(x4));
+            }
+            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sw, _mm512_set1_ps(dx[(m0 + i) * ng + g])), acc[i]);
+        }
+    }
+    for (int i = 0; i < MT; i++) _mm512_storeu_ps(out + (m0 + i) * ldo, acc[i]);
+}
+
+template <int BITS, int G>
+static void prows(const uint8_t *qt, const uint16_t *dt, int flags, int zi, int64_t K, const int8_t *xq,
+                  const float *dx, const int16_t *sq, int64_t M, float *out, int64_t ldo) {
+    int64_t m0 = 0;
+    for (; m0 + 8 <= M; m0 += 8) ptile<8, BITS, G>(qt, dt, flags, zi, K, xq, dx, sq, m0, out, ldo);
+    if (M - m0 >= 4) ptile<4, BITS, G>(qt, dt, flags, zi, K, xq, dx, sq, m0, out, ldo), m0 += 4;
+    if (M - m0 >= 2) ptile<2, BITS, G>(qt, dt, flags, zi, K, xq, dx, sq, m0, out, ldo), m0 += 2;
+    if (M - m0 >= 1) ptile<1, BITS, G>(qt, dt, flags, zi, K, xq, dx, sq, m0, out, ldo);
+}
+
+// the largest |u + zoff| the type's stored values give (through its table, if any)
+static int max_value(int bits, int flags, int zi) {
+    const uint8_t *lut = lut_of(flags);
+    int v = 0;
+    for (int u = 0; u < (lut ? 16 : 1 << bits); u++) {
+        const int a = abs((lut ? lut[u] : u) + zi);
+        v = a > v ? a : v;
+    }
+    return v;
+}
+#endif
+
+// Tile t of a K-layout weight (qdot.cpp's mm_ktile arguments) through the integer tiles; false when
+// the type is not one of theirs (then ktile() takes it). sq: qdot_quantize's integer group sums.
+bool kint_tile(int bits, int G, const uint8_t *qw, const int8_t *sc, const int8_t *mn, const uint16_t *dw,
+               const uint16_t *mw, float zoff, int64_t K, const int8_t *xq, const float *dx, const int16_t *sq,
+               int64_t M, int64_t t, float *out, int64_t ldo, int flags) {
+#if QDOT_VNNI
+    const int zi = (int)zoff;
+    if (!sq || (float)zi != zoff || (flags & QDOT_IQ1S) || ((mn || (flags & QDOT_SM4)) && zi)) return false;
+    const int64_t ng = K / G, gb = group_bytes(bits, G), nsb = K / 256;
+    const KT k{qw + t * ng * gb, sc + t * ng * 16, mn ? mn + t * ng * 16 : nullptr, dw + t * nsb * 16,
+               mw ? mw + t * nsb * 16 : nullptr, flags, zi};
+    // vpdpwssd reads the dot product's low 16 bits: only where |sum (u + zoff) q| < 2^15 with |q| <= 128
+    const bool sc16 = max_value(bits, flags, zi) * 128 * G < 32768;
+    float *o = out + t * 16;
+    const bool sm4 = flags & QDOT_SM4, mins = mn != nullptr;
+    if (bits == 2 && G == 16 && sm4 && sc16) rows<2, 16, true, true, true>(k, K, xq, dx, sq, M, o, ldo);      // Q2_K
+    else if (bits == 3 && G == 16 && !mins && !sm4 && sc16) rows<3, 16, true, false, false>(k, K, xq, dx, sq, M, o, ldo);  // Q3_K, IQ1_M
+    else if (bits == 3 && G == 16 && !mins && !sm4) rows<3, 16, false, false, false>(k, K, xq, dx, sq, M, o, ldo);  // IQ2_XS, IQ2_S
+    else if (bits == 3 && G == 32 && !mins && !sm4) rows<3, 32, false, false, false>(k, K, xq, dx, sq, M, o, ldo);  // IQ2_XXS
+    else if (bits == 4 && G == 32 && mins && !sm4) rows<4, 32, false, true, false>(k, K, xq, dx, sq, M, o, ldo);  // Q4_K
+    else if (bits == 4 && G == 32 && !mins && !sm4) rows<4, 32, false, false, false>(k, K, xq, dx, sq, M, o, ldo);  // IQ4_XS, IQ3_XXS
+    else if (bits == 5 && G == 32 && mins && !sm4) rows<5, 32, false, true, false>(k, K, xq, dx, sq, M, o, ldo);  // Q5_K
+    else if (bits == 6 && G == 16 && !mins && !sm4) rows<6, 16, false, false, false>(k, K, xq, dx, sq, M, o, ldo);  // Q6_K
+    else return false;
+    return true;
+#else
+    (void)bits, (void)G, (void)qw, (void)sc, (void)mn, (void)dw, (void)mw, (void)zoff, (void)K, (void)xq, (void)dx;
+    (void)sq, (void)M, (void)t, (void)out, (void)ldo, (void)flags;
+    return false;
+#endif
+}
+
+// Tile t of a plain-layout weight (qdot.cpp's mm_tile arguments) through ptile(); false when it has mins
+// (Q4_1, Q5_1: their float16 s = d * sum(q) is llama.cpp's own offset term, which tile() keeps) or a
+// shape ptile() is not made for.
+bool kint_ptile(int bits, int G, const uint8_t *qw, const uint16_t *dw, const uint16_t *mw, float zoff, int64_t K,
+                const int8_t *xq, const float *dx, const int16_t *sq, int64_t M, int64_t t, float *out, int64_t ldo,
+                int flags) {
+#if QDOT_VNNI
+    const int zi = (int)zoff;
+    // E8M0 (MXFP4): the scales are exponent bytes, not float16; the float tile loop reads them
+    if (!sq || mw || (float)zi != zoff || G != 32 || (flags & QDOT_E8M0)) return false;
+    const int64_t ng = K / G, gb = group_bytes(bits, G);
+    const uint8_t *qt = qw + t * ng * gb;
+    const uint16_t *dt = dw + t * ng * 16;
+    float *o = out + t * 16;
+    if (bits == 4) prows<4, 32>(qt, dt, flags, zi, K, xq, dx, sq, M, o, ldo);  // Q4_0, IQ4_NL
+    else if (bits == 5) prows<5, 32>(qt, dt, flags, zi, K, xq, dx, sq, M, o, ldo);  // Q5_0
+    else if (bits == 8) prows<8, 32>(qt, dt, flags, zi, K, xq, dx, sq, M, o, ldo);  // Q8_0
+    else return false;
+    return true;
+#else
+    (void)bits, (void)G, (void)qw, (void)dw, (void)mw, (void)zoff, (void)K, (void)xq, (void)dx, (void)sq, (void)M;
+    (void)t, (void)out, (void)ldo, (void)flags;
+    return false;
+#endif
+}
