@@ -58,3 +58,26 @@ def gemma_exact():
 
 def golden(name: str) -> dict:
     return json.loads((GOLDENS / f"{name}.json").read_text())
+
+
+def batch_rows_equal_alone(net, seqs, ride):
+    """A batched step (the last tokens of 3 slots' sequences, then the prompt ``ride`` riding along in
+    another slot) gives each row, to the bit, what its sequence gives run alone (batch invariance)."""
+    import torch
+
+    alone = []
+    for s in seqs:
+        c = net.new_cache(32, dtype="f16")
+        net.forward(s[:-1], c)
+        alone.append(net.forward(s[-1:], c))
+    pool = net.new_pool(4, 32, dtype="f16")
+    for i, s in enumerate(seqs):
+        net.forward(s[:-1], pool, slot=i)
+    got = net.forward_batch([s[-1] for s in seqs], list(range(len(seqs))), pool)
+    assert all(torch.equal(got[i:i + 1], alone[i]) for i in range(len(seqs)))
+    c = net.new_cache(32, dtype="f16")
+    want = net.forward(ride, c, all_logits=True)
+    pool2 = net.new_pool(2, 32, dtype="f16")
+    net.forward(seqs[0], pool2, slot=0)
+    got = net.forward_batch([5] + list(ride), [0] + [1] * len(ride), pool2)
+    assert torch.equal(got[1:], want)

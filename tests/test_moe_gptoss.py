@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import ggtorch
-from conftest import FIXTURES
+from conftest import FIXTURES, batch_rows_equal_alone
 from ggtorch.model import fastpath
 from ggtorch.model import moe as moe_mod
 from ggtorch.model.layers import swiglu_oai
@@ -202,20 +202,4 @@ def test_batched_gpt_oss_step_changes_no_row():
     step: each row equals its sequence run alone, to the bit (windows and sinks per slot)."""
     net = load("tiny-gpt-oss-MXFP4")
     seqs = [SEQ[:12], [1, 44, 9], SEQ[4:13]]  # the first is longer than the sliding window (8)
-    alone = []
-    for s in seqs:
-        c = net.new_cache(32, dtype="f16")
-        net.forward(s[:-1], c)
-        alone.append(net.forward(s[-1:], c))
-    pool = net.new_pool(4, 32, dtype="f16")
-    for i, s in enumerate(seqs):
-        net.forward(s[:-1], pool, slot=i)
-    got = net.forward_batch([s[-1] for s in seqs], [0, 1, 2], pool)
-    assert all(torch.equal(got[i:i + 1], alone[i]) for i in range(3))
-    ride = SEQ[2:11]
-    c = net.new_cache(32, dtype="f16")
-    want = net.forward(ride, c, all_logits=True)
-    pool2 = net.new_pool(2, 32, dtype="f16")
-    net.forward(seqs[0], pool2, slot=0)
-    got = net.forward_batch([5] + ride, [0] + [1] * len(ride), pool2)
-    assert torch.equal(got[1:], want)
+    batch_rows_equal_alone(net, seqs, SEQ[2:11])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import ggtorch
-from conftest import FIXTURES
+from conftest import FIXTURES, batch_rows_equal_alone
 from ggtorch.model import fastpath
 from ggtorch.model import moe as moe_mod
 from ggtorch.quant import jit
@@ -91,23 +91,7 @@ def test_batched_moe_step_groups_tokens_without_changing_a_row(name):
     decoded alone, to the bit."""
     net = net_of(name)
     seqs = [SEQ[:6], [1, 44, 9], SEQ[4:12]]
-    alone = []
-    for s in seqs:
-        c = net.new_cache(32, dtype="f16")
-        net.forward(s[:-1], c)
-        alone.append(net.forward(s[-1:], c))
-    pool = net.new_pool(4, 32, dtype="f16")
-    for i, s in enumerate(seqs):
-        net.forward(s[:-1], pool, slot=i)
-    got = net.forward_batch([s[-1] for s in seqs], [0, 1, 2], pool)
-    assert all(torch.equal(got[i:i + 1], alone[i]) for i in range(3))
-    ride = SEQ[2:11]
-    c = net.new_cache(32, dtype="f16")
-    want = net.forward(ride, c, all_logits=True)
-    pool2 = net.new_pool(2, 32, dtype="f16")
-    net.forward(seqs[0], pool2, slot=0)
-    got = net.forward_batch([5] + ride, [0] + [1] * len(ride), pool2)
-    assert torch.equal(got[1:], want)
+    batch_rows_equal_alone(net, seqs, SEQ[2:11])
 
 
 def test_top_k_ties_go_to_the_lower_index(monkeypatch):
