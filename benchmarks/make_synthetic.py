@@ -54,6 +54,18 @@ def _random_imatrix(f16: str):
 
 
 def _quantize(f16: str, out: str, t: str, requantize: bool = False) -> None:
+    """In a child process: Linux carries a process's peak RSS across exec into what it spawns, so a
+    quantizer run in vs_llamacpp.py's own process (a GB resident) inflated every later peak RSS."""
+    import multiprocessing
+
+    p = multiprocessing.get_context("spawn").Process(target=_quantize_here, args=(f16, out, t, requantize))
+    p.start()
+    p.join()
+    if p.exitcode != 0:
+        raise SystemExit(f"quantizing {out} failed (exit code {p.exitcode})")
+
+
+def _quantize_here(f16: str, out: str, t: str, requantize: bool) -> None:
     import llama_cpp
 
     ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{t}", None)
