@@ -74,6 +74,27 @@ def test_cache_written_in_the_background(xdg, model_file, monkeypatch):
     assert ggtorch.load(str(model_file)).repack_cache == "hit"
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
+def test_background_write_runs_at_the_lowest_priority(xdg, model_file, monkeypatch):
+    """The writer thread is niced to 19, so decode threads preempt it; the main thread keeps its own."""
+    import threading
+
+    seen = []
+    real = repack_cache.save
+
+    def spy(*a):
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return real(*a)
+
+    monkeypatch.setattr(repack_cache, "save", spy)
+    main = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert ggtorch.load(str(model_file)).repack_cache == "miss"
+    repack_cache.flush()
+    assert seen == [19]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main
+    assert ggtorch.load(str(model_file)).repack_cache == "hit"
+
+
 def test_cache_invalidated_when_the_file_changes(xdg, model_file):
     ggtorch.load(str(model_file))
     old = entries(xdg)

@@ -141,7 +141,9 @@ def test_decode_with_adapter_equals_full_forward(models):
         cache = m.net.new_cache(4, dtype="f32")
         rows = [m.net.forward(PROMPT[:5], cache, all_logits=True)]
         rows += [m.net.forward([t], cache, all_logits=True) for t in PROMPT[5:]]
-        assert torch.allclose(full, torch.cat(rows), atol=2e-3, rtol=1e-3)
+        # bit for bit: the low-rank terms compute each row alone (csrc/lowrank.cpp), as the quantized kernels
+        # do, so a row's numbers do not depend on how many rows share its forward
+        assert torch.equal(full, torch.cat(rows)), (full - torch.cat(rows)).abs().max()
         r = m.generate(PROMPT, max_tokens=4, ignore_eos=True)
         assert r.ids[0] == int(np.argmax(REF["tiny-llama-Q8_0+peft_a"][-1]))
     finally:
@@ -383,5 +385,7 @@ def test_one_batch_mixes_sequences_with_different_adapters(models, fast):
     finally:
         m.set_lora([])
     want = torch.cat(alone)
+    if fast:  # the JIT kernels and low-rank terms: each row's bits independent of the batch
+        assert torch.equal(got, want), (got - want).abs().max()
     assert torch.allclose(got, want, atol=2e-3), (got - want).abs().max()
     assert (alone[0] - alone[2]).abs().max() > 0.1 and (alone[1] - alone[2]).abs().max() > 0.1

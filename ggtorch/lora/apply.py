@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import LoRAError
+from ..quant import jit
 from .adapter import Adapter, check
 
 FUSIONS = (("attn_qkv", ("attn_q", "attn_k", "attn_v")), ("ffn_gate_up", ("ffn_gate", "ffn_up")))
@@ -84,6 +85,7 @@ class LowRank:
     def __init__(self, rows: SlotScales | None = None):
         self.terms: list[tuple] = []
         self.rows = rows
+        self._bt: dict[int, tuple] = {}
 
     def __bool__(self) -> bool:
         return bool(self.terms)
@@ -93,10 +95,20 @@ class LowRank:
         if y.dtype != torch.float32:
             y = y.float()
         n = x.numel() // x.shape[-1]
+        flat = None
         for a, b, s, lo, hi, k, r in self.terms:
             per = self.rows.row_scales(k, r, n) if self.rows is not None else None
             if per is False:
                 continue  # no row of this batch uses adapter k
+            if not grad:  # inference: each row alone (jit.lowrank), so a batch's rows equal the same rows alone
+                if flat is None:
+                    y = y.contiguous()
+                    flat = (x.reshape(n, x.shape[-1]), y.view(n, y.shape[-1]))
+                bt = self._bt.get(id(b))
+                if bt is None or bt[0] is not b or bt[1] != b._version:  # B transposed (lowrank.cpp's layout),
+                    bt = self._bt[id(b)] = (b, b._version, b.T.contiguous())  # again after training updates b
+                if jit.lowrank(flat[0], a, bt[2], per, s, flat[1], lo):
+                    continue
             d = (x.to(a.dtype) @ a.T) @ b.T  # two thin products: r is small, never B A formed
             if per is not None:  # in place on the 2-D inference product: ~10 us less a term than a new tensor
                 d = d.mul_(per) if d.dim() == 2 and not grad else d * per.reshape(*x.shape[:-1], 1)

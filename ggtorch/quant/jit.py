@@ -29,7 +29,7 @@ import torch
 log = logging.getLogger("ggtorch.jit")
 
 SOURCES = [Path(__file__).with_name("csrc") / n for n in ("qdot.cpp", "kint.cpp", "ops.cpp", "step.cpp", "repack.cpp",
-                                                                   "moe.cpp")]
+                                                                   "moe.cpp", "lowrank.cpp")]
 HEADERS = [Path(__file__).with_name("csrc") / n for n in ("qdot.h", "tiles.h")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-fno-math-errno"]
 
@@ -109,6 +109,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.qdot_attend.restype = None
     lib.qdot_glu.argtypes = [P, P, I64, I64, I64, I64, I, P]
     lib.qdot_glu.restype = None
+    lib.qdot_lowrank.argtypes = [P, I64, I64, I64, P, I64, P, I64, P, F, P, I64, I64]
+    lib.qdot_lowrank.restype = None
     lib.qdot_step.argtypes = [P, P, I64, P, P, I64, P, P, P, P, P, P]
     lib.qdot_step.restype = None
     lib.qdot_moe.argtypes = [P, P, I64, I64, P, P]
@@ -248,6 +250,31 @@ class Linear:
         out = torch.empty(x.shape[0], self.N)
         self.fn(self.ref, x.data_ptr(), x.shape[0], out.data_ptr())
         return out if self.n == self.N else out[:, :self.n].contiguous()
+
+
+MAX_LORA_RANK = 512  # lowrank.cpp's per-row buffer
+
+
+def lowrank(x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, rows: torch.Tensor | None, scale: float,
+            y: torch.Tensor, lo: int) -> bool:
+    """y[:, lo:lo + N] += s * (x @ a.T) @ bt in place (bt: B transposed, [r, N]), every row computed alone (csrc/lowrank.cpp: the same
+    bits whatever the batch); rows: a float32 scale per row [M, 1], or None for ``scale``. x [M, K] and y
+    [M, *] 2-D. False (nothing done) when the library is unavailable or the tensors do not qualify."""
+    lib = _lib if _lib is not None else library()
+    if not lib or y.dim() != 2 or not y.is_contiguous() or y.dtype != torch.float32 or y.device.type != "cpu":
+        return False
+    r, K = a.shape
+    if (r > MAX_LORA_RANK or a.dtype != torch.float32 or bt.dtype != torch.float32 or not a.is_contiguous()
+            or not bt.is_contiguous() or a.device.type != "cpu" or bt.device.type != "cpu"):
+        return False
+    if x.dtype != torch.float32 or x.stride(-1) != 1:
+        x = x.float().contiguous()
+    if rows is not None:
+        rows = rows.contiguous()
+    M, N = y.shape[0], bt.shape[1]
+    lib.qdot_lowrank(x.data_ptr(), M, K, x.stride(0), a.data_ptr(), r, bt.data_ptr(), N,
+                     None if rows is None else rows.data_ptr(), float(scale), y.data_ptr(), y.shape[1], lo)
+    return True
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tensor | None:
