@@ -19,6 +19,16 @@ CMD = [sys.executable, "-m", "ggtorch", "chat", "smollm2-135m", "-n", "400", "--
 STORY = "Write a very long story about a dragon who learns to cook, with many chapters."
 
 
+@pytest.fixture(autouse=True)
+def python_sigint():
+    """The in-process tests drive Chat's Ctrl-C handling, which expects Python's own SIGINT handler: a
+    suite started with `&` by a non-interactive shell begins with SIGINT ignored, so set it (and put back
+    whatever was there)."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
 class Term:
     """A child process on a pseudo-terminal, read with a deadline."""
 
