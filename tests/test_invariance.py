@@ -202,3 +202,21 @@ def test_generate_batch_equals_generate(smollm):
     batch = smollm.generate_batch(prompts, parallel=8, max_tokens=N_GEN, temperature=0.0, ignore_eos=True)
     for ids, res in zip(prompts, batch):
         assert res.ids == smollm.generate(ids, max_tokens=N_GEN, temperature=0.0, ignore_eos=True).ids
+
+
+@pytest.mark.parametrize("arch", ["tiny-gpt-oss-F32", "tiny-gemma2-F32", "tiny-mistral3-F32"])
+def test_rope_table_rows_equal_positions_computed_alone(arch):
+    """rope_tables reads rows of a table made once (model/base.py): each equals its position computed
+    alone, for plain, YaRN and local-base RoPE, inside the table, past it and with the table regrown."""
+    from conftest import FIXTURES
+
+    net = ggtorch.load(str(FIXTURES / "archs" / f"{arch}.gguf")).net
+    bases = {net.cfg.rope_base, net.cfg.rope_base_local or net.cfg.rope_base}
+    for base in bases:
+        for pos in ([0], [7], [5, 6, 7, 8], [300, 2, 299], [255], [256], [100_000], [40_000, 3]):
+            p = torch.tensor(pos)
+            got = net.rope_tables(p, base)
+            want = net._rope_compute(p, base, True)
+            assert all(torch.equal(g, w) for g, w in zip(got, want)), (arch, base, pos)
+            assert got[0].shape == (len(pos), 1, net.cfg.n_rot // 2)
+    assert net._rope_memo and all(t[0].shape[0] == 512 for t in net._rope_memo.values())  # grown to 300

@@ -12,7 +12,7 @@ import torch
 
 from ..errors import ContextError, ModelError
 from ..gguf.reader import GGUFFile
-from ..quant.dequant import dequantize
+from ..quant.dequant import dequantize, dequantize_blocks
 from ..quant.linear import QWeight, embedding, qmatmul
 from . import cuda_graph, fastpath
 from .config import Config
@@ -20,6 +20,7 @@ from .layers import (BatchView, KVCache, SlotView, attention, attention_ext, att
                      rope_cache, rope_cache_yarn, softcap)
 
 Tracer = Callable[[str, torch.Tensor], None]
+ROPE_TABLE_MAX = 1 << 15  # positions kept in rope_tables' tables (n_rot/2 x 2 floats each: 16 MB at n_rot 128)
 
 
 class Transformer:
@@ -38,6 +39,7 @@ class Transformer:
         self.numerics = False  # llama.cpp's roundings (see model.numerics); use_ggml_numerics() turns it on
         self.ubatch = 256  # tokens per forward slice (measured: as fast as 512 on SmolLM2, 20 MB less peak)
         self.faults: dict = {}  # fault injection for debugging tools (see ggtorch.debug)
+        self._rope_memo: dict = {}  # (base, yarn) -> cos/sin tables by position (rope_tables)
         self.force_mask = False  # mask() never answers None (the CUDA-graph step attends over stale rows too)
         self.kv_dtype = torch.float32  # the KV cache's storage type (the API sets it: f16 like llama.cpp)
 
@@ -95,7 +97,7 @@ class Transformer:
         w = self.tok_embd
         if self._embd_file_ptr is not None and w.dense is None and w.raw.data_ptr() == self._embd_file_ptr:
             raw = torch.from_numpy(self.file.rows("token_embd.weight", ids.reshape(-1).numpy(), w.row_bytes))
-            x = dequantize(raw, w.type).reshape(-1, w.in_features)
+            x = dequantize_blocks(raw, w.type).reshape(-1, w.in_features)
         else:
             x = embedding(ids, w)
         if getattr(self, "lora_embd", None):  # a LoRA adapter on token_embd (ggtorch.lora.apply)
@@ -106,7 +108,24 @@ class Transformer:
 
     def rope_tables(self, pos: torch.Tensor, base: float, yarn: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin [T, 1, n_rot/2] for ggml_rope_ext with the file's scaling (linear or YaRN);
-        ``yarn=False``: unscaled (olmo2's sliding-window layers)."""
+        ``yarn=False``: unscaled (olmo2's sliding-window layers).
+
+        On CPU, rows of a table made once for positions 0..n-1 (n doubling up to ROPE_TABLE_MAX as the
+        positions grow): the formulas are elementwise, so a row equals the same position computed alone,
+        and a decode step no longer spends ~50 us of small PyTorch operations recomputing it."""
+        if self.device.type == "cpu" and pos.numel():
+            hi = int(pos) if pos.numel() == 1 else int(pos.max())
+            if 0 <= hi < ROPE_TABLE_MAX and (pos.numel() == 1 or int(pos.min()) >= 0):
+                key = (base, yarn)
+                tab = self._rope_memo.get(key)
+                if tab is None or tab[0].shape[0] <= hi:
+                    n = min(ROPE_TABLE_MAX, max(256, 1 << hi.bit_length()))
+                    cos, sin = self._rope_compute(torch.arange(n, device=self.device), base, yarn)
+                    tab = self._rope_memo[key] = (cos, sin)
+                return tab[0][pos], tab[1][pos]
+        return self._rope_compute(pos, base, yarn)
+
+    def _rope_compute(self, pos: torch.Tensor, base: float, yarn: bool) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.cfg
         if c.yarn_ext_factor and yarn:
             cos, sin = rope_cache_yarn(pos, c.n_rot, base, c.rope_freq_scale, c.yarn_ext_factor,
@@ -119,6 +138,11 @@ class Transformer:
         return cos[:, None], sin[:, None]  # broadcast over heads of [T, H, D]
 
     def _check_ids(self, ids) -> torch.Tensor:
+        if type(ids) is list and len(ids) <= 16 and all(type(i) is int for i in ids):  # a decode step's few
+            if ids and not all(0 <= i < self.cfg.n_vocab for i in ids):  # ids: checked without tensor ops
+                raise ModelError(f"token ids must lie in 0..{self.cfg.n_vocab - 1}")
+            if ids:
+                return torch.tensor(ids, dtype=torch.long, device=self.device)
         ids = torch.as_tensor(ids, dtype=torch.long, device=self.device).reshape(-1)
         if ids.numel() == 0:
             raise ModelError("forward needs at least one token")

@@ -149,7 +149,7 @@ def deq_q5_1(b):  # d, m, qh, qs[16]; x = d * q + m
 
 @register("Q8_0")
 def deq_q8_0(b):  # d, qs[32] int8
-    return b[:, 2:34].contiguous().view(torch.int8).float() * _f16(b, 0)
+    return b[:, 2:34].view(torch.int8).float() * _f16(b, 0)
 
 
 @register("Q8_1")
@@ -397,6 +397,23 @@ def deq_iq4_xs(b):  # d, scales_h (u16), scales_l[4], qs[128]
 
 
 # ---- the one entry point ----------------------------------------------------------------------
+@lru_cache(maxsize=None)
+def _fn_of(t: GGMLType) -> tuple[Dequantizer, int]:
+    fn = DEQUANTIZERS.get(t.name)
+    if fn is None:
+        raise QuantError(f"no dequantizer for ggml type {t.name}")
+    return fn, t.type_size
+
+
+def dequantize_blocks(b: torch.Tensor, t: GGMLType) -> torch.Tensor:
+    """A few rows of whole blocks (uint8 tensor) -> float32 [n blocks, block_size]: dequantize() without
+    its conversions and chunking, for an embedding lookup's one row a decode step."""
+    fn, size = _fn_of(t)
+    if b.numel() % size:
+        raise QuantError(f"{t.name}: {b.numel()} bytes is not a whole number of {size}-byte blocks")
+    return fn(b.view(-1, size))
+
+
 def dequantize(raw, type: "str | int | GGMLType", shape=None, chunk_blocks: int = 1 << 16) -> torch.Tensor:
     """Raw GGUF bytes of one tensor -> float32 tensor.
 
