@@ -205,6 +205,18 @@ static inline void put_group(uint8_t *q, int64_t r, const uint8_t *v) {
         }
 }
 
+// put_group<4, 32> of a Q4_0-style block (qs[i] holds values i and i + 16 in its low and high nibble) read
+// from its 16 bytes directly: tile byte 64p + j of the row (p < 2) pairs values 8p + j and 8p + 4 + j,
+// which are low nibbles; bytes 64(p + 2) + j pair the high nibbles of the same two bytes
+static inline void put_nibbles(uint8_t *q, const uint8_t *qs) {
+    for (int p = 0; p < 2; p++)
+        for (int j = 0; j < 4; j++) {
+            const uint8_t a = qs[8 * p + j], c = qs[8 * p + 4 + j];
+            q[64 * p + j] = (uint8_t)((a & 15) | (c << 4));
+            q[64 * (p + 2) + j] = (uint8_t)((a >> 4) | (c & 0xF0));
+        }
+}
+
 template <int type, int bits, int G>
 static void repack(const uint8_t *src, int64_t rows, int64_t K, int64_t block_bytes, uint8_t *qw, uint16_t *dw,
                    uint16_t *mw, int8_t *sc, int8_t *mn, const uint8_t *grid) {
@@ -213,6 +225,7 @@ static void repack(const uint8_t *src, int64_t rows, int64_t K, int64_t block_by
                        type == IQ1_S || type == IQ1_M;
     constexpr int64_t bv = kq ? 256 : 32, gpb = bv / G,
                       gb = bits == 8 ? 16 * G : bits == 4 ? 8 * G : bits == 2 ? 4 * G : bits == 3 ? 6 * G : 8 * G + 64;
+    constexpr bool nibbles = type == Q4_0 || type == IQ4_NL || type == MXFP4 || type == Q4_1;  // 32 values, G 32
     constexpr int d_at = type == Q6_K ? 208 : type == Q2_K ? 80 : type == Q3_K ? 108 : 0;
     const int64_t nb = K / bv, ng = K / G, ntiles = (rows + 15) / 16;
     const uint8_t zero[256] = {0};
@@ -224,10 +237,18 @@ static void repack(const uint8_t *src, int64_t rows, int64_t K, int64_t block_by
             const uint8_t *row = src + (t * 16 + r) * nb * block_bytes;
             for (int64_t bi = 0; bi < nb; bi++) {
                 const uint8_t *b = row + bi * block_bytes;
-                if (!pad) block_values(type, b, u, grid);
+                if (nibbles && !pad) {  // the file's 16 nibble bytes straight into the row's 16 tile bytes
+                    put_nibbles(qw + (t * ng + bi) * gb + 4 * r, b + (type == Q4_1 ? 4 : type == MXFP4 ? 1 : 2));
+                } else if (type == Q8_0 && !pad) {  // u = q + 128: the sign bit flipped, 4 bytes per step
+                    uint8_t *q = qw + (t * ng + bi) * gb + 4 * r;
+                    for (int s = 0; s < 8; s++)
+                        for (int j = 0; j < 4; j++) q[64 * s + j] = (uint8_t)(b[2 + 4 * s + j] ^ 0x80);
+                } else if (!pad) {
+                    block_values(type, b, u, grid);
+                }
                 for (int64_t gi = 0; gi < gpb; gi++) {
                     const int64_t g = bi * gpb + gi, at = (t * ng + g) * 16 + r;
-                    put_group<bits, G>(qw + (t * ng + g) * gb, r, pad ? zero : u + gi * G);
+                    if (pad || !(nibbles || type == Q8_0)) put_group<bits, G>(qw + (t * ng + g) * gb, r, pad ? zero : u + gi * G);
                     if (kq) {
                         if (pad) sc[at] = 0, mn ? (void)(mn[at] = 0) : (void)0;
                         else if (type == Q6_K) sc[at] = (int8_t)b[192 + gi];
