@@ -118,7 +118,7 @@ static void rows(const KT &k, int64_t K, const int8_t *xq, const float *dx, cons
 // starts at zoff * bsum, so it sums the file's signed values (llama.cpp's sumi), and each group costs one
 // convert and one multiply-add per row instead of qdot.cpp's tile() two (its offset term mw * sx).
 template <int MT, int BITS, int G>
-static void ptile(const uint8_t *qt, const uint16_t *dt, int flags, int zi, int64_t K, const int8_t *xq,
+static void ptile(const uint8_t *qt, const void *dt, int flags, int zi, int64_t K, const int8_t *xq,
                   const float *dx, const int16_t *sq, int64_t m0, float *out, int64_t ldo) {
     constexpr int64_t gb = BITS == 8 ? 16 * G : BITS == 4 ? 8 * G : BITS == 2 ? 4 * G : BITS == 3 ? 6 * G : 8 * G + 64;
     const int64_t ng = K / G;
@@ -127,7 +127,8 @@ static void ptile(const uint8_t *qt, const uint16_t *dt, int flags, int zi, int6
     for (int64_t g = 0; g < ng; g++) {
         __m512i w[G / 4];
         load_group(BITS, G, qt + g * gb, gb, w, flags);
-        const __m512 sw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dt + g * 16)));
+        const __m512 sw = flags & QDOT_E8M0 ? e8m0_16((const uint8_t *)dt + g * 16)  // MXFP4's exponent bytes
+                                            : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)dt + g * 16)));
         for (int i = 0; i < MT; i++) {
             const int8_t *x = xq + (m0 + i) * K + g * G;
             __m512i d = _mm512_set1_epi32(zi * (int32_t)sq[(m0 + i) * ng + g]);
@@ -143,7 +144,7 @@ static void ptile(const uint8_t *qt, const uint16_t *dt, int flags, int zi, int6
 }
 
 template <int BITS, int G>
-static void prows(const uint8_t *qt, const uint16_t *dt, int flags, int zi, int64_t K, const int8_t *xq,
+static void prows(const uint8_t *qt, const void *dt, int flags, int zi, int64_t K, const int8_t *xq,
                   const float *dx, const int16_t *sq, int64_t M, float *out, int64_t ldo) {
     int64_t m0 = 0;
     for (; m0 + 8 <= M; m0 += 8) ptile<8, BITS, G>(qt, dt, flags, zi, K, xq, dx, sq, m0, out, ldo);
@@ -204,13 +205,13 @@ bool kint_ptile(int bits, int G, const uint8_t *qw, const uint16_t *dw, const ui
                 int flags) {
 #if QDOT_VNNI
     const int zi = (int)zoff;
-    // E8M0 (MXFP4): the scales are exponent bytes, not float16; the float tile loop reads them
-    if (!sq || mw || (float)zi != zoff || G != 32 || (flags & QDOT_E8M0)) return false;
+    if (!sq || mw || (float)zi != zoff || G != 32) return false;
     const int64_t ng = K / G, gb = group_bytes(bits, G);
     const uint8_t *qt = qw + t * ng * gb;
-    const uint16_t *dt = dw + t * ng * 16;
+    // E8M0 (MXFP4): a byte per group and row, not a float16
+    const void *dt = flags & QDOT_E8M0 ? (const void *)((const uint8_t *)dw + t * ng * 16) : (const void *)(dw + t * ng * 16);
     float *o = out + t * 16;
-    if (bits == 4) prows<4, 32>(qt, dt, flags, zi, K, xq, dx, sq, M, o, ldo);  // Q4_0, IQ4_NL
+    if (bits == 4) prows<4, 32>(qt, dt, flags, zi, K, xq, dx, sq, M, o, ldo);  // Q4_0, IQ4_NL, MXFP4
     else if (bits == 5) prows<5, 32>(qt, dt, flags, zi, K, xq, dx, sq, M, o, ldo);  // Q5_0
     else if (bits == 8) prows<8, 32>(qt, dt, flags, zi, K, xq, dx, sq, M, o, ldo);  // Q8_0
     else return false;

@@ -166,14 +166,6 @@ static inline void group_rows(const __m512i *w, int G, __m512 sw, __m512 mw, int
     }
 }
 
-// 16 e8m0 bytes -> their float32 scales 2^(e - 128), as e8m0_half (the subnormals for e < 2)
-static inline __m512 e8m0_16(const uint8_t *p) {
-    const __m512i e = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
-    const __m512i normal = _mm512_slli_epi32(_mm512_sub_epi32(e, _mm512_set1_epi32(1)), 23);
-    const __m512i sub = _mm512_sllv_epi32(_mm512_set1_epi32(0x00200000), e);
-    return _mm512_castsi512_ps(_mm512_mask_blend_epi32(_mm512_cmplt_epu32_mask(e, _mm512_set1_epi32(2)), normal, sub));
-}
-
 template <int MT>
 static void tile(int bits, int G, const uint8_t *qt, const uint16_t *dt, const uint16_t *mt, float zoff, int64_t K,
                  const int8_t *xq, const float *dx, const float *sx, int64_t m0, float *out, int64_t ldo, int flags) {

@@ -91,6 +91,14 @@ static inline void unpack(int bits, int G, const uint8_t *q, __m512i *w, int fla
     }
 }
 
+// 16 e8m0 bytes -> their float32 scales 2^(e - 128), as e8m0_half (the subnormals for e < 2)
+static inline __m512 e8m0_16(const uint8_t *p) {
+    const __m512i e = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+    const __m512i normal = _mm512_slli_epi32(_mm512_sub_epi32(e, _mm512_set1_epi32(1)), 23);
+    const __m512i sub = _mm512_sllv_epi32(_mm512_set1_epi32(0x00200000), e);
+    return _mm512_castsi512_ps(_mm512_mask_blend_epi32(_mm512_cmplt_epu32_mask(e, _mm512_set1_epi32(2)), normal, sub));
+}
+
 // a tile's group: prefetch the one two groups ahead (the next row block of the stream), then unpack
 static inline void load_group(int bits, int G, const uint8_t *q, int64_t gb, __m512i *w, int flags) {
     for (int c = 0; c < 4; c++) _mm_prefetch((const char *)(q + 2 * gb + 64 * c), _MM_HINT_T0);
