@@ -36,8 +36,9 @@ class Llama(Transformer):
 
     def prepare(self, pos, rope_pos, n_kv):
         cos, sin = self.rope_tables(rope_pos, self.cfg.rope_base)
-        cis = torch.complex(cos, sin) if self.cfg.rope_type != "neox" else None
-        ctx = {"cos": cos, "sin": sin, "cis": cis, "mask": self.mask(pos, n_kv)}
+        # cis (cos + i sin, for rope's complex multiply) is made by the first block that rotates: the
+        # one-call step never needs it
+        ctx = {"cos": cos, "sin": sin, "cis": None, "mask": self.mask(pos, n_kv)}
         t = self.cfg.attn_temp_scale
         if t:  # mistral3 (llm_graph_input_attn_temp::set_input)
             scale = torch.log(torch.floor(pos.double() / self.cfg.n_ctx_orig) + 1.0) * t + 1.0
@@ -89,6 +90,8 @@ class Llama(Transformer):
             k = rms_norm(k, L["attn_k_norm"], self.eps())
         if c.has_rope(il):  # smollm3: no RoPE on every 4th layer
             neox = c.rope_type == "neox"
+            if not neox and ctx["cis"] is None:
+                ctx["cis"] = torch.complex(ctx["cos"], ctx["sin"])
             q = rope(q, ctx["cos"], ctx["sin"], neox, ctx["cis"])
             k = rope(k, ctx["cos"], ctx["sin"], neox, ctx["cis"])
         if trace:
