@@ -4,7 +4,8 @@
     python benchmarks/vs_llamacpp.py --synthetic [--synthetic-dir DIR] [--types Q4_0,Q8_0,Q4_K_M] [--layers N]
     python benchmarks/vs_llamacpp.py --moe [--moe-types Q4_K_M] [--moe-layers N]
 
-Each measurement runs in its own process, so peak RSS is its own. ggtorch's load is measured twice,
+Each measurement runs in its own process, so peak RSS is its own, and each engine starts with the file
+read once into the page cache (page_in: cold means an empty repack cache, not a disk read). ggtorch's load is measured twice,
 with a fresh repack cache (cold: repack; the entry is written on a thread after load returns; the
 median of --cold-reps fresh processes) and with the stored one (warm: memory-mapped);
 prefill, decode and peak RSS come from the warm process. The repack cache is a temporary directory,
@@ -117,8 +118,20 @@ def type_mix(path: str) -> str:
                      for k, v in sorted(by.items(), key=lambda kv: -kv[1]))
 
 
+def page_in(path: str) -> None:
+    """Read the file once, untimed, so that each engine's load starts with it in the page cache. llama.cpp
+    maps the file and reads a weight on first use (inside its first prefill), ggtorch repacks every weight
+    at a cold load: on this machine, whose memory manager reclaims idle page cache within minutes, a
+    cold load measured just after another file's run read the disk and took 3-4x longer (a 1.1B Q4_0:
+    3.2 s from disk, 0.35 s from the page cache)."""
+    with open(path, "rb") as f:
+        while f.read(16 << 20):
+            pass
+
+
 def run_one(path: str, a, have_llama: bool) -> tuple[dict, dict | None]:
     root = os.path.join(HERE, "..")
+    page_in(path)
     fast = int(not a.exact)
     if a.quick:  # prefill and decode only: one ggtorch process (repacking into an empty cache), then llama.cpp
         with tempfile.TemporaryDirectory(prefix="ggtorch-bench-cache-") as d:
@@ -127,6 +140,8 @@ def run_one(path: str, a, have_llama: bool) -> tuple[dict, dict | None]:
         nan = float("nan")
         ours.update(backend="ggtorch" + (" exact" if a.exact else ""), load_cold_s=ours["load_s"],
                     load_cold_all_s=[round(ours["load_s"], 3)], load_warm_s=nan, ttft_cli_s=nan, moe=None)
+        if have_llama:
+            page_in(path)
         return ours, json.loads(child(LLAMA_CPP_CHILD, path, a.p, a.n, a.r, a.threads)) if have_llama else None
     colds = []
     for _ in range(a.cold_reps - 1):  # extra cold loads, each with its own empty cache (median reported)
@@ -148,6 +163,7 @@ def run_one(path: str, a, have_llama: bool) -> tuple[dict, dict | None]:
                 warm_cache=ours.get("repack_cache"), cold_cache=cold["repack_cache"])
     ref = None
     if have_llama:
+        page_in(path)
         ref = json.loads(child(LLAMA_CPP_CHILD, path, a.p, a.n, a.r, a.threads))
     return ours, ref
 

@@ -209,6 +209,19 @@ def test_fused_int4_equals_its_parts(parts):
     assert (got - ref).abs().max().item() < 0.02 * ref.abs().max().item()
 
 
+def test_jit_library_builds_where_there_is_a_compiler():
+    """The kernel tests skip without the JIT library, as a machine without a C++ compiler must; so a
+    compile error in csrc/ would turn them into skips. Where a compiler is found (and the JIT is not
+    switched off), the library must build."""
+    import platform
+
+    if platform.system() != "Linux" or os.environ.get("GGTORCH_JIT", "1").strip().lower() in ("0", "false", "no", "off"):
+        pytest.skip("the JIT library is built only on Linux, and not with GGTORCH_JIT=0")
+    if jit._compiler() is None:
+        pytest.skip("no C++ compiler on this machine")
+    assert jit.available(), jit.why()
+
+
 def test_jit_library_is_built_once_and_rebuilt_when_damaged(tmp_path, monkeypatch):
     """The kernel library is compiled into the cache on first use, loaded from it afterwards, and a
     damaged cached file is replaced by a fresh build instead of failing."""

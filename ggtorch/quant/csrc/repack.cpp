@@ -3,6 +3,7 @@
 // The same transformation as quant/kernels.py's _qdot_pack (which stays as the reference and the
 // fallback), written as loops: PyTorch's version builds several full-size temporaries per matrix and
 // took 3-7 s for a 1.1B model; this one reads each block once and writes each output byte once.
+#include <stdlib.h>
 #include <string.h>
 #include "qdot.h"
 
@@ -13,18 +14,42 @@ enum { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q2_K = 10, Q3_K = 11, Q
 static inline uint16_t rd16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
 static inline uint32_t rd32(const uint8_t *p) { return (uint32_t)rd16(p) | ((uint32_t)rd16(p + 2) << 16); }
 
+// The grid types' per-entry work, done once per call instead of once per value: each grid entry
+// turned into its stored bytes (uint64 for 8-value entries, uint32 for 4), signs spread by table.
+// (grid_tables() builds them from the file's grid; block_values() then ORs or selects whole words.)
+static uint64_t SPREAD8[256];  // 8 sign bits -> 0x04 in byte j where bit j is set (the IQ2 sign bit 2)
+static uint32_t SPREAD4[16];   // 4 sign bits -> 0xFF in byte t where bit t is set
+static void spread_init() {
+    for (unsigned s = 0; s < 256; s++) {
+        uint64_t v = 0;
+        for (int j = 0; j < 8; j++) v |= (uint64_t)(((s >> j) & 1) << 2) << (8 * j);
+        SPREAD8[s] = v;
+    }
+    for (unsigned s = 0; s < 16; s++) {
+        uint32_t v = 0;
+        for (int t = 0; t < 4; t++) v |= (uint32_t)((s >> t) & 1 ? 0xFF : 0) << (8 * t);
+        SPREAD4[s] = v;
+    }
+}
+
 // ggml's ksigns_iq2xs[i]: the 7 sign bits i and an 8th that makes the number of minus signs even
 static inline unsigned ksign(unsigned i) { return i | ((unsigned)__builtin_parity(i) << 7); }
 
 // 8 grid values (an iq2 grid entry, levels 8, 25, 43) with their sign bits -> index | sign << 2
 // (qdot.cpp's IQ2_U8 gives back sign * level + 43)
 static inline void iq2_put(uint8_t *u, const uint8_t *g, unsigned signs) {
-    for (int j = 0; j < 8; j++) u[j] = (uint8_t)((g[j] > 8) + (g[j] > 25) + (((signs >> j) & 1) << 2));
+    uint64_t v;  // g: the entry's 8 indices (g > 8) + (g > 25), precomputed by grid_tables()
+    memcpy(&v, g, 8);
+    v |= SPREAD8[signs & 255];
+    memcpy(u, &v, 8);
 }
 
 // 8 iq1s_grid values g in -1..1 (read as bytes) -> g + 1, and | delta sign << 2 for IQ1_M (dsign >= 0)
 static inline void iq1_put(uint8_t *u, const uint8_t *g, int dsign) {
-    for (int j = 0; j < 8; j++) u[j] = (uint8_t)((int8_t)g[j] + 1 + (dsign > 0 ? 4 : 0));
+    uint64_t v;  // g: the entry's 8 values + 1 (0..2), precomputed by grid_tables()
+    memcpy(&v, g, 8);
+    if (dsign > 0) v |= 0x0404040404040404ull;
+    memcpy(u, &v, 8);
 }
 
 // ggml's get_scale_min_k4: the j-th 6-bit scale and min of a Q4_K/Q5_K block's 12 bytes
@@ -110,20 +135,19 @@ static void block_values(int type, const uint8_t *b, uint8_t *u, const uint8_t *
     }
     case IQ3_S:  // grid entry i: 4 odd magnitudes g at index qs[i] | bit i of qh << 8; signs[k / 8] bit k % 8;
                  // stored as (s * g + 15) / 2 in 0..15 (quant/types/iq3.py)
-        for (int i = 0; i < 64; i++) {
-            const uint8_t *g = grid + 4 * (b[2 + i] | (((b[66 + i / 8] >> (i % 8)) & 1) << 8));
-            for (int t = 0; t < 4; t++) {
-                const int k = 4 * i + t, m = -((b[74 + k / 8] >> (k % 8)) & 1);  // 0 or -1: no branch on a random bit
-                u[k] = (uint8_t)((((int)g[t] ^ m) - m + 15) >> 1);
-            }
+        for (int i = 0; i < 64; i++) {  // tab: per entry (g + 15) / 2 and (15 - g) / 2 in 4 bytes each
+            const uint32_t *e = (const uint32_t *)grid + 2 * (b[2 + i] | (((b[66 + i / 8] >> (i % 8)) & 1) << 8));
+            const uint32_t m = SPREAD4[(b[74 + i / 2] >> (4 * (i % 2))) & 15];
+            const uint32_t v = (e[0] & ~m) | (e[1] & m);
+            memcpy(u + 4 * i, &v, 4);
         }
         break;
     case IQ3_XXS:  // 64 grid entries of 4 levels 4..62 (index (g - 4) >> 3: 0..7), sign bits from the 7-bit
                    // index in each sub-block's u32 (dequantize_row_iq3_xxs); stored as index | sign << 3
         for (int i = 0; i < 64; i++) {
-            const uint8_t *g = grid + 4 * b[2 + i];
             const unsigned signs = ksign((rd32(b + 66 + 4 * (i / 8)) >> (7 * ((i % 8) / 2))) & 127) >> (4 * (i % 2));
-            for (int t = 0; t < 4; t++) u[4 * i + t] = (uint8_t)(((g[t] - 4) >> 3) | (((signs >> t) & 1) << 3));
+            const uint32_t v = ((const uint32_t *)grid)[b[2 + i]] | (SPREAD4[signs & 15] & 0x08080808u);
+            memcpy(u + 4 * i, &v, 4);
         }
         break;
     case IQ2_XXS:  // per 32 values: u32 of 4 grid indices, u32 of 4 x 7 sign bits | scale << 28 (dequantize_row_iq2_xxs)
@@ -280,6 +304,37 @@ static void repack(const uint8_t *src, int64_t rows, int64_t K, int64_t block_by
     }
 }
 
+// Each grid entry as block_values() stores it: IQ2_* (8 levels 8/25/43 -> 0/1/2, a byte each), IQ1_S/IQ1_M
+// (8 values -1..1 -> 0..2), IQ3_XXS (4 levels 4..62 -> (g - 4) / 8), IQ3_S (4 odd magnitudes g -> (g + 15) / 2
+// and (15 - g) / 2 side by side). Entry counts as ggml's grids; null for a type without a grid.
+static uint8_t *grid_tables(int type, const uint8_t *grid) {
+    static const bool spread_done = (spread_init(), true);  // once, thread-safe (a C++ static's initializer)
+    (void)spread_done;
+    const int n = type == IQ2_XXS ? 256 : type == IQ2_XS ? 512 : type == IQ2_S ? 1024 : type == IQ1_S || type == IQ1_M ? 2048
+                : type == IQ3_XXS ? 256 : type == IQ3_S ? 512 : 0;
+    if (!n) return nullptr;
+    uint8_t *t = (uint8_t *)malloc((size_t)n * 8);
+    if (!t) return nullptr;
+    for (int e = 0; e < n; e++) {
+        if (type == IQ3_XXS) {
+            for (int k = 0; k < 4; k++) t[4 * e + k] = (uint8_t)((grid[4 * e + k] - 4) >> 3);
+        } else if (type == IQ3_S) {
+            for (int k = 0; k < 4; k++) {
+                t[8 * e + k] = (uint8_t)((grid[4 * e + k] + 15) >> 1);
+                t[8 * e + 4 + k] = (uint8_t)((15 - grid[4 * e + k]) >> 1);
+            }
+        } else if (type == IQ1_S || type == IQ1_M) {
+            for (int k = 0; k < 8; k++) t[8 * e + k] = (uint8_t)((int8_t)grid[8 * e + k] + 1);
+        } else {
+            for (int k = 0; k < 8; k++) t[8 * e + k] = (uint8_t)((grid[8 * e + k] > 8) + (grid[8 * e + k] > 25));
+        }
+    }
+    return t;
+}
+
+static int repack_grid(int type, const uint8_t *src, int64_t rows, int64_t K, int64_t block_bytes, uint8_t *qw,
+                       uint16_t *dw, uint16_t *mw, int8_t *sc, int8_t *mn, const uint8_t *grid);
+
 // type: the ggml type id; src: rows x (K / block values) blocks; the outputs as kernels.py allocates
 // them (every byte is written): qw [tiles][groups][group bytes], per-group types dw/mw
 // [tiles][groups][16] (mw null where the offset is zoff * dw; MXFP4's dw: uint8 exponents), K-quants dw/mw [tiles][K/256][16] and
@@ -302,6 +357,16 @@ EXPORT int qdot_repack(int type, const uint8_t *src, int64_t rows, int64_t K, in
     case MXFP4: repack<MXFP4, 4, 32>(src, rows, K, block_bytes, qw, dw, mw, sc, mn, grid); return 0;
     }
     if (!grid) return -1;  // the grid types
+    uint8_t *tab = grid_tables(type, grid);
+    if (!tab) return -1;
+    const int rc = repack_grid(type, src, rows, K, block_bytes, qw, dw, mw, sc, mn, tab);
+    free(tab);
+    return rc;
+}
+
+// the grid types with grid_tables()'s table in place of the file's grid
+static int repack_grid(int type, const uint8_t *src, int64_t rows, int64_t K, int64_t block_bytes, uint8_t *qw,
+                       uint16_t *dw, uint16_t *mw, int8_t *sc, int8_t *mn, const uint8_t *grid) {
     switch (type) {
     case IQ3_S: repack<IQ3_S, 4, 32>(src, rows, K, block_bytes, qw, dw, mw, sc, mn, grid); return 0;
     case IQ3_XXS: repack<IQ3_XXS, 4, 32>(src, rows, K, block_bytes, qw, dw, mw, sc, mn, grid); return 0;
