@@ -13,7 +13,8 @@
 // - mins (Q2_K, Q4_K, Q5_K): per super-block, mn of two groups as int16 pairs times the two groups'
 //   bsums (vpdpwssd), one pair per instruction;
 // - per super-block: acc += float(sumi) * (d * dx) (+ float(summ) * (-dmin * dx)), as llama.cpp.
-// Types whose offset is not an integer (IQ3_S) or that carry a delta per group (IQ1_S) keep ktile().
+// Types that carry a delta per group (IQ1_S) keep ktile() (IQ3_S, whose offset was -7.5, now doubles its
+// values through a table for the integer offset -15).
 #include "tiles.h"
 
 #if QDOT_VNNI

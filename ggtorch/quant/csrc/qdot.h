@@ -20,8 +20,8 @@ struct QWeight {
 // n for a factor 2^-n on d (the 1/4 or 1/8 that llama.cpp applies once at the end of the i-quants' dot)
 // QDOT_E8M0 (MXFP4): dw holds one e8m0 exponent byte per group and row (uint8, not float16), scale 2^(e - 128)
 enum { QDOT_LUT_IQ4 = 1, QDOT_SM4 = 2, QDOT_LUT_IQ3XXS = 4, QDOT_LUT_IQ2 = 8, QDOT_LUT_IQ1M = 16, QDOT_IQ1S = 32,
-       QDOT_LUT_MXFP4 = 64, QDOT_E8M0 = 128 };
-#define QDOT_LUTS (QDOT_LUT_IQ4 | QDOT_LUT_IQ3XXS | QDOT_LUT_IQ2 | QDOT_LUT_IQ1M | QDOT_LUT_MXFP4)
+       QDOT_LUT_MXFP4 = 64, QDOT_E8M0 = 128, QDOT_LUT_IQ3S = 2048 };
+#define QDOT_LUTS (QDOT_LUT_IQ4 | QDOT_LUT_IQ3XXS | QDOT_LUT_IQ2 | QDOT_LUT_IQ1M | QDOT_LUT_MXFP4 | QDOT_LUT_IQ3S)
 #define QDOT_OSHIFT(flags) (((flags) >> 8) & 7)
 
 EXPORT void qdot_linear(const QWeight *w, const float *x, int64_t M, float *out);

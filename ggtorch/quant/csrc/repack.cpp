@@ -279,7 +279,7 @@ static void repack(const uint8_t *src, int64_t rows, int64_t K, int64_t block_by
                         else if (type == Q2_K) sc[at] = (int8_t)b[gi];  // scale | min << 4, as in the file
                         else if (type == Q3_K) sc[at] = q3k_scale(b + 96, (int)gi);
                         else if (type == IQ4_XS) sc[at] = iq4xs_scale(b, (int)gi);
-                        else if (type == IQ3_S) sc[at] = (int8_t)(2 * (1 + 2 * ((b[106 + gi / 2] >> (4 * (gi % 2))) & 15)));
+                        else if (type == IQ3_S) sc[at] = (int8_t)(1 + 2 * ((b[106 + gi / 2] >> (4 * (gi % 2))) & 15));
                         else if (type == IQ3_XXS) sc[at] = (int8_t)(2 * (rd32(b + 66 + 4 * gi) >> 28) + 1);
                         else if (type == IQ2_XXS) sc[at] = (int8_t)(2 * (rd32(b + 2 + 8 * gi + 4) >> 28) + 1);
                         else if (type == IQ2_XS || type == IQ2_S)  // a nibble per 16 values

@@ -23,9 +23,13 @@ static const uint8_t IQ1M_U8[16] = {2, 10, 18, 9, 0, 8, 16, 9, 9, 9, 9, 9, 9, 9,
 // MXFP4: kvalues_mxfp4 (0, 1, 2, 3, 4, 6, 8, 12 and their negatives) + 12
 static const uint8_t MXFP4_U8[16] = {12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0};
 
+// IQ3_S: v -> 2 v, so that s * g = 2 v - 15 has the integer offset -15 (the integer tiles)
+static const uint8_t IQ3S_U8[16] = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
+
 static inline const uint8_t *lut_of(int flags) {
     return flags & QDOT_LUT_IQ4 ? IQ4_U8 : flags & QDOT_LUT_IQ3XXS ? IQ3XXS_U8 : flags & QDOT_LUT_IQ2 ? IQ2_U8
-         : flags & QDOT_LUT_IQ1M ? IQ1M_U8 : flags & QDOT_LUT_MXFP4 ? MXFP4_U8 : nullptr;
+         : flags & QDOT_LUT_IQ1M ? IQ1M_U8 : flags & QDOT_LUT_MXFP4 ? MXFP4_U8
+         : flags & QDOT_LUT_IQ3S ? IQ3S_U8 : nullptr;
 }
 
 // the output scale of the i-quants' sums (QDOT_OSHIFT), a power of two: exact on any float

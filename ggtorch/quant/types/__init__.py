@@ -28,6 +28,7 @@ LUT_IQ2 = 8  # 3-bit index | sign << 2 into the iq2 grids' 3 levels
 LUT_IQ1M = 16  # 3-bit (g + 1) | delta sign << 2 -> 8 g +- 1 (IQ1_M)
 IQ1S = 32  # 2-bit g + 1; the sc byte holds ls | delta sign << 3 (IQ1_S)
 LUT_MXFP4 = 64  # 4-bit values are indices into kvalues_mxfp4 (MXFP4), looked up like LUT_IQ4
+LUT_IQ3S = 2048  # 4-bit v -> 2 v (IQ3_S: the signed odd magnitude s * g = 2 v - 15, an integer offset)
 E8M0 = 128  # dw holds each group's e8m0 exponent byte (uint8), the scale being 2^(e - 128) (MXFP4)
 
 
@@ -51,6 +52,7 @@ LUTS = {
     LUT_IQ3XXS: tuple(62 + v for v in IQ3XXS_LEVELS) + tuple(62 - v for v in IQ3XXS_LEVELS),
     LUT_IQ2: tuple(43 + v for v in IQ2_LEVELS) + (43,) + tuple(43 - v for v in IQ2_LEVELS) + (43,) * 9,
     LUT_MXFP4: tuple(v + 12 for v in MXFP4_VALUES),
+    LUT_IQ3S: tuple(2 * v for v in range(16)),
     LUT_IQ1M: tuple(9 + 8 * g + 1 for g in (-1, 0, 1)) + (9,) + tuple(9 + 8 * g - 1 for g in (-1, 0, 1)) + (9,) * 9,
 }
 

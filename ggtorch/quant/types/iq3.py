@@ -3,9 +3,10 @@ index) with a sign bit each.
 
 - IQ3_S: odd magnitudes 1..15 per 9-bit index (iq3s_grid), times d * (1 + 2 * sc) per 32 values
   (dequantize_row_iq3_s). A signed odd magnitude s * g is one of 16 values -15, -13, ..., 15, so it is
-  stored exactly as the 4-bit v = (s * g + 15) / 2 with value = 2 * d * (1 + 2 * sc) * (v - 7.5): the
-  plain 4-bit kernel in the K layout (int8 sub-scale 2 * (1 + 2 * sc), float16 d per 256, zoff -7.5),
-  with no table lookup in the product. 4 bits a weight against the file's 3.44 (grid indices are
+  stored exactly as the 4-bit v = (s * g + 15) / 2, which the kernel's byte shuffle doubles (LUT_IQ3S):
+  value = d * (1 + 2 * sc) * (2 v - 15), the 4-bit kernel in the K layout (int8 sub-scale 1 + 2 * sc,
+  float16 d per 256, zoff -15: an integer offset, so the integer super-block sums of kint.cpp apply;
+  with v itself the offset was -7.5 and the float tile loop ran). 4 bits a weight against the file's 3.44 (grid indices are
   decoded once, at repack); activations Q8_K (ggml_vec_dot_iq3_s_q8_K).
 - IQ3_XXS: magnitudes 4, 12, ..., 52, 62 per 8-bit index (iq3xxs_grid), signs from a 7-bit index
   (ksigns_iq2xs), value = d * (1 + 2 * ls) / 4 * g per 32 values (dequantize_row_iq3_xxs). 62 breaks
@@ -19,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from ..dequant import _bits, _f16, _nibbles, _tab, _u32
-from . import LUT_IQ3XXS, Q8_K, TypeSpec, oshift, register
+from . import LUT_IQ3S, LUT_IQ3XXS, Q8_K, TypeSpec, oshift, register
 
 
 def _read_iq3s(w, raw) -> dict:
@@ -30,7 +31,7 @@ def _read_iq3s(w, raw) -> dict:
     qh = _bits(b[:, 66:74], 8).reshape(nb, 64).to(torch.int64)
     g = _tab("IQ3_S", b)[b[:, 2:66].to(torch.int64) | (qh << 8)].reshape(nb, 256).to(torch.int32)
     v = ((torch.where(neg == 1, -g, g) + 15) // 2).to(torch.uint8)
-    return {"u": v.reshape(n, -1), "sc": (2 * (1 + 2 * sc)).to(torch.int8).reshape(n, -1), "mn": None,
+    return {"u": v.reshape(n, -1), "sc": (1 + 2 * sc).to(torch.int8).reshape(n, -1), "mn": None,
             "d": _f16(b, 0).reshape(n, -1), "dm": None}
 
 
@@ -50,6 +51,6 @@ def _read_iq3xxs(w, raw) -> dict:
             "mn": None, "d": _f16(b, 0).reshape(n, -1), "dm": None}
 
 
-register(TypeSpec("IQ3_S", "iq3", 4, 32, Q8_K, True, False, -7.5, _read_iq3s, grid="IQ3_S"))
+register(TypeSpec("IQ3_S", "iq3", 4, 32, Q8_K, True, False, -15.0, _read_iq3s, LUT_IQ3S, grid="IQ3_S"))
 register(TypeSpec("IQ3_XXS", "iq3", 4, 32, Q8_K, True, False, -62.0, _read_iq3xxs, LUT_IQ3XXS | oshift(2),
                   grid="IQ3_XXS"))
