@@ -9,6 +9,7 @@ import torch
 
 import ggtorch
 from conftest import FIXTURES, batch_rows_equal_alone
+from ggtorch.model import decode as decode_one
 from ggtorch.model import fastpath
 from ggtorch.model import moe as moe_mod
 from ggtorch.quant import jit
@@ -43,7 +44,7 @@ def decode(net, seq, steps=5):
 def counting(monkeypatch):
     """Calls of moe.cpp (ExpertFFN.__call__: the per-layer path's) and of the one-call step."""
     calls = {"experts": 0, "step": 0}
-    real_ffn, real_run = fastpath.ExpertFFN.__call__, fastpath.Step.run
+    real_ffn, real_run, real_one = fastpath.ExpertFFN.__call__, fastpath.Step.run, decode_one.OneToken.__call__
 
     def ffn(self, x):
         calls["experts"] += 1
@@ -53,8 +54,14 @@ def counting(monkeypatch):
         calls["step"] += 1
         return real_run(self, *a, **k)
 
+    def one(self, *a, **k):  # a decode step in one call (model/decode.py): every layer too
+        out = real_one(self, *a, **k)
+        calls["step"] += out is not None
+        return out
+
     monkeypatch.setattr(fastpath.ExpertFFN, "__call__", ffn)
     monkeypatch.setattr(fastpath.Step, "run", run)
+    monkeypatch.setattr(decode_one.OneToken, "__call__", one)
     return calls
 
 

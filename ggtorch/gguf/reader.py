@@ -358,6 +358,12 @@ class GGUFFile:
                 raise GGUFError(f"{self.path}: short read of row {r} of tensor {name!r}")
         return out
 
+    def row_source(self, name: str) -> tuple[int, int]:
+        """(file descriptor, byte offset) of a tensor's first byte, for a caller that reads its rows with
+        pread itself (model/decode.py's one-token step, as :meth:`rows` does); valid while this file is open."""
+        ti = self.info(name)
+        return self._files[ti.shard].fileno(), ti.offset
+
     def release(self, name: str, start: int = 0, end: int | None = None) -> None:
         """Let the kernel drop the resident pages of this tensor's bytes [start, end) (a repacked copy
         is used instead). The mapping is private and unmodified, so a later read simply faults the

@@ -14,7 +14,7 @@ from ..errors import ContextError, ModelError
 from ..gguf.reader import GGUFFile
 from ..quant.dequant import dequantize, dequantize_blocks
 from ..quant.linear import QWeight, embedding, qmatmul
-from . import cuda_graph, fastpath
+from . import cuda_graph, decode, fastpath
 from .config import Config
 from .layers import (BatchView, KVCache, SlotView, attention, attention_ext, attention_mask, rms_norm, rope,
                      rope_cache, rope_cache_yarn, softcap)
@@ -161,6 +161,20 @@ class Transformer:
         """Run tokens ``ids`` at positions start.. (default: the slot's length) of sequence ``slot``;
         returns logits [T, n_vocab] (all positions) or [1, n_vocab] (the last). The slot now holds
         start + T tokens."""
+        if trace is None and (type(ids) is list and len(ids) == 1 and type(ids[0]) is int
+                              or isinstance(ids, torch.Tensor) and ids.numel() == 1 and not ids.is_floating_point()):
+            one = decode.one_token(self, cache)  # a decode step in one foreign call where it applies
+            if one is not None:
+                tok = ids[0] if type(ids) is list else int(ids)
+                if not 0 <= tok < self.cfg.n_vocab:
+                    raise ModelError(f"token ids must lie in 0..{self.cfg.n_vocab - 1}")
+                start = cache.lens[slot] if start is None else start
+                self._check_room(cache, slot, start + 1)
+                cache.reserve(start + 1)
+                out = one(self, tok, cache, slot, start)
+                if out is not None:
+                    cache.lens[slot] = start + 1
+                    return out
         ids = self._check_ids(ids)
         start = cache.lens[slot] if start is None else start
         T = ids.numel()
@@ -388,6 +402,11 @@ class Transformer:
         """This model's layers for fastpath.Step (one call per decode step), or None: the architecture
         or these weights need the per-operation path."""
         return None
+
+    def step_rope(self) -> tuple:
+        """The (base, yarn) keys of rope_tables() behind step_tables()'s (global, local) pairs, None for a
+        pair the step does not take: model/decode.py reads the same rows by position."""
+        return (self.cfg.rope_base, True), None
 
     def step_tables(self, ctx: dict) -> tuple:
         """(cos, sin, local cos, local sin) from prepare()'s ctx for fastpath.Step."""

@@ -49,6 +49,9 @@ class Gemma3(Transformer):
                 layers[-1].update(gate=None, up=None)
         return layers, "gelu"
 
+    def step_rope(self):
+        return (self.cfg.rope_base, True), (self.cfg.rope_base_local, True)
+
     def step_tables(self, ctx):
         return ctx["global"][0], ctx["global"][1], ctx["local"][0], ctx["local"][1]
 

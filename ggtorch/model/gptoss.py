@@ -70,6 +70,9 @@ class GptOss(Transformer):
                 layers[-1].update(q=None, k=None, v=None)
         return layers, "silu"  # (the dense FFN's activation: gpt-oss has none, its experts take swiglu_oai)
 
+    def step_rope(self):
+        return (self.cfg.rope_base, True), (self.cfg.rope_base_local, True)
+
     def step_tables(self, ctx):
         return ctx["global"][0], ctx["global"][1], ctx["local"][0], ctx["local"][1]
 

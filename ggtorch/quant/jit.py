@@ -29,7 +29,7 @@ import torch
 log = logging.getLogger("ggtorch.jit")
 
 SOURCES = [Path(__file__).with_name("csrc") / n for n in ("qdot.cpp", "kint.cpp", "ops.cpp", "step.cpp", "repack.cpp",
-                                                                   "moe.cpp", "lowrank.cpp")]
+                                                                   "moe.cpp", "lowrank.cpp", "rows.cpp")]
 HEADERS = [Path(__file__).with_name("csrc") / n for n in ("qdot.h", "tiles.h")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-fno-math-errno"]
 
@@ -113,6 +113,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.qdot_lowrank.restype = None
     lib.qdot_step.argtypes = [P, P, I64, P, P, I64, P, P, P, P, P, P]
     lib.qdot_step.restype = None
+    lib.qdot_decode.argtypes = [P, I64, P, P, I64, I64, I64, P, P, P, P, P]
+    lib.qdot_decode.restype = I
+    lib.qdot_dequant_row.argtypes = [I, P, I64, P]
+    lib.qdot_dequant_row.restype = I
     lib.qdot_moe.argtypes = [P, P, I64, I64, P, P]
     lib.qdot_moe.restype = None
     lib.qdot_mm_tiles.argtypes = [P, P, P, P, P, I64, P, I64, I64, I64]

@@ -59,3 +59,6 @@ struct MoE {
 };
 
 EXPORT void qdot_moe(const MoE *m, const float *x, int64_t T, int64_t E, float *out, int32_t *sel_out);
+
+// rows.cpp: n values of a GGUF row of ggml type `type` -> float32, as quant/dequant.py gives them; -1: type not there
+EXPORT int qdot_dequant_row(int type, const uint8_t *src, int64_t n, float *out);
