@@ -22,22 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from ggtorch.gguf.types import ggml_type  # noqa: E402
 from ggtorch.quant.linear import QWeight  # noqa: E402
 from ggtorch.quant.qdot import _qdot_pack, qdot_linear  # noqa: E402
-
-# where each type's float16 scales sit in its block (d, and dmin where there is one)
-F16_AT = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "Q2_K": (80, 82),
-          "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "IQ4_NL": (0,), "IQ4_XS": (0,),
-          "IQ3_S": (0,)}
-
-
-def random_weight(t: str, rows: int, K: int, seed: int) -> QWeight:
-    gt = ggml_type(t)
-    rng = np.random.default_rng(seed)
-    nb = rows * K // gt.block_size
-    raw = rng.integers(0, 256, size=(nb, gt.type_size), dtype=np.uint8)
-    for at in F16_AT[t]:
-        raw[:, at:at + 2] = rng.uniform(1e-4, 0.05, nb).astype(np.float16).view(np.uint8).reshape(nb, 2)
-    return QWeight(torch.from_numpy(raw.reshape(-1)), gt, (K, rows), f"random-{t}")
-
+from ggtorch.quant.random import random_weight  # noqa: E402
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -14,34 +14,14 @@ from ggtorch.model.numerics import ggml_matmul
 from ggtorch.quant import jit
 from ggtorch.quant.linear import QWeight
 from ggtorch.quant.qdot import _qdot_pack, _qdot_pack_jit, qdot_kernel, qdot_linear, qdot_unpack
+from ggtorch.quant.random import random_weight
 from ggtorch.quant.types import TYPES
 
 NEW = ["IQ4_NL", "IQ4_XS", "Q2_K", "Q3_K", "IQ3_S"]
 GRID = ["IQ3_XXS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M"]  # no tiny fixture model of these (yet)
-# where each type's float16 scales sit in its block (d, and dmin for Q2_K): set to sane values in random blocks
-F16_AT = {"IQ4_NL": (0,), "IQ4_XS": (0,), "Q2_K": (80, 82), "Q3_K": (108,), "IQ3_S": (0,), "IQ3_XXS": (0,),
-          "IQ2_XXS": (0,), "IQ2_XS": (0,), "IQ2_S": (0,), "IQ1_S": (0,), "IQ1_M": ()}
-
-
 def need_jit():
     if not jit.available():
         pytest.skip(f"JIT kernel unavailable: {jit.why()}")
-
-
-def random_weight(t: str, rows: int, K: int, seed: int) -> QWeight:
-    """Random blocks of type t: every byte random (all bit patterns are valid values, scales and signs)
-    except the float16 scales, drawn in (0, 0.05] so that no block is NaN or infinite."""
-    gt = ggml_type(t)
-    rng = np.random.default_rng(seed)
-    nb = rows * K // gt.block_size
-    raw = rng.integers(0, 256, size=(nb, gt.type_size), dtype=np.uint8)
-    for at in F16_AT[t]:
-        raw[:, at:at + 2] = rng.uniform(1e-4, 0.05, nb).astype(np.float16).view(np.uint8).reshape(nb, 2)
-    if t == "IQ1_M":  # d's 16 bits are the top nibbles of the four u16 scale words (bytes 49, 51, 53, 55)
-        d = rng.uniform(1e-4, 0.05, nb).astype(np.float16).view(np.uint16)
-        for k in range(4):
-            raw[:, 49 + 2 * k] = (raw[:, 49 + 2 * k] & 0x0F) | (((d >> (4 * k)) & 15) << 4).astype(np.uint8)
-    return QWeight(torch.from_numpy(raw.reshape(-1)), gt, (K, rows), f"random-{t}")
 
 
 def state_equal(a: dict, b: dict) -> bool:

@@ -13,8 +13,10 @@
 // - mins (Q2_K, Q4_K, Q5_K): per super-block, mn of two groups as int16 pairs times the two groups'
 //   bsums (vpdpwssd), one pair per instruction;
 // - per super-block: acc += float(sumi) * (d * dx) (+ float(summ) * (-dmin * dx)), as llama.cpp.
-// Types that carry a delta per group (IQ1_S) keep ktile() (IQ3_S, whose offset was -7.5, now doubles its
-// values through a table for the integer offset -15).
+// - IQ1_S's delta of +-1/8 per group: each group's sum is taken 8 times, 8 sum((u - 1) q) +- bsum, which
+//   is llama.cpp's sumi + IQ1S_DELTA * sumi1 times 8 in one integer (exact: |8 sumi| < 2^24), and d / 8
+//   scales the super-block. (IQ3_S, whose offset was -7.5, doubles its values through a table for the
+//   integer offset -15.)
 #include "tiles.h"
 
 #if QDOT_VNNI
@@ -51,7 +53,7 @@ static inline __m512i min_pair(const int8_t *s) {
 }
 
 // MT activation rows m0.. against one tile: out = sum over super-blocks of the integer sums' floats.
-template <int MT, int BITS, int G, bool SC16, bool MINS, bool SM4>
+template <int MT, int BITS, int G, bool SC16, bool MINS, bool SM4, bool IQ1 = false>
 static void itile(const KT &k, int64_t K, const int8_t *xq, const float *dx, const int16_t *sq, int64_t m0, float *out,
                   int64_t ldo) {
     constexpr int64_t gb = BITS == 8 ? 16 * G : BITS == 4 ? 8 * G : BITS == 2 ? 4 * G : BITS == 3 ? 6 * G : 8 * G + 64;
@@ -62,7 +64,8 @@ static void itile(const KT &k, int64_t K, const int8_t *xq, const float *dx, con
     for (int i = 0; i < MT; i++) acc[i] = _mm512_setzero_ps();
     for (int64_t sb = 0; sb < K / 256; sb++) {
         const int64_t g0 = sb * ns;
-        const __m512 dv = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(k.dt + sb * 16))), os);
+        __m512 dv = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(k.dt + sb * 16))), os);
+        if (IQ1) dv = _mm512_mul_ps(dv, _mm512_set1_ps(0.125f));  // the sums below are 8 times llama.cpp's (exact)
         if (MINS) {  // sum(mn * bsum) per row, two groups per vpdpwssd
             __m512i ms[MT];
             for (int i = 0; i < MT; i++) ms[i] = _mm512_setzero_si512();
@@ -84,7 +87,16 @@ static void itile(const KT &k, int64_t K, const int8_t *xq, const float *dx, con
         for (int64_t g = g0; g < g0 + ns; g++) {
             __m512i w[G / 4];
             load_group(BITS, G, k.qt + g * gb, gb, w, k.flags);
-            const __m512i sv = scales<SC16, SM4>(k.st + g * 16);
+            __m512i sv;
+            __mmask16 neg = 0;
+            if (IQ1) {  // IQ1_S's sc byte ls | delta sign << 3: the scale 2 ls + 1, the delta -1/8 where the bit is set
+                const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(k.st + g * 16)));
+                const __m512i ls = _mm512_and_si512(b, _mm512_set1_epi32(7));
+                sv = _mm512_add_epi32(_mm512_add_epi32(ls, ls), _mm512_set1_epi32(1));
+                neg = _mm512_test_epi32_mask(b, _mm512_set1_epi32(8));
+            } else {
+                sv = scales<SC16, SM4>(k.st + g * 16);
+            }
             for (int i = 0; i < MT; i++) {
                 const int8_t *x = xq + (m0 + i) * K + g * G;
                 __m512i d = k.zi ? _mm512_set1_epi32(k.zi * (int32_t)sq[(m0 + i) * ng + g]) : _mm512_setzero_si512();
@@ -92,6 +104,10 @@ static void itile(const KT &k, int64_t K, const int8_t *xq, const float *dx, con
                     int32_t x4;
                     memcpy(&x4, x + 4 * s, 4);
                     d = _mm512_dpbusd_epi32(d, w[s], _mm512_set1_epi32(x4));
+                }
+                if (IQ1) {  // 8 sum (g q) +- bsum: llama.cpp's sumi and IQ1S_DELTA * sumi1 in one integer
+                    const __m512i bs = _mm512_set1_epi32((int32_t)sq[(m0 + i) * ng + g]);
+                    d = _mm512_add_epi32(_mm512_slli_epi32(d, 3), _mm512_mask_sub_epi32(bs, neg, _mm512_setzero_si512(), bs));
                 }
                 is[i] = SC16 ? _mm512_dpwssd_epi32(is[i], d, sv) : _mm512_add_epi32(is[i], _mm512_mullo_epi32(d, sv));
             }
@@ -105,14 +121,14 @@ static void itile(const KT &k, int64_t K, const int8_t *xq, const float *dx, con
 
 // all M rows: 8 at a time, then 4, 2, 1 (each row block unpacks the tile once; 16 rows per block measured
 // no faster at M = 128: the registers run out)
-template <int BITS, int G, bool SC16, bool MINS, bool SM4>
+template <int BITS, int G, bool SC16, bool MINS, bool SM4, bool IQ1 = false>
 static void rows(const KT &k, int64_t K, const int8_t *xq, const float *dx, const int16_t *sq, int64_t M, float *out,
                  int64_t ldo) {
     int64_t m0 = 0;
-    for (; m0 + 8 <= M; m0 += 8) itile<8, BITS, G, SC16, MINS, SM4>(k, K, xq, dx, sq, m0, out, ldo);
-    if (M - m0 >= 4) itile<4, BITS, G, SC16, MINS, SM4>(k, K, xq, dx, sq, m0, out, ldo), m0 += 4;
-    if (M - m0 >= 2) itile<2, BITS, G, SC16, MINS, SM4>(k, K, xq, dx, sq, m0, out, ldo), m0 += 2;
-    if (M - m0 >= 1) itile<1, BITS, G, SC16, MINS, SM4>(k, K, xq, dx, sq, m0, out, ldo);
+    for (; m0 + 8 <= M; m0 += 8) itile<8, BITS, G, SC16, MINS, SM4, IQ1>(k, K, xq, dx, sq, m0, out, ldo);
+    if (M - m0 >= 4) itile<4, BITS, G, SC16, MINS, SM4, IQ1>(k, K, xq, dx, sq, m0, out, ldo), m0 += 4;
+    if (M - m0 >= 2) itile<2, BITS, G, SC16, MINS, SM4, IQ1>(k, K, xq, dx, sq, m0, out, ldo), m0 += 2;
+    if (M - m0 >= 1) itile<1, BITS, G, SC16, MINS, SM4, IQ1>(k, K, xq, dx, sq, m0, out, ldo);
 }
 
 // The plain layout (one float16 scale per group, no mins: Q4_0, Q5_0, Q8_0, IQ4_NL): the dot product
@@ -173,7 +189,8 @@ bool kint_tile(int bits, int G, const uint8_t *qw, const int8_t *sc, const int8_
                int64_t M, int64_t t, float *out, int64_t ldo, int flags) {
 #if QDOT_VNNI
     const int zi = (int)zoff;
-    if (!sq || (float)zi != zoff || (flags & QDOT_IQ1S) || ((mn || (flags & QDOT_SM4)) && zi)) return false;
+    if (!sq || (float)zi != zoff || ((mn || (flags & QDOT_SM4)) && zi)) return false;
+    if ((flags & QDOT_IQ1S) && (bits != 2 || G != 32 || mn || zi != -1)) return false;
     const int64_t ng = K / G, gb = group_bytes(bits, G), nsb = K / 256;
     const KT k{qw + t * ng * gb, sc + t * ng * 16, mn ? mn + t * ng * 16 : nullptr, dw + t * nsb * 16,
                mw ? mw + t * nsb * 16 : nullptr, flags, zi};
@@ -181,7 +198,8 @@ bool kint_tile(int bits, int G, const uint8_t *qw, const int8_t *sc, const int8_
     const bool sc16 = max_value(bits, flags, zi) * 128 * G < 32768;
     float *o = out + t * 16;
     const bool sm4 = flags & QDOT_SM4, mins = mn != nullptr;
-    if (bits == 2 && G == 16 && sm4 && sc16) rows<2, 16, true, true, true>(k, K, xq, dx, sq, M, o, ldo);      // Q2_K
+    if (flags & QDOT_IQ1S) rows<2, 32, false, false, false, true>(k, K, xq, dx, sq, M, o, ldo);  // IQ1_S
+    else if (bits == 2 && G == 16 && sm4 && sc16) rows<2, 16, true, true, true>(k, K, xq, dx, sq, M, o, ldo);      // Q2_K
     else if (bits == 3 && G == 16 && !mins && !sm4 && sc16) rows<3, 16, true, false, false>(k, K, xq, dx, sq, M, o, ldo);  // Q3_K, IQ1_M
     else if (bits == 3 && G == 16 && !mins && !sm4) rows<3, 16, false, false, false>(k, K, xq, dx, sq, M, o, ldo);  // IQ2_XS, IQ2_S
     else if (bits == 3 && G == 32 && !mins && !sm4) rows<3, 32, false, false, false>(k, K, xq, dx, sq, M, o, ldo);  // IQ2_XXS
