@@ -1,6 +1,7 @@
 """Dev script: the random-weight 1.1B models (TinyLlama's shape) that `vs_llamacpp.py --synthetic` runs.
 
     python benchmarks/make_synthetic.py [OUT_DIR] [TYPE ...] [--layers N]
+    (vs_llamacpp.py --requantize MODEL --types ...: a real model requantized, make_synthetic.requantize)
         (default /tmp/ggtorch-synthetic; Q4_0 Q8_0 Q4_K_M; all 22 layers)
 
 Q4_0 and Q8_0 are written by ../shared/tools/make_synthetic_model.py (gguf-py); every other type
@@ -111,6 +112,26 @@ def make(out_dir: str, types=TYPES, layers: int | None = None) -> dict[str, str]
         done[t] = p
     if made_f16 and "F16" not in types:
         os.unlink(f16)
+    return done
+
+
+def requantize(src: str, out_dir: str, types) -> dict[str, str]:
+    """A real model file (a path, or a packaged name such as smollm2-135m) requantized by llama.cpp's
+    quantizer into each type (--allow-requantize; a random importance matrix where the type needs one),
+    as issue 22 asks for SmolLM2: its 576-wide rows are not a multiple of 256, so llama.cpp falls back
+    to other types for most of its matrices, and the file is whatever mix that gives."""
+    sys.path.insert(0, os.path.join(HERE, ".."))
+    from ggtorch.packaged import resolve
+
+    src = resolve(src)
+    os.makedirs(out_dir, exist_ok=True)
+    stem = os.path.splitext(os.path.basename(src))[0]
+    done = {}
+    for t in types:
+        p = os.path.join(out_dir, f"{stem}-requant-{t}.gguf")
+        if not os.path.exists(p):
+            _quantize(src, p, t, requantize=True)
+        done[t] = p
     return done
 
 

@@ -3,6 +3,7 @@
     python benchmarks/vs_llamacpp.py [MODEL ...] [-p 512] [-n 128] [-r 3] [--threads 2] [--exact]
     python benchmarks/vs_llamacpp.py --synthetic [--synthetic-dir DIR] [--types Q4_0,Q8_0,Q4_K_M] [--layers N]
     python benchmarks/vs_llamacpp.py --moe [--moe-types Q4_K_M] [--moe-layers N]
+    python benchmarks/vs_llamacpp.py --requantize smollm2-135m --types IQ4_XS,Q2_K,...
 
 Each measurement runs in its own process, so peak RSS is its own, and each engine starts with the file
 read once into the page cache (page_in: cold means an empty repack cache, not a disk read). ggtorch's load is measured twice,
@@ -186,15 +187,21 @@ def main():
                     "make_synthetic.make_moe) in --moe-types")
     ap.add_argument("--moe-types", default="Q4_K_M", help="synthetic Qwen3-MoE types (Q8_0, or requantized from it)")
     ap.add_argument("--moe-layers", type=int, default=None, help="synthetic Qwen3-MoE with this many layers (8)")
+    ap.add_argument("--requantize", default=None, metavar="MODEL", help="add MODEL (a path or packaged name) "
+                    "requantized by llama.cpp's quantizer into each of --types (make_synthetic.requantize)")
     ap.add_argument("--json", default=None, help="also write every row to this file")
     ap.add_argument("--quick", action="store_true", help="prefill and decode only (one cold ggtorch process, no warm "
                     "load, `run -n 1` or expert traffic): for a loaded machine")
     a = ap.parse_args()
-    models = list(a.models) or ([] if a.synthetic or a.moe else ["smollm2-135m", "gemma3-270m"])
+    models = list(a.models) or ([] if a.synthetic or a.moe or a.requantize else ["smollm2-135m", "gemma3-270m"])
     if a.synthetic:
         from make_synthetic import make
 
         models += list(make(a.synthetic_dir, a.types.split(","), a.layers).values())
+    if a.requantize:
+        from make_synthetic import requantize
+
+        models += list(requantize(a.requantize, a.synthetic_dir, a.types.split(",")).values())
     if a.moe:
         from make_synthetic import make_moe
 
