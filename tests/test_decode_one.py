@@ -135,3 +135,23 @@ def test_rows_cpp_refuses_other_types():
     out = torch.empty(256)
     for tname in ("IQ4_NL", "Q2_K", "MXFP4"):
         assert jit.library().qdot_dequant_row(ggml_type(tname).id, raw.data_ptr(), 32, out.data_ptr()) == -1
+
+
+@pytest.mark.parametrize("name", ["tiny-llama-Q4_0", "tiny-llama-Q5_0", "tiny-llama-Q8_0", "tiny-llama-Q4_K",
+                                  "tiny-llama-Q6_K", "tiny-llama-BF16", "tiny-llama-F16", "tiny-llama-F32"])
+def test_prompt_embedding_rows_in_c_equal_dequant_py(name, monkeypatch):
+    """A prompt's embedding rows read and dequantized in one call (jit.embed_rows) equal GGUFFile.rows +
+    dequant.py's, repeated and out-of-order ids included; an id out of range is an IndexError."""
+    net = ggtorch.load(str(TINY / f"{name}.gguf"), fast=False).net
+    ids = torch.tensor([5, 0, net.cfg.n_vocab - 1, 5, 17, 3])
+    w = net.tok_embd
+    fd, off = net.file.row_source("token_embd.weight")
+    got = jit.embed_rows(w.type.id, fd, off, w.row_bytes, w.out_features, ids, w.in_features)
+    assert got is not None
+    monkeypatch.setattr(jit, "ROW_TYPES", frozenset())
+    want = net.embed(ids)
+    assert torch.equal(got, want)
+    monkeypatch.undo()
+    assert torch.equal(net.embed(ids), want)
+    with pytest.raises(IndexError):
+        jit.embed_rows(w.type.id, fd, off, w.row_bytes, w.out_features, torch.tensor([1, net.cfg.n_vocab]), w.in_features)

@@ -13,6 +13,7 @@ import torch
 from ..errors import ContextError, ModelError
 from ..gguf.reader import GGUFFile
 from ..quant.dequant import dequantize, dequantize_blocks
+from ..quant import jit
 from ..quant.linear import QWeight, embedding, qmatmul
 from . import cuda_graph, decode, fastpath
 from .config import Config
@@ -96,8 +97,13 @@ class Transformer:
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         w = self.tok_embd
         if self._embd_file_ptr is not None and w.dense is None and w.raw.data_ptr() == self._embd_file_ptr:
-            raw = torch.from_numpy(self.file.rows("token_embd.weight", ids.reshape(-1).numpy(), w.row_bytes))
-            x = dequantize_blocks(raw, w.type).reshape(-1, w.in_features)
+            x = None
+            if w.type.id in jit.ROW_TYPES and hasattr(self.file, "row_source"):  # read and dequantized in C
+                fd, off = self.file.row_source("token_embd.weight")
+                x = jit.embed_rows(w.type.id, fd, off, w.row_bytes, w.out_features, ids, w.in_features)
+            if x is None:
+                raw = torch.from_numpy(self.file.rows("token_embd.weight", ids.reshape(-1).numpy(), w.row_bytes))
+                x = dequantize_blocks(raw, w.type).reshape(-1, w.in_features)
         else:
             x = embedding(ids, w)
         if getattr(self, "lora_embd", None):  # a LoRA adapter on token_embd (ggtorch.lora.apply)

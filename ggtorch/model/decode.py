@@ -37,8 +37,7 @@ class _Decode(ctypes.Structure):
 
 ENABLED = True  # tests compare with the general path by turning this off
 
-# ggml type ids csrc/rows.cpp decodes (F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, BF16)
-ROW_TYPES = {0, 1, 2, 3, 6, 7, 8, 12, 13, 14, 30}
+ROW_TYPES = jit.ROW_TYPES  # the token_embd types whose rows the call reads itself (csrc/rows.cpp)
 
 
 class OneToken:

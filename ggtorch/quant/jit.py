@@ -117,6 +117,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.qdot_decode.restype = I
     lib.qdot_dequant_row.argtypes = [I, P, I64, P]
     lib.qdot_dequant_row.restype = I
+    lib.qdot_embed_rows.argtypes = [I, I, I64, I64, I64, P, I64, I64, P, P]
+    lib.qdot_embed_rows.restype = I
     lib.qdot_moe.argtypes = [P, P, I64, I64, P, P]
     lib.qdot_moe.restype = None
     lib.qdot_mm_tiles.argtypes = [P, P, P, P, P, I64, P, I64, I64, I64]
@@ -256,6 +258,29 @@ class Linear:
         out = torch.empty(x.shape[0], self.N)
         self.fn(self.ref, x.data_ptr(), x.shape[0], out.data_ptr())
         return out if self.n == self.N else out[:, :self.n].contiguous()
+
+
+# ggml type ids csrc/rows.cpp dequantizes (F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, BF16),
+# each to the bit as quant/dequant.py does
+ROW_TYPES = frozenset({0, 1, 2, 3, 6, 7, 8, 12, 13, 14, 30})
+
+
+def embed_rows(type_id: int, fd: int, offset: int, row_bytes: int, n_rows: int, ids: torch.Tensor,
+               n: int) -> torch.Tensor | None:
+    """Rows ``ids`` (int64) of an [n_rows, n] matrix of ggml type ``type_id`` stored at ``offset`` of file
+    ``fd``, read with pread and dequantized in one call (csrc/rows.cpp) -> float32 [len(ids), n]; None
+    where the library or the type is not there. IndexError for an id outside 0..n_rows-1."""
+    lib = _lib if _lib is not None else library()
+    if not lib or type_id not in ROW_TYPES:
+        return None
+    ids = ids.reshape(-1).to(torch.int64).contiguous()
+    out = torch.empty(ids.numel(), n)
+    buf = torch.empty(row_bytes, dtype=torch.uint8)
+    rc = lib.qdot_embed_rows(type_id, fd, offset, row_bytes, n_rows, ids.data_ptr(), ids.numel(), n, buf.data_ptr(),
+                             out.data_ptr())
+    if rc == -2:
+        raise IndexError(f"a row id outside 0..{n_rows - 1}")
+    return out if rc == 0 else None
 
 
 MAX_LORA_RANK = 512  # lowrank.cpp's per-row buffer
