@@ -125,8 +125,6 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.qdot_mm_tiles.restype = None
     lib.qdot_repack.argtypes = [I, P, I64, I64, I64, P, P, P, P, P, P]
     lib.qdot_repack.restype = I
-    lib.qdot_touch.argtypes = [P, I64]
-    lib.qdot_touch.restype = None
     for f in (lib.qdot_mm_k, lib.qdot_mm_k_ref):
         f.argtypes = [I, I, P, P, P, P, P, F, I64, I64, P, P, P, I64, P, I64, I]
         f.restype = None

@@ -166,10 +166,6 @@ def _qdot_fill(lib, w, st: dict, row0: int = 0, chunk_bytes: int = 8 << 20) -> b
         def p(k):
             return st[k][tile0:].data_ptr() if k in st else None
 
-        for k in ("qw", "sc", "mn"):  # fresh pages faulted in on this thread first (csrc/repack.cpp's qdot_touch)
-            if k in st:
-                part = st[k][tile0:tile0 + (n + 15) // 16]
-                lib.qdot_touch(part.data_ptr(), part.numel() * part.element_size())
         if lib.qdot_repack(w.type.id, w.raw.data_ptr() + r * w.row_bytes, n, w.in_features, w.type.type_size,
                            p("qw"), p("dw"), p("mw"), p("sc"), p("mn"), gp) != 0:
             return False
