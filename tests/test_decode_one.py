@@ -155,3 +155,30 @@ def test_prompt_embedding_rows_in_c_equal_dequant_py(name, monkeypatch):
     assert torch.equal(net.embed(ids), want)
     with pytest.raises(IndexError):
         jit.embed_rows(w.type.id, fd, off, w.row_bytes, w.out_features, torch.tensor([1, net.cfg.n_vocab]), w.in_features)
+
+
+def test_two_threads_decoding_with_one_model():
+    """Each call has its own hidden state and read buffer: two threads decoding different sequences with
+    one model get what each gets alone (the library call releases the GIL, so they do overlap)."""
+    import threading
+
+    net = ggtorch.load(str(TINY / "tiny-llama-Q4_K.gguf")).net
+    seqs = [[1, 5, 9, 2, 7] + list(range(10, 60)), [3, 4] + list(range(100, 153))]
+
+    def run_alone(seq, out):
+        c = net.new_pool(1, 64)
+        net.forward(seq[:2], c)
+        out.extend(net.forward([t], c) for t in seq[2:])
+
+    want = [[], []]
+    for s, o in zip(seqs, want):
+        run_alone(s, o)
+    for _ in range(3):
+        got = [[], []]
+        ts = [threading.Thread(target=run_alone, args=(s, o)) for s, o in zip(seqs, got)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        for g, w in zip(got, want):
+            assert len(g) == len(w) and all(torch.equal(a, b) for a, b in zip(g, w))

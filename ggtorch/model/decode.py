@@ -32,7 +32,7 @@ class _Decode(ctypes.Structure):
     _fields_ = [("m", ctypes.c_void_p), ("embd_type", ctypes.c_int32), ("fd", ctypes.c_int32),
                 ("embd", ctypes.c_void_p), ("embd_off", ctypes.c_int64), ("row_bytes", ctypes.c_int64),
                 ("n_vocab", ctypes.c_int64), ("embd_scale", ctypes.c_float), ("out_norm", ctypes.c_void_p),
-                ("out", ctypes.c_void_p), ("x", ctypes.c_void_p), ("row", ctypes.c_void_p)]
+                ("out", ctypes.c_void_p)]
 
 
 ENABLED = True  # tests compare with the general path by turning this off
@@ -49,20 +49,19 @@ class OneToken:
         c = model.cfg
         self.step, self.keep = step, []
         self.E, self.V = c.n_embd, c.n_vocab
-        self.x = torch.empty(1, self.E)
         w = model.tok_embd
         d = _Decode()
         d.m, d.n_vocab, d.embd_scale = ctypes.addressof(step.model), c.n_vocab, float(c.embed_scale)
-        d.x, d.fd, d.embd_type = self.x.data_ptr(), -1, -1
+        d.fd, d.embd_type, self.row_bytes = -1, -1, 0
         src = model.file.row_source("token_embd.weight") if hasattr(model.file, "row_source") else None
         T = _base()
         if getattr(model, "lora_embd", None) or type(model).embed is not T.embed or type(model).inputs is not T.inputs:
             pass  # an adapter on token_embd: the Python lookup (ggtorch.lora.apply.embed_delta)
         elif model._embd_file_ptr is not None and w.dense is None and w.raw.data_ptr() == model._embd_file_ptr:
             if w.type.id in ROW_TYPES and src is not None:  # rows read from the file (Transformer.embed)
-                self.row = torch.empty(w.row_bytes, dtype=torch.uint8)
-                d.fd, d.embd_off, d.row = src[0], src[1], self.row.data_ptr()
+                d.fd, d.embd_off = src
                 d.embd_type, d.row_bytes = w.type.id, w.row_bytes
+                self.row_bytes = w.row_bytes
         elif w.dense is not None and w.dense.dtype == torch.float32 and w.dense.is_contiguous():
             self.keep.append(w.dense)
             d.embd_type, d.embd, d.row_bytes = 0, w.dense.data_ptr(), 4 * self.E
@@ -107,18 +106,18 @@ class OneToken:
         tabs = self.tables(model, pos)
         if tabs is None:
             return None
-        if self.python_embed:
-            x = model.inputs(torch.tensor([tok]))
-            self.x.copy_(x)
+        # the hidden state and the pread buffer are this call's own: two threads may decode with one model
+        x = model.inputs(torch.tensor([tok])).float().clone() if self.python_embed else torch.empty(1, self.E)
+        row = torch.empty(self.row_bytes, dtype=torch.uint8) if self.row_bytes else None
         kp, vp = self.step._pointers(cache)
         self.step.model.kv_type = KV_TYPES[cache.dtype]
         logits = torch.empty(1, self.N) if self.N else None
         lib = jit.library()
-        if lib.qdot_decode(self.ref, tok, kp, vp, cache.k[0].shape[2], slot, pos, *tabs,
-                           None if logits is None else logits.data_ptr()):
+        if lib.qdot_decode(self.ref, tok, x.data_ptr(), None if row is None else row.data_ptr(), kp, vp,
+                           cache.k[0].shape[2], slot, pos, *tabs, None if logits is None else logits.data_ptr()):
             return None
         if logits is None:
-            return model.head(self.x.clone())
+            return model.head(x)
         return logits if self.N == self.V else logits[:, :self.V]
 
 

@@ -113,7 +113,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.qdot_lowrank.restype = None
     lib.qdot_step.argtypes = [P, P, I64, P, P, I64, P, P, P, P, P, P]
     lib.qdot_step.restype = None
-    lib.qdot_decode.argtypes = [P, I64, P, P, I64, I64, I64, P, P, P, P, P]
+    lib.qdot_decode.argtypes = [P, I64, P, P, P, P, I64, I64, I64, P, P, P, P, P]
     lib.qdot_decode.restype = I
     lib.qdot_dequant_row.argtypes = [I, P, I64, P]
     lib.qdot_dequant_row.restype = I

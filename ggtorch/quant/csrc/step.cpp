@@ -111,14 +111,14 @@ struct Decode {
     float embd_scale;      // 1, or the architecture's scale (gemma: sqrt(n_embd))
     const float *out_norm; // output_norm
     const QWeight *out;    // the output matrix in the JIT layout, or null: x is left normed for the caller
-    float *x;              // [E] the hidden state
-    uint8_t *row;          // [row_bytes] scratch for pread
 };
 
-// -> 0, or -1: the row could not be read or its type is not in rows.cpp (then nothing was computed)
-EXPORT int qdot_decode(const Decode *d, int64_t id, void *const *K, void *const *V, int64_t cap, int64_t slot,
-                       int64_t pos, const float *cs, const float *sn, const float *cs_l, const float *sn_l,
-                       float *logits) {
+// x [E]: the hidden state (the embedding row in, when embd_type < 0); row: row_bytes of scratch for pread
+// (both the caller's, per call: two threads may decode with one model). -> 0, or -1: the row could not
+// be read or its type is not in rows.cpp (then nothing was computed)
+EXPORT int qdot_decode(const Decode *d, int64_t id, float *x, uint8_t *row, void *const *K, void *const *V,
+                       int64_t cap, int64_t slot, int64_t pos, const float *cs, const float *sn, const float *cs_l,
+                       const float *sn_l, float *logits) {
     const int64_t E = d->m->E;
     if (d->embd_type >= 0) {
         if (id < 0 || id >= d->n_vocab) return -1;
@@ -126,19 +126,19 @@ EXPORT int qdot_decode(const Decode *d, int64_t id, void *const *K, void *const 
         if (d->fd >= 0) {
             int64_t got = 0;
             while (got < d->row_bytes) {
-                const ssize_t r = pread(d->fd, d->row + got, (size_t)(d->row_bytes - got),
+                const ssize_t r = pread(d->fd, row + got, (size_t)(d->row_bytes - got),
                                         (off_t)(d->embd_off + id * d->row_bytes + got));
                 if (r <= 0) return -1;
                 got += r;
             }
-            src = d->row;
+            src = row;
         }
-        if (qdot_dequant_row(d->embd_type, src, E, d->x)) return -1;
+        if (qdot_dequant_row(d->embd_type, src, E, x)) return -1;
         if (d->embd_scale != 1.0f)
-            for (int64_t i = 0; i < E; i++) d->x[i] = d->x[i] * d->embd_scale;
+            for (int64_t i = 0; i < E; i++) x[i] = x[i] * d->embd_scale;
     }
-    qdot_step(d->m, d->x, 1, K, V, cap, &slot, &pos, cs, sn, cs_l, sn_l);
-    qdot_rms_norm(d->x, d->out_norm, d->m->eps, 1, E, d->x);
-    if (d->out) qdot_linear(d->out, d->x, 1, logits);
+    qdot_step(d->m, x, 1, K, V, cap, &slot, &pos, cs, sn, cs_l, sn_l);
+    qdot_rms_norm(x, d->out_norm, d->m->eps, 1, E, x);
+    if (d->out) qdot_linear(d->out, x, 1, logits);
     return 0;
 }
