@@ -13,7 +13,7 @@ import torch
 
 import ggtorch
 from conftest import FIXTURES, batch_rows_equal_alone
-from ggtorch.model import decode as decode_one
+from test_moe_step import counting  # moe.cpp calls from Python and one-call steps
 from ggtorch.model import fastpath
 from ggtorch.model import moe as moe_mod
 from ggtorch.model.layers import swiglu_oai
@@ -39,30 +39,6 @@ def decode(net, seq, steps=5):
     c = net.new_cache(32, dtype="f16")
     first = net.forward(seq[:-steps], c, all_logits=True)
     return torch.cat([first] + [net.forward([t], c) for t in seq[-steps:]])
-
-
-def counting(monkeypatch):
-    """Calls of moe.cpp from Python (ExpertFFN.__call__: the per-layer path's) and of the one-call step."""
-    calls = {"experts": 0, "step": 0}
-    real_ffn, real_run, real_one = fastpath.ExpertFFN.__call__, fastpath.Step.run, decode_one.OneToken.__call__
-
-    def ffn(self, x):
-        calls["experts"] += 1
-        return real_ffn(self, x)
-
-    def run(self, *a, **k):
-        calls["step"] += 1
-        return real_run(self, *a, **k)
-
-    def one(self, *a, **k):  # a decode step in one call (model/decode.py): every layer too
-        out = real_one(self, *a, **k)
-        calls["step"] += out is not None
-        return out
-
-    monkeypatch.setattr(fastpath.ExpertFFN, "__call__", ffn)
-    monkeypatch.setattr(fastpath.Step, "run", run)
-    monkeypatch.setattr(decode_one.OneToken, "__call__", one)
-    return calls
 
 
 def decode_cache(net, seq, steps=5):
