@@ -355,6 +355,30 @@ class Transformer:
             logits = softcap(logits, c.final_softcap)
         return logits
 
+    def attn_post(self, il: int, att, res, L: dict, eps: float, trace):
+        """Attention output -> attn_output product, post_attention_norm, + the residual ``res`` (the
+        sandwich norms of gemma2, gemma3 and olmo2's post-norm blocks: build_norm after the output)."""
+        cur = qmatmul(att, L["attn_output"])
+        if trace:
+            trace(f"attn_out-{il}", cur)
+        return self._post_norm(il, cur, res, L["post_attention_norm"], ("attn_post_norm", "ffn_inp"), eps, trace)
+
+    def ffn_post(self, il: int, cur, res, L: dict, eps: float, trace):
+        """The FFN's output -> post_ffw_norm, + the residual ``res``: the layer's output (as attn_post)."""
+        if trace:
+            trace(f"ffn_out-{il}", cur)
+        return self._post_norm(il, cur, res, L["post_ffw_norm"], ("ffn_post_norm", "l_out"), eps, trace)
+
+    @staticmethod
+    def _post_norm(il: int, cur, res, w, names: tuple[str, str], eps: float, trace):
+        cur = rms_norm(cur, w, eps)
+        if trace:
+            trace(f"{names[0]}-{il}", cur)
+        out = cur + res
+        if trace:
+            trace(f"{names[1]}-{il}", out)
+        return out
+
     def eps(self) -> float:
         return self.faults.get("rms_eps", self.cfg.rms_eps)
 

@@ -55,26 +55,10 @@ class Gemma2(Transformer):
         att = self.attend(il, q, k, v, cache, start, mask, 1.0, softcap=c.attn_softcap)
         if trace:
             trace(f"kqv_out-{il}", att)
-        cur = qmatmul(att, L["attn_output"])
-        if trace:
-            trace(f"attn_out-{il}", cur)
-        cur = rms_norm(cur, L["post_attention_norm"], eps)
-        if trace:
-            trace(f"attn_post_norm-{il}", cur)
-        sa_out = cur + x
-        if trace:
-            trace(f"ffn_inp-{il}", sa_out)
+        sa_out = self.attn_post(il, att, x, L, eps, trace)
         cur = rms_norm(sa_out, L["ffn_norm"], eps)
         if trace:
             trace(f"ffn_norm-{il}", cur)
         gate, up = self.project(cur, L, ("ffn_gate", "ffn_up"), "ffn_gate_up")
         cur = qmatmul(gelu_tanh(gate) * up, L["ffn_down"])
-        if trace:
-            trace(f"ffn_out-{il}", cur)
-        cur = rms_norm(cur, L["post_ffw_norm"], eps)
-        if trace:
-            trace(f"ffn_post_norm-{il}", cur)
-        out = cur + sa_out
-        if trace:
-            trace(f"l_out-{il}", out)
-        return out
+        return self.ffn_post(il, cur, sa_out, L, eps, trace)

@@ -55,23 +55,7 @@ class Olmo2(Transformer):
         att = self.attend(il, q, k, v, cache, start, mask, c.head_dim ** -0.5)
         if trace:
             trace(f"kqv_out-{il}", att)
-        cur = qmatmul(att, L["attn_output"])
-        if trace:
-            trace(f"attn_out-{il}", cur)
-        cur = rms_norm(cur, L["post_attention_norm"], eps)
-        if trace:
-            trace(f"attn_post_norm-{il}", cur)
-        ffn_inp = cur + x
-        if trace:
-            trace(f"ffn_inp-{il}", ffn_inp)
+        ffn_inp = self.attn_post(il, att, x, L, eps, trace)
         gate, up = self.project(ffn_inp, L, ("ffn_gate", "ffn_up"), "ffn_gate_up")
         cur = qmatmul(F.silu(gate) * up, L["ffn_down"])
-        if trace:
-            trace(f"ffn_out-{il}", cur)
-        cur = rms_norm(cur, L["post_ffw_norm"], eps)
-        if trace:
-            trace(f"ffn_post_norm-{il}", cur)
-        out = cur + ffn_inp
-        if trace:
-            trace(f"l_out-{il}", out)
-        return out
+        return self.ffn_post(il, cur, ffn_inp, L, eps, trace)
