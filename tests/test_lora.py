@@ -128,22 +128,30 @@ def test_two_adapters_add(models):
     assert (outs["a"] - outs["0"]).abs().max() > 0.01 and (outs["b"] - outs["0"]).abs().max() > 0.01
 
 
-def test_decode_with_adapter_equals_full_forward(models):
-    """Token-by-token decoding (the JIT per-layer path; the one-call step is bypassed) gives the logits of
-    the whole-prompt forward with the adapter."""
+def test_decode_with_adapter_equals_full_forward(models, monkeypatch):
+    """Token-by-token decoding with an adapter (the one-call step, its LoRA terms in step.cpp) gives the
+    logits of the whole-prompt forward, and those of the per-layer path, to the bit."""
     from ggtorch.model import fastpath
 
     m = models("Q8_0", True)
     m.set_lora([(A, 1.0)])
     try:
-        assert fastpath.step_of(m.net) is None
+        st = fastpath.step_of(m.net)
+        assert st is not None and st.lora_b  # the adapter's terms are in the step
         full = m.net.forward(PROMPT, m.net.new_cache(16, dtype="f32"), all_logits=True)
-        cache = m.net.new_cache(4, dtype="f32")
-        rows = [m.net.forward(PROMPT[:5], cache, all_logits=True)]
-        rows += [m.net.forward([t], cache, all_logits=True) for t in PROMPT[5:]]
+
+        def decode():
+            cache = m.net.new_cache(4, dtype="f32")
+            rows = [m.net.forward(PROMPT[:5], cache, all_logits=True)]
+            return torch.cat(rows + [m.net.forward([t], cache, all_logits=True) for t in PROMPT[5:]])
+
+        rows = decode()
         # bit for bit: the low-rank terms compute each row alone (csrc/lowrank.cpp), as the quantized kernels
         # do, so a row's numbers do not depend on how many rows share its forward
-        assert torch.equal(full, torch.cat(rows)), (full - torch.cat(rows)).abs().max()
+        assert torch.equal(full, rows), (full - rows).abs().max()
+        with monkeypatch.context() as mp:
+            mp.setattr(fastpath, "step_of", lambda model: None)
+            assert torch.equal(decode(), rows)  # the per-layer path: qmatmul, then LowRank's same calls
         r = m.generate(PROMPT, max_tokens=4, ignore_eos=True)
         assert r.ids[0] == int(np.argmax(REF["tiny-llama-Q8_0+peft_a"][-1]))
     finally:
@@ -389,3 +397,29 @@ def test_one_batch_mixes_sequences_with_different_adapters(models, fast):
         assert torch.equal(got, want), (got - want).abs().max()
     assert torch.allclose(got, want, atol=2e-3), (got - want).abs().max()
     assert (alone[0] - alone[2]).abs().max() > 0.1 and (alone[1] - alone[2]).abs().max() > 0.1
+
+
+def test_one_call_step_sees_adapter_weights_trained_in_place(models, monkeypatch):
+    """Training updates B in place: the one-call step (which holds B transposed) is built again, and
+    decoding still equals the per-layer path with the new weights."""
+    from ggtorch.model import fastpath
+
+    m = models("Q8_0", True)
+    ad = load_adapter(A)
+    ad = Adapter(ad.path, ad.arch, ad.alpha, {n: (a.clone(), b.clone()) for n, (a, b) in ad.pairs.items()})
+    m.set_lora([(ad, 1.0)])
+    try:
+        c = m.net.new_cache(16, dtype="f32")
+        before = m.net.forward(PROMPT, c)
+        first = fastpath.step_of(m.net)
+        for _, b in ad.pairs.values():
+            b.mul_(3.0)  # as an optimizer step does: in place
+        c = m.net.new_cache(16, dtype="f32")
+        after = m.net.forward(PROMPT, c)
+        assert fastpath.step_of(m.net) is not first
+        assert not torch.equal(before, after)
+        with monkeypatch.context() as mp:
+            mp.setattr(fastpath, "step_of", lambda model: None)
+            assert torch.equal(m.net.forward(PROMPT, m.net.new_cache(16, dtype="f32")), after)
+    finally:
+        m.set_lora([])

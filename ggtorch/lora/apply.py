@@ -144,6 +144,8 @@ def set_slot_scales(net, scales: dict[int, list[float]] | None, n_slots: int | N
 
 
 def _clear(net) -> None:
+    if hasattr(net, "reset_steps"):  # the one-call step holds the adapters' terms: built again without them
+        net.reset_steps()
     for w in net.weights().values():
         w.lora = None
     for L in getattr(net, "layers", []):

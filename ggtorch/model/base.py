@@ -424,9 +424,14 @@ class Transformer:
         read from / stored in the repack cache unless ``cache`` is False (see model.repack)."""
         from .repack import install_fast
 
-        self._step = None  # built again from the new kernels
-        self._experts = None  # and the layers' routed experts (fastpath.expert_ffn)
+        self.reset_steps()
         return install_fast(self, cache)
+
+    def reset_steps(self) -> None:
+        """Forget the one-call step and the layers' routed experts (fastpath.step_of, expert_ffn): they are
+        built again, from the weights and adapters as they are then, on the next forward."""
+        self._step = None
+        self._experts = None
 
     def step_spec(self) -> tuple[list[dict], str] | None:
         """This model's layers for fastpath.Step (one call per decode step), or None: the architecture

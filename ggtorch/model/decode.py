@@ -11,10 +11,10 @@ call, so a step costs one ctypes call and a few attribute reads.
 The arithmetic is that of the per-operation path, function for function, so the logits are equal to
 the bit to ``forward`` with this path off (tests/test_decode_one.py). It is taken exactly where
 fastpath.Step is taken for a one-token forward (same conditions: CPU, JIT library, no tracer, no
-ggml-numerics mode, no faults, no LoRA), and also needs the RoPE position inside the tables' reach
-(ROPE_TABLE_MAX). Heads with final scalings (granite's logit_scale, gemma2's soft cap) or without the
-JIT kernel are multiplied in Python after the call; embedding types rows.cpp does not decode are
-looked up in Python before it.
+ggml-numerics mode, no faults, no LoRA training or per-request adapter scales), and also needs the
+RoPE position inside the tables' reach (ROPE_TABLE_MAX). Heads with final scalings (granite's
+logit_scale, gemma2's soft cap), an adapter or no JIT kernel are multiplied in Python after the call;
+embedding types rows.cpp does not decode, or an adapter on token_embd, are looked up in Python before it.
 """
 from __future__ import annotations
 

@@ -151,12 +151,19 @@ _WEIGHTS = ("qkv", "q", "k", "v", "o", "gate_up", "gate", "up", "down")
 _VECTORS = ("attn_norm", "q_norm", "k_norm", "post_attn_norm", "ffn_norm", "post_ffw_norm", "qkv_b", "o_b", "sinks")
 
 
+class _Term(ctypes.Structure):
+    """csrc/step.cpp's struct Term: one LoRA term on a product (lora/apply.py's LowRank)."""
+    _fields_ = [("a", ctypes.c_void_p), ("bt", ctypes.c_void_p), ("r", ctypes.c_int64), ("N", ctypes.c_int64),
+                ("lo", ctypes.c_int64), ("scale", ctypes.c_float)]
+
+
 class _Layer(ctypes.Structure):
-    """csrc/step.cpp's struct Layer, field by field."""
+    """csrc/step.cpp's struct Layer, field by field (lora/n_lora: per product of _WEIGHTS, in that order)."""
     _fields_ = [(n, ctypes.c_void_p) for n in ("attn_norm", "qkv", "q", "k", "v", "q_norm", "k_norm", "o",
                                                "post_attn_norm", "ffn_norm", "gate_up", "gate", "up", "down",
                                                "post_ffw_norm", "moe", "qkv_b", "o_b", "sinks")] + \
-               [("rope", ctypes.c_int32), ("window", ctypes.c_int32)]
+               [("rope", ctypes.c_int32), ("window", ctypes.c_int32),
+                ("lora", ctypes.c_void_p * len(_WEIGHTS)), ("n_lora", ctypes.c_int32 * len(_WEIGHTS))]
 
 
 class _Model(ctypes.Structure):
@@ -180,6 +187,24 @@ class Step:
 
         c = model.cfg
         self.keep = []  # what the structs point into
+        self.lora_b = []  # (B, its version) of every LoRA term: a term trained in place makes this Step stale
+
+        def terms(w):
+            """w's LoRA terms (lora/apply.py's LowRank, the attached scalar scales) as a _Term array."""
+            low = getattr(w, "lora", None)
+            if not low:
+                return None, 0
+            arr = (_Term * len(low.terms))()
+            for t, (a, b, sc, lo, hi, _k, r) in zip(arr, low.terms):
+                if (a.dtype != torch.float32 or b.dtype != torch.float32 or a.device.type != "cpu"
+                        or not a.is_contiguous() or r > jit.MAX_LORA_RANK or b.shape != (hi - lo, r)):
+                    raise _Unsupported  # what jit.lowrank would not take (the per-layer path then uses PyTorch)
+                bt = b.T.contiguous()
+                self.keep += [a, bt]
+                self.lora_b.append((b, b._version))
+                t.a, t.bt, t.r, t.N, t.lo, t.scale = a.data_ptr(), bt.data_ptr(), r, hi - lo, lo, float(sc)
+            self.keep.append(arr)
+            return ctypes.addressof(arr), len(low.terms)
 
         def weight(w):
             if w is None:
@@ -203,8 +228,9 @@ class Step:
             raise _Unsupported  # one FFN width for every dense layer
         self.layers = (_Layer * len(layers))()
         for s, L in zip(self.layers, layers):
-            for name in _WEIGHTS:
+            for i, name in enumerate(_WEIGHTS):
                 setattr(s, name, weight(L.get(name)))
+                s.lora[i], s.n_lora[i] = terms(L.get(name)) if L.get(name) is not None else (None, 0)
             for name in _VECTORS:
                 setattr(s, name, vector(L.get(name)))
             if L.get("moe") is not None:  # routed experts (moe.cpp) instead of the dense FFN
@@ -240,10 +266,16 @@ class Step:
 
 
 def step_of(model) -> Step | None:
-    """The model's Step, built on first use; None where its architecture or weights do not qualify."""
-    if getattr(model, "loras", None):  # step.cpp has no LoRA term: adapters take the per-layer path
+    """The model's Step, built on first use; None where its architecture or weights do not qualify.
+    LoRA adapters are in it with their attached scales (step.cpp's Term, lowrank.cpp: the per-layer
+    path's calls); per-sequence scales (a server batch mixing adapters: lora_rows.table) take the
+    per-layer path, and so does a Step whose adapter weights were trained since it was built."""
+    rows = getattr(model, "lora_rows", None)
+    if rows is not None and rows.table is not None:
         return None
     st = getattr(model, "_step", None)
+    if st and st.lora_b and any(b._version != v for b, v in st.lora_b):
+        st = model._step = None  # built again from the trained terms
     if st is None:
         spec = model.step_spec()
         try:

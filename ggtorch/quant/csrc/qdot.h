@@ -62,3 +62,8 @@ EXPORT void qdot_moe(const MoE *m, const float *x, int64_t T, int64_t E, float *
 
 // rows.cpp: n values of a GGUF row of ggml type `type` -> float32, as quant/dequant.py gives them; -1: type not there
 EXPORT int qdot_dequant_row(int type, const uint8_t *src, int64_t n, float *out);
+
+// lowrank.cpp: y[m, lo + n] += s_m * (B (A x_m))[n] for the M rows of x, each row alone (s null: `scale`)
+EXPORT void qdot_lowrank(const float *x, int64_t M, int64_t K, int64_t ldx, const float *A, int64_t r,
+                         const float *Bt, int64_t N, const float *s, float scale, float *y, int64_t ldy,
+                         int64_t lo);

@@ -14,6 +14,16 @@
 #include <unistd.h>
 #include "qdot.h"
 
+// One LoRA term on a layer's product (lowrank.cpp): y[:, lo .. lo + N) += scale * (x A^T) Bt
+struct Term {
+    const float *a, *bt;  // A [r][K], B transposed [r][N]
+    int64_t r, N, lo;
+    float scale;
+};
+
+// the products of a layer, in the order of Layer's lora/n_lora arrays
+enum { W_QKV, W_Q, W_K, W_V, W_O, W_GATE_UP, W_GATE, W_UP, W_DOWN, N_W };
+
 struct Layer {
     const float *attn_norm;
     const QWeight *qkv, *q, *k, *v;  // the fused [Q; K; V] product, or the three
@@ -29,6 +39,8 @@ struct Layer {
     const float *sinks;          // gpt-oss's attention sinks [H], or null
     int32_t rope;                // 0: no RoPE on this layer; 1: the global tables; 2: the local ones (gemma3)
     int32_t window;              // > 0: sliding-window attention over this many positions
+    const Term *lora[N_W];       // LoRA terms per product (null: none), applied after it as qmatmul does
+    int32_t n_lora[N_W];
 };
 
 struct Model {
@@ -36,6 +48,16 @@ struct Model {
     float eps, scale;
     const Layer *layers;
 };
+
+// out [T][N] = x [T][K] W^T, then the product's LoRA terms (lora/apply.py's LowRank, the same calls in the
+// same order: each term row by row, so a decode step with an adapter equals the per-layer path)
+static void linear(const Layer *L, int which, const QWeight *w, const float *x, int64_t T, float *out) {
+    qdot_linear(w, x, T, out);
+    for (int i = 0; i < L->n_lora[which]; i++) {
+        const Term &t = L->lora[which][i];
+        qdot_lowrank(x, T, w->K, w->K, t.a, t.r, t.bt, t.N, nullptr, t.scale, out, w->N, t.lo);
+    }
+}
 
 static void add_rows(float *x, const float *y, int64_t n) {
     for (int64_t i = 0; i < n; i++) x[i] += y[i];
@@ -62,12 +84,12 @@ EXPORT void qdot_step(const Model *m, float *x, int64_t T, void *const *K, void 
     for (int il = 0; il < m->n_layer; il++) {
         const Layer *L = &m->layers[il];
         qdot_rms_norm(x, L->attn_norm, m->eps, T, E, y);
-        if (L->qkv) qdot_linear(L->qkv, y, T, qkv);
+        if (L->qkv) linear(L, W_QKV, L->qkv, y, T, qkv);
         else {  // three products, then side by side per token
             const QWeight *p[3] = {L->q, L->k, L->v};
             const int64_t off[3] = {0, nq, nq + nk}, n[3] = {nq, nk, nv};
             for (int i = 0; i < 3; i++) {
-                qdot_linear(p[i], y, T, tmp);
+                linear(L, W_Q + i, p[i], y, T, tmp);
                 for (int64_t t = 0; t < T; t++) memcpy(qkv + t * W + off[i], tmp + t * n[i], sizeof(float) * n[i]);
             }
         }
@@ -76,21 +98,21 @@ EXPORT void qdot_step(const Model *m, float *x, int64_t T, void *const *K, void 
         qdot_attend(qkv, T, W, m->H, m->Hkv, m->D, m->Dv, L->q_norm, L->k_norm, m->eps, local ? cs_l : cs,
                     local ? sn_l : sn, L->rope ? m->n_rot : 0, m->neox, K[il], V[il], m->kv_type, cap, slot, pos,
                     L->window, m->scale, att, L->sinks);
-        qdot_linear(L->o, att, T, o);
+        linear(L, W_O, L->o, att, T, o);
         add_bias(o, T, E, L->o_b, E);
         if (L->post_attn_norm) qdot_rms_norm(o, L->post_attn_norm, m->eps, T, E, o);
         add_rows(x, o, T * E);
         qdot_rms_norm(x, L->ffn_norm, m->eps, T, E, y);
         if (L->moe) qdot_moe(L->moe, y, T, E, o, nullptr);
         else if (L->gate_up) {
-            qdot_linear(L->gate_up, y, T, gu);
+            linear(L, W_GATE_UP, L->gate_up, y, T, gu);
             qdot_glu(gu, gu + F, T, F, 2 * F, 2 * F, m->act, act);
         } else {
-            qdot_linear(L->gate, y, T, gu);
-            qdot_linear(L->up, y, T, tmp);
+            linear(L, W_GATE, L->gate, y, T, gu);
+            linear(L, W_UP, L->up, y, T, tmp);
             qdot_glu(gu, tmp, T, F, F, F, m->act, act);
         }
-        if (!L->moe) qdot_linear(L->down, act, T, o);
+        if (!L->moe) linear(L, W_DOWN, L->down, act, T, o);
         if (L->post_ffw_norm) qdot_rms_norm(o, L->post_ffw_norm, m->eps, T, E, o);
         add_rows(x, o, T * E);
     }
