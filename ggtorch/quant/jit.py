@@ -125,6 +125,14 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.qdot_mm_tiles.restype = None
     lib.qdot_repack.argtypes = [I, P, I64, I64, I64, P, P, P, P, P, P]
     lib.qdot_repack.restype = I
+    lib.qdot_grid_init.argtypes = [I, P]
+    lib.qdot_grid_init.restype = I
+    from ..gguf.types import TYPES as GGML
+    from .types import TYPES, grid_bytes
+
+    for spec in TYPES.values():  # the grid layout's entry tables, from the grids the project keeps
+        if spec.glayout and lib.qdot_grid_init(GGML[spec.name].id, grid_bytes(spec.grid).data_ptr()) != 0:
+            raise AttributeError(f"qdot_grid_init refused {spec.name}")
     for f in (lib.qdot_mm_k, lib.qdot_mm_k_ref):
         f.argtypes = [I, I, P, P, P, P, P, F, I64, I64, P, P, P, I64, P, I64, I]
         f.restype = None
@@ -193,12 +201,15 @@ def quantize(lib, x: torch.Tensor, G: int, mode: int = 0) -> tuple[torch.Tensor,
     return xq, dx, sx, sq
 
 
-def layout(K: int, qw: torch.Tensor, dw: torch.Tensor, sc: torch.Tensor | None = None) -> tuple[int, int]:
+def layout(K: int, qw: torch.Tensor, dw: torch.Tensor, sc: torch.Tensor | None = None, flags: int = 0) -> tuple[int, int]:
     """(bits, G) of a weight in the 16-row layout (csrc/qdot.cpp), from its shapes (``sc``: the K layout's
-    sub-block scales, one per group; otherwise dw has one per group)."""
+    sub-block scales, one per group; otherwise dw has one per group); with GRIDL in flags, the grid
+    layout's code (csrc/tiles.h) in place of bits."""
     ng = (dw if sc is None else sc).shape[1] // 16
     G = K // ng
     gb = qw.shape[1] // ng  # bytes of a tile's group: 16 rows x G values
+    if flags & 4096:  # types.GRIDL: IQ1_S, IQ2_XXS, IQ2_XS, IQ3_XXS
+        return {3 * G: 9, 4 * G: 10, 4 * G + G // 4: 11, 6 * G: 12}[gb], G
     return {16 * G: 8, 8 * G: 4, 4 * G: 2, 6 * G: 3}.get(gb, 5 if G == 32 else 6), G
 
 
@@ -217,7 +228,7 @@ def matmul(x: torch.Tensor, qw: torch.Tensor, dw: torch.Tensor, mw: torch.Tensor
         x = x.float().contiguous()
     M, K = x.shape
     N = qw.shape[0] * 16
-    bits, G = layout(K, qw, dw, sc)
+    bits, G = layout(K, qw, dw, sc, flags)
     xq, dx, sx, sq = quantize(lib, x, G, mode)
     out = torch.empty(M, N)
     if sc is not None:
@@ -242,7 +253,7 @@ class Linear:
         lib = library()
         assert lib is not None, "Linear() without the JIT library"
         assert all(t is None or t.is_contiguous() for t in (qw, dw, mw, sc, mn))
-        bits, G = layout(K, qw, dw, sc)
+        bits, G = layout(K, qw, dw, sc, flags)
         self.tensors = (qw, dw, mw, sc, mn)  # the struct points into these: keep them alive
         self.N, self.K = qw.shape[0] * 16, K
         self.n = self.N if n is None else n

@@ -34,7 +34,7 @@ from .qdot import QDOT_TYPES, _flags, _qdot_pack, qdot_kernel
 
 PLANE_TYPES = ("Q8_0", "Q5_0", "Q5_1", "Q5_K")  # two int4 planes per weight (see _plane_parts)
 INT8_MAX_ROWS = 16  # above this many activation rows, widen int8 to bf16 and use a GEMM
-FORMAT = "13"  # the repacked layout's version: bump when what install() stores changes (keys the repack cache)
+FORMAT = "14"  # the repacked layout's version: bump when what install() stores changes (keys the repack cache)
 
 
 def repack_format() -> str:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from .fused import Fused, finish
-from .types import E8M0, IQ1S, SM4, TYPES, grid_bytes, lut, oscale
+from .types import E8M0, G_IQ1S, G_IQ2XS, G_IQ3XXS, GRIDL, IQ1S, SM4, TYPES, grid_bytes, grid_codes, lut, oscale
 from .types.mxfp4 import e8m0_byte, e8m0_scale
 
 QDOT_TYPES = tuple(TYPES)
@@ -70,12 +70,17 @@ def _pad_rows(v: torch.Tensor | None, pad: int) -> torch.Tensor | None:
     return v if v is None or not pad else torch.cat((v, v.new_zeros(pad, v.shape[1])))
 
 
-def _qdot_ktiles(u, bits, sc, mn, d, dm) -> dict:
+def _qdot_ktiles(u, bits, sc, mn, d, dm, grid: dict | None = None) -> dict:
     """The K layout's tensors (padded rows get zero scales); dm (-dmin per 256) with or without mn (SM4
-    keeps the mins in sc's high nibble)."""
+    keeps the mins in sc's high nibble). grid: a grid layout's code and the reader's gi/neg (then the
+    values are stored as those indices)."""
     pad = -u.shape[0] % 16
     t = (u.shape[0] + pad) // 16
-    qw = _qdot_values(_pad_rows(u, pad), bits, u.shape[1] // sc.shape[1])
+    G = u.shape[1] // sc.shape[1]
+    if grid is not None:
+        qw = _grid_values(grid["code"], G, _pad_rows(grid["gi"], pad), _pad_rows(grid.get("neg"), pad))
+    else:
+        qw = _qdot_values(_pad_rows(u, pad), bits, G)
     st = {"qw": qw, "sc": _tile_rows(_pad_rows(sc, pad), t, torch.int8),
           "dw": _tile_rows(_pad_rows(d, pad), t, torch.float16)}
     if mn is not None:
@@ -126,9 +131,53 @@ def _qdot_values(u: torch.Tensor, bits: int, G: int) -> torch.Tensor:
     return torch.cat(parts, dim=2).reshape(t, -1).contiguous()
 
 
+def _grid_values(code: int, G: int, gi: torch.Tensor, neg: torch.Tensor | None) -> torch.Tensor:
+    """csrc/tiles.h's grid layout of rows (padded) with entry indices gi [n, entries] and sign bits neg
+    [n, K] (none for IQ1_S), [tiles, bytes]: per group the index bytes (entry, row), the high-bit plane
+    (IQ2_XS: a u16 of 9th bits per entry; IQ1_S: a nibble of 3 bits per row), the sign masks per step."""
+    n, K = gi.shape[0], gi.shape[1] * (4 if code == G_IQ3XXS else 8)
+    t, ng = n // 16, K // G
+    e = gi.reshape(t, 16, ng, -1).permute(0, 2, 3, 1)  # [tile, group, entry, row]
+    parts = [(e & 255).to(torch.uint8).reshape(t, ng, -1)]
+    if code == G_IQ2XS:
+        h = (((e >> 8) & 1) << torch.arange(16)).sum(-1)  # [tile, group, entry]: bit r for row r
+        parts.append(torch.stack((h & 255, h >> 8), -1).to(torch.uint8).reshape(t, ng, -1))
+    if code == G_IQ1S:
+        h = (e >> 8) & 7
+        parts.append((h[..., 0::2] | (h[..., 1::2] << 4)).to(torch.uint8).reshape(t, ng, -1))
+    if neg is not None:  # per step, bit 4r + j: row r's value 4s + j
+        b = neg.reshape(t, 16, ng, G // 4, 4).permute(0, 2, 3, 1, 4).reshape(t, ng, G // 4, 8, 8).to(torch.int32)
+        parts.append((b << torch.arange(8, dtype=torch.int32)).sum(-1).to(torch.uint8).reshape(t, ng, -1))
+    return torch.cat(parts, dim=2).reshape(t, -1).contiguous()
+
+
+def _grid_unpack(code: int, G: int, K: int, qw: torch.Tensor) -> torch.Tensor:
+    """The stored values (before the table) [tiles * 16, K] of a grid layout, as the kernel unpacks them."""
+    name = {G_IQ3XXS: "IQ3_XXS", G_IQ1S: "IQ1_S", G_IQ2XS: "IQ2_XS"}.get(code, "IQ2_XXS")
+    per = 4 if code == G_IQ3XXS else 8
+    t, ng, ne = qw.shape[0], K // G, G // per
+    g = qw.view(t, ng, -1)
+    idx, at = g[:, :, :16 * ne].reshape(t, ng, ne, 16).long(), 16 * ne
+    if code == G_IQ2XS:
+        h = g[:, :, at:at + 2 * ne].reshape(t, ng, ne, 2).long()
+        idx = idx | ((((h[..., 0] | (h[..., 1] << 8)).unsqueeze(-1) >> torch.arange(16)) & 1) << 8)
+        at += 2 * ne
+    if code == G_IQ1S:
+        h = g[:, :, at:at + 8 * ne].reshape(t, ng, ne, 8).long()
+        idx = idx | ((torch.stack((h & 15, h >> 4), -1).reshape(t, ng, ne, 16) & 7) << 8)
+    u = grid_codes(name)[idx]  # [tile, group, entry, row, per]
+    u = u.permute(0, 3, 1, 2, 4).reshape(t * 16, K)
+    if code != G_IQ1S:
+        sg = g[:, :, at:at + 2 * G].reshape(t, ng, G // 4, 8, 1)
+        bits = ((sg >> torch.arange(8, dtype=torch.uint8).view(1, 1, 1, 1, 8)) & 1).reshape(t, ng, G // 4, 16, 4)
+        u = u | (bits.permute(0, 3, 1, 2, 4).reshape(t * 16, K) << (3 if code == G_IQ3XXS else 2))
+    return u
+
+
 def group_bytes(bits: int, G: int) -> int:
-    """Bytes of one tile's group (16 rows x G values), as csrc/qdot.cpp's group_bytes."""
-    return {8: 16 * G, 4: 8 * G, 2: 4 * G, 3: 6 * G}.get(bits, 8 * G + 64)
+    """Bytes of one tile's group (16 rows x G values), as csrc/tiles.h's group_bytes (grid codes 9..12)."""
+    return {8: 16 * G, 4: 8 * G, 2: 4 * G, 3: 6 * G, G_IQ1S: 3 * G, 10: 4 * G, G_IQ2XS: 4 * G + G // 4,
+            G_IQ3XXS: 6 * G}.get(bits, 8 * G + 64)
 
 
 def _scalars(spec) -> dict:
@@ -140,7 +189,7 @@ def _qdot_alloc(t: str, N: int, K: int) -> dict:
     """Uninitialized tensors for N rows of type t in csrc/qdot.cpp's layout (qdot_repack writes every byte)."""
     spec = TYPES[t]
     tiles, ng = (N + 15) // 16, K // spec.G
-    st = {"qw": torch.empty(tiles, ng * group_bytes(spec.bits, spec.G), dtype=torch.uint8),
+    st = {"qw": torch.empty(tiles, ng * group_bytes(spec.lbits, spec.G), dtype=torch.uint8),
           "dw": torch.empty(tiles, (K // 256 if spec.klayout else ng) * 16,
                             dtype=torch.uint8 if spec.flags & E8M0 else torch.float16)}
     if spec.mins:
@@ -221,7 +270,8 @@ def _qdot_pack(w, chunk: int = 4096, jit: bool = True) -> dict:
     for i in range(0, w.out_features, chunk):
         p = spec.read(w, w.raw[i:i + chunk])
         if spec.klayout:
-            parts.append(_qdot_ktiles(p["u"], spec.bits, p["sc"], p["mn"], p["d"], p["dm"]))
+            grid = {"code": spec.glayout, "gi": p["gi"], "neg": p.get("neg")} if spec.glayout else None
+            parts.append(_qdot_ktiles(p["u"], spec.bits, p["sc"], p["mn"], p["d"], p["dm"], grid))
         else:
             q, d, m = _qdot_tiles(p["u"], spec.bits, p["dw"].float(), p["mw"].float() if spec.mins else None,
                                   spec.flags)
@@ -242,11 +292,13 @@ def qdot_unpack(st: dict, K: int) -> torch.Tensor:
     from .jit import layout
 
     qw, dw = st["qw"], st["dw"]
-    bits, G = layout(K, qw, dw, st.get("sc"))
     flags = _flags(st)
+    bits, G = layout(K, qw, dw, st.get("sc"), flags)
     t, ng = qw.shape[0], K // G
     g = qw.view(t, ng, -1)
-    if bits == 8:
+    if bits > 8:
+        q = None
+    elif bits == 8:
         q = qw.view(t, ng, -1, 16, 4)  # [tile, group, step, row, 4]
     elif bits <= 3:
         lo = g[:, :, :4 * G].reshape(t, ng, -1, 1, 16, 4)  # blocks of 4 steps
@@ -264,7 +316,7 @@ def qdot_unpack(st: dict, K: int) -> torch.Tensor:
             h = g[:, :, 8 * G:].reshape(t, ng, 1, 16, 4).to(torch.int32)
             steps = torch.arange(G // 4, dtype=torch.int32).view(1, 1, -1, 1, 1)
             q = q | (((h >> (hb * steps)) & ((1 << hb) - 1)) << 4).to(torch.uint8)
-    q = q.permute(0, 3, 1, 2, 4).reshape(t * 16, K)
+    q = _grid_unpack(bits, G, K, qw) if q is None else q.permute(0, 3, 1, 2, 4).reshape(t * 16, K)
     q = _values(flags, q).float()
 
     def rows(s):

@@ -20,6 +20,7 @@
 #include "tiles.h"
 
 #if QDOT_VNNI
+#include <stdlib.h>
 #include <string.h>
 
 struct KT {  // one tile's K layout (qdot.cpp's mm_ktile pointers)
@@ -56,7 +57,7 @@ static inline __m512i min_pair(const int8_t *s) {
 template <int MT, int BITS, int G, bool SC16, bool MINS, bool SM4, bool IQ1 = false>
 static void itile(const KT &k, int64_t K, const int8_t *xq, const float *dx, const int16_t *sq, int64_t m0, float *out,
                   int64_t ldo) {
-    constexpr int64_t gb = BITS == 8 ? 16 * G : BITS == 4 ? 8 * G : BITS == 2 ? 4 * G : BITS == 3 ? 6 * G : 8 * G + 64;
+    constexpr int64_t gb = group_bytes(BITS, G);
     constexpr int ns = 256 / G;
     const int64_t ng = K / G;
     const __m512 os = _mm512_set1_ps(oscale_of(k.flags));
@@ -131,13 +132,57 @@ static void rows(const KT &k, int64_t K, const int8_t *xq, const float *dx, cons
     if (M - m0 >= 1) itile<1, BITS, G, SC16, MINS, SM4, IQ1>(k, K, xq, dx, sq, m0, out, ldo);
 }
 
+// The grid layout (tiles.h): one activation row (a decode step) unpacks each group as it goes; more rows
+// unpack the tile's groups once into the 8-bit layout's bytes (their table already applied: 16 K bytes,
+// from L2), which the 8-row blocks then read as Q8_0's are read, so the grid lookups are not repeated per
+// row block. Sums as the decoded layouts' tiles make them (the same values, the same order): bit-equal.
+template <int BITS, int G, bool IQ1>
+static void grid_rows_of(const KT &k, int64_t K, const int8_t *xq, const float *dx, const int16_t *sq, int64_t M,
+                         float *out, int64_t ldo) {
+    if (M == 1) {
+        rows<BITS, G, false, false, false, IQ1>(k, K, xq, dx, sq, M, out, ldo);
+        return;
+    }
+    static thread_local uint8_t *scratch = nullptr;
+    static thread_local int64_t have = 0;
+    const int64_t ng = K / G, gb = group_bytes(BITS, G), need = 8 * K;
+    if (need > have) {
+        free(scratch);
+        scratch = (uint8_t *)aligned_alloc(64, (size_t)((need + 63) / 64 * 64));
+        have = scratch ? need : 0;
+        if (!scratch) {  // no memory for it: unpack per row block instead
+            rows<BITS, G, false, false, false, IQ1>(k, K, xq, dx, sq, M, out, ldo);
+            return;
+        }
+    }
+    for (int64_t g = 0; g < ng; g++) {  // the 4-bit layout: steps 2p and 2p + 1 in the nibbles of 64 bytes
+        __m512i w[G / 4];
+        load_group(BITS, G, k.qt + g * gb, gb, w, k.flags & ~QDOT_LUTS);
+        for (int p = 0; p < G / 8; p++)
+            _mm512_store_si512((void *)(scratch + g * 8 * G + 64 * p), _mm512_or_si512(w[2 * p], _mm512_slli_epi16(w[2 * p + 1], 4)));
+    }
+    KT k4 = k;
+    k4.qt = scratch;
+    rows<4, G, false, false, false, IQ1>(k4, K, xq, dx, sq, M, out, ldo);
+}
+
+static void grid_rows(int code, const KT &k, int64_t K, const int8_t *xq, const float *dx, const int16_t *sq, int64_t M,
+                      float *out, int64_t ldo) {
+    switch (code) {
+    case QDOT_G_IQ3XXS: grid_rows_of<QDOT_G_IQ3XXS, 32, false>(k, K, xq, dx, sq, M, out, ldo); break;
+    case QDOT_G_IQ2XXS: grid_rows_of<QDOT_G_IQ2XXS, 32, false>(k, K, xq, dx, sq, M, out, ldo); break;
+    case QDOT_G_IQ2XS: grid_rows_of<QDOT_G_IQ2XS, 16, false>(k, K, xq, dx, sq, M, out, ldo); break;
+    default: grid_rows_of<QDOT_G_IQ1S, 32, true>(k, K, xq, dx, sq, M, out, ldo); break;
+    }
+}
+
 // The plain layout (one float16 scale per group, no mins: Q4_0, Q5_0, Q8_0, IQ4_NL): the dot product
 // starts at zoff * bsum, so it sums the file's signed values (llama.cpp's sumi), and each group costs one
 // convert and one multiply-add per row instead of qdot.cpp's tile() two (its offset term mw * sx).
 template <int MT, int BITS, int G>
 static void ptile(const uint8_t *qt, const void *dt, int flags, int zi, int64_t K, const int8_t *xq,
                   const float *dx, const int16_t *sq, int64_t m0, float *out, int64_t ldo) {
-    constexpr int64_t gb = BITS == 8 ? 16 * G : BITS == 4 ? 8 * G : BITS == 2 ? 4 * G : BITS == 3 ? 6 * G : 8 * G + 64;
+    constexpr int64_t gb = group_bytes(BITS, G);
     const int64_t ng = K / G;
     __m512 acc[MT];
     for (int i = 0; i < MT; i++) acc[i] = _mm512_setzero_ps();
@@ -190,7 +235,7 @@ bool kint_tile(int bits, int G, const uint8_t *qw, const int8_t *sc, const int8_
 #if QDOT_VNNI
     const int zi = (int)zoff;
     if (!sq || (float)zi != zoff || ((mn || (flags & QDOT_SM4)) && zi)) return false;
-    if ((flags & QDOT_IQ1S) && (bits != 2 || G != 32 || mn || zi != -1)) return false;
+    if ((flags & QDOT_IQ1S) && ((bits != 2 && bits != QDOT_G_IQ1S) || G != 32 || mn || zi != -1)) return false;
     const int64_t ng = K / G, gb = group_bytes(bits, G), nsb = K / 256;
     const KT k{qw + t * ng * gb, sc + t * ng * 16, mn ? mn + t * ng * 16 : nullptr, dw + t * nsb * 16,
                mw ? mw + t * nsb * 16 : nullptr, flags, zi};
@@ -198,6 +243,11 @@ bool kint_tile(int bits, int G, const uint8_t *qw, const int8_t *sc, const int8_
     const bool sc16 = max_value(bits, flags, zi) * 128 * G < 32768;
     float *o = out + t * 16;
     const bool sm4 = flags & QDOT_SM4, mins = mn != nullptr;
+    if (is_grid(bits)) {
+        if (mins || sm4 || G != (bits == QDOT_G_IQ2XS ? 16 : 32)) return false;
+        grid_rows(bits, k, K, xq, dx, sq, M, o, ldo);
+        return true;
+    }
     if (flags & QDOT_IQ1S) rows<2, 32, false, false, false, true>(k, K, xq, dx, sq, M, o, ldo);  // IQ1_S
     else if (bits == 2 && G == 16 && sm4 && sc16) rows<2, 16, true, true, true>(k, K, xq, dx, sq, M, o, ldo);      // Q2_K
     else if (bits == 3 && G == 16 && !mins && !sm4 && sc16) rows<3, 16, true, false, false>(k, K, xq, dx, sq, M, o, ldo);  // Q3_K, IQ1_M

@@ -230,6 +230,10 @@ static inline int value_at(int bits, int G, const uint8_t *q, int64_t r, int k, 
     const int step = k / 4, j = k % 4;
     if (bits == 8) return q[64 * step + 4 * r + j];
     const uint8_t *lut = lut_of(flags);
+    if (is_grid(bits)) {
+        const int u = grid_value(bits, G, q, (int)r, k);
+        return lut ? lut[u] : u;
+    }
     if (bits <= 3) {
         int u = (q[64 * (step / 4) + 4 * r + j] >> (2 * (step % 4))) & 3;
         if (bits == 3) {

@@ -5,7 +5,7 @@
 // took 3-7 s for a 1.1B model; this one reads each block once and writes each output byte once.
 #include <stdlib.h>
 #include <string.h>
-#include "qdot.h"
+#include "tiles.h"
 
 enum { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q2_K = 10, Q3_K = 11, Q4_K = 12, Q5_K = 13, Q6_K = 14,
        IQ2_XXS = 16, IQ2_XS = 17, IQ3_XXS = 18, IQ1_S = 19, IQ4_NL = 20, IQ3_S = 21, IQ2_S = 22, IQ4_XS = 23,
@@ -142,36 +142,10 @@ static void block_values(int type, const uint8_t *b, uint8_t *u, const uint8_t *
             memcpy(u + 4 * i, &v, 4);
         }
         break;
-    case IQ3_XXS:  // 64 grid entries of 4 levels 4..62 (index (g - 4) >> 3: 0..7), sign bits from the 7-bit
-                   // index in each sub-block's u32 (dequantize_row_iq3_xxs); stored as index | sign << 3
-        for (int i = 0; i < 64; i++) {
-            const unsigned signs = ksign((rd32(b + 66 + 4 * (i / 8)) >> (7 * ((i % 8) / 2))) & 127) >> (4 * (i % 2));
-            const uint32_t v = ((const uint32_t *)grid)[b[2 + i]] | (SPREAD4[signs & 15] & 0x08080808u);
-            memcpy(u + 4 * i, &v, 4);
-        }
-        break;
-    case IQ2_XXS:  // per 32 values: u32 of 4 grid indices, u32 of 4 x 7 sign bits | scale << 28 (dequantize_row_iq2_xxs)
-        for (int ib = 0; ib < 8; ib++) {
-            const uint32_t aux = rd32(b + 2 + 8 * ib + 4);
-            for (int l = 0; l < 4; l++) iq2_put(u + 32 * ib + 8 * l, grid + 8 * b[2 + 8 * ib + l], ksign((aux >> (7 * l)) & 127));
-        }
-        break;
-    case IQ2_XS:  // 32 u16: 9-bit grid index | 7-bit sign index << 9 (dequantize_row_iq2_xs)
-        for (int k = 0; k < 32; k++) {
-            const unsigned q = rd16(b + 2 + 2 * k);
-            iq2_put(u + 8 * k, grid + 8 * (q & 511), ksign(q >> 9));
-        }
-        break;
     case IQ2_S:  // qs[32] low index bits, signs[32], qh[8] two high bits per entry (dequantize_row_iq2_s)
         for (int k = 0; k < 32; k++) {
             const unsigned idx = b[2 + k] | ((b[66 + k / 4] << (8 - 2 * (k % 4))) & 0x300);
             iq2_put(u + 8 * k, grid + 8 * idx, b[34 + k]);
-        }
-        break;
-    case IQ1_S:  // qs[32] low index bits, qh[8] u16: 4 x 3 high bits (dequantize_row_iq1_s)
-        for (int k = 0; k < 32; k++) {
-            const unsigned idx = b[2 + k] | (((rd16(b + 34 + 2 * (k / 4)) >> (3 * (k % 4))) & 7) << 8);
-            iq1_put(u + 8 * k, grid + 8 * idx, -1);
         }
         break;
     case IQ1_M:  // qs[32], qh[16]: per entry a nibble of 3 high index bits and the delta sign (dequantize_row_iq1_m)
@@ -344,6 +318,113 @@ static uint8_t *grid_tables(int type, const uint8_t *grid) {
 static int repack_grid(int type, const uint8_t *src, int64_t rows, int64_t K, int64_t block_bytes, uint8_t *qw,
                        uint16_t *dw, uint16_t *mw, int8_t *sc, int8_t *mn, const uint8_t *grid);
 
+// tiles.h's grid layout: per 256-value super-block of the tile's 16 rows, each row's entry indices, sign
+// bytes (8 values each, ksigns_iq2xs applied), sub-block scales and d, then each group's planes written
+// whole (no byte read back: see put_group on fresh pages). Entries: IQ3_XXS 64 of 4 values (signs per 8),
+// the others 32 of 8.
+template <int type, int code, int G>
+static void repack_gl(const uint8_t *src, int64_t rows, int64_t K, int64_t block_bytes, uint8_t *qw, uint16_t *dw,
+                      int8_t *sc) {
+    constexpr int gpb = 256 / G, per = code == QDOT_G_IQ3XXS ? 4 : 8, ne = G / per;
+    constexpr int64_t gb = group_bytes(code, G);
+    const int64_t nb = K / 256, ng = K / G, ntiles = (rows + 15) / 16;
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < ntiles; t++) {
+        for (int64_t bi = 0; bi < nb; bi++) {
+            uint16_t idx[16][64];
+            uint8_t neg[16][32];
+            for (int r = 0; r < 16; r++) {
+                const int64_t at = (t * nb + bi) * 16 + r;
+                if (t * 16 + r >= rows) {  // padding rows: zero indices, signs and scales
+                    memset(idx[r], 0, sizeof idx[r]), memset(neg[r], 0, sizeof neg[r]);
+                    for (int gi = 0; gi < gpb; gi++) sc[(t * ng + bi * gpb + gi) * 16 + r] = 0;
+                    dw[at] = 0;
+                    continue;
+                }
+                const uint8_t *b = src + ((t * 16 + r) * nb + bi) * block_bytes;
+                dw[at] = rd16(b);
+                for (int c = 0; c < 32; c++) {
+                    if (type == IQ3_XXS) {  // qs[64] indices; per 32 values a u32 of 4 x 7 sign bits | ls << 28
+                        idx[r][2 * c] = b[2 + 2 * c], idx[r][2 * c + 1] = b[3 + 2 * c];
+                        neg[r][c] = (uint8_t)ksign((rd32(b + 66 + 4 * (c / 4)) >> (7 * (c % 4))) & 127);
+                    } else if (type == IQ2_XXS) {  // per 32 values: u32 of 4 indices, u32 of 4 x 7 sign bits | ls << 28
+                        idx[r][c] = b[2 + 8 * (c / 4) + c % 4];
+                        neg[r][c] = (uint8_t)ksign((rd32(b + 6 + 8 * (c / 4)) >> (7 * (c % 4))) & 127);
+                    } else if (type == IQ2_XS) {  // u16: 9-bit index | 7-bit sign index << 9
+                        const unsigned q = rd16(b + 2 + 2 * c);
+                        idx[r][c] = (uint16_t)(q & 511), neg[r][c] = (uint8_t)ksign(q >> 9);
+                    } else {  // IQ1_S: qs[32] low index bits, qh[8] u16: 4 x 3 high bits | ls << 12 | delta << 15
+                        idx[r][c] = (uint16_t)(b[2 + c] | (((rd16(b + 34 + 2 * (c / 4)) >> (3 * (c % 4))) & 7) << 8));
+                        neg[r][c] = 0;
+                    }
+                }
+                for (int gi = 0; gi < gpb; gi++) {
+                    int8_t &v = sc[(t * ng + bi * gpb + gi) * 16 + r];
+                    if (type == IQ3_XXS) v = (int8_t)(2 * (rd32(b + 66 + 4 * gi) >> 28) + 1);
+                    else if (type == IQ2_XXS) v = (int8_t)(2 * (rd32(b + 6 + 8 * gi) >> 28) + 1);
+                    else if (type == IQ2_XS) v = (int8_t)(2 * ((b[66 + gi / 2] >> (4 * (gi % 2))) & 15) + 1);
+                    else v = (int8_t)(rd16(b + 34 + 2 * gi) >> 12);  // IQ1_S: ls | delta sign << 3
+                }
+            }
+            for (int gi = 0; gi < gpb; gi++) {
+                uint8_t q[gb];
+                const int e0 = gi * ne;
+                for (int e = 0; e < ne; e++) {
+                    for (int r = 0; r < 16; r++) q[16 * e + r] = (uint8_t)idx[r][e0 + e];
+                    if (code == QDOT_G_IQ2XS) {
+                        unsigned h = 0;
+                        for (int r = 0; r < 16; r++) h |= ((idx[r][e0 + e] >> 8) & 1u) << r;
+                        q[16 * ne + 2 * e] = (uint8_t)h, q[16 * ne + 2 * e + 1] = (uint8_t)(h >> 8);
+                    }
+                    if (code == QDOT_G_IQ1S)
+                        for (int r = 0; r < 16; r += 2)
+                            q[16 * ne + 8 * e + r / 2] = (uint8_t)((idx[r][e0 + e] >> 8) | ((idx[r + 1][e0 + e] >> 8) << 4));
+                }
+                if (code != QDOT_G_IQ1S) {
+                    const int so = grid_signs_at(code, G);
+                    for (int st = 0; st < G / 4; st++) {  // values v..v+3 of the super-block: half of sign byte v / 8
+                        const int v = gi * G + 4 * st;
+                        uint64_t m = 0;
+                        for (int r = 0; r < 16; r++) m |= (uint64_t)((neg[r][v / 8] >> (v % 8)) & 15) << (4 * r);
+                        memcpy(q + so + 8 * st, &m, 8);
+                    }
+                }
+                memcpy(qw + (t * ng + bi * gpb + gi) * gb, q, gb);
+            }
+        }
+    }
+}
+
+// The entry tables of the grid layout's unpacking (qdot.h), from the file's grids; 0 on success
+uint32_t QDOT_GRID3[256];
+alignas(64) uint8_t QDOT_GRID3_A[256], QDOT_GRID3_B[256];
+uint64_t QDOT_GRID2XXS[256], QDOT_GRID2XS[512], QDOT_GRID1S[2048];
+alignas(64) uint8_t QDOT_GRID2XXS_AB[512], QDOT_GRID2XS_AB[1024], QDOT_GRID1S_AB[4096];
+
+// an 8-value table's entries as two bytes of 2-bit fields: values 0..3 in AB[e], 4..7 in AB[n + e]
+static void split_ab(const uint8_t *tab, int n, uint8_t *ab) {
+    for (int e = 0; e < n; e++) {
+        unsigned a = 0, b = 0;
+        for (int j = 0; j < 4; j++) a |= (unsigned)(tab[8 * e + j] & 3) << (2 * j), b |= (unsigned)(tab[8 * e + 4 + j] & 3) << (2 * j);
+        ab[e] = (uint8_t)a, ab[n + e] = (uint8_t)b;
+    }
+}
+static uint8_t *grid_tables(int type, const uint8_t *grid);
+EXPORT int qdot_grid_init(int type, const uint8_t *grid) {
+    uint8_t *tab = grid_tables(type, grid);
+    if (!tab) return -1;
+    if (type == IQ3_XXS) {
+        memcpy(QDOT_GRID3, tab, sizeof QDOT_GRID3);
+        for (int e = 0; e < 256; e++)
+            QDOT_GRID3_A[e] = (uint8_t)(tab[4 * e] | tab[4 * e + 1] << 4), QDOT_GRID3_B[e] = (uint8_t)(tab[4 * e + 2] | tab[4 * e + 3] << 4);
+    }
+    else if (type == IQ2_XXS) memcpy(QDOT_GRID2XXS, tab, sizeof QDOT_GRID2XXS), split_ab(tab, 256, QDOT_GRID2XXS_AB);
+    else if (type == IQ2_XS) memcpy(QDOT_GRID2XS, tab, sizeof QDOT_GRID2XS), split_ab(tab, 512, QDOT_GRID2XS_AB);
+    else if (type == IQ1_S) memcpy(QDOT_GRID1S, tab, sizeof QDOT_GRID1S), split_ab(tab, 2048, QDOT_GRID1S_AB);
+    free(tab);
+    return type == IQ3_XXS || type == IQ2_XXS || type == IQ2_XS || type == IQ1_S ? 0 : -1;
+}
+
 // type: the ggml type id; src: rows x (K / block values) blocks; the outputs as kernels.py allocates
 // them (every byte is written): qw [tiles][groups][group bytes], per-group types dw/mw
 // [tiles][groups][16] (mw null where the offset is zoff * dw; MXFP4's dw: uint8 exponents), K-quants dw/mw [tiles][K/256][16] and
@@ -365,6 +446,12 @@ EXPORT int qdot_repack(int type, const uint8_t *src, int64_t rows, int64_t K, in
     case IQ4_XS: repack<IQ4_XS, 4, 32>(src, rows, K, block_bytes, qw, dw, mw, sc, mn, grid); return 0;
     case MXFP4: repack<MXFP4, 4, 32>(src, rows, K, block_bytes, qw, dw, mw, sc, mn, grid); return 0;
     }
+    switch (type) {  // the grid types that keep their indices (tiles.h's grid layout)
+    case IQ3_XXS: repack_gl<IQ3_XXS, QDOT_G_IQ3XXS, 32>(src, rows, K, block_bytes, qw, dw, sc); return 0;
+    case IQ2_XXS: repack_gl<IQ2_XXS, QDOT_G_IQ2XXS, 32>(src, rows, K, block_bytes, qw, dw, sc); return 0;
+    case IQ2_XS: repack_gl<IQ2_XS, QDOT_G_IQ2XS, 16>(src, rows, K, block_bytes, qw, dw, sc); return 0;
+    case IQ1_S: repack_gl<IQ1_S, QDOT_G_IQ1S, 32>(src, rows, K, block_bytes, qw, dw, sc); return 0;
+    }
     if (!grid) return -1;  // the grid types
     uint8_t *tab = grid_tables(type, grid);
     if (!tab) return -1;
@@ -378,11 +465,7 @@ static int repack_grid(int type, const uint8_t *src, int64_t rows, int64_t K, in
                        uint16_t *dw, uint16_t *mw, int8_t *sc, int8_t *mn, const uint8_t *grid) {
     switch (type) {
     case IQ3_S: repack<IQ3_S, 4, 32>(src, rows, K, block_bytes, qw, dw, mw, sc, mn, grid); return 0;
-    case IQ3_XXS: repack<IQ3_XXS, 4, 32>(src, rows, K, block_bytes, qw, dw, mw, sc, mn, grid); return 0;
-    case IQ2_XXS: repack<IQ2_XXS, 3, 32>(src, rows, K, block_bytes, qw, dw, mw, sc, mn, grid); return 0;
-    case IQ2_XS: repack<IQ2_XS, 3, 16>(src, rows, K, block_bytes, qw, dw, mw, sc, mn, grid); return 0;
     case IQ2_S: repack<IQ2_S, 3, 16>(src, rows, K, block_bytes, qw, dw, mw, sc, mn, grid); return 0;
-    case IQ1_S: repack<IQ1_S, 2, 32>(src, rows, K, block_bytes, qw, dw, mw, sc, mn, grid); return 0;
     case IQ1_M: repack<IQ1_M, 3, 16>(src, rows, K, block_bytes, qw, dw, mw, sc, mn, grid); return 0;
     }
     return -1;

@@ -2,6 +2,7 @@
 // by qdot.cpp's tiles and kint.cpp's integer-sum tiles.
 #pragma once
 #include <stdint.h>
+#include <string.h>
 #include <math.h>
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #include <immintrin.h>
@@ -36,21 +37,204 @@ static inline const uint8_t *lut_of(int flags) {
 static inline float oscale_of(int flags) { return ldexpf(1.f, -QDOT_OSHIFT(flags)); }
 
 // bytes of one tile's group: 16 rows x G values; 5- and 6-bit values are a 4-bit part plus a 64-byte
-// block of high bits (bit s, or bits 2s..2s+1, of byte 4r + t: row r's value 4s + t)
-static inline int64_t group_bytes(int bits, int G) {
-    return bits == 8 ? 16 * G : bits == 4 ? 8 * G : bits == 2 ? 4 * G : bits == 3 ? 6 * G : 8 * G + 64;
+// block of high bits (bit s, or bits 2s..2s+1, of byte 4r + t: row r's value 4s + t); the grid layouts
+// (codes 9..12, below) their index, high-bit and sign planes
+static constexpr int64_t group_bytes(int bits, int G) {
+    return bits == 8 ? 16 * G : bits == 4 ? 8 * G : bits == 2 ? 4 * G : bits == 3 ? 6 * G
+         : bits == QDOT_G_IQ1S ? 3 * G : bits == QDOT_G_IQ2XXS ? 4 * G : bits == QDOT_G_IQ2XS ? 4 * G + G / 4
+         : bits == QDOT_G_IQ3XXS ? 6 * G : 8 * G + 64;
+}
+
+// The grid layout (IQ3_XXS, IQ2_XXS, IQ2_XS, IQ1_S): the file's grid indices kept, 16 rows side by side.
+// A tile's group of G values holds, per grid entry e of a row (4 values for IQ3_XXS, else 8) and row r:
+// - the index's low byte at 16 e + r (ne = entries per row and group);
+// - IQ2_XS: its 9th bit as bit r of the u16 at 16 ne + 2 e; IQ1_S: its 3 high bits in the nibble r % 2 of
+//   byte 16 ne + 8 e + r / 2;
+// - then (not IQ1_S) per step s (values 4s..4s+3) a u64 of sign bits, bit 4r + t for row r's value 4s + t:
+//   the step's register's byte mask.
+// Unpacking looks each entry up in QDOT_GRID* (the level indices the 3- and 4-bit layouts store) and ORs
+// in the sign bit (IQ3_XXS: bit 3, IQ2: bit 2), so the tables and the arithmetic after it are the other
+// layouts' own: 3.31 bits a weight for IQ3_XXS (file 3.06; 4.31 with the indices decoded), 2.69 for IQ2_XS
+// (2.31; 3.56), 2.31 for IQ2_XXS (2.06; 3.31), 1.81 for IQ1_S (1.56; 2.31).
+static inline bool is_grid(int bits) { return bits >= QDOT_G_IQ1S && bits <= QDOT_G_IQ3XXS; }
+
+static inline uint64_t rd64(const uint8_t *p) {
+    uint64_t v;
+    memcpy(&v, p, 8);
+    return v;
+}
+
+// the grid layout's entry index of row r, entry e
+static inline unsigned grid_index(int code, int G, const uint8_t *q, int r, int e) {
+    const int ne = code == QDOT_G_IQ3XXS ? G / 4 : G / 8;
+    unsigned idx = q[16 * e + r];
+    if (code == QDOT_G_IQ2XS) idx |= ((unsigned)((q[16 * ne + 2 * e + r / 8] >> (r % 8)) & 1)) << 8;
+    if (code == QDOT_G_IQ1S) idx |= ((unsigned)(q[16 * ne + 8 * e + r / 2] >> (4 * (r % 2))) & 7) << 8;
+    return idx;
+}
+
+// where the sign plane starts in a group
+static inline int grid_signs_at(int code, int G) {
+    return code == QDOT_G_IQ3XXS ? 4 * G : code == QDOT_G_IQ2XS ? 2 * G + G / 4 : 2 * G;
+}
+
+// portable: value k of row r (before the table), as the vectorized unpack makes it
+static inline int grid_value(int code, int G, const uint8_t *q, int r, int k) {
+    if (code == QDOT_G_IQ3XXS) {
+        const unsigned u = (QDOT_GRID3[grid_index(code, G, q, r, k / 4)] >> (8 * (k % 4))) & 255;
+        const int p = 4 * r + k % 4;
+        return (int)(u | (((q[4 * G + 8 * (k / 4) + p / 8] >> (p % 8)) & 1u) << 3));
+    }
+    const unsigned idx = grid_index(code, G, q, r, k / 8);
+    const uint64_t *tab = code == QDOT_G_IQ1S ? QDOT_GRID1S : code == QDOT_G_IQ2XXS ? QDOT_GRID2XXS : QDOT_GRID2XS;
+    unsigned u = (unsigned)(tab[idx] >> (8 * (k % 8))) & 255;
+    if (code != QDOT_G_IQ1S) {
+        const int p = 4 * r + k % 4;
+        u |= ((q[grid_signs_at(code, G) + 8 * (k / 4) + p / 8] >> (p % 8)) & 1u) << 2;
+    }
+    return (int)u;
 }
 
 #if QDOT_VNNI
-// one tile's group of G values into G/4 registers of unsigned bytes (step s: 4 values of 16 rows)
-static inline void unpack(int bits, int G, const uint8_t *q, __m512i *w, int flags) {
-    const int steps = G / 4;
-    const __m512i m4 = _mm512_set1_epi8(0x0F);
-    if (bits == 8) {
-        for (int s = 0; s < steps; s++) w[s] = _mm512_loadu_si512((const void *)(q + 64 * s));
+// row r's word of a step (lane 0) to word 2r: lo's words 0..7 for rows 0..7, hi's (32..39) for rows 8..15
+alignas(64) static const uint16_t IQ3_SEL[32] = {0, 0, 1, 0, 2, 0, 3, 0, 4, 0, 5, 0, 6, 0, 7, 0,
+                                                 32, 0, 33, 0, 34, 0, 35, 0, 36, 0, 37, 0, 38, 0, 39, 0};
+
+#ifdef __AVX512VBMI__
+// 64 byte lookups into a table of NSUB x 128 bytes (vpermi2b per 128 bytes, then a tree of blends on the
+// index bits above the 7th: hb[0] bit 7, hb[1] bit 8, ...)
+template <int NSUB>
+__attribute__((always_inline)) static inline __m512i lut_tree(const uint8_t *T, __m512i x, const __mmask64 *hb) {
+    __m512i v[NSUB];
+    for (int k = 0; k < NSUB; k++)
+        v[k] = _mm512_permutex2var_epi8(_mm512_load_si512((const void *)(T + 128 * k)), x,
+                                        _mm512_load_si512((const void *)(T + 128 * k + 64)));
+    for (int l = 0, n = NSUB; n > 1; l++, n /= 2)
+        for (int k = 0; k < n / 2; k++) v[k] = _mm512_mask_blend_epi8(hb[l], v[2 * k], v[2 * k + 1]);
+    return v[0];
+}
+
+// The 8-value grids of 2-bit level indices (IQ2_XXS, IQ2_XS: 0..2 for 8/25/43; IQ1_S: g + 1): a group's
+// entries (G/8 per row, 16 rows: up to 64 index bytes) looked up at once in two byte tables (AB: values
+// 0..3 of each entry at bits 2j, then values 4..7; NSUB x 128 entries each), then spread to the steps'
+// bytes with a word permute and a multishift; sign bits (so >= 0: the sign plane) ORed in as bit 2.
+template <int NSUB>
+__attribute__((always_inline)) static inline void unpack_lev2(const uint8_t *q, int G, const uint8_t *AB, const void *, __m512i *w, int so) {
+    const int ne = G / 8;
+    const __mmask64 valid = ne == 4 ? ~0ull : (1ull << (16 * ne)) - 1;
+    const __m512i x = _mm512_maskz_loadu_epi8(valid, q);
+    __mmask64 hb[4] = {_mm512_movepi8_mask(x), 0, 0, 0};
+    if (NSUB == 4) {  // IQ2_XS: the 9th bits, a u16 per entry (bit r: row r) = bit 16 e + r of the mask
+        uint64_t m = 0;
+        memcpy(&m, q + 16 * ne, 2 * ne);
+        hb[1] = m;
+    } else if (NSUB == 16) {  // IQ1_S: 3 high bits per entry and row, nibbles (row r: nibble r % 2 of byte r / 2)
+        const __m256i nb = _mm256_maskz_loadu_epi8((__mmask32)((1ull << (8 * ne)) - 1), q + 16 * ne);
+        const __m512i wide = _mm512_cvtepu8_epi16(nb);
+        const __m512i n = _mm512_and_si512(_mm512_or_si512(wide, _mm512_slli_epi16(_mm512_srli_epi16(wide, 4), 8)),
+                                           _mm512_set1_epi8(15));
+        for (int b = 0; b < 3; b++) hb[1 + b] = _mm512_test_epi8_mask(n, _mm512_set1_epi8((char)(1 << b)));
+    }
+    const __m512i a = lut_tree<NSUB>(AB, x, hb), b = lut_tree<NSUB>(AB + 128 * NSUB, x, hb);
+    const __m512i lo = _mm512_unpacklo_epi8(a, b), hi = _mm512_unpackhi_epi8(a, b);
+    const __m512i m3 = _mm512_set1_epi8(3), s4 = _mm512_set1_epi8(4);
+    const __m512i sh0 = _mm512_set1_epi64(0x2624222006040200ll), sh1 = _mm512_set1_epi64(0x2E2C2A280E0C0A08ll);
+    for (int e = 0; e < ne; e++) {
+        const __m512i sel = _mm512_add_epi16(_mm512_load_si512((const void *)IQ3_SEL), _mm512_set1_epi16((short)(8 * e)));
+        const __m512i d = _mm512_maskz_permutex2var_epi16(0x55555555u, lo, sel, hi);  // dword r: A | B << 8
+        w[2 * e] = _mm512_and_si512(_mm512_multishift_epi64_epi8(sh0, d), m3);
+        w[2 * e + 1] = _mm512_and_si512(_mm512_multishift_epi64_epi8(sh1, d), m3);
+        if (so >= 0)
+            for (int h = 0; h < 2; h++)
+                w[2 * e + h] = _mm512_mask_blend_epi8(rd64(q + so + 8 * (2 * e + h)), w[2 * e + h],
+                                                      _mm512_or_si512(w[2 * e + h], s4));
+    }
+}
+#endif
+
+// a grid layout's group into G/4 registers of level indices with their sign bits (before the table)
+__attribute__((always_inline)) static inline void unpack_grid(int code, int G, const uint8_t *q, __m512i *w) {
+    alignas(64) uint64_t b8[16];
+#ifdef __AVX512VBMI__
+    if (code == QDOT_G_IQ3XXS) {  // 4 steps at a time: 64 indices looked up with byte permutes (vpermi2b)
+        __m512i ta[4], tb[4];
+        for (int i = 0; i < 4; i++) ta[i] = _mm512_load_si512((const void *)(QDOT_GRID3_A + 64 * i)),
+                                    tb[i] = _mm512_load_si512((const void *)(QDOT_GRID3_B + 64 * i));
+        // multishift: the 4 nibbles of each dword's low 16 bits into its 4 bytes
+        const __m512i nib = _mm512_set1_epi64(0x2C2824200C080400ll), m4 = _mm512_set1_epi8(15), s8 = _mm512_set1_epi8(8);
+        for (int c = 0; c < G / 16; c++) {
+            const __m512i x = _mm512_loadu_si512((const void *)(q + 64 * c));  // steps 4c..4c+3, 16 rows each
+            const __mmask64 h = _mm512_movepi8_mask(x);  // index bit 7: the table's upper 128 bytes
+            const __m512i a = _mm512_mask_blend_epi8(h, _mm512_permutex2var_epi8(ta[0], x, ta[1]),
+                                                     _mm512_permutex2var_epi8(ta[2], x, ta[3]));
+            const __m512i b = _mm512_mask_blend_epi8(h, _mm512_permutex2var_epi8(tb[0], x, tb[1]),
+                                                     _mm512_permutex2var_epi8(tb[2], x, tb[3]));
+            // per 128-bit lane (a step): rows 0..7 as words a | b << 8 in lo, rows 8..15 in hi
+            const __m512i lo = _mm512_unpacklo_epi8(a, b), hi = _mm512_unpackhi_epi8(a, b);
+            for (int l = 0; l < 4; l++) {
+                // row r's word to word 2r (dword r), from lo's lane l (r < 8) or hi's (r >= 8)
+                const __m512i sel = _mm512_add_epi16(_mm512_load_si512((const void *)IQ3_SEL), _mm512_set1_epi16((short)(8 * l)));
+                const __m512i d = _mm512_maskz_permutex2var_epi16(0x55555555u, lo, sel, hi);
+                const __m512i v = _mm512_and_si512(_mm512_multishift_epi64_epi8(nib, d), m4);
+                const int st = 4 * c + l;
+                w[st] = _mm512_mask_blend_epi8(rd64(q + 4 * G + 8 * st), v, _mm512_or_si512(v, s8));
+            }
+        }
         return;
     }
-    if (bits <= 3) {
+#endif
+#ifndef __AVX512VBMI__
+    if (code == QDOT_G_IQ3XXS) {
+        for (int s = 0; s < G / 4; s++) {
+            const uint8_t *x = q + 16 * s;
+            const uint32_t *T = QDOT_GRID3;
+            const __m512i v = _mm512_setr_epi32(T[x[0]], T[x[1]], T[x[2]], T[x[3]], T[x[4]], T[x[5]], T[x[6]], T[x[7]],
+                                                T[x[8]], T[x[9]], T[x[10]], T[x[11]], T[x[12]], T[x[13]], T[x[14]], T[x[15]]);
+            w[s] = _mm512_mask_blend_epi8(rd64(q + 4 * G + 8 * s), v, _mm512_or_si512(v, _mm512_set1_epi8(8)));
+        }
+        return;
+    }
+#else
+    if (code == QDOT_G_IQ2XXS) {
+        unpack_lev2<2>(q, G, QDOT_GRID2XXS_AB, nullptr, w, grid_signs_at(code, G));
+        return;
+    }
+    if (code == QDOT_G_IQ2XS) {
+        unpack_lev2<4>(q, G, QDOT_GRID2XS_AB, nullptr, w, grid_signs_at(code, G));
+        return;
+    }
+    if (code == QDOT_G_IQ1S) {
+        unpack_lev2<16>(q, G, QDOT_GRID1S_AB, nullptr, w, -1);
+        return;
+    }
+#endif
+    const uint64_t *tab = code == QDOT_G_IQ1S ? QDOT_GRID1S : code == QDOT_G_IQ2XXS ? QDOT_GRID2XXS : QDOT_GRID2XS;
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+    const int so = grid_signs_at(code, G);
+    for (int e = 0; e < G / 8; e++) {
+        for (int r = 0; r < 16; r++) b8[r] = tab[grid_index(code, G, q, r, e)];
+        const __m512i lo = _mm512_load_si512((const void *)b8), hi = _mm512_load_si512((const void *)(b8 + 8));
+        // row r's entry is qword r of (lo, hi): its dwords 2r (values 0..3) and 2r + 1 (4..7) are the two steps' lanes
+        w[2 * e] = _mm512_permutex2var_epi32(lo, even, hi);
+        w[2 * e + 1] = _mm512_permutex2var_epi32(lo, odd, hi);
+        if (code != QDOT_G_IQ1S)
+            for (int h = 0; h < 2; h++)
+                w[2 * e + h] = _mm512_mask_blend_epi8(rd64(q + so + 8 * (2 * e + h)), w[2 * e + h],
+                                                      _mm512_or_si512(w[2 * e + h], _mm512_set1_epi8(4)));
+    }
+}
+
+// one tile's group of G values into G/4 registers of unsigned bytes (step s: 4 values of 16 rows)
+__attribute__((always_inline)) static inline void unpack(int bits, int G, const uint8_t *q, __m512i *w, int flags) {
+    const int steps = G / 4;
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    if (is_grid(bits)) {
+        unpack_grid(bits, G, q, w);
+    } else if (bits == 8) {
+        for (int s = 0; s < steps; s++) w[s] = _mm512_loadu_si512((const void *)(q + 64 * s));
+        return;
+    } else if (bits <= 3) {
         const __m512i m2 = _mm512_set1_epi8(3);
         for (int p = 0; p < steps / 4; p++) {
             const __m512i v = _mm512_loadu_si512((const void *)(q + 64 * p));
@@ -78,7 +262,7 @@ static inline void unpack(int bits, int G, const uint8_t *q, __m512i *w, int fla
             w[2 * p + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
         }
     }
-    if (bits > 4) {  // the high bits, moved to bit 4 (and 5) of each byte
+    if (bits > 4 && !is_grid(bits)) {  // the high bits, moved to bit 4 (and 5) of each byte
         const __m512i h = _mm512_loadu_si512((const void *)(q + 8 * G));
         const int hb = bits - 4;
         const __m512i mask = _mm512_set1_epi8((char)(((1 << hb) - 1) << 4));
@@ -104,7 +288,7 @@ static inline __m512 e8m0_16(const uint8_t *p) {
 }
 
 // a tile's group: prefetch the one two groups ahead (the next row block of the stream), then unpack
-static inline void load_group(int bits, int G, const uint8_t *q, int64_t gb, __m512i *w, int flags) {
+__attribute__((always_inline)) static inline void load_group(int bits, int G, const uint8_t *q, int64_t gb, __m512i *w, int flags) {
     for (int c = 0; c < 4; c++) _mm_prefetch((const char *)(q + 2 * gb + 64 * c), _MM_HINT_T0);
     unpack(bits, G, q, w, flags);
 }

@@ -30,6 +30,9 @@ IQ1S = 32  # 2-bit g + 1; the sc byte holds ls | delta sign << 3 (IQ1_S)
 LUT_MXFP4 = 64  # 4-bit values are indices into kvalues_mxfp4 (MXFP4), looked up like LUT_IQ4
 LUT_IQ3S = 2048  # 4-bit v -> 2 v (IQ3_S: the signed odd magnitude s * g = 2 v - 15, an integer offset)
 E8M0 = 128  # dw holds each group's e8m0 exponent byte (uint8), the scale being 2^(e - 128) (MXFP4)
+GRIDL = 4096  # the grid layout: the file's grid indices kept (TypeSpec.glayout; csrc/tiles.h)
+# grid layout codes (csrc/qdot.h), in QWeight's bits: what a tile's group holds for each type
+G_IQ1S, G_IQ2XXS, G_IQ2XS, G_IQ3XXS = 9, 10, 11, 12
 
 
 def oshift(n: int) -> int:
@@ -85,6 +88,12 @@ class TypeSpec:
     read: Callable
     flags: int = 0
     grid: str | None = None  # the iq_grids.npz table csrc/repack.cpp decodes the blocks with
+    glayout: int = 0  # a grid layout code (G_*): the grid indices are kept and unpacked by the kernel
+
+    @property
+    def lbits(self) -> int:
+        """What the layout's ``bits`` field holds: the value width, or the grid layout code."""
+        return self.glayout or self.bits
 
     @property
     def block(self) -> int:
@@ -118,6 +127,20 @@ def grid_bytes(name: str):
         g = np.load(os.path.join(os.path.dirname(os.path.dirname(__file__)), "iq_grids.npz"))[name]
         _GRIDS[name] = torch.from_numpy(np.ascontiguousarray(g.astype(np.uint8)))
     return _GRIDS[name]
+
+
+def grid_codes(name: str):
+    """A grid's entries as the layouts store their values before the kernel's table: uint8 [entries, 4 or 8]
+    (IQ3_XXS: level index (g - 4) / 8; IQ2_*: 0/1/2 for 8/25/43; IQ1_S/IQ1_M: g + 1), as csrc/repack.cpp's
+    grid_tables() makes them."""
+    import torch
+
+    g = grid_bytes(name).to(torch.int32)
+    if name == "IQ3_XXS":
+        return ((g - 4) >> 3).to(torch.uint8)
+    if name.startswith("IQ1"):
+        return (g.to(torch.uint8).view(torch.int8).to(torch.int32) + 1).to(torch.uint8)
+    return ((g > 8).to(torch.int32) + (g > 25).to(torch.int32)).to(torch.uint8)
 
 
 from . import iq1, iq2, iq3, iq4, kquants, legacy, mxfp4  # noqa: E402,F401  (each registers its types)

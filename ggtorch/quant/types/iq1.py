@@ -1,22 +1,23 @@
 """The 1-bit grid i-quants IQ1_S, IQ1_M: 256-value super-blocks whose values are grid entries of 8
 values g in {-1, 0, 1} (iq1s_grid, 11-bit indices) plus a delta of +-1/8, times d * (2 ls + 1)
-(dequantize_row_iq1_s, dequantize_row_iq1_m). Grid indices are decoded once, at repack; activations Q8_K.
+(dequantize_row_iq1_s, dequantize_row_iq1_m); activations Q8_K.
 
 - IQ1_S: ls and the delta's sign per 32 values. Stored as the 2-bit u = g + 1, G = 32, with the file's
   3-bit ls and the delta's sign in one sc byte (ls | sign << 3, flag IQ1S): the kernel makes the group's
   scale d * (2 ls + 1) and its offset that times -1 -+ 1/8 (ggml_vec_dot_iq1_s_q8_K's sumi and
-  IQ1S_DELTA * sumi1 in one). 2.3 bits a weight (file: 1.56).
+  IQ1S_DELTA * sumi1 in one). The values are kept as the file's 11-bit grid indices (the grid layout,
+  csrc/tiles.h), which the kernel looks up into those u: 1.81 bits a weight (file: 1.56; 2.31 decoded).
 - IQ1_M: ls per 16 values, the delta's sign per 8, d in the top nibbles of the four scale words. The
   sign changes inside a scale group, so it goes with each value: the 3-bit (g + 1) | sign << 2, which
   the kernel turns into 8 g +- 1 + 9 with a byte shuffle (LUT_IQ1M, zoff -9); sc = 2 ls + 1, G = 16, and
-  the 1/8 applied to d (oshift(3)). 3.56 bits a weight (file: 1.75).
+  the 1/8 applied to d (oshift(3)). Grid indices decoded once, at repack: 3.56 bits a weight (file: 1.75).
 """
 from __future__ import annotations
 
 import torch
 
 from ..dequant import _f16, _shifts, _tab, _u16
-from . import IQ1S, LUT_IQ1M, Q8_K, TypeSpec, oshift, register
+from . import G_IQ1S, GRIDL, IQ1S, LUT_IQ1M, Q8_K, TypeSpec, oshift, register
 
 
 def _read_iq1s(w, raw) -> dict:
@@ -24,9 +25,10 @@ def _read_iq1s(w, raw) -> dict:
     nb, n = b.shape[0], raw.shape[0]
     qh = _u16(b, 34, 8)  # per 32 values: 4 x 3 high index bits | ls << 12 | delta sign << 15
     hi = (qh.unsqueeze(-1) >> _shifts(0, 3, 6, 9, device=b.device)) & 7
-    g = _tab("IQ1_S", b)[b[:, 2:34].to(torch.int64) | (hi.reshape(nb, 32).to(torch.int64) << 8)]
+    gi = b[:, 2:34].to(torch.int64) | (hi.reshape(nb, 32).to(torch.int64) << 8)
+    g = _tab("IQ1_S", b)[gi]
     return {"u": (g + 1).to(torch.uint8).reshape(n, -1), "sc": (qh >> 12).to(torch.int8).reshape(n, -1), "mn": None,
-            "d": _f16(b, 0).reshape(n, -1), "dm": None}
+            "d": _f16(b, 0).reshape(n, -1), "dm": None, "gi": gi.reshape(n, -1)}
 
 
 def _read_iq1m(w, raw) -> dict:
@@ -43,5 +45,6 @@ def _read_iq1m(w, raw) -> dict:
             "d": d.reshape(n, -1), "dm": None}
 
 
-register(TypeSpec("IQ1_S", "iq1", 2, 32, Q8_K, True, False, -1.0, _read_iq1s, IQ1S, grid="IQ1_S"))
+register(TypeSpec("IQ1_S", "iq1", 2, 32, Q8_K, True, False, -1.0, _read_iq1s, IQ1S | GRIDL, grid="IQ1_S",
+                  glayout=G_IQ1S))
 register(TypeSpec("IQ1_M", "iq1", 3, 16, Q8_K, True, False, -9.0, _read_iq1m, LUT_IQ1M | oshift(3), grid="IQ1_S"))

@@ -13,14 +13,17 @@ index) with a sign bit each.
   the even spacing, so each value is stored as a 4-bit index k | sign << 3 that the kernel turns into
   sign * level_k + 62 with a byte shuffle (LUT_IQ3XXS, zoff -62), sc = 1 + 2 * ls, and the 1/4 that
   llama.cpp applies once at the end of ggml_vec_dot_iq3_xxs_q8_K applied to d (oshift(2), exact).
-  4.3 bits a weight against the file's 3.06; activations Q8_K.
+  Stored in the grid layout (csrc/tiles.h): the file's 8-bit grid indices and a sign bit per value,
+  which the kernel looks up into those 4-bit indices: 3.31 bits a weight against the file's 3.06 (4.31
+  with the indices decoded at repack, which decoded 2-3x faster but took 1.26x llama.cpp's memory);
+  activations Q8_K.
 """
 from __future__ import annotations
 
 import torch
 
 from ..dequant import _bits, _f16, _nibbles, _tab, _u32
-from . import LUT_IQ3S, LUT_IQ3XXS, Q8_K, TypeSpec, oshift, register
+from . import G_IQ3XXS, GRIDL, LUT_IQ3S, LUT_IQ3XXS, Q8_K, TypeSpec, oshift, register
 
 
 def _read_iq3s(w, raw) -> dict:
@@ -48,9 +51,10 @@ def _read_iq3xxs(w, raw) -> dict:
     g = _tab("IQ3_XXS", b)[b[:, 2:66].long()].reshape(nb, 8, 4, 8).to(torch.int32)
     u = ((g - 4) >> 3) | (neg << 3)  # level index (62 -> 7) | sign << 3
     return {"u": u.to(torch.uint8).reshape(n, -1), "sc": (2 * (aux >> 28) + 1).to(torch.int8).reshape(n, -1),
-            "mn": None, "d": _f16(b, 0).reshape(n, -1), "dm": None}
+            "mn": None, "d": _f16(b, 0).reshape(n, -1), "dm": None,
+            "gi": b[:, 2:66].long().reshape(n, -1), "neg": neg.to(torch.uint8).reshape(n, -1)}
 
 
 register(TypeSpec("IQ3_S", "iq3", 4, 32, Q8_K, True, False, -15.0, _read_iq3s, LUT_IQ3S, grid="IQ3_S"))
-register(TypeSpec("IQ3_XXS", "iq3", 4, 32, Q8_K, True, False, -62.0, _read_iq3xxs, LUT_IQ3XXS | oshift(2),
-                  grid="IQ3_XXS"))
+register(TypeSpec("IQ3_XXS", "iq3", 4, 32, Q8_K, True, False, -62.0, _read_iq3xxs, LUT_IQ3XXS | oshift(2) | GRIDL,
+                  grid="IQ3_XXS", glayout=G_IQ3XXS))
