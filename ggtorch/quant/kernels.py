@@ -4,8 +4,9 @@ and benchmarks/).
 - With the JIT kernel (quant/qdot.py, jit.py, csrc/qdot.cpp; built on first use when a C++ compiler exists):
   every type in quant/types' table (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0; Q2_K, Q3_K, Q4_K, Q5_K, Q6_K; IQ4_NL,
   IQ4_XS; IQ3_S, IQ3_XXS; IQ2_XXS, IQ2_XS, IQ2_S; IQ1_S, IQ1_M; MXFP4) keeps its block scales and multiplies
-  int8-quantized activations the way llama.cpp does. The values keep the file's bits (the grid i-quants'
-  grid entries decoded once into small indices of their signed values); the scales are float16 per
+  int8-quantized activations the way llama.cpp does. The values keep the file's bits (IQ3_XXS, IQ2_XXS,
+  IQ2_XS and IQ1_S their grid indices, looked up in the kernel; IQ3_S, IQ2_S and IQ1_M their grid entries
+  decoded once into small indices of their signed values); the scales are float16 per
   group, except the K layout (K-quants, the 256-value i-quants), which keeps the file's int8 sub-block
   scales and mins with d and dmin per 256. For one token it takes
   half the time of PyTorch's int4 kernel at 1.1B shapes, and it drops the int8 per-row requantization

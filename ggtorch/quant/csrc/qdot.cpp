@@ -42,8 +42,9 @@
 //   (value = d * (sc & 15) * u - dmin * (sc >> 4)), so the scales cost what they cost in the file.
 //
 // The grid i-quants (IQ3_XXS, IQ2_XXS, IQ2_XS, IQ2_S, IQ1_S, IQ1_M; quant/types/iq3.py, iq2.py, iq1.py)
-// have their grid indices decoded once, at repack, into small indices of signed values (nothing
-// requantized): a table flag (QDOT_LUT_IQ3XXS, QDOT_LUT_IQ2, QDOT_LUT_IQ1M) turns each index into its
+// multiply small indices of signed values (nothing requantized), which IQ2_S and IQ1_M have decoded once,
+// at repack, and IQ3_XXS, IQ2_XXS, IQ2_XS, IQ1_S look up from the file's grid indices as they go (the
+// grid layout: tiles.h, codes 9..12 in bits): a table flag (QDOT_LUT_IQ3XXS, QDOT_LUT_IQ2, QDOT_LUT_IQ1M) turns each index into its
 // value plus an offset (zoff = -offset) with the same byte shuffle as IQ4, in the K layout with
 // sc = 2 * ls + 1. 3-bit values may have G = 32 (two 4-step blocks, each with its 32 bytes of high
 // bits after all the 2-bit blocks). Bits 8..10 of flags give n in d * 2^-n: llama.cpp multiplies its
