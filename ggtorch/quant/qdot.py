@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from .fused import Fused, finish
-from .types import E8M0, G_IQ1S, G_IQ2XS, G_IQ3XXS, GRIDL, IQ1S, SM4, TYPES, grid_bytes, grid_codes, lut, oscale
+from .types import E8M0, G_IQ1S, G_IQ2S, G_IQ2XS, G_IQ3XXS, GRIDL, IQ1S, SM4, TYPES, grid_bytes, grid_codes, lut, oscale
 from .types.mxfp4 import e8m0_byte, e8m0_scale
 
 QDOT_TYPES = tuple(TYPES)
@@ -142,6 +142,9 @@ def _grid_values(code: int, G: int, gi: torch.Tensor, neg: torch.Tensor | None) 
     if code == G_IQ2XS:
         h = (((e >> 8) & 1) << torch.arange(16)).sum(-1)  # [tile, group, entry]: bit r for row r
         parts.append(torch.stack((h & 255, h >> 8), -1).to(torch.uint8).reshape(t, ng, -1))
+    if code == G_IQ2S:  # a u32 per entry: row r's 2 high bits at bits 2r, 2r + 1
+        h = (((e >> 8) & 3) << (2 * torch.arange(16))).sum(-1)
+        parts.append(torch.stack([(h >> (8 * i)) & 255 for i in range(4)], -1).to(torch.uint8).reshape(t, ng, -1))
     if code == G_IQ1S:
         h = (e >> 8) & 7
         parts.append((h[..., 0::2] | (h[..., 1::2] << 4)).to(torch.uint8).reshape(t, ng, -1))
@@ -153,7 +156,7 @@ def _grid_values(code: int, G: int, gi: torch.Tensor, neg: torch.Tensor | None) 
 
 def _grid_unpack(code: int, G: int, K: int, qw: torch.Tensor) -> torch.Tensor:
     """The stored values (before the table) [tiles * 16, K] of a grid layout, as the kernel unpacks them."""
-    name = {G_IQ3XXS: "IQ3_XXS", G_IQ1S: "IQ1_S", G_IQ2XS: "IQ2_XS"}.get(code, "IQ2_XXS")
+    name = {G_IQ3XXS: "IQ3_XXS", G_IQ1S: "IQ1_S", G_IQ2XS: "IQ2_XS", G_IQ2S: "IQ2_S"}.get(code, "IQ2_XXS")
     per = 4 if code == G_IQ3XXS else 8
     t, ng, ne = qw.shape[0], K // G, G // per
     g = qw.view(t, ng, -1)
@@ -162,6 +165,11 @@ def _grid_unpack(code: int, G: int, K: int, qw: torch.Tensor) -> torch.Tensor:
         h = g[:, :, at:at + 2 * ne].reshape(t, ng, ne, 2).long()
         idx = idx | ((((h[..., 0] | (h[..., 1] << 8)).unsqueeze(-1) >> torch.arange(16)) & 1) << 8)
         at += 2 * ne
+    if code == G_IQ2S:
+        h = g[:, :, at:at + 4 * ne].reshape(t, ng, ne, 4).long()
+        hw = h[..., 0] | (h[..., 1] << 8) | (h[..., 2] << 16) | (h[..., 3] << 24)
+        idx = idx | (((hw.unsqueeze(-1) >> (2 * torch.arange(16))) & 3) << 8)
+        at += 4 * ne
     if code == G_IQ1S:
         h = g[:, :, at:at + 8 * ne].reshape(t, ng, ne, 8).long()
         idx = idx | ((torch.stack((h & 15, h >> 4), -1).reshape(t, ng, ne, 16) & 7) << 8)
@@ -177,7 +185,7 @@ def _grid_unpack(code: int, G: int, K: int, qw: torch.Tensor) -> torch.Tensor:
 def group_bytes(bits: int, G: int) -> int:
     """Bytes of one tile's group (16 rows x G values), as csrc/tiles.h's group_bytes (grid codes 9..12)."""
     return {8: 16 * G, 4: 8 * G, 2: 4 * G, 3: 6 * G, G_IQ1S: 3 * G, 10: 4 * G, G_IQ2XS: 4 * G + G // 4,
-            G_IQ3XXS: 6 * G}.get(bits, 8 * G + 64)
+            G_IQ3XXS: 6 * G, G_IQ2S: 4 * G + G // 2}.get(bits, 8 * G + 64)
 
 
 def _scalars(spec) -> dict:

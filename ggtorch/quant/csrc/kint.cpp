@@ -172,6 +172,7 @@ static void grid_rows(int code, const KT &k, int64_t K, const int8_t *xq, const 
     case QDOT_G_IQ3XXS: grid_rows_of<QDOT_G_IQ3XXS, 32, false>(k, K, xq, dx, sq, M, out, ldo); break;
     case QDOT_G_IQ2XXS: grid_rows_of<QDOT_G_IQ2XXS, 32, false>(k, K, xq, dx, sq, M, out, ldo); break;
     case QDOT_G_IQ2XS: grid_rows_of<QDOT_G_IQ2XS, 16, false>(k, K, xq, dx, sq, M, out, ldo); break;
+    case QDOT_G_IQ2S: grid_rows_of<QDOT_G_IQ2S, 16, false>(k, K, xq, dx, sq, M, out, ldo); break;
     default: grid_rows_of<QDOT_G_IQ1S, 32, true>(k, K, xq, dx, sq, M, out, ldo); break;
     }
 }
@@ -244,7 +245,7 @@ bool kint_tile(int bits, int G, const uint8_t *qw, const int8_t *sc, const int8_
     float *o = out + t * 16;
     const bool sm4 = flags & QDOT_SM4, mins = mn != nullptr;
     if (is_grid(bits)) {
-        if (mins || sm4 || G != (bits == QDOT_G_IQ2XS ? 16 : 32)) return false;
+        if (mins || sm4 || G != (bits == QDOT_G_IQ2XS || bits == QDOT_G_IQ2S ? 16 : 32)) return false;
         grid_rows(bits, k, K, xq, dx, sq, M, o, ldo);
         return true;
     }

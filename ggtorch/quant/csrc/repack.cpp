@@ -142,12 +142,6 @@ static void block_values(int type, const uint8_t *b, uint8_t *u, const uint8_t *
             memcpy(u + 4 * i, &v, 4);
         }
         break;
-    case IQ2_S:  // qs[32] low index bits, signs[32], qh[8] two high bits per entry (dequantize_row_iq2_s)
-        for (int k = 0; k < 32; k++) {
-            const unsigned idx = b[2 + k] | ((b[66 + k / 4] << (8 - 2 * (k % 4))) & 0x300);
-            iq2_put(u + 8 * k, grid + 8 * idx, b[34 + k]);
-        }
-        break;
     case IQ1_M:  // qs[32], qh[16]: per entry a nibble of 3 high index bits and the delta sign (dequantize_row_iq1_m)
         for (int k = 0; k < 32; k++) {
             const unsigned h = (b[32 + k / 2] >> (4 * (k % 2))) & 15;
@@ -353,6 +347,9 @@ static void repack_gl(const uint8_t *src, int64_t rows, int64_t K, int64_t block
                     } else if (type == IQ2_XS) {  // u16: 9-bit index | 7-bit sign index << 9
                         const unsigned q = rd16(b + 2 + 2 * c);
                         idx[r][c] = (uint16_t)(q & 511), neg[r][c] = (uint8_t)ksign(q >> 9);
+                    } else if (type == IQ2_S) {  // qs[32] low index bits, signs[32], qh[8] two high bits per entry
+                        idx[r][c] = (uint16_t)(b[2 + c] | ((b[66 + c / 4] << (8 - 2 * (c % 4))) & 0x300));
+                        neg[r][c] = b[34 + c];
                     } else {  // IQ1_S: qs[32] low index bits, qh[8] u16: 4 x 3 high bits | ls << 12 | delta << 15
                         idx[r][c] = (uint16_t)(b[2 + c] | (((rd16(b + 34 + 2 * (c / 4)) >> (3 * (c % 4))) & 7) << 8));
                         neg[r][c] = 0;
@@ -362,7 +359,8 @@ static void repack_gl(const uint8_t *src, int64_t rows, int64_t K, int64_t block
                     int8_t &v = sc[(t * ng + bi * gpb + gi) * 16 + r];
                     if (type == IQ3_XXS) v = (int8_t)(2 * (rd32(b + 66 + 4 * gi) >> 28) + 1);
                     else if (type == IQ2_XXS) v = (int8_t)(2 * (rd32(b + 6 + 8 * gi) >> 28) + 1);
-                    else if (type == IQ2_XS) v = (int8_t)(2 * ((b[66 + gi / 2] >> (4 * (gi % 2))) & 15) + 1);
+                    else if (type == IQ2_XS || type == IQ2_S)  // a nibble per 16 values
+                        v = (int8_t)(2 * ((b[(type == IQ2_XS ? 66 : 74) + gi / 2] >> (4 * (gi % 2))) & 15) + 1);
                     else v = (int8_t)(rd16(b + 34 + 2 * gi) >> 12);  // IQ1_S: ls | delta sign << 3
                 }
             }
@@ -375,6 +373,11 @@ static void repack_gl(const uint8_t *src, int64_t rows, int64_t K, int64_t block
                         unsigned h = 0;
                         for (int r = 0; r < 16; r++) h |= ((idx[r][e0 + e] >> 8) & 1u) << r;
                         q[16 * ne + 2 * e] = (uint8_t)h, q[16 * ne + 2 * e + 1] = (uint8_t)(h >> 8);
+                    }
+                    if (code == QDOT_G_IQ2S) {
+                        uint32_t h = 0;
+                        for (int r = 0; r < 16; r++) h |= ((idx[r][e0 + e] >> 8) & 3u) << (2 * r);
+                        memcpy(q + 16 * ne + 4 * e, &h, 4);
                     }
                     if (code == QDOT_G_IQ1S)
                         for (int r = 0; r < 16; r += 2)
@@ -398,8 +401,8 @@ static void repack_gl(const uint8_t *src, int64_t rows, int64_t K, int64_t block
 // The entry tables of the grid layout's unpacking (qdot.h), from the file's grids; 0 on success
 uint32_t QDOT_GRID3[256];
 alignas(64) uint8_t QDOT_GRID3_A[256], QDOT_GRID3_B[256];
-uint64_t QDOT_GRID2XXS[256], QDOT_GRID2XS[512], QDOT_GRID1S[2048];
-alignas(64) uint8_t QDOT_GRID2XXS_AB[512], QDOT_GRID2XS_AB[1024], QDOT_GRID1S_AB[4096];
+uint64_t QDOT_GRID2XXS[256], QDOT_GRID2XS[512], QDOT_GRID2S[1024], QDOT_GRID1S[2048];
+alignas(64) uint8_t QDOT_GRID2XXS_AB[512], QDOT_GRID2XS_AB[1024], QDOT_GRID2S_AB[2048], QDOT_GRID1S_AB[4096];
 
 // an 8-value table's entries as two bytes of 2-bit fields: values 0..3 in AB[e], 4..7 in AB[n + e]
 static void split_ab(const uint8_t *tab, int n, uint8_t *ab) {
@@ -420,9 +423,10 @@ EXPORT int qdot_grid_init(int type, const uint8_t *grid) {
     }
     else if (type == IQ2_XXS) memcpy(QDOT_GRID2XXS, tab, sizeof QDOT_GRID2XXS), split_ab(tab, 256, QDOT_GRID2XXS_AB);
     else if (type == IQ2_XS) memcpy(QDOT_GRID2XS, tab, sizeof QDOT_GRID2XS), split_ab(tab, 512, QDOT_GRID2XS_AB);
+    else if (type == IQ2_S) memcpy(QDOT_GRID2S, tab, sizeof QDOT_GRID2S), split_ab(tab, 1024, QDOT_GRID2S_AB);
     else if (type == IQ1_S) memcpy(QDOT_GRID1S, tab, sizeof QDOT_GRID1S), split_ab(tab, 2048, QDOT_GRID1S_AB);
     free(tab);
-    return type == IQ3_XXS || type == IQ2_XXS || type == IQ2_XS || type == IQ1_S ? 0 : -1;
+    return type == IQ3_XXS || type == IQ2_XXS || type == IQ2_XS || type == IQ2_S || type == IQ1_S ? 0 : -1;
 }
 
 // type: the ggml type id; src: rows x (K / block values) blocks; the outputs as kernels.py allocates
@@ -450,6 +454,7 @@ EXPORT int qdot_repack(int type, const uint8_t *src, int64_t rows, int64_t K, in
     case IQ3_XXS: repack_gl<IQ3_XXS, QDOT_G_IQ3XXS, 32>(src, rows, K, block_bytes, qw, dw, sc); return 0;
     case IQ2_XXS: repack_gl<IQ2_XXS, QDOT_G_IQ2XXS, 32>(src, rows, K, block_bytes, qw, dw, sc); return 0;
     case IQ2_XS: repack_gl<IQ2_XS, QDOT_G_IQ2XS, 16>(src, rows, K, block_bytes, qw, dw, sc); return 0;
+    case IQ2_S: repack_gl<IQ2_S, QDOT_G_IQ2S, 16>(src, rows, K, block_bytes, qw, dw, sc); return 0;
     case IQ1_S: repack_gl<IQ1_S, QDOT_G_IQ1S, 32>(src, rows, K, block_bytes, qw, dw, sc); return 0;
     }
     if (!grid) return -1;  // the grid types
@@ -465,7 +470,6 @@ static int repack_grid(int type, const uint8_t *src, int64_t rows, int64_t K, in
                        uint16_t *dw, uint16_t *mw, int8_t *sc, int8_t *mn, const uint8_t *grid) {
     switch (type) {
     case IQ3_S: repack<IQ3_S, 4, 32>(src, rows, K, block_bytes, qw, dw, mw, sc, mn, grid); return 0;
-    case IQ2_S: repack<IQ2_S, 3, 16>(src, rows, K, block_bytes, qw, dw, mw, sc, mn, grid); return 0;
     case IQ1_M: repack<IQ1_M, 3, 16>(src, rows, K, block_bytes, qw, dw, mw, sc, mn, grid); return 0;
     }
     return -1;

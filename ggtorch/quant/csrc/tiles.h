@@ -10,6 +10,12 @@
 #else
 #define QDOT_VNNI 0
 #endif
+// the grid layout's byte-permute lookups (vpermi2b, vpmultishiftqb; pext for IQ2_S's high bits)
+#if QDOT_VNNI && defined(__AVX512VBMI__) && defined(__BMI2__)
+#define QDOT_VBMI 1
+#else
+#define QDOT_VBMI 0
+#endif
 
 #include "qdot.h"
 
@@ -42,21 +48,21 @@ static inline float oscale_of(int flags) { return ldexpf(1.f, -QDOT_OSHIFT(flags
 static constexpr int64_t group_bytes(int bits, int G) {
     return bits == 8 ? 16 * G : bits == 4 ? 8 * G : bits == 2 ? 4 * G : bits == 3 ? 6 * G
          : bits == QDOT_G_IQ1S ? 3 * G : bits == QDOT_G_IQ2XXS ? 4 * G : bits == QDOT_G_IQ2XS ? 4 * G + G / 4
-         : bits == QDOT_G_IQ3XXS ? 6 * G : 8 * G + 64;
+         : bits == QDOT_G_IQ3XXS ? 6 * G : bits == QDOT_G_IQ2S ? 4 * G + G / 2 : 8 * G + 64;
 }
 
-// The grid layout (IQ3_XXS, IQ2_XXS, IQ2_XS, IQ1_S): the file's grid indices kept, 16 rows side by side.
+// The grid layout (IQ3_XXS, IQ2_XXS, IQ2_XS, IQ2_S, IQ1_S): the file's grid indices kept, 16 rows side by side.
 // A tile's group of G values holds, per grid entry e of a row (4 values for IQ3_XXS, else 8) and row r:
 // - the index's low byte at 16 e + r (ne = entries per row and group);
-// - IQ2_XS: its 9th bit as bit r of the u16 at 16 ne + 2 e; IQ1_S: its 3 high bits in the nibble r % 2 of
-//   byte 16 ne + 8 e + r / 2;
+// - IQ2_XS: its 9th bit as bit r of the u16 at 16 ne + 2 e; IQ2_S: its 2 high bits as bits 2r, 2r + 1 of
+//   the u32 at 16 ne + 4 e; IQ1_S: its 3 high bits in the nibble r % 2 of byte 16 ne + 8 e + r / 2;
 // - then (not IQ1_S) per step s (values 4s..4s+3) a u64 of sign bits, bit 4r + t for row r's value 4s + t:
 //   the step's register's byte mask.
 // Unpacking looks each entry up in QDOT_GRID* (the level indices the 3- and 4-bit layouts store) and ORs
 // in the sign bit (IQ3_XXS: bit 3, IQ2: bit 2), so the tables and the arithmetic after it are the other
 // layouts' own: 3.31 bits a weight for IQ3_XXS (file 3.06; 4.31 with the indices decoded), 2.69 for IQ2_XS
-// (2.31; 3.56), 2.31 for IQ2_XXS (2.06; 3.31), 1.81 for IQ1_S (1.56; 2.31).
-static inline bool is_grid(int bits) { return bits >= QDOT_G_IQ1S && bits <= QDOT_G_IQ3XXS; }
+// (2.31; 3.56), 2.81 for IQ2_S (2.56; 3.56), 2.31 for IQ2_XXS (2.06; 3.31), 1.81 for IQ1_S (1.56; 2.31).
+static inline bool is_grid(int bits) { return bits >= QDOT_G_IQ1S && bits <= QDOT_G_IQ2S; }
 
 static inline uint64_t rd64(const uint8_t *p) {
     uint64_t v;
@@ -70,12 +76,13 @@ static inline unsigned grid_index(int code, int G, const uint8_t *q, int r, int 
     unsigned idx = q[16 * e + r];
     if (code == QDOT_G_IQ2XS) idx |= ((unsigned)((q[16 * ne + 2 * e + r / 8] >> (r % 8)) & 1)) << 8;
     if (code == QDOT_G_IQ1S) idx |= ((unsigned)(q[16 * ne + 8 * e + r / 2] >> (4 * (r % 2))) & 7) << 8;
+    if (code == QDOT_G_IQ2S) idx |= ((unsigned)(q[16 * ne + 4 * e + r / 4] >> (2 * (r % 4))) & 3) << 8;
     return idx;
 }
 
 // where the sign plane starts in a group
 static inline int grid_signs_at(int code, int G) {
-    return code == QDOT_G_IQ3XXS ? 4 * G : code == QDOT_G_IQ2XS ? 2 * G + G / 4 : 2 * G;
+    return code == QDOT_G_IQ3XXS ? 4 * G : code == QDOT_G_IQ2XS ? 2 * G + G / 4 : code == QDOT_G_IQ2S ? 2 * G + G / 2 : 2 * G;
 }
 
 // portable: value k of row r (before the table), as the vectorized unpack makes it
@@ -86,7 +93,8 @@ static inline int grid_value(int code, int G, const uint8_t *q, int r, int k) {
         return (int)(u | (((q[4 * G + 8 * (k / 4) + p / 8] >> (p % 8)) & 1u) << 3));
     }
     const unsigned idx = grid_index(code, G, q, r, k / 8);
-    const uint64_t *tab = code == QDOT_G_IQ1S ? QDOT_GRID1S : code == QDOT_G_IQ2XXS ? QDOT_GRID2XXS : QDOT_GRID2XS;
+    const uint64_t *tab = code == QDOT_G_IQ1S ? QDOT_GRID1S : code == QDOT_G_IQ2XXS ? QDOT_GRID2XXS
+                        : code == QDOT_G_IQ2S ? QDOT_GRID2S : QDOT_GRID2XS;
     unsigned u = (unsigned)(tab[idx] >> (8 * (k % 8))) & 255;
     if (code != QDOT_G_IQ1S) {
         const int p = 4 * r + k % 4;
@@ -100,7 +108,7 @@ static inline int grid_value(int code, int G, const uint8_t *q, int r, int k) {
 alignas(64) static const uint16_t IQ3_SEL[32] = {0, 0, 1, 0, 2, 0, 3, 0, 4, 0, 5, 0, 6, 0, 7, 0,
                                                  32, 0, 33, 0, 34, 0, 35, 0, 36, 0, 37, 0, 38, 0, 39, 0};
 
-#ifdef __AVX512VBMI__
+#if QDOT_VBMI
 // 64 byte lookups into a table of NSUB x 128 bytes (vpermi2b per 128 bytes, then a tree of blends on the
 // index bits above the 7th: hb[0] bit 7, hb[1] bit 8, ...)
 template <int NSUB>
@@ -128,6 +136,13 @@ __attribute__((always_inline)) static inline void unpack_lev2(const uint8_t *q, 
         uint64_t m = 0;
         memcpy(&m, q + 16 * ne, 2 * ne);
         hb[1] = m;
+    } else if (NSUB == 8) {  // IQ2_S: the 2 high bits, a u32 per entry (bits 2r, 2r + 1: row r)
+        for (int e = 0; e < ne; e++) {
+            uint32_t v;
+            memcpy(&v, q + 16 * ne + 4 * e, 4);
+            hb[1] |= (uint64_t)_pext_u32(v, 0x55555555u) << (16 * e);
+            hb[2] |= (uint64_t)_pext_u32(v, 0xAAAAAAAAu) << (16 * e);
+        }
     } else if (NSUB == 16) {  // IQ1_S: 3 high bits per entry and row, nibbles (row r: nibble r % 2 of byte r / 2)
         const __m256i nb = _mm256_maskz_loadu_epi8((__mmask32)((1ull << (8 * ne)) - 1), q + 16 * ne);
         const __m512i wide = _mm512_cvtepu8_epi16(nb);
@@ -155,7 +170,7 @@ __attribute__((always_inline)) static inline void unpack_lev2(const uint8_t *q, 
 // a grid layout's group into G/4 registers of level indices with their sign bits (before the table)
 __attribute__((always_inline)) static inline void unpack_grid(int code, int G, const uint8_t *q, __m512i *w) {
     alignas(64) uint64_t b8[16];
-#ifdef __AVX512VBMI__
+#if QDOT_VBMI
     if (code == QDOT_G_IQ3XXS) {  // 4 steps at a time: 64 indices looked up with byte permutes (vpermi2b)
         __m512i ta[4], tb[4];
         for (int i = 0; i < 4; i++) ta[i] = _mm512_load_si512((const void *)(QDOT_GRID3_A + 64 * i)),
@@ -183,7 +198,7 @@ __attribute__((always_inline)) static inline void unpack_grid(int code, int G, c
         return;
     }
 #endif
-#ifndef __AVX512VBMI__
+#if !QDOT_VBMI
     if (code == QDOT_G_IQ3XXS) {
         for (int s = 0; s < G / 4; s++) {
             const uint8_t *x = q + 16 * s;
@@ -203,12 +218,17 @@ __attribute__((always_inline)) static inline void unpack_grid(int code, int G, c
         unpack_lev2<4>(q, G, QDOT_GRID2XS_AB, nullptr, w, grid_signs_at(code, G));
         return;
     }
+    if (code == QDOT_G_IQ2S) {
+        unpack_lev2<8>(q, G, QDOT_GRID2S_AB, nullptr, w, grid_signs_at(code, G));
+        return;
+    }
     if (code == QDOT_G_IQ1S) {
         unpack_lev2<16>(q, G, QDOT_GRID1S_AB, nullptr, w, -1);
         return;
     }
 #endif
-    const uint64_t *tab = code == QDOT_G_IQ1S ? QDOT_GRID1S : code == QDOT_G_IQ2XXS ? QDOT_GRID2XXS : QDOT_GRID2XS;
+    const uint64_t *tab = code == QDOT_G_IQ1S ? QDOT_GRID1S : code == QDOT_G_IQ2XXS ? QDOT_GRID2XXS
+                        : code == QDOT_G_IQ2S ? QDOT_GRID2S : QDOT_GRID2XS;
     const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
     const int so = grid_signs_at(code, G);

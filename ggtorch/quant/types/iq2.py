@@ -5,9 +5,9 @@ d * (0.5 + ls) / 4 per 32 values (IQ2_XXS) or per 16 (IQ2_XS, IQ2_S) (dequantize
 A signed value is one of 6, so it is stored as the 3-bit index k | sign << 2 (k: 8 -> 0, 25 -> 1,
 43 -> 2) that the kernel turns into sign * level_k + 43 with a byte shuffle (LUT_IQ2, zoff -43), in the
 K layout with sc = 1 + 2 * ls and the 1/8 that llama.cpp applies once at the end of
-ggml_vec_dot_iq2_*_q8_K applied to d (oshift(3), exact). IQ2_XXS and IQ2_XS keep the file's grid
-indices (the grid layout, csrc/tiles.h: the kernel looks the entries up): 2.31 and 2.69 bits a weight
-(file: 2.06, 2.31); IQ2_S has its indices decoded once, at repack: 3.56 (file: 2.56).
+ggml_vec_dot_iq2_*_q8_K applied to d (oshift(3), exact). The tiles keep the file's grid indices (the
+grid layout, csrc/tiles.h: the kernel looks the entries up): 2.31, 2.69 and 2.81 bits a weight for
+IQ2_XXS, IQ2_XS, IQ2_S (file: 2.06, 2.31, 2.56; 3.3-3.56 with the indices decoded at repack).
 Activations Q8_K.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..dequant import _bits, _f16, _nibbles, _shifts, _tab, _u16, _u32
-from . import G_IQ2XS, G_IQ2XXS, GRIDL, LUT_IQ2, Q8_K, TypeSpec, oshift, register
+from . import G_IQ2S, G_IQ2XS, G_IQ2XXS, GRIDL, LUT_IQ2, Q8_K, TypeSpec, oshift, register
 from .iq3 import ksign_bits
 
 
@@ -55,11 +55,13 @@ def _read_iq2s(w, raw) -> dict:
     qh = b[:, 66:74].to(torch.int32).unsqueeze(-1) >> _shifts(0, 2, 4, 6, device=b.device)
     g = _tab("IQ2_S", b)[b[:, 2:34].to(torch.int64) | ((qh & 3).reshape(nb, 32).to(torch.int64) << 8)]
     ls = _nibbles(b[:, 74:82]).transpose(1, 2).reshape(nb, 16)
-    return _parts(b, raw.shape[0], g, _bits(b[:, 34:66], 8), ls)
+    gi = b[:, 2:34].to(torch.int64) | ((qh & 3).reshape(nb, 32).to(torch.int64) << 8)
+    return _parts(b, raw.shape[0], g, _bits(b[:, 34:66], 8), ls, gi)
 
 
 register(TypeSpec("IQ2_XXS", "iq2", 3, 32, Q8_K, True, False, -43.0, _read_iq2xxs, LUT_IQ2 | oshift(3) | GRIDL,
                   grid="IQ2_XXS", glayout=G_IQ2XXS))
 register(TypeSpec("IQ2_XS", "iq2", 3, 16, Q8_K, True, False, -43.0, _read_iq2xs, LUT_IQ2 | oshift(3) | GRIDL,
                   grid="IQ2_XS", glayout=G_IQ2XS))
-register(TypeSpec("IQ2_S", "iq2", 3, 16, Q8_K, True, False, -43.0, _read_iq2s, LUT_IQ2 | oshift(3), grid="IQ2_S"))
+register(TypeSpec("IQ2_S", "iq2", 3, 16, Q8_K, True, False, -43.0, _read_iq2s, LUT_IQ2 | oshift(3) | GRIDL,
+                  grid="IQ2_S", glayout=G_IQ2S))
