@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from .fused import Fused, finish
-from .types import E8M0, G_IQ1S, G_IQ2S, G_IQ2XS, G_IQ3XXS, GRIDL, IQ1S, SM4, TYPES, grid_bytes, grid_codes, lut, oscale
+from .types import E8M0, G_IQ1M, G_IQ1S, G_IQ2S, G_IQ2XS, G_IQ3XXS, GRIDL, IQ1S, SM4, TYPES, grid_bytes, grid_codes, lut, oscale
 from .types.mxfp4 import e8m0_byte, e8m0_scale
 
 QDOT_TYPES = tuple(TYPES)
@@ -78,7 +78,8 @@ def _qdot_ktiles(u, bits, sc, mn, d, dm, grid: dict | None = None) -> dict:
     t = (u.shape[0] + pad) // 16
     G = u.shape[1] // sc.shape[1]
     if grid is not None:
-        qw = _grid_values(grid["code"], G, _pad_rows(grid["gi"], pad), _pad_rows(grid.get("neg"), pad))
+        qw = _grid_values(grid["code"], GRID_UNIT, _pad_rows(grid["gi"], pad), _pad_rows(grid.get("neg"), pad),
+                          _pad_rows(grid.get("dl"), pad))
     else:
         qw = _qdot_values(_pad_rows(u, pad), bits, G)
     st = {"qw": qw, "sc": _tile_rows(_pad_rows(sc, pad), t, torch.int8),
@@ -131,9 +132,12 @@ def _qdot_values(u: torch.Tensor, bits: int, G: int) -> torch.Tensor:
     return torch.cat(parts, dim=2).reshape(t, -1).contiguous()
 
 
-def _grid_values(code: int, G: int, gi: torch.Tensor, neg: torch.Tensor | None) -> torch.Tensor:
+GRID_UNIT = 32  # the grid layout's storage unit (csrc/tiles.h): one scale group, or two of 16 values
+
+
+def _grid_values(code: int, G: int, gi: torch.Tensor, neg: torch.Tensor | None, dl: torch.Tensor | None = None) -> torch.Tensor:
     """csrc/tiles.h's grid layout of rows (padded) with entry indices gi [n, entries] and sign bits neg
-    [n, K] (none for IQ1_S), [tiles, bytes]: per group the index bytes (entry, row), the high-bit plane
+    [n, K] (none for IQ1_S, IQ1_M; IQ1_M's delta signs dl [n, entries]), [tiles, bytes]: per group the index bytes (entry, row), the high-bit plane
     (IQ2_XS: a u16 of 9th bits per entry; IQ1_S: a nibble of 3 bits per row), the sign masks per step."""
     n, K = gi.shape[0], gi.shape[1] * (4 if code == G_IQ3XXS else 8)
     t, ng = n // 16, K // G
@@ -145,8 +149,10 @@ def _grid_values(code: int, G: int, gi: torch.Tensor, neg: torch.Tensor | None) 
     if code == G_IQ2S:  # a u32 per entry: row r's 2 high bits at bits 2r, 2r + 1
         h = (((e >> 8) & 3) << (2 * torch.arange(16))).sum(-1)
         parts.append(torch.stack([(h >> (8 * i)) & 255 for i in range(4)], -1).to(torch.uint8).reshape(t, ng, -1))
-    if code == G_IQ1S:
+    if code in (G_IQ1S, G_IQ1M):  # a nibble per row: 3 high bits (IQ1_M: | the entry's delta sign << 3)
         h = (e >> 8) & 7
+        if dl is not None:
+            h = h | (dl.reshape(t, 16, ng, -1).permute(0, 2, 3, 1) << 3)
         parts.append((h[..., 0::2] | (h[..., 1::2] << 4)).to(torch.uint8).reshape(t, ng, -1))
     if neg is not None:  # per step, bit 4r + j: row r's value 4s + j
         b = neg.reshape(t, 16, ng, G // 4, 4).permute(0, 2, 3, 1, 4).reshape(t, ng, G // 4, 8, 8).to(torch.int32)
@@ -156,7 +162,7 @@ def _grid_values(code: int, G: int, gi: torch.Tensor, neg: torch.Tensor | None) 
 
 def _grid_unpack(code: int, G: int, K: int, qw: torch.Tensor) -> torch.Tensor:
     """The stored values (before the table) [tiles * 16, K] of a grid layout, as the kernel unpacks them."""
-    name = {G_IQ3XXS: "IQ3_XXS", G_IQ1S: "IQ1_S", G_IQ2XS: "IQ2_XS", G_IQ2S: "IQ2_S"}.get(code, "IQ2_XXS")
+    name = {G_IQ3XXS: "IQ3_XXS", G_IQ1S: "IQ1_S", G_IQ1M: "IQ1_S", G_IQ2XS: "IQ2_XS", G_IQ2S: "IQ2_S"}.get(code, "IQ2_XXS")
     per = 4 if code == G_IQ3XXS else 8
     t, ng, ne = qw.shape[0], K // G, G // per
     g = qw.view(t, ng, -1)
@@ -170,12 +176,15 @@ def _grid_unpack(code: int, G: int, K: int, qw: torch.Tensor) -> torch.Tensor:
         hw = h[..., 0] | (h[..., 1] << 8) | (h[..., 2] << 16) | (h[..., 3] << 24)
         idx = idx | (((hw.unsqueeze(-1) >> (2 * torch.arange(16))) & 3) << 8)
         at += 4 * ne
-    if code == G_IQ1S:
+    if code in (G_IQ1S, G_IQ1M):
         h = g[:, :, at:at + 8 * ne].reshape(t, ng, ne, 8).long()
-        idx = idx | ((torch.stack((h & 15, h >> 4), -1).reshape(t, ng, ne, 16) & 7) << 8)
+        nib = torch.stack((h & 15, h >> 4), -1).reshape(t, ng, ne, 16)
+        idx = idx | ((nib & 7) << 8)
     u = grid_codes(name)[idx]  # [tile, group, entry, row, per]
+    if code == G_IQ1M:  # the delta sign, bit 3 of the nibble, on all 8 values as bit 2
+        u = u | (((nib >> 3) & 1) << 2).to(torch.uint8).unsqueeze(-1)
     u = u.permute(0, 3, 1, 2, 4).reshape(t * 16, K)
-    if code != G_IQ1S:
+    if code not in (G_IQ1S, G_IQ1M):
         sg = g[:, :, at:at + 2 * G].reshape(t, ng, G // 4, 8, 1)
         bits = ((sg >> torch.arange(8, dtype=torch.uint8).view(1, 1, 1, 1, 8)) & 1).reshape(t, ng, G // 4, 16, 4)
         u = u | (bits.permute(0, 3, 1, 2, 4).reshape(t * 16, K) << (3 if code == G_IQ3XXS else 2))
@@ -185,7 +194,7 @@ def _grid_unpack(code: int, G: int, K: int, qw: torch.Tensor) -> torch.Tensor:
 def group_bytes(bits: int, G: int) -> int:
     """Bytes of one tile's group (16 rows x G values), as csrc/tiles.h's group_bytes (grid codes 9..12)."""
     return {8: 16 * G, 4: 8 * G, 2: 4 * G, 3: 6 * G, G_IQ1S: 3 * G, 10: 4 * G, G_IQ2XS: 4 * G + G // 4,
-            G_IQ3XXS: 6 * G, G_IQ2S: 4 * G + G // 2}.get(bits, 8 * G + 64)
+            G_IQ3XXS: 6 * G, G_IQ2S: 4 * G + G // 2, G_IQ1M: 3 * G}.get(bits, 8 * G + 64)
 
 
 def _scalars(spec) -> dict:
@@ -278,7 +287,7 @@ def _qdot_pack(w, chunk: int = 4096, jit: bool = True) -> dict:
     for i in range(0, w.out_features, chunk):
         p = spec.read(w, w.raw[i:i + chunk])
         if spec.klayout:
-            grid = {"code": spec.glayout, "gi": p["gi"], "neg": p.get("neg")} if spec.glayout else None
+            grid = {"code": spec.glayout, "gi": p["gi"], "neg": p.get("neg"), "dl": p.get("dl")} if spec.glayout else None
             parts.append(_qdot_ktiles(p["u"], spec.bits, p["sc"], p["mn"], p["d"], p["dm"], grid))
         else:
             q, d, m = _qdot_tiles(p["u"], spec.bits, p["dw"].float(), p["mw"].float() if spec.mins else None,
@@ -324,7 +333,7 @@ def qdot_unpack(st: dict, K: int) -> torch.Tensor:
             h = g[:, :, 8 * G:].reshape(t, ng, 1, 16, 4).to(torch.int32)
             steps = torch.arange(G // 4, dtype=torch.int32).view(1, 1, -1, 1, 1)
             q = q | (((h >> (hb * steps)) & ((1 << hb) - 1)) << 4).to(torch.uint8)
-    q = _grid_unpack(bits, G, K, qw) if q is None else q.permute(0, 3, 1, 2, 4).reshape(t * 16, K)
+    q = _grid_unpack(bits, GRID_UNIT, K, qw) if q is None else q.permute(0, 3, 1, 2, 4).reshape(t * 16, K)
     q = _values(flags, q).float()
 
     def rows(s):

@@ -85,9 +85,13 @@ static void itile(const KT &k, int64_t K, const int8_t *xq, const float *dx, con
         }
         __m512i is[MT];
         for (int i = 0; i < MT; i++) is[i] = _mm512_setzero_si512();
+        // the grid layout stores 32 values a unit: a 16-value group's unit holds the next group too
+        constexpr bool pair = is_grid(BITS) && G == 16;
+        __m512i wp[pair ? 8 : G / 4];
         for (int64_t g = g0; g < g0 + ns; g++) {
-            __m512i w[G / 4];
-            load_group(BITS, G, k.qt + g * gb, gb, w, k.flags);
+            if (!pair) load_group(BITS, G, k.qt + g * gb, gb, wp, k.flags);
+            else if (g % 2 == 0) load_group(BITS, 32, k.qt + g * gb, 2 * gb, wp, k.flags);
+            const __m512i *w = pair && g % 2 ? wp + 4 : wp;
             __m512i sv;
             __mmask16 neg = 0;
             if (IQ1) {  // IQ1_S's sc byte ls | delta sign << 3: the scale 2 ls + 1, the delta -1/8 where the bit is set
@@ -145,7 +149,7 @@ static void grid_rows_of(const KT &k, int64_t K, const int8_t *xq, const float *
     }
     static thread_local uint8_t *scratch = nullptr;
     static thread_local int64_t have = 0;
-    const int64_t ng = K / G, gb = group_bytes(BITS, G), need = 8 * K;
+    const int64_t ub = group_bytes(BITS, GRID_UNIT), need = 8 * K;
     if (need > have) {
         free(scratch);
         scratch = (uint8_t *)aligned_alloc(64, (size_t)((need + 63) / 64 * 64));
@@ -155,11 +159,14 @@ static void grid_rows_of(const KT &k, int64_t K, const int8_t *xq, const float *
             return;
         }
     }
-    for (int64_t g = 0; g < ng; g++) {  // the 4-bit layout: steps 2p and 2p + 1 in the nibbles of 64 bytes
-        __m512i w[G / 4];
-        load_group(BITS, G, k.qt + g * gb, gb, w, k.flags & ~QDOT_LUTS);
-        for (int p = 0; p < G / 8; p++)
-            _mm512_store_si512((void *)(scratch + g * 8 * G + 64 * p), _mm512_or_si512(w[2 * p], _mm512_slli_epi16(w[2 * p + 1], 4)));
+    // the 4-bit layout: steps 2p and 2p + 1 in the nibbles of 64 bytes, a unit's 32 values (one group of 32
+    // or two of 16) at 256 bytes a unit
+    for (int64_t u = 0; u < K / GRID_UNIT; u++) {
+        __m512i w[GRID_UNIT / 4];
+        load_group(BITS, GRID_UNIT, k.qt + u * ub, ub, w, k.flags & ~QDOT_LUTS);
+        for (int p = 0; p < GRID_UNIT / 8; p++)
+            _mm512_store_si512((void *)(scratch + u * 8 * GRID_UNIT + 64 * p),
+                               _mm512_or_si512(w[2 * p], _mm512_slli_epi16(w[2 * p + 1], 4)));
     }
     KT k4 = k;
     k4.qt = scratch;
@@ -173,6 +180,7 @@ static void grid_rows(int code, const KT &k, int64_t K, const int8_t *xq, const 
     case QDOT_G_IQ2XXS: grid_rows_of<QDOT_G_IQ2XXS, 32, false>(k, K, xq, dx, sq, M, out, ldo); break;
     case QDOT_G_IQ2XS: grid_rows_of<QDOT_G_IQ2XS, 16, false>(k, K, xq, dx, sq, M, out, ldo); break;
     case QDOT_G_IQ2S: grid_rows_of<QDOT_G_IQ2S, 16, false>(k, K, xq, dx, sq, M, out, ldo); break;
+    case QDOT_G_IQ1M: grid_rows_of<QDOT_G_IQ1M, 16, false>(k, K, xq, dx, sq, M, out, ldo); break;
     default: grid_rows_of<QDOT_G_IQ1S, 32, true>(k, K, xq, dx, sq, M, out, ldo); break;
     }
 }
@@ -245,7 +253,7 @@ bool kint_tile(int bits, int G, const uint8_t *qw, const int8_t *sc, const int8_
     float *o = out + t * 16;
     const bool sm4 = flags & QDOT_SM4, mins = mn != nullptr;
     if (is_grid(bits)) {
-        if (mins || sm4 || G != (bits == QDOT_G_IQ2XS || bits == QDOT_G_IQ2S ? 16 : 32)) return false;
+        if (mins || sm4 || G != (bits == QDOT_G_IQ2XS || bits == QDOT_G_IQ2S || bits == QDOT_G_IQ1M ? 16 : 32)) return false;
         grid_rows(bits, k, K, xq, dx, sq, M, o, ldo);
         return true;
     }

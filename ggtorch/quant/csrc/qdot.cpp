@@ -198,9 +198,12 @@ static void ktile(int bits, int G, const uint8_t *qt, const int8_t *st, const in
     for (int64_t sb = 0; sb < K / 256; sb++) {
         const __m512 dv = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dt + sb * 16))), os);
         const __m512 mv = mt ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(mt + sb * 16))) : dv;
+        const bool pair = is_grid(bits) && G == 16;  // a grid unit of 32 values holds two 16-value groups
+        __m512i wp[8];
         for (int64_t g = sb * ns; g < (sb + 1) * ns; g++) {
-            __m512i w[8];
-            load_group(bits, G, qt + g * gb, gb, w, flags);
+            if (!pair) load_group(bits, G, qt + g * gb, gb, wp, flags);
+            else if (g % 2 == 0) load_group(bits, 32, qt + g * gb, 2 * gb, wp, flags);
+            const __m512i *w = pair && g % 2 ? wp + 4 : wp;
             __m512 sw, mw;
             if (flags & QDOT_SM4) {  // Q2_K: the file's scale | min << 4 byte
                 const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(st + g * 16)));
@@ -279,7 +282,12 @@ static float dot_row_k(int bits, int G, const uint8_t *qw, const int8_t *sc, con
     for (int64_t g = 0; g < ng; g++) {
         const uint8_t *q = qw + (t * ng + g) * gb;
         int32_t s = 0;
-        for (int k = 0; k < G; k++) s += value_at(bits, G, q, r, k, flags) * (int32_t)xr[g * G + k];
+        if (is_grid(bits) && G == 16) {  // the group's half of its 32-value grid unit
+            q = qw + (t * ng + (g & ~1ll)) * gb;
+            for (int k = 0; k < G; k++) s += value_at(bits, 32, q, r, 16 * (int)(g & 1) + k, flags) * (int32_t)xr[g * G + k];
+        } else {
+            for (int k = 0; k < G; k++) s += value_at(bits, G, q, r, k, flags) * (int32_t)xr[g * G + k];
+        }
         const int64_t at = (t * ng + g) * 16 + r, sat = (t * nsb + g / ns) * 16 + r;
         float d, m;
         if (flags & QDOT_SM4) {

@@ -17,14 +17,8 @@ static inline uint32_t rd32(const uint8_t *p) { return (uint32_t)rd16(p) | ((uin
 // The grid types' per-entry work, done once per call instead of once per value: each grid entry
 // turned into its stored bytes (uint64 for 8-value entries, uint32 for 4), signs spread by table.
 // (grid_tables() builds them from the file's grid; block_values() then ORs or selects whole words.)
-static uint64_t SPREAD8[256];  // 8 sign bits -> 0x04 in byte j where bit j is set (the IQ2 sign bit 2)
 static uint32_t SPREAD4[16];   // 4 sign bits -> 0xFF in byte t where bit t is set
 static void spread_init() {
-    for (unsigned s = 0; s < 256; s++) {
-        uint64_t v = 0;
-        for (int j = 0; j < 8; j++) v |= (uint64_t)(((s >> j) & 1) << 2) << (8 * j);
-        SPREAD8[s] = v;
-    }
     for (unsigned s = 0; s < 16; s++) {
         uint32_t v = 0;
         for (int t = 0; t < 4; t++) v |= (uint32_t)((s >> t) & 1 ? 0xFF : 0) << (8 * t);
@@ -34,23 +28,6 @@ static void spread_init() {
 
 // ggml's ksigns_iq2xs[i]: the 7 sign bits i and an 8th that makes the number of minus signs even
 static inline unsigned ksign(unsigned i) { return i | ((unsigned)__builtin_parity(i) << 7); }
-
-// 8 grid values (an iq2 grid entry, levels 8, 25, 43) with their sign bits -> index | sign << 2
-// (qdot.cpp's IQ2_U8 gives back sign * level + 43)
-static inline void iq2_put(uint8_t *u, const uint8_t *g, unsigned signs) {
-    uint64_t v;  // g: the entry's 8 indices (g > 8) + (g > 25), precomputed by grid_tables()
-    memcpy(&v, g, 8);
-    v |= SPREAD8[signs & 255];
-    memcpy(u, &v, 8);
-}
-
-// 8 iq1s_grid values g in -1..1 (read as bytes) -> g + 1, and | delta sign << 2 for IQ1_M (dsign >= 0)
-static inline void iq1_put(uint8_t *u, const uint8_t *g, int dsign) {
-    uint64_t v;  // g: the entry's 8 values + 1 (0..2), precomputed by grid_tables()
-    memcpy(&v, g, 8);
-    if (dsign > 0) v |= 0x0404040404040404ull;
-    memcpy(u, &v, 8);
-}
 
 // ggml's get_scale_min_k4: the j-th 6-bit scale and min of a Q4_K/Q5_K block's 12 bytes
 static inline void scale_min(const uint8_t *s, int j, int8_t *sc, int8_t *mn) {
@@ -140,12 +117,6 @@ static void block_values(int type, const uint8_t *b, uint8_t *u, const uint8_t *
             const uint32_t m = SPREAD4[(b[74 + i / 2] >> (4 * (i % 2))) & 15];
             const uint32_t v = (e[0] & ~m) | (e[1] & m);
             memcpy(u + 4 * i, &v, 4);
-        }
-        break;
-    case IQ1_M:  // qs[32], qh[16]: per entry a nibble of 3 high index bits and the delta sign (dequantize_row_iq1_m)
-        for (int k = 0; k < 32; k++) {
-            const unsigned h = (b[32 + k / 2] >> (4 * (k % 2))) & 15;
-            iq1_put(u + 8 * k, grid + 8 * (b[k] | ((h & 7) << 8)), h >> 3);
         }
         break;
     case Q6_K: {
@@ -319,9 +290,9 @@ static int repack_grid(int type, const uint8_t *src, int64_t rows, int64_t K, in
 template <int type, int code, int G>
 static void repack_gl(const uint8_t *src, int64_t rows, int64_t K, int64_t block_bytes, uint8_t *qw, uint16_t *dw,
                       int8_t *sc) {
-    constexpr int gpb = 256 / G, per = code == QDOT_G_IQ3XXS ? 4 : 8, ne = G / per;
-    constexpr int64_t gb = group_bytes(code, G);
-    const int64_t nb = K / 256, ng = K / G, ntiles = (rows + 15) / 16;
+    constexpr int gpb = 256 / G, per = code == QDOT_G_IQ3XXS ? 4 : 8, U = GRID_UNIT, upb = 256 / U, ne = U / per;
+    constexpr int64_t ub = group_bytes(code, U);  // a 32-value unit (tiles.h): one group, or two of 16
+    const int64_t nb = K / 256, ng = K / G, nu = K / U, ntiles = (rows + 15) / 16;
 #pragma omp parallel for schedule(static)
     for (int64_t t = 0; t < ntiles; t++) {
         for (int64_t bi = 0; bi < nb; bi++) {
@@ -336,7 +307,7 @@ static void repack_gl(const uint8_t *src, int64_t rows, int64_t K, int64_t block
                     continue;
                 }
                 const uint8_t *b = src + ((t * 16 + r) * nb + bi) * block_bytes;
-                dw[at] = rd16(b);
+                dw[at] = type == IQ1_M ? iq1m_d(b) : rd16(b);
                 for (int c = 0; c < 32; c++) {
                     if (type == IQ3_XXS) {  // qs[64] indices; per 32 values a u32 of 4 x 7 sign bits | ls << 28
                         idx[r][2 * c] = b[2 + 2 * c], idx[r][2 * c + 1] = b[3 + 2 * c];
@@ -350,6 +321,9 @@ static void repack_gl(const uint8_t *src, int64_t rows, int64_t K, int64_t block
                     } else if (type == IQ2_S) {  // qs[32] low index bits, signs[32], qh[8] two high bits per entry
                         idx[r][c] = (uint16_t)(b[2 + c] | ((b[66 + c / 4] << (8 - 2 * (c % 4))) & 0x300));
                         neg[r][c] = b[34 + c];
+                    } else if (type == IQ1_M) {  // qs[32], qh[16]: per entry a nibble of 3 high index bits | delta sign << 3
+                        const unsigned h = (b[32 + c / 2] >> (4 * (c % 2))) & 15;
+                        idx[r][c] = (uint16_t)(b[c] | ((h & 7) << 8)), neg[r][c] = (uint8_t)(h >> 3);
                     } else {  // IQ1_S: qs[32] low index bits, qh[8] u16: 4 x 3 high bits | ls << 12 | delta << 15
                         idx[r][c] = (uint16_t)(b[2 + c] | (((rd16(b + 34 + 2 * (c / 4)) >> (3 * (c % 4))) & 7) << 8));
                         neg[r][c] = 0;
@@ -361,12 +335,13 @@ static void repack_gl(const uint8_t *src, int64_t rows, int64_t K, int64_t block
                     else if (type == IQ2_XXS) v = (int8_t)(2 * (rd32(b + 6 + 8 * gi) >> 28) + 1);
                     else if (type == IQ2_XS || type == IQ2_S)  // a nibble per 16 values
                         v = (int8_t)(2 * ((b[(type == IQ2_XS ? 66 : 74) + gi / 2] >> (4 * (gi % 2))) & 15) + 1);
+                    else if (type == IQ1_M) v = (int8_t)(2 * ((rd16(b + 48 + 2 * (gi / 4)) >> (3 * (gi % 4))) & 7) + 1);
                     else v = (int8_t)(rd16(b + 34 + 2 * gi) >> 12);  // IQ1_S: ls | delta sign << 3
                 }
             }
-            for (int gi = 0; gi < gpb; gi++) {
-                uint8_t q[gb];
-                const int e0 = gi * ne;
+            for (int ui = 0; ui < upb; ui++) {
+                uint8_t q[ub];
+                const int e0 = ui * ne;
                 for (int e = 0; e < ne; e++) {
                     for (int r = 0; r < 16; r++) q[16 * e + r] = (uint8_t)idx[r][e0 + e];
                     if (code == QDOT_G_IQ2XS) {
@@ -379,20 +354,21 @@ static void repack_gl(const uint8_t *src, int64_t rows, int64_t K, int64_t block
                         for (int r = 0; r < 16; r++) h |= ((idx[r][e0 + e] >> 8) & 3u) << (2 * r);
                         memcpy(q + 16 * ne + 4 * e, &h, 4);
                     }
-                    if (code == QDOT_G_IQ1S)
+                    if (code == QDOT_G_IQ1S || code == QDOT_G_IQ1M)  // IQ1_M: the delta sign as the nibble's bit 3
                         for (int r = 0; r < 16; r += 2)
-                            q[16 * ne + 8 * e + r / 2] = (uint8_t)((idx[r][e0 + e] >> 8) | ((idx[r + 1][e0 + e] >> 8) << 4));
+                            q[16 * ne + 8 * e + r / 2] = (uint8_t)(((idx[r][e0 + e] >> 8) | (neg[r][e0 + e] << 3)) |
+                                                                   (((idx[r + 1][e0 + e] >> 8) | (neg[r + 1][e0 + e] << 3)) << 4));
                 }
-                if (code != QDOT_G_IQ1S) {
-                    const int so = grid_signs_at(code, G);
-                    for (int st = 0; st < G / 4; st++) {  // values v..v+3 of the super-block: half of sign byte v / 8
-                        const int v = gi * G + 4 * st;
+                if (code != QDOT_G_IQ1S && code != QDOT_G_IQ1M) {
+                    const int so = grid_signs_at(code, U);
+                    for (int st = 0; st < U / 4; st++) {  // values v..v+3 of the super-block: half of sign byte v / 8
+                        const int v = ui * U + 4 * st;
                         uint64_t m = 0;
                         for (int r = 0; r < 16; r++) m |= (uint64_t)((neg[r][v / 8] >> (v % 8)) & 15) << (4 * r);
                         memcpy(q + so + 8 * st, &m, 8);
                     }
                 }
-                memcpy(qw + (t * ng + bi * gpb + gi) * gb, q, gb);
+                memcpy(qw + (t * nu + bi * upb + ui) * ub, q, ub);
             }
         }
     }
@@ -424,9 +400,9 @@ EXPORT int qdot_grid_init(int type, const uint8_t *grid) {
     else if (type == IQ2_XXS) memcpy(QDOT_GRID2XXS, tab, sizeof QDOT_GRID2XXS), split_ab(tab, 256, QDOT_GRID2XXS_AB);
     else if (type == IQ2_XS) memcpy(QDOT_GRID2XS, tab, sizeof QDOT_GRID2XS), split_ab(tab, 512, QDOT_GRID2XS_AB);
     else if (type == IQ2_S) memcpy(QDOT_GRID2S, tab, sizeof QDOT_GRID2S), split_ab(tab, 1024, QDOT_GRID2S_AB);
-    else if (type == IQ1_S) memcpy(QDOT_GRID1S, tab, sizeof QDOT_GRID1S), split_ab(tab, 2048, QDOT_GRID1S_AB);
+    else if (type == IQ1_S || type == IQ1_M) memcpy(QDOT_GRID1S, tab, sizeof QDOT_GRID1S), split_ab(tab, 2048, QDOT_GRID1S_AB);
     free(tab);
-    return type == IQ3_XXS || type == IQ2_XXS || type == IQ2_XS || type == IQ2_S || type == IQ1_S ? 0 : -1;
+    return type == IQ3_XXS || type == IQ2_XXS || type == IQ2_XS || type == IQ2_S || type == IQ1_S || type == IQ1_M ? 0 : -1;
 }
 
 // type: the ggml type id; src: rows x (K / block values) blocks; the outputs as kernels.py allocates
@@ -456,6 +432,7 @@ EXPORT int qdot_repack(int type, const uint8_t *src, int64_t rows, int64_t K, in
     case IQ2_XS: repack_gl<IQ2_XS, QDOT_G_IQ2XS, 16>(src, rows, K, block_bytes, qw, dw, sc); return 0;
     case IQ2_S: repack_gl<IQ2_S, QDOT_G_IQ2S, 16>(src, rows, K, block_bytes, qw, dw, sc); return 0;
     case IQ1_S: repack_gl<IQ1_S, QDOT_G_IQ1S, 32>(src, rows, K, block_bytes, qw, dw, sc); return 0;
+    case IQ1_M: repack_gl<IQ1_M, QDOT_G_IQ1M, 16>(src, rows, K, block_bytes, qw, dw, sc); return 0;
     }
     if (!grid) return -1;  // the grid types
     uint8_t *tab = grid_tables(type, grid);
@@ -470,7 +447,6 @@ static int repack_grid(int type, const uint8_t *src, int64_t rows, int64_t K, in
                        uint16_t *dw, uint16_t *mw, int8_t *sc, int8_t *mn, const uint8_t *grid) {
     switch (type) {
     case IQ3_S: repack<IQ3_S, 4, 32>(src, rows, K, block_bytes, qw, dw, mw, sc, mn, grid); return 0;
-    case IQ1_M: repack<IQ1_M, 3, 16>(src, rows, K, block_bytes, qw, dw, mw, sc, mn, grid); return 0;
     }
     return -1;
 }

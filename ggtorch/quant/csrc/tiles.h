@@ -48,21 +48,27 @@ static inline float oscale_of(int flags) { return ldexpf(1.f, -QDOT_OSHIFT(flags
 static constexpr int64_t group_bytes(int bits, int G) {
     return bits == 8 ? 16 * G : bits == 4 ? 8 * G : bits == 2 ? 4 * G : bits == 3 ? 6 * G
          : bits == QDOT_G_IQ1S ? 3 * G : bits == QDOT_G_IQ2XXS ? 4 * G : bits == QDOT_G_IQ2XS ? 4 * G + G / 4
-         : bits == QDOT_G_IQ3XXS ? 6 * G : bits == QDOT_G_IQ2S ? 4 * G + G / 2 : 8 * G + 64;
+         : bits == QDOT_G_IQ3XXS ? 6 * G : bits == QDOT_G_IQ2S ? 4 * G + G / 2 : bits == QDOT_G_IQ1M ? 3 * G : 8 * G + 64;
 }
 
-// The grid layout (IQ3_XXS, IQ2_XXS, IQ2_XS, IQ2_S, IQ1_S): the file's grid indices kept, 16 rows side by side.
-// A tile's group of G values holds, per grid entry e of a row (4 values for IQ3_XXS, else 8) and row r:
+// The grid layout (IQ3_XXS, IQ2_XXS, IQ2_XS, IQ2_S, IQ1_S, IQ1_M): the file's grid indices kept, 16 rows side by side.
+// A tile's unit of 32 values (GRID_UNIT: one scale group, or two of 16) holds, per grid entry e of a row
+// (4 values for IQ3_XXS, else 8) and row r (G below is the unit's 32):
 // - the index's low byte at 16 e + r (ne = entries per row and group);
 // - IQ2_XS: its 9th bit as bit r of the u16 at 16 ne + 2 e; IQ2_S: its 2 high bits as bits 2r, 2r + 1 of
-//   the u32 at 16 ne + 4 e; IQ1_S: its 3 high bits in the nibble r % 2 of byte 16 ne + 8 e + r / 2;
-// - then (not IQ1_S) per step s (values 4s..4s+3) a u64 of sign bits, bit 4r + t for row r's value 4s + t:
+//   the u32 at 16 ne + 4 e; IQ1_S: its 3 high bits in the nibble r % 2 of byte 16 ne + 8 e + r / 2 (IQ1_M:
+//   the same, with the entry's delta sign as the nibble's bit 3, which the unpacking ORs in as bit 2);
+// - then (not IQ1_S, IQ1_M) per step s (values 4s..4s+3) a u64 of sign bits, bit 4r + t for row r's value 4s + t:
 //   the step's register's byte mask.
 // Unpacking looks each entry up in QDOT_GRID* (the level indices the 3- and 4-bit layouts store) and ORs
 // in the sign bit (IQ3_XXS: bit 3, IQ2: bit 2), so the tables and the arithmetic after it are the other
 // layouts' own: 3.31 bits a weight for IQ3_XXS (file 3.06; 4.31 with the indices decoded), 2.69 for IQ2_XS
-// (2.31; 3.56), 2.81 for IQ2_S (2.56; 3.56), 2.31 for IQ2_XXS (2.06; 3.31), 1.81 for IQ1_S (1.56; 2.31).
-static inline bool is_grid(int bits) { return bits >= QDOT_G_IQ1S && bits <= QDOT_G_IQ2S; }
+// (2.31; 3.56), 2.81 for IQ2_S (2.56; 3.56), 2.31 for IQ2_XXS (2.06; 3.31), 1.81 for IQ1_S (1.56; 2.31),
+// 2.06 for IQ1_M (1.75; 3.56).
+static constexpr bool is_grid(int bits) { return bits >= QDOT_G_IQ1S && bits <= QDOT_G_IQ1M; }
+// the grid layout's storage unit: 32 values of 16 rows (two scale groups for IQ2_XS, IQ2_S, IQ1_M, whose
+// G is 16: their lookups then fill a whole register of 64 indices)
+static constexpr int GRID_UNIT = 32;
 
 static inline uint64_t rd64(const uint8_t *p) {
     uint64_t v;
@@ -75,7 +81,7 @@ static inline unsigned grid_index(int code, int G, const uint8_t *q, int r, int 
     const int ne = code == QDOT_G_IQ3XXS ? G / 4 : G / 8;
     unsigned idx = q[16 * e + r];
     if (code == QDOT_G_IQ2XS) idx |= ((unsigned)((q[16 * ne + 2 * e + r / 8] >> (r % 8)) & 1)) << 8;
-    if (code == QDOT_G_IQ1S) idx |= ((unsigned)(q[16 * ne + 8 * e + r / 2] >> (4 * (r % 2))) & 7) << 8;
+    if (code == QDOT_G_IQ1S || code == QDOT_G_IQ1M) idx |= ((unsigned)(q[16 * ne + 8 * e + r / 2] >> (4 * (r % 2))) & 7) << 8;
     if (code == QDOT_G_IQ2S) idx |= ((unsigned)(q[16 * ne + 4 * e + r / 4] >> (2 * (r % 4))) & 3) << 8;
     return idx;
 }
@@ -93,10 +99,13 @@ static inline int grid_value(int code, int G, const uint8_t *q, int r, int k) {
         return (int)(u | (((q[4 * G + 8 * (k / 4) + p / 8] >> (p % 8)) & 1u) << 3));
     }
     const unsigned idx = grid_index(code, G, q, r, k / 8);
-    const uint64_t *tab = code == QDOT_G_IQ1S ? QDOT_GRID1S : code == QDOT_G_IQ2XXS ? QDOT_GRID2XXS
+    const uint64_t *tab = code == QDOT_G_IQ1S || code == QDOT_G_IQ1M ? QDOT_GRID1S : code == QDOT_G_IQ2XXS ? QDOT_GRID2XXS
                         : code == QDOT_G_IQ2S ? QDOT_GRID2S : QDOT_GRID2XS;
     unsigned u = (unsigned)(tab[idx] >> (8 * (k % 8))) & 255;
-    if (code != QDOT_G_IQ1S) {
+    if (code == QDOT_G_IQ1M) {  // the entry's delta sign: bit 3 of its nibble, as bit 2
+        const int ne = G / 8, e = k / 8;
+        u |= ((unsigned)(q[16 * ne + 8 * e + r / 2] >> (4 * (r % 2) + 3)) & 1u) << 2;
+    } else if (code != QDOT_G_IQ1S) {
         const int p = 4 * r + k % 4;
         u |= ((q[grid_signs_at(code, G) + 8 * (k / 4) + p / 8] >> (p % 8)) & 1u) << 2;
     }
@@ -127,11 +136,11 @@ __attribute__((always_inline)) static inline __m512i lut_tree(const uint8_t *T, 
 // 0..3 of each entry at bits 2j, then values 4..7; NSUB x 128 entries each), then spread to the steps'
 // bytes with a word permute and a multishift; sign bits (so >= 0: the sign plane) ORed in as bit 2.
 template <int NSUB>
-__attribute__((always_inline)) static inline void unpack_lev2(const uint8_t *q, int G, const uint8_t *AB, const void *, __m512i *w, int so) {
+__attribute__((always_inline)) static inline void unpack_lev2(const uint8_t *q, int G, const uint8_t *AB, bool delta, __m512i *w, int so) {
     const int ne = G / 8;
     const __mmask64 valid = ne == 4 ? ~0ull : (1ull << (16 * ne)) - 1;
     const __m512i x = _mm512_maskz_loadu_epi8(valid, q);
-    __mmask64 hb[4] = {_mm512_movepi8_mask(x), 0, 0, 0};
+    __mmask64 hb[4] = {_mm512_movepi8_mask(x), 0, 0, 0}, dl = 0;
     if (NSUB == 4) {  // IQ2_XS: the 9th bits, a u16 per entry (bit r: row r) = bit 16 e + r of the mask
         uint64_t m = 0;
         memcpy(&m, q + 16 * ne, 2 * ne);
@@ -149,6 +158,7 @@ __attribute__((always_inline)) static inline void unpack_lev2(const uint8_t *q, 
         const __m512i n = _mm512_and_si512(_mm512_or_si512(wide, _mm512_slli_epi16(_mm512_srli_epi16(wide, 4), 8)),
                                            _mm512_set1_epi8(15));
         for (int b = 0; b < 3; b++) hb[1 + b] = _mm512_test_epi8_mask(n, _mm512_set1_epi8((char)(1 << b)));
+        if (delta) dl = _mm512_test_epi8_mask(n, _mm512_set1_epi8(8));  // IQ1_M: the entry's delta sign, bit 3
     }
     const __m512i a = lut_tree<NSUB>(AB, x, hb), b = lut_tree<NSUB>(AB + 128 * NSUB, x, hb);
     const __m512i lo = _mm512_unpacklo_epi8(a, b), hi = _mm512_unpackhi_epi8(a, b);
@@ -163,6 +173,10 @@ __attribute__((always_inline)) static inline void unpack_lev2(const uint8_t *q, 
             for (int h = 0; h < 2; h++)
                 w[2 * e + h] = _mm512_mask_blend_epi8(rd64(q + so + 8 * (2 * e + h)), w[2 * e + h],
                                                       _mm512_or_si512(w[2 * e + h], s4));
+        if (delta) {  // bit 2 on all 4 bytes of row r in both steps: bit r of the entry's 16 -> bits 4r..4r+3
+            const uint64_t m = _pdep_u64((dl >> (16 * e)) & 0xFFFF, 0x1111111111111111ull) * 15;
+            for (int h = 0; h < 2; h++) w[2 * e + h] = _mm512_mask_blend_epi8(m, w[2 * e + h], _mm512_or_si512(w[2 * e + h], s4));
+        }
     }
 }
 #endif
@@ -211,34 +225,37 @@ __attribute__((always_inline)) static inline void unpack_grid(int code, int G, c
     }
 #else
     if (code == QDOT_G_IQ2XXS) {
-        unpack_lev2<2>(q, G, QDOT_GRID2XXS_AB, nullptr, w, grid_signs_at(code, G));
+        unpack_lev2<2>(q, G, QDOT_GRID2XXS_AB, false, w, grid_signs_at(code, G));
         return;
     }
     if (code == QDOT_G_IQ2XS) {
-        unpack_lev2<4>(q, G, QDOT_GRID2XS_AB, nullptr, w, grid_signs_at(code, G));
+        unpack_lev2<4>(q, G, QDOT_GRID2XS_AB, false, w, grid_signs_at(code, G));
         return;
     }
     if (code == QDOT_G_IQ2S) {
-        unpack_lev2<8>(q, G, QDOT_GRID2S_AB, nullptr, w, grid_signs_at(code, G));
+        unpack_lev2<8>(q, G, QDOT_GRID2S_AB, false, w, grid_signs_at(code, G));
         return;
     }
-    if (code == QDOT_G_IQ1S) {
-        unpack_lev2<16>(q, G, QDOT_GRID1S_AB, nullptr, w, -1);
+    if (code == QDOT_G_IQ1S || code == QDOT_G_IQ1M) {
+        unpack_lev2<16>(q, G, QDOT_GRID1S_AB, code == QDOT_G_IQ1M, w, -1);
         return;
     }
 #endif
-    const uint64_t *tab = code == QDOT_G_IQ1S ? QDOT_GRID1S : code == QDOT_G_IQ2XXS ? QDOT_GRID2XXS
+    const uint64_t *tab = code == QDOT_G_IQ1S || code == QDOT_G_IQ1M ? QDOT_GRID1S : code == QDOT_G_IQ2XXS ? QDOT_GRID2XXS
                         : code == QDOT_G_IQ2S ? QDOT_GRID2S : QDOT_GRID2XS;
     const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
     const int so = grid_signs_at(code, G);
     for (int e = 0; e < G / 8; e++) {
-        for (int r = 0; r < 16; r++) b8[r] = tab[grid_index(code, G, q, r, e)];
+        for (int r = 0; r < 16; r++) {
+            b8[r] = tab[grid_index(code, G, q, r, e)];
+            if (code == QDOT_G_IQ1M && ((q[2 * G + 8 * e + r / 2] >> (4 * (r % 2) + 3)) & 1)) b8[r] |= 0x0404040404040404ull;
+        }
         const __m512i lo = _mm512_load_si512((const void *)b8), hi = _mm512_load_si512((const void *)(b8 + 8));
         // row r's entry is qword r of (lo, hi): its dwords 2r (values 0..3) and 2r + 1 (4..7) are the two steps' lanes
         w[2 * e] = _mm512_permutex2var_epi32(lo, even, hi);
         w[2 * e + 1] = _mm512_permutex2var_epi32(lo, odd, hi);
-        if (code != QDOT_G_IQ1S)
+        if (code != QDOT_G_IQ1S && code != QDOT_G_IQ1M)
             for (int h = 0; h < 2; h++)
                 w[2 * e + h] = _mm512_mask_blend_epi8(rd64(q + so + 8 * (2 * e + h)), w[2 * e + h],
                                                       _mm512_or_si512(w[2 * e + h], _mm512_set1_epi8(4)));

@@ -32,7 +32,7 @@ LUT_IQ3S = 2048  # 4-bit v -> 2 v (IQ3_S: the signed odd magnitude s * g = 2 v -
 E8M0 = 128  # dw holds each group's e8m0 exponent byte (uint8), the scale being 2^(e - 128) (MXFP4)
 GRIDL = 4096  # the grid layout: the file's grid indices kept (TypeSpec.glayout; csrc/tiles.h)
 # grid layout codes (csrc/qdot.h), in QWeight's bits: what a tile's group holds for each type
-G_IQ1S, G_IQ2XXS, G_IQ2XS, G_IQ3XXS, G_IQ2S = 9, 10, 11, 12, 13
+G_IQ1S, G_IQ2XXS, G_IQ2XS, G_IQ3XXS, G_IQ2S, G_IQ1M = 9, 10, 11, 12, 13, 14
 
 
 def oshift(n: int) -> int:
