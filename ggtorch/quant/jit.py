@@ -123,7 +123,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.qdot_moe.restype = None
     lib.qdot_mm_tiles.argtypes = [P, P, P, P, P, I64, P, I64, I64, I64]
     lib.qdot_mm_tiles.restype = None
-    lib.qdot_repack.argtypes = [I, P, I64, I64, I64, P, P, P, P, P, P]
+    lib.qdot_repack.argtypes = [I, P, I64, I64, I64, P, P, P, P, P]
     lib.qdot_repack.restype = I
     lib.qdot_grid_init.argtypes = [I, P]
     lib.qdot_grid_init.restype = I
@@ -208,8 +208,9 @@ def layout(K: int, qw: torch.Tensor, dw: torch.Tensor, sc: torch.Tensor | None =
     ng = (dw if sc is None else sc).shape[1] // 16
     G = K // ng
     gb = qw.shape[1] // ng  # bytes of a tile's group: 16 rows x G values
-    if flags & 4096:  # types.GRIDL: IQ1_S, IQ2_XXS, IQ2_XS, IQ3_XXS, IQ2_S, IQ1_M (LUT_IQ1M: its 3G)
-        return 14 if flags & 16 else {3 * G: 9, 4 * G: 10, 4 * G + G // 4: 11, 6 * G: 12, 4 * G + G // 2: 13}[gb], G
+    if flags & 4096:  # types.GRIDL: IQ1_S, IQ2_XXS, IQ2_XS, IQ3_XXS, IQ2_S, IQ1_M (LUT_IQ1M: its 3G), IQ3_S
+        return 14 if flags & 16 else {3 * G: 9, 4 * G: 10, 4 * G + G // 4: 11, 6 * G: 12, 4 * G + G // 2: 13,
+                                      6 * G + G // 2: 15}[gb], G
     return {16 * G: 8, 8 * G: 4, 4 * G: 2, 6 * G: 3}.get(gb, 5 if G == 32 else 6), G
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from .fused import Fused, finish
-from .types import E8M0, G_IQ1M, G_IQ1S, G_IQ2S, G_IQ2XS, G_IQ3XXS, GRIDL, IQ1S, SM4, TYPES, grid_bytes, grid_codes, lut, oscale
+from .types import E8M0, G_IQ1M, G_IQ1S, G_IQ2S, G_IQ2XS, G_IQ3S, G_IQ3XXS, IQ1S, SM4, TYPES, grid_codes, lut, oscale
 from .types.mxfp4 import e8m0_byte, e8m0_scale
 
 QDOT_TYPES = tuple(TYPES)
@@ -137,13 +137,14 @@ GRID_UNIT = 32  # the grid layout's storage unit (csrc/tiles.h): one scale group
 
 def _grid_values(code: int, G: int, gi: torch.Tensor, neg: torch.Tensor | None, dl: torch.Tensor | None = None) -> torch.Tensor:
     """csrc/tiles.h's grid layout of rows (padded) with entry indices gi [n, entries] and sign bits neg
-    [n, K] (none for IQ1_S, IQ1_M; IQ1_M's delta signs dl [n, entries]), [tiles, bytes]: per group the index bytes (entry, row), the high-bit plane
-    (IQ2_XS: a u16 of 9th bits per entry; IQ1_S: a nibble of 3 bits per row), the sign masks per step."""
-    n, K = gi.shape[0], gi.shape[1] * (4 if code == G_IQ3XXS else 8)
+    [n, K] (none for IQ1_S, IQ1_M; IQ1_M's delta signs dl [n, entries]), [tiles, bytes]: per unit the index
+    bytes (entry, row), the high-bit plane (IQ2_XS, IQ3_S: a u16 of 9th bits per entry; IQ2_S: a u32 of 2-bit
+    fields; IQ1_S, IQ1_M: a nibble per row), the sign masks per step."""
+    n, K = gi.shape[0], gi.shape[1] * (4 if code in (G_IQ3XXS, G_IQ3S) else 8)
     t, ng = n // 16, K // G
     e = gi.reshape(t, 16, ng, -1).permute(0, 2, 3, 1)  # [tile, group, entry, row]
     parts = [(e & 255).to(torch.uint8).reshape(t, ng, -1)]
-    if code == G_IQ2XS:
+    if code in (G_IQ2XS, G_IQ3S):
         h = (((e >> 8) & 1) << torch.arange(16)).sum(-1)  # [tile, group, entry]: bit r for row r
         parts.append(torch.stack((h & 255, h >> 8), -1).to(torch.uint8).reshape(t, ng, -1))
     if code == G_IQ2S:  # a u32 per entry: row r's 2 high bits at bits 2r, 2r + 1
@@ -162,12 +163,13 @@ def _grid_values(code: int, G: int, gi: torch.Tensor, neg: torch.Tensor | None, 
 
 def _grid_unpack(code: int, G: int, K: int, qw: torch.Tensor) -> torch.Tensor:
     """The stored values (before the table) [tiles * 16, K] of a grid layout, as the kernel unpacks them."""
-    name = {G_IQ3XXS: "IQ3_XXS", G_IQ1S: "IQ1_S", G_IQ1M: "IQ1_S", G_IQ2XS: "IQ2_XS", G_IQ2S: "IQ2_S"}.get(code, "IQ2_XXS")
-    per = 4 if code == G_IQ3XXS else 8
+    name = {G_IQ3XXS: "IQ3_XXS", G_IQ3S: "IQ3_S", G_IQ1S: "IQ1_S", G_IQ1M: "IQ1_S", G_IQ2XS: "IQ2_XS",
+            G_IQ2S: "IQ2_S"}.get(code, "IQ2_XXS")
+    per = 4 if code in (G_IQ3XXS, G_IQ3S) else 8
     t, ng, ne = qw.shape[0], K // G, G // per
     g = qw.view(t, ng, -1)
     idx, at = g[:, :, :16 * ne].reshape(t, ng, ne, 16).long(), 16 * ne
-    if code == G_IQ2XS:
+    if code in (G_IQ2XS, G_IQ3S):
         h = g[:, :, at:at + 2 * ne].reshape(t, ng, ne, 2).long()
         idx = idx | ((((h[..., 0] | (h[..., 1] << 8)).unsqueeze(-1) >> torch.arange(16)) & 1) << 8)
         at += 2 * ne
@@ -187,14 +189,17 @@ def _grid_unpack(code: int, G: int, K: int, qw: torch.Tensor) -> torch.Tensor:
     if code not in (G_IQ1S, G_IQ1M):
         sg = g[:, :, at:at + 2 * G].reshape(t, ng, G // 4, 8, 1)
         bits = ((sg >> torch.arange(8, dtype=torch.uint8).view(1, 1, 1, 1, 8)) & 1).reshape(t, ng, G // 4, 16, 4)
-        u = u | (bits.permute(0, 3, 1, 2, 4).reshape(t * 16, K) << (3 if code == G_IQ3XXS else 2))
+        bits = bits.permute(0, 3, 1, 2, 4).reshape(t * 16, K)
+        if code == G_IQ3S:  # (g + 15) / 2 -> (15 - g) / 2 = 15 - (g + 15) / 2
+            return torch.where(bits == 1, 15 - u, u)
+        u = u | (bits << (3 if code == G_IQ3XXS else 2))
     return u
 
 
 def group_bytes(bits: int, G: int) -> int:
     """Bytes of one tile's group (16 rows x G values), as csrc/tiles.h's group_bytes (grid codes 9..12)."""
     return {8: 16 * G, 4: 8 * G, 2: 4 * G, 3: 6 * G, G_IQ1S: 3 * G, 10: 4 * G, G_IQ2XS: 4 * G + G // 4,
-            G_IQ3XXS: 6 * G, G_IQ2S: 4 * G + G // 2, G_IQ1M: 3 * G}.get(bits, 8 * G + 64)
+            G_IQ3XXS: 6 * G, G_IQ2S: 4 * G + G // 2, G_IQ1M: 3 * G, G_IQ3S: 6 * G + G // 2}.get(bits, 8 * G + 64)
 
 
 def _scalars(spec) -> dict:
@@ -223,8 +228,6 @@ def _qdot_fill(lib, w, st: dict, row0: int = 0, chunk_bytes: int = 8 << 20) -> b
     """Repack w's rows into st from row row0 on (a multiple of 16) with the library's loop, ~8 MB of
     the file at a time, each slice's file pages released as soon as it is repacked (w.release): a
     large matrix (Gemma 3's 178 MB tied table) is then never resident twice, file and copy."""
-    grid = TYPES[w.type.name].grid
-    gp = grid_bytes(grid).data_ptr() if grid else None
     step = max(16, chunk_bytes // w.row_bytes // 16 * 16)
     for r in range(0, w.out_features, step):
         n, tile0 = min(step, w.out_features - r), (row0 + r) // 16
@@ -233,7 +236,7 @@ def _qdot_fill(lib, w, st: dict, row0: int = 0, chunk_bytes: int = 8 << 20) -> b
             return st[k][tile0:].data_ptr() if k in st else None
 
         if lib.qdot_repack(w.type.id, w.raw.data_ptr() + r * w.row_bytes, n, w.in_features, w.type.type_size,
-                           p("qw"), p("dw"), p("mw"), p("sc"), p("mn"), gp) != 0:
+                           p("qw"), p("dw"), p("mw"), p("sc"), p("mn")) != 0:
             return False
         if w.release is not None:
             w.release(r * w.row_bytes, (r + n) * w.row_bytes)

@@ -177,6 +177,7 @@ static void grid_rows(int code, const KT &k, int64_t K, const int8_t *xq, const 
                       float *out, int64_t ldo) {
     switch (code) {
     case QDOT_G_IQ3XXS: grid_rows_of<QDOT_G_IQ3XXS, 32, false>(k, K, xq, dx, sq, M, out, ldo); break;
+    case QDOT_G_IQ3S: grid_rows_of<QDOT_G_IQ3S, 32, false>(k, K, xq, dx, sq, M, out, ldo); break;
     case QDOT_G_IQ2XXS: grid_rows_of<QDOT_G_IQ2XXS, 32, false>(k, K, xq, dx, sq, M, out, ldo); break;
     case QDOT_G_IQ2XS: grid_rows_of<QDOT_G_IQ2XS, 16, false>(k, K, xq, dx, sq, M, out, ldo); break;
     case QDOT_G_IQ2S: grid_rows_of<QDOT_G_IQ2S, 16, false>(k, K, xq, dx, sq, M, out, ldo); break;

@@ -23,10 +23,11 @@ enum { QDOT_LUT_IQ4 = 1, QDOT_SM4 = 2, QDOT_LUT_IQ3XXS = 4, QDOT_LUT_IQ2 = 8, QD
        QDOT_LUT_MXFP4 = 64, QDOT_E8M0 = 128, QDOT_LUT_IQ3S = 2048 };
 // The grid i-quants that keep their grid indices (quant/types' glayout; tiles.h's grid layout): layout
 // codes in QWeight.bits, above the value widths 2..8, and QDOT_GRIDL in flags for the Python side
-enum { QDOT_G_IQ1S = 9, QDOT_G_IQ2XXS = 10, QDOT_G_IQ2XS = 11, QDOT_G_IQ3XXS = 12, QDOT_G_IQ2S = 13, QDOT_G_IQ1M = 14, QDOT_GRIDL = 4096 };
+enum { QDOT_G_IQ1S = 9, QDOT_G_IQ2XXS = 10, QDOT_G_IQ2XS = 11, QDOT_G_IQ3XXS = 12, QDOT_G_IQ2S = 13, QDOT_G_IQ1M = 14, QDOT_G_IQ3S = 15, QDOT_GRIDL = 4096 };
 // their entries as the values the tiles multiply before the table (repack.cpp fills them once: qdot_grid_init)
-extern uint32_t QDOT_GRID3[256];                                        // IQ3_XXS: 4 level indices 0..7
-extern uint8_t QDOT_GRID3_A[256], QDOT_GRID3_B[256];  // the same as nibbles: levels 0 | 1 << 4 and 2 | 3 << 4
+extern uint32_t QDOT_GRID3[256], QDOT_GRID3S[512];  // IQ3_XXS: 4 level indices 0..7; IQ3_S: 4 x (g + 15) / 2
+// the same as two byte tables of nibbles (values 0 | 1 << 4 of each entry, then 2 | 3 << 4)
+extern uint8_t QDOT_GRID3_AB[512], QDOT_GRID3S_AB[1024];
 extern uint64_t QDOT_GRID2XXS[256], QDOT_GRID2XS[512], QDOT_GRID2S[1024], QDOT_GRID1S[2048];  // 8 level indices 0..2 / g + 1
 // the same as two byte tables of 2-bit fields (values 0..3 of each entry, then 4..7), for byte permutes
 extern uint8_t QDOT_GRID2XXS_AB[512], QDOT_GRID2XS_AB[1024], QDOT_GRID2S_AB[2048], QDOT_GRID1S_AB[4096];

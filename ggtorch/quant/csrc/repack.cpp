@@ -14,18 +14,6 @@ enum { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q2_K = 10, Q3_K = 11, Q
 static inline uint16_t rd16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
 static inline uint32_t rd32(const uint8_t *p) { return (uint32_t)rd16(p) | ((uint32_t)rd16(p + 2) << 16); }
 
-// The grid types' per-entry work, done once per call instead of once per value: each grid entry
-// turned into its stored bytes (uint64 for 8-value entries, uint32 for 4), signs spread by table.
-// (grid_tables() builds them from the file's grid; block_values() then ORs or selects whole words.)
-static uint32_t SPREAD4[16];   // 4 sign bits -> 0xFF in byte t where bit t is set
-static void spread_init() {
-    for (unsigned s = 0; s < 16; s++) {
-        uint32_t v = 0;
-        for (int t = 0; t < 4; t++) v |= (uint32_t)((s >> t) & 1 ? 0xFF : 0) << (8 * t);
-        SPREAD4[s] = v;
-    }
-}
-
 // ggml's ksigns_iq2xs[i]: the 7 sign bits i and an 8th that makes the number of minus signs even
 static inline unsigned ksign(unsigned i) { return i | ((unsigned)__builtin_parity(i) << 7); }
 
@@ -59,7 +47,7 @@ static inline uint16_t iq1m_d(const uint8_t *b) {
 }
 
 // one block's unsigned values (the order ggml dequantizes them in)
-static void block_values(int type, const uint8_t *b, uint8_t *u, const uint8_t *grid) {
+static void block_values(int type, const uint8_t *b, uint8_t *u) {
     switch (type) {
     case Q4_0:
     case IQ4_NL:  // indices into kvalues_iq4nl, laid out as Q4_0's nibbles
@@ -110,15 +98,6 @@ static void block_values(int type, const uint8_t *b, uint8_t *u, const uint8_t *
                 for (int l = 0; l < 32; l++) u[32 * j + l] |= ((b[l] >> j) & 1) << 2;
         break;
     }
-    case IQ3_S:  // grid entry i: 4 odd magnitudes g at index qs[i] | bit i of qh << 8; signs[k / 8] bit k % 8;
-                 // stored as (s * g + 15) / 2 in 0..15 (quant/types/iq3.py)
-        for (int i = 0; i < 64; i++) {  // tab: per entry (g + 15) / 2 and (15 - g) / 2 in 4 bytes each
-            const uint32_t *e = (const uint32_t *)grid + 2 * (b[2 + i] | (((b[66 + i / 8] >> (i % 8)) & 1) << 8));
-            const uint32_t m = SPREAD4[(b[74 + i / 2] >> (4 * (i % 2))) & 15];
-            const uint32_t v = (e[0] & ~m) | (e[1] & m);
-            memcpy(u + 4 * i, &v, 4);
-        }
-        break;
     case Q6_K: {
         const uint8_t *ql = b, *qh = b + 128;
         for (int h = 0; h < 2; h++)
@@ -191,10 +170,8 @@ static inline void put_nibbles(uint8_t *q, const uint8_t *qs) {
 
 template <int type, int bits, int G>
 static void repack(const uint8_t *src, int64_t rows, int64_t K, int64_t block_bytes, uint8_t *qw, uint16_t *dw,
-                   uint16_t *mw, int8_t *sc, int8_t *mn, const uint8_t *grid) {
-    constexpr int kq = type == Q4_K || type == Q5_K || type == Q6_K || type == Q2_K || type == Q3_K || type == IQ4_XS ||
-                       type == IQ3_S || type == IQ3_XXS || type == IQ2_XXS || type == IQ2_XS || type == IQ2_S ||
-                       type == IQ1_S || type == IQ1_M;
+                   uint16_t *mw, int8_t *sc, int8_t *mn) {
+    constexpr int kq = type == Q4_K || type == Q5_K || type == Q6_K || type == Q2_K || type == Q3_K || type == IQ4_XS;
     constexpr int64_t bv = kq ? 256 : 32, gpb = bv / G,
                       gb = bits == 8 ? 16 * G : bits == 4 ? 8 * G : bits == 2 ? 4 * G : bits == 3 ? 6 * G : 8 * G + 64;
     constexpr bool nibbles = type == Q4_0 || type == IQ4_NL || type == MXFP4 || type == Q4_1;  // 32 values, G 32
@@ -216,7 +193,7 @@ static void repack(const uint8_t *src, int64_t rows, int64_t K, int64_t block_by
                     for (int s = 0; s < 8; s++)
                         for (int j = 0; j < 4; j++) q[64 * s + j] = (uint8_t)(b[2 + 4 * s + j] ^ 0x80);
                 } else if (!pad) {
-                    block_values(type, b, u, grid);
+                    block_values(type, b, u);
                 }
                 for (int64_t gi = 0; gi < gpb; gi++) {
                     const int64_t g = bi * gpb + gi, at = (t * ng + g) * 16 + r;
@@ -227,13 +204,6 @@ static void repack(const uint8_t *src, int64_t rows, int64_t K, int64_t block_by
                         else if (type == Q2_K) sc[at] = (int8_t)b[gi];  // scale | min << 4, as in the file
                         else if (type == Q3_K) sc[at] = q3k_scale(b + 96, (int)gi);
                         else if (type == IQ4_XS) sc[at] = iq4xs_scale(b, (int)gi);
-                        else if (type == IQ3_S) sc[at] = (int8_t)(1 + 2 * ((b[106 + gi / 2] >> (4 * (gi % 2))) & 15));
-                        else if (type == IQ3_XXS) sc[at] = (int8_t)(2 * (rd32(b + 66 + 4 * gi) >> 28) + 1);
-                        else if (type == IQ2_XXS) sc[at] = (int8_t)(2 * (rd32(b + 2 + 8 * gi + 4) >> 28) + 1);
-                        else if (type == IQ2_XS || type == IQ2_S)  // a nibble per 16 values
-                            sc[at] = (int8_t)(2 * ((b[(type == IQ2_XS ? 66 : 74) + gi / 2] >> (4 * (gi % 2))) & 15) + 1);
-                        else if (type == IQ1_S) sc[at] = (int8_t)(rd16(b + 34 + 2 * gi) >> 12);  // ls | delta sign << 3
-                        else if (type == IQ1_M) sc[at] = (int8_t)(2 * ((rd16(b + 48 + 2 * (gi / 4)) >> (3 * (gi % 4))) & 7) + 1);
                         else scale_min(b + 4, (int)gi, &sc[at], &mn[at]);
                     } else if (type == MXFP4) {
                         ((uint8_t *)dw)[at] = pad ? 0 : b[0];  // the e8m0 exponent byte itself (QDOT_E8M0)
@@ -244,7 +214,7 @@ static void repack(const uint8_t *src, int64_t rows, int64_t K, int64_t block_by
                 }
                 if (kq) {
                     const int64_t at = (t * nb + bi) * 16 + r;
-                    dw[at] = pad ? 0 : type == IQ1_M ? iq1m_d(b) : rd16(b + d_at);
+                    dw[at] = pad ? 0 : rd16(b + d_at);
                     if (mw) mw[at] = pad ? 0 : (uint16_t)(rd16(b + d_at + 2) ^ 0x8000);  // -dmin: the sign bit
                 }
             }
@@ -252,12 +222,11 @@ static void repack(const uint8_t *src, int64_t rows, int64_t K, int64_t block_by
     }
 }
 
-// Each grid entry as block_values() stores it: IQ2_* (8 levels 8/25/43 -> 0/1/2, a byte each), IQ1_S/IQ1_M
-// (8 values -1..1 -> 0..2), IQ3_XXS (4 levels 4..62 -> (g - 4) / 8), IQ3_S (4 odd magnitudes g -> (g + 15) / 2
-// and (15 - g) / 2 side by side). Entry counts as ggml's grids; null for a type without a grid.
+// Each grid entry as the grid layout's unpacking makes it before the sign (qdot.h's QDOT_GRID* tables):
+// IQ2_* (8 levels 8/25/43 -> 0/1/2, a byte each), IQ1_S/IQ1_M (8 values -1..1 -> 0..2), IQ3_XXS (4 levels
+// 4..62 -> (g - 4) / 8), IQ3_S (4 odd magnitudes g -> (g + 15) / 2). Entry counts as ggml's grids; null
+// for a type without a grid.
 static uint8_t *grid_tables(int type, const uint8_t *grid) {
-    static const bool spread_done = (spread_init(), true);  // once, thread-safe (a C++ static's initializer)
-    (void)spread_done;
     const int n = type == IQ2_XXS ? 256 : type == IQ2_XS ? 512 : type == IQ2_S ? 1024 : type == IQ1_S || type == IQ1_M ? 2048
                 : type == IQ3_XXS ? 256 : type == IQ3_S ? 512 : 0;
     if (!n) return nullptr;
@@ -267,10 +236,7 @@ static uint8_t *grid_tables(int type, const uint8_t *grid) {
         if (type == IQ3_XXS) {
             for (int k = 0; k < 4; k++) t[4 * e + k] = (uint8_t)((grid[4 * e + k] - 4) >> 3);
         } else if (type == IQ3_S) {
-            for (int k = 0; k < 4; k++) {
-                t[8 * e + k] = (uint8_t)((grid[4 * e + k] + 15) >> 1);
-                t[8 * e + 4 + k] = (uint8_t)((15 - grid[4 * e + k]) >> 1);
-            }
+            for (int k = 0; k < 4; k++) t[4 * e + k] = (uint8_t)((grid[4 * e + k] + 15) >> 1);
         } else if (type == IQ1_S || type == IQ1_M) {
             for (int k = 0; k < 8; k++) t[8 * e + k] = (uint8_t)((int8_t)grid[8 * e + k] + 1);
         } else {
@@ -280,8 +246,6 @@ static uint8_t *grid_tables(int type, const uint8_t *grid) {
     return t;
 }
 
-static int repack_grid(int type, const uint8_t *src, int64_t rows, int64_t K, int64_t block_bytes, uint8_t *qw,
-                       uint16_t *dw, uint16_t *mw, int8_t *sc, int8_t *mn, const uint8_t *grid);
 
 // tiles.h's grid layout: per 256-value super-block of the tile's 16 rows, each row's entry indices, sign
 // bytes (8 values each, ksigns_iq2xs applied), sub-block scales and d, then each group's planes written
@@ -290,7 +254,7 @@ static int repack_grid(int type, const uint8_t *src, int64_t rows, int64_t K, in
 template <int type, int code, int G>
 static void repack_gl(const uint8_t *src, int64_t rows, int64_t K, int64_t block_bytes, uint8_t *qw, uint16_t *dw,
                       int8_t *sc) {
-    constexpr int gpb = 256 / G, per = code == QDOT_G_IQ3XXS ? 4 : 8, U = GRID_UNIT, upb = 256 / U, ne = U / per;
+    constexpr int gpb = 256 / G, per = code == QDOT_G_IQ3XXS || code == QDOT_G_IQ3S ? 4 : 8, U = GRID_UNIT, upb = 256 / U, ne = U / per;
     constexpr int64_t ub = group_bytes(code, U);  // a 32-value unit (tiles.h): one group, or two of 16
     const int64_t nb = K / 256, ng = K / G, nu = K / U, ntiles = (rows + 15) / 16;
 #pragma omp parallel for schedule(static)
@@ -309,7 +273,13 @@ static void repack_gl(const uint8_t *src, int64_t rows, int64_t K, int64_t block
                 const uint8_t *b = src + ((t * 16 + r) * nb + bi) * block_bytes;
                 dw[at] = type == IQ1_M ? iq1m_d(b) : rd16(b);
                 for (int c = 0; c < 32; c++) {
-                    if (type == IQ3_XXS) {  // qs[64] indices; per 32 values a u32 of 4 x 7 sign bits | ls << 28
+                    if (type == IQ3_S) {  // qs[64] low index bits, qh[8] the 9th, signs[32] a bit per value
+                        for (int h = 0; h < 2; h++) {
+                            const int i = 2 * c + h;
+                            idx[r][i] = (uint16_t)(b[2 + i] | (((b[66 + i / 8] >> (i % 8)) & 1) << 8));
+                        }
+                        neg[r][c] = b[74 + c];
+                    } else if (type == IQ3_XXS) {  // qs[64] indices; per 32 values a u32 of 4 x 7 sign bits | ls << 28
                         idx[r][2 * c] = b[2 + 2 * c], idx[r][2 * c + 1] = b[3 + 2 * c];
                         neg[r][c] = (uint8_t)ksign((rd32(b + 66 + 4 * (c / 4)) >> (7 * (c % 4))) & 127);
                     } else if (type == IQ2_XXS) {  // per 32 values: u32 of 4 indices, u32 of 4 x 7 sign bits | ls << 28
@@ -332,6 +302,7 @@ static void repack_gl(const uint8_t *src, int64_t rows, int64_t K, int64_t block
                 for (int gi = 0; gi < gpb; gi++) {
                     int8_t &v = sc[(t * ng + bi * gpb + gi) * 16 + r];
                     if (type == IQ3_XXS) v = (int8_t)(2 * (rd32(b + 66 + 4 * gi) >> 28) + 1);
+                    else if (type == IQ3_S) v = (int8_t)(1 + 2 * ((b[106 + gi / 2] >> (4 * (gi % 2))) & 15));
                     else if (type == IQ2_XXS) v = (int8_t)(2 * (rd32(b + 6 + 8 * gi) >> 28) + 1);
                     else if (type == IQ2_XS || type == IQ2_S)  // a nibble per 16 values
                         v = (int8_t)(2 * ((b[(type == IQ2_XS ? 66 : 74) + gi / 2] >> (4 * (gi % 2))) & 15) + 1);
@@ -344,7 +315,7 @@ static void repack_gl(const uint8_t *src, int64_t rows, int64_t K, int64_t block
                 const int e0 = ui * ne;
                 for (int e = 0; e < ne; e++) {
                     for (int r = 0; r < 16; r++) q[16 * e + r] = (uint8_t)idx[r][e0 + e];
-                    if (code == QDOT_G_IQ2XS) {
+                    if (code == QDOT_G_IQ2XS || code == QDOT_G_IQ3S) {
                         unsigned h = 0;
                         for (int r = 0; r < 16; r++) h |= ((idx[r][e0 + e] >> 8) & 1u) << r;
                         q[16 * ne + 2 * e] = (uint8_t)h, q[16 * ne + 2 * e + 1] = (uint8_t)(h >> 8);
@@ -375,10 +346,16 @@ static void repack_gl(const uint8_t *src, int64_t rows, int64_t K, int64_t block
 }
 
 // The entry tables of the grid layout's unpacking (qdot.h), from the file's grids; 0 on success
-uint32_t QDOT_GRID3[256];
-alignas(64) uint8_t QDOT_GRID3_A[256], QDOT_GRID3_B[256];
+uint32_t QDOT_GRID3[256], QDOT_GRID3S[512];
+alignas(64) uint8_t QDOT_GRID3_AB[512], QDOT_GRID3S_AB[1024];
 uint64_t QDOT_GRID2XXS[256], QDOT_GRID2XS[512], QDOT_GRID2S[1024], QDOT_GRID1S[2048];
 alignas(64) uint8_t QDOT_GRID2XXS_AB[512], QDOT_GRID2XS_AB[1024], QDOT_GRID2S_AB[2048], QDOT_GRID1S_AB[4096];
+
+// a 4-value table's entries as two bytes of nibbles: values 0 | 1 << 4 in AB[e], 2 | 3 << 4 in AB[n + e]
+static void split_nibbles(const uint8_t *tab, int n, uint8_t *ab) {
+    for (int e = 0; e < n; e++)
+        ab[e] = (uint8_t)(tab[4 * e] | tab[4 * e + 1] << 4), ab[n + e] = (uint8_t)(tab[4 * e + 2] | tab[4 * e + 3] << 4);
+}
 
 // an 8-value table's entries as two bytes of 2-bit fields: values 0..3 in AB[e], 4..7 in AB[n + e]
 static void split_ab(const uint8_t *tab, int n, uint8_t *ab) {
@@ -392,17 +369,15 @@ static uint8_t *grid_tables(int type, const uint8_t *grid);
 EXPORT int qdot_grid_init(int type, const uint8_t *grid) {
     uint8_t *tab = grid_tables(type, grid);
     if (!tab) return -1;
-    if (type == IQ3_XXS) {
-        memcpy(QDOT_GRID3, tab, sizeof QDOT_GRID3);
-        for (int e = 0; e < 256; e++)
-            QDOT_GRID3_A[e] = (uint8_t)(tab[4 * e] | tab[4 * e + 1] << 4), QDOT_GRID3_B[e] = (uint8_t)(tab[4 * e + 2] | tab[4 * e + 3] << 4);
-    }
+    if (type == IQ3_XXS) memcpy(QDOT_GRID3, tab, sizeof QDOT_GRID3), split_nibbles(tab, 256, QDOT_GRID3_AB);
+    else if (type == IQ3_S) memcpy(QDOT_GRID3S, tab, sizeof QDOT_GRID3S), split_nibbles(tab, 512, QDOT_GRID3S_AB);
     else if (type == IQ2_XXS) memcpy(QDOT_GRID2XXS, tab, sizeof QDOT_GRID2XXS), split_ab(tab, 256, QDOT_GRID2XXS_AB);
     else if (type == IQ2_XS) memcpy(QDOT_GRID2XS, tab, sizeof QDOT_GRID2XS), split_ab(tab, 512, QDOT_GRID2XS_AB);
     else if (type == IQ2_S) memcpy(QDOT_GRID2S, tab, sizeof QDOT_GRID2S), split_ab(tab, 1024, QDOT_GRID2S_AB);
     else if (type == IQ1_S || type == IQ1_M) memcpy(QDOT_GRID1S, tab, sizeof QDOT_GRID1S), split_ab(tab, 2048, QDOT_GRID1S_AB);
     free(tab);
-    return type == IQ3_XXS || type == IQ2_XXS || type == IQ2_XS || type == IQ2_S || type == IQ1_S || type == IQ1_M ? 0 : -1;
+    return type == IQ3_XXS || type == IQ3_S || type == IQ2_XXS || type == IQ2_XS || type == IQ2_S || type == IQ1_S ||
+                   type == IQ1_M ? 0 : -1;
 }
 
 // type: the ggml type id; src: rows x (K / block values) blocks; the outputs as kernels.py allocates
@@ -410,43 +385,30 @@ EXPORT int qdot_grid_init(int type, const uint8_t *grid) {
 // [tiles][groups][16] (mw null where the offset is zoff * dw; MXFP4's dw: uint8 exponents), K-quants dw/mw [tiles][K/256][16] and
 // sc/mn [tiles][groups][16]. Returns 0, or -1 for a type it does not know.
 EXPORT int qdot_repack(int type, const uint8_t *src, int64_t rows, int64_t K, int64_t block_bytes, uint8_t *qw,
-                       uint16_t *dw, uint16_t *mw, int8_t *sc, int8_t *mn, const uint8_t *grid) {
+                       uint16_t *dw, uint16_t *mw, int8_t *sc, int8_t *mn) {
     switch (type) {
-    case Q4_0: repack<Q4_0, 4, 32>(src, rows, K, block_bytes, qw, dw, mw, sc, mn, grid); return 0;
-    case Q4_1: repack<Q4_1, 4, 32>(src, rows, K, block_bytes, qw, dw, mw, sc, mn, grid); return 0;
-    case Q5_0: repack<Q5_0, 5, 32>(src, rows, K, block_bytes, qw, dw, mw, sc, mn, grid); return 0;
-    case Q5_1: repack<Q5_1, 5, 32>(src, rows, K, block_bytes, qw, dw, mw, sc, mn, grid); return 0;
-    case Q8_0: repack<Q8_0, 8, 32>(src, rows, K, block_bytes, qw, dw, mw, sc, mn, grid); return 0;
-    case Q4_K: repack<Q4_K, 4, 32>(src, rows, K, block_bytes, qw, dw, mw, sc, mn, grid); return 0;
-    case Q5_K: repack<Q5_K, 5, 32>(src, rows, K, block_bytes, qw, dw, mw, sc, mn, grid); return 0;
-    case Q6_K: repack<Q6_K, 6, 16>(src, rows, K, block_bytes, qw, dw, mw, sc, mn, grid); return 0;
-    case Q2_K: repack<Q2_K, 2, 16>(src, rows, K, block_bytes, qw, dw, mw, sc, mn, grid); return 0;
-    case Q3_K: repack<Q3_K, 3, 16>(src, rows, K, block_bytes, qw, dw, mw, sc, mn, grid); return 0;
-    case IQ4_NL: repack<IQ4_NL, 4, 32>(src, rows, K, block_bytes, qw, dw, mw, sc, mn, grid); return 0;
-    case IQ4_XS: repack<IQ4_XS, 4, 32>(src, rows, K, block_bytes, qw, dw, mw, sc, mn, grid); return 0;
-    case MXFP4: repack<MXFP4, 4, 32>(src, rows, K, block_bytes, qw, dw, mw, sc, mn, grid); return 0;
+    case Q4_0: repack<Q4_0, 4, 32>(src, rows, K, block_bytes, qw, dw, mw, sc, mn); return 0;
+    case Q4_1: repack<Q4_1, 4, 32>(src, rows, K, block_bytes, qw, dw, mw, sc, mn); return 0;
+    case Q5_0: repack<Q5_0, 5, 32>(src, rows, K, block_bytes, qw, dw, mw, sc, mn); return 0;
+    case Q5_1: repack<Q5_1, 5, 32>(src, rows, K, block_bytes, qw, dw, mw, sc, mn); return 0;
+    case Q8_0: repack<Q8_0, 8, 32>(src, rows, K, block_bytes, qw, dw, mw, sc, mn); return 0;
+    case Q4_K: repack<Q4_K, 4, 32>(src, rows, K, block_bytes, qw, dw, mw, sc, mn); return 0;
+    case Q5_K: repack<Q5_K, 5, 32>(src, rows, K, block_bytes, qw, dw, mw, sc, mn); return 0;
+    case Q6_K: repack<Q6_K, 6, 16>(src, rows, K, block_bytes, qw, dw, mw, sc, mn); return 0;
+    case Q2_K: repack<Q2_K, 2, 16>(src, rows, K, block_bytes, qw, dw, mw, sc, mn); return 0;
+    case Q3_K: repack<Q3_K, 3, 16>(src, rows, K, block_bytes, qw, dw, mw, sc, mn); return 0;
+    case IQ4_NL: repack<IQ4_NL, 4, 32>(src, rows, K, block_bytes, qw, dw, mw, sc, mn); return 0;
+    case IQ4_XS: repack<IQ4_XS, 4, 32>(src, rows, K, block_bytes, qw, dw, mw, sc, mn); return 0;
+    case MXFP4: repack<MXFP4, 4, 32>(src, rows, K, block_bytes, qw, dw, mw, sc, mn); return 0;
     }
     switch (type) {  // the grid types that keep their indices (tiles.h's grid layout)
     case IQ3_XXS: repack_gl<IQ3_XXS, QDOT_G_IQ3XXS, 32>(src, rows, K, block_bytes, qw, dw, sc); return 0;
+    case IQ3_S: repack_gl<IQ3_S, QDOT_G_IQ3S, 32>(src, rows, K, block_bytes, qw, dw, sc); return 0;
     case IQ2_XXS: repack_gl<IQ2_XXS, QDOT_G_IQ2XXS, 32>(src, rows, K, block_bytes, qw, dw, sc); return 0;
     case IQ2_XS: repack_gl<IQ2_XS, QDOT_G_IQ2XS, 16>(src, rows, K, block_bytes, qw, dw, sc); return 0;
     case IQ2_S: repack_gl<IQ2_S, QDOT_G_IQ2S, 16>(src, rows, K, block_bytes, qw, dw, sc); return 0;
     case IQ1_S: repack_gl<IQ1_S, QDOT_G_IQ1S, 32>(src, rows, K, block_bytes, qw, dw, sc); return 0;
     case IQ1_M: repack_gl<IQ1_M, QDOT_G_IQ1M, 16>(src, rows, K, block_bytes, qw, dw, sc); return 0;
-    }
-    if (!grid) return -1;  // the grid types
-    uint8_t *tab = grid_tables(type, grid);
-    if (!tab) return -1;
-    const int rc = repack_grid(type, src, rows, K, block_bytes, qw, dw, mw, sc, mn, tab);
-    free(tab);
-    return rc;
-}
-
-// the grid types with grid_tables()'s table in place of the file's grid
-static int repack_grid(int type, const uint8_t *src, int64_t rows, int64_t K, int64_t block_bytes, uint8_t *qw,
-                       uint16_t *dw, uint16_t *mw, int8_t *sc, int8_t *mn, const uint8_t *grid) {
-    switch (type) {
-    case IQ3_S: repack<IQ3_S, 4, 32>(src, rows, K, block_bytes, qw, dw, mw, sc, mn, grid); return 0;
     }
     return -1;
 }

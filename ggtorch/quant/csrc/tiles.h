@@ -48,24 +48,25 @@ static inline float oscale_of(int flags) { return ldexpf(1.f, -QDOT_OSHIFT(flags
 static constexpr int64_t group_bytes(int bits, int G) {
     return bits == 8 ? 16 * G : bits == 4 ? 8 * G : bits == 2 ? 4 * G : bits == 3 ? 6 * G
          : bits == QDOT_G_IQ1S ? 3 * G : bits == QDOT_G_IQ2XXS ? 4 * G : bits == QDOT_G_IQ2XS ? 4 * G + G / 4
-         : bits == QDOT_G_IQ3XXS ? 6 * G : bits == QDOT_G_IQ2S ? 4 * G + G / 2 : bits == QDOT_G_IQ1M ? 3 * G : 8 * G + 64;
+         : bits == QDOT_G_IQ3XXS ? 6 * G : bits == QDOT_G_IQ2S ? 4 * G + G / 2 : bits == QDOT_G_IQ1M ? 3 * G
+         : bits == QDOT_G_IQ3S ? 6 * G + G / 2 : 8 * G + 64;
 }
 
-// The grid layout (IQ3_XXS, IQ2_XXS, IQ2_XS, IQ2_S, IQ1_S, IQ1_M): the file's grid indices kept, 16 rows side by side.
+// The grid layout (IQ3_XXS, IQ3_S, IQ2_XXS, IQ2_XS, IQ2_S, IQ1_S, IQ1_M): the file's grid indices kept, 16 rows side by side.
 // A tile's unit of 32 values (GRID_UNIT: one scale group, or two of 16) holds, per grid entry e of a row
 // (4 values for IQ3_XXS, else 8) and row r (G below is the unit's 32):
 // - the index's low byte at 16 e + r (ne = entries per row and group);
-// - IQ2_XS: its 9th bit as bit r of the u16 at 16 ne + 2 e; IQ2_S: its 2 high bits as bits 2r, 2r + 1 of
+// - IQ2_XS, IQ3_S: its 9th bit as bit r of the u16 at 16 ne + 2 e; IQ2_S: its 2 high bits as bits 2r, 2r + 1 of
 //   the u32 at 16 ne + 4 e; IQ1_S: its 3 high bits in the nibble r % 2 of byte 16 ne + 8 e + r / 2 (IQ1_M:
 //   the same, with the entry's delta sign as the nibble's bit 3, which the unpacking ORs in as bit 2);
 // - then (not IQ1_S, IQ1_M) per step s (values 4s..4s+3) a u64 of sign bits, bit 4r + t for row r's value 4s + t:
 //   the step's register's byte mask.
 // Unpacking looks each entry up in QDOT_GRID* (the level indices the 3- and 4-bit layouts store) and ORs
-// in the sign bit (IQ3_XXS: bit 3, IQ2: bit 2), so the tables and the arithmetic after it are the other
+// in the sign bit (IQ3_XXS: bit 3, IQ2: bit 2; IQ3_S's (g + 15) / 2 flips to (15 - g) / 2), so the tables and the arithmetic after it are the other
 // layouts' own: 3.31 bits a weight for IQ3_XXS (file 3.06; 4.31 with the indices decoded), 2.69 for IQ2_XS
 // (2.31; 3.56), 2.81 for IQ2_S (2.56; 3.56), 2.31 for IQ2_XXS (2.06; 3.31), 1.81 for IQ1_S (1.56; 2.31),
-// 2.06 for IQ1_M (1.75; 3.56).
-static constexpr bool is_grid(int bits) { return bits >= QDOT_G_IQ1S && bits <= QDOT_G_IQ1M; }
+// 2.06 for IQ1_M (1.75; 3.56), 3.56 for IQ3_S (3.44; 4.31).
+static constexpr bool is_grid(int bits) { return bits >= QDOT_G_IQ1S && bits <= QDOT_G_IQ3S; }
 // the grid layout's storage unit: 32 values of 16 rows (two scale groups for IQ2_XS, IQ2_S, IQ1_M, whose
 // G is 16: their lookups then fill a whole register of 64 indices)
 static constexpr int GRID_UNIT = 32;
@@ -78,9 +79,9 @@ static inline uint64_t rd64(const uint8_t *p) {
 
 // the grid layout's entry index of row r, entry e
 static inline unsigned grid_index(int code, int G, const uint8_t *q, int r, int e) {
-    const int ne = code == QDOT_G_IQ3XXS ? G / 4 : G / 8;
+    const int ne = code == QDOT_G_IQ3XXS || code == QDOT_G_IQ3S ? G / 4 : G / 8;
     unsigned idx = q[16 * e + r];
-    if (code == QDOT_G_IQ2XS) idx |= ((unsigned)((q[16 * ne + 2 * e + r / 8] >> (r % 8)) & 1)) << 8;
+    if (code == QDOT_G_IQ2XS || code == QDOT_G_IQ3S) idx |= ((unsigned)((q[16 * ne + 2 * e + r / 8] >> (r % 8)) & 1)) << 8;
     if (code == QDOT_G_IQ1S || code == QDOT_G_IQ1M) idx |= ((unsigned)(q[16 * ne + 8 * e + r / 2] >> (4 * (r % 2))) & 7) << 8;
     if (code == QDOT_G_IQ2S) idx |= ((unsigned)(q[16 * ne + 4 * e + r / 4] >> (2 * (r % 4))) & 3) << 8;
     return idx;
@@ -88,15 +89,18 @@ static inline unsigned grid_index(int code, int G, const uint8_t *q, int r, int 
 
 // where the sign plane starts in a group
 static inline int grid_signs_at(int code, int G) {
-    return code == QDOT_G_IQ3XXS ? 4 * G : code == QDOT_G_IQ2XS ? 2 * G + G / 4 : code == QDOT_G_IQ2S ? 2 * G + G / 2 : 2 * G;
+    return code == QDOT_G_IQ3XXS ? 4 * G : code == QDOT_G_IQ3S ? 4 * G + G / 2 : code == QDOT_G_IQ2XS ? 2 * G + G / 4
+         : code == QDOT_G_IQ2S ? 2 * G + G / 2 : 2 * G;
 }
 
 // portable: value k of row r (before the table), as the vectorized unpack makes it
 static inline int grid_value(int code, int G, const uint8_t *q, int r, int k) {
-    if (code == QDOT_G_IQ3XXS) {
-        const unsigned u = (QDOT_GRID3[grid_index(code, G, q, r, k / 4)] >> (8 * (k % 4))) & 255;
+    if (code == QDOT_G_IQ3XXS || code == QDOT_G_IQ3S) {
+        const bool s3 = code == QDOT_G_IQ3S;
+        const unsigned u = ((s3 ? QDOT_GRID3S : QDOT_GRID3)[grid_index(code, G, q, r, k / 4)] >> (8 * (k % 4))) & 255;
         const int p = 4 * r + k % 4;
-        return (int)(u | (((q[4 * G + 8 * (k / 4) + p / 8] >> (p % 8)) & 1u) << 3));
+        const unsigned neg = (q[grid_signs_at(code, G) + 8 * (k / 4) + p / 8] >> (p % 8)) & 1u;
+        return (int)(s3 ? (neg ? u ^ 15 : u) : u | (neg << 3));
     }
     const unsigned idx = grid_index(code, G, q, r, k / 8);
     const uint64_t *tab = code == QDOT_G_IQ1S || code == QDOT_G_IQ1M ? QDOT_GRID1S : code == QDOT_G_IQ2XXS ? QDOT_GRID2XXS
@@ -181,45 +185,59 @@ __attribute__((always_inline)) static inline void unpack_lev2(const uint8_t *q, 
 }
 #endif
 
+#if QDOT_VBMI
+// The 4-value grids (IQ3_XXS: level indices 0..7, 256 entries; IQ3_S: (g + 15) / 2, 512 entries), 4 steps
+// at a time: 64 indices looked up in two byte tables of nibbles (AB: values 0 | 1 << 4, then 2 | 3 << 4;
+// NSUB x 128 entries each), spread to the steps' bytes with a word permute and a multishift; the sign
+// bits ORed in as bit 3 (IQ3_XXS) or flipping the 4-bit value (IQ3_S: (15 - g) / 2 = 15 - (g + 15) / 2).
+template <int NSUB>
+__attribute__((always_inline)) static inline void unpack_quads(const uint8_t *q, int G, const uint8_t *AB, __m512i *w) {
+    constexpr bool s3 = NSUB == 4;  // IQ3_S: the 9th index bits (a u16 per entry) and its sign flip
+    const int ne = G / 4, so = s3 ? 4 * G + G / 2 : 4 * G;
+    // multishift: the 4 nibbles of each dword's low 16 bits into its 4 bytes
+    const __m512i nib = _mm512_set1_epi64(0x2C2824200C080400ll), m4 = _mm512_set1_epi8(15);
+    const __m512i flip = _mm512_set1_epi8(s3 ? 15 : 8);
+    for (int c = 0; c < G / 16; c++) {
+        const __m512i x = _mm512_loadu_si512((const void *)(q + 64 * c));  // steps 4c..4c+3, 16 rows each
+        __mmask64 hb[2] = {_mm512_movepi8_mask(x), 0};  // index bit 7 (and 8): the table's upper halves
+        if (s3) hb[1] = rd64(q + 16 * ne + 8 * c);
+        const __m512i a = lut_tree<NSUB>(AB, x, hb), b = lut_tree<NSUB>(AB + 128 * NSUB, x, hb);
+        // per 128-bit lane (a step): rows 0..7 as words a | b << 8 in lo, rows 8..15 in hi
+        const __m512i lo = _mm512_unpacklo_epi8(a, b), hi = _mm512_unpackhi_epi8(a, b);
+        for (int l = 0; l < 4; l++) {
+            // row r's word to word 2r (dword r), from lo's lane l (r < 8) or hi's (r >= 8)
+            const __m512i sel = _mm512_add_epi16(_mm512_load_si512((const void *)IQ3_SEL), _mm512_set1_epi16((short)(8 * l)));
+            const __m512i d = _mm512_maskz_permutex2var_epi16(0x55555555u, lo, sel, hi);
+            const __m512i v = _mm512_and_si512(_mm512_multishift_epi64_epi8(nib, d), m4);
+            const int st = 4 * c + l;
+            w[st] = _mm512_mask_blend_epi8(rd64(q + so + 8 * st), v, s3 ? _mm512_xor_si512(v, flip) : _mm512_or_si512(v, flip));
+        }
+    }
+}
+#endif
+
 // a grid layout's group into G/4 registers of level indices with their sign bits (before the table)
 __attribute__((always_inline)) static inline void unpack_grid(int code, int G, const uint8_t *q, __m512i *w) {
     alignas(64) uint64_t b8[16];
 #if QDOT_VBMI
-    if (code == QDOT_G_IQ3XXS) {  // 4 steps at a time: 64 indices looked up with byte permutes (vpermi2b)
-        __m512i ta[4], tb[4];
-        for (int i = 0; i < 4; i++) ta[i] = _mm512_load_si512((const void *)(QDOT_GRID3_A + 64 * i)),
-                                    tb[i] = _mm512_load_si512((const void *)(QDOT_GRID3_B + 64 * i));
-        // multishift: the 4 nibbles of each dword's low 16 bits into its 4 bytes
-        const __m512i nib = _mm512_set1_epi64(0x2C2824200C080400ll), m4 = _mm512_set1_epi8(15), s8 = _mm512_set1_epi8(8);
-        for (int c = 0; c < G / 16; c++) {
-            const __m512i x = _mm512_loadu_si512((const void *)(q + 64 * c));  // steps 4c..4c+3, 16 rows each
-            const __mmask64 h = _mm512_movepi8_mask(x);  // index bit 7: the table's upper 128 bytes
-            const __m512i a = _mm512_mask_blend_epi8(h, _mm512_permutex2var_epi8(ta[0], x, ta[1]),
-                                                     _mm512_permutex2var_epi8(ta[2], x, ta[3]));
-            const __m512i b = _mm512_mask_blend_epi8(h, _mm512_permutex2var_epi8(tb[0], x, tb[1]),
-                                                     _mm512_permutex2var_epi8(tb[2], x, tb[3]));
-            // per 128-bit lane (a step): rows 0..7 as words a | b << 8 in lo, rows 8..15 in hi
-            const __m512i lo = _mm512_unpacklo_epi8(a, b), hi = _mm512_unpackhi_epi8(a, b);
-            for (int l = 0; l < 4; l++) {
-                // row r's word to word 2r (dword r), from lo's lane l (r < 8) or hi's (r >= 8)
-                const __m512i sel = _mm512_add_epi16(_mm512_load_si512((const void *)IQ3_SEL), _mm512_set1_epi16((short)(8 * l)));
-                const __m512i d = _mm512_maskz_permutex2var_epi16(0x55555555u, lo, sel, hi);
-                const __m512i v = _mm512_and_si512(_mm512_multishift_epi64_epi8(nib, d), m4);
-                const int st = 4 * c + l;
-                w[st] = _mm512_mask_blend_epi8(rd64(q + 4 * G + 8 * st), v, _mm512_or_si512(v, s8));
-            }
-        }
+    if (code == QDOT_G_IQ3XXS) {
+        unpack_quads<2>(q, G, QDOT_GRID3_AB, w);
+        return;
+    }
+    if (code == QDOT_G_IQ3S) {
+        unpack_quads<4>(q, G, QDOT_GRID3S_AB, w);
         return;
     }
 #endif
 #if !QDOT_VBMI
-    if (code == QDOT_G_IQ3XXS) {
+    if (code == QDOT_G_IQ3XXS || code == QDOT_G_IQ3S) {
+        const bool s3 = code == QDOT_G_IQ3S;
         for (int s = 0; s < G / 4; s++) {
-            const uint8_t *x = q + 16 * s;
-            const uint32_t *T = QDOT_GRID3;
-            const __m512i v = _mm512_setr_epi32(T[x[0]], T[x[1]], T[x[2]], T[x[3]], T[x[4]], T[x[5]], T[x[6]], T[x[7]],
-                                                T[x[8]], T[x[9]], T[x[10]], T[x[11]], T[x[12]], T[x[13]], T[x[14]], T[x[15]]);
-            w[s] = _mm512_mask_blend_epi8(rd64(q + 4 * G + 8 * s), v, _mm512_or_si512(v, _mm512_set1_epi8(8)));
+            alignas(64) uint32_t b4[16];
+            for (int r = 0; r < 16; r++) b4[r] = (s3 ? QDOT_GRID3S : QDOT_GRID3)[grid_index(code, G, q, r, s)];
+            const __m512i v = _mm512_load_si512((const void *)b4);
+            w[s] = _mm512_mask_blend_epi8(rd64(q + grid_signs_at(code, G) + 8 * s), v,
+                                          s3 ? _mm512_xor_si512(v, _mm512_set1_epi8(15)) : _mm512_or_si512(v, _mm512_set1_epi8(8)));
         }
         return;
     }

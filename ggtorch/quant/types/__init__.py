@@ -32,7 +32,7 @@ LUT_IQ3S = 2048  # 4-bit v -> 2 v (IQ3_S: the signed odd magnitude s * g = 2 v -
 E8M0 = 128  # dw holds each group's e8m0 exponent byte (uint8), the scale being 2^(e - 128) (MXFP4)
 GRIDL = 4096  # the grid layout: the file's grid indices kept (TypeSpec.glayout; csrc/tiles.h)
 # grid layout codes (csrc/qdot.h), in QWeight's bits: what a tile's group holds for each type
-G_IQ1S, G_IQ2XXS, G_IQ2XS, G_IQ3XXS, G_IQ2S, G_IQ1M = 9, 10, 11, 12, 13, 14
+G_IQ1S, G_IQ2XXS, G_IQ2XS, G_IQ3XXS, G_IQ2S, G_IQ1M, G_IQ3S = 9, 10, 11, 12, 13, 14, 15
 
 
 def oshift(n: int) -> int:
@@ -131,13 +131,15 @@ def grid_bytes(name: str):
 
 def grid_codes(name: str):
     """A grid's entries as the layouts store their values before the kernel's table: uint8 [entries, 4 or 8]
-    (IQ3_XXS: level index (g - 4) / 8; IQ2_*: 0/1/2 for 8/25/43; IQ1_S/IQ1_M: g + 1), as csrc/repack.cpp's
-    grid_tables() makes them."""
+    (IQ3_XXS: level index (g - 4) / 8; IQ3_S: (g + 15) / 2; IQ2_*: 0/1/2 for 8/25/43; IQ1_S/IQ1_M: g + 1), as
+    csrc/repack.cpp's grid_tables() makes them."""
     import torch
 
     g = grid_bytes(name).to(torch.int32)
     if name == "IQ3_XXS":
         return ((g - 4) >> 3).to(torch.uint8)
+    if name == "IQ3_S":
+        return ((g + 15) >> 1).to(torch.uint8)
     if name.startswith("IQ1"):
         return (g.to(torch.uint8).view(torch.int8).to(torch.int32) + 1).to(torch.uint8)
     return ((g > 8).to(torch.int32) + (g > 25).to(torch.int32)).to(torch.uint8)

@@ -6,8 +6,10 @@ index) with a sign bit each.
   stored exactly as the 4-bit v = (s * g + 15) / 2, which the kernel's byte shuffle doubles (LUT_IQ3S):
   value = d * (1 + 2 * sc) * (2 v - 15), the 4-bit kernel in the K layout (int8 sub-scale 1 + 2 * sc,
   float16 d per 256, zoff -15: an integer offset, so the integer super-block sums of kint.cpp apply;
-  with v itself the offset was -7.5 and the float tile loop ran). 4 bits a weight against the file's 3.44 (grid indices are
-  decoded once, at repack); activations Q8_K (ggml_vec_dot_iq3_s_q8_K).
+  with v itself the offset was -7.5 and the float tile loop ran). Stored in the grid layout (csrc/tiles.h):
+  the file's 9-bit grid indices and a sign bit per value, which the kernel looks up into (g + 15) / 2 and
+  flips to (15 - g) / 2 where the sign is set: 3.56 bits a weight against the file's 3.44 (4.31 decoded);
+  activations Q8_K (ggml_vec_dot_iq3_s_q8_K).
 - IQ3_XXS: magnitudes 4, 12, ..., 52, 62 per 8-bit index (iq3xxs_grid), signs from a 7-bit index
   (ksigns_iq2xs), value = d * (1 + 2 * ls) / 4 * g per 32 values (dequantize_row_iq3_xxs). 62 breaks
   the even spacing, so each value is stored as a 4-bit index k | sign << 3 that the kernel turns into
@@ -23,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from ..dequant import _bits, _f16, _nibbles, _tab, _u32
-from . import G_IQ3XXS, GRIDL, LUT_IQ3S, LUT_IQ3XXS, Q8_K, TypeSpec, oshift, register
+from . import G_IQ3S, G_IQ3XXS, GRIDL, LUT_IQ3S, LUT_IQ3XXS, Q8_K, TypeSpec, oshift, register
 
 
 def _read_iq3s(w, raw) -> dict:
@@ -35,7 +37,8 @@ def _read_iq3s(w, raw) -> dict:
     g = _tab("IQ3_S", b)[b[:, 2:66].to(torch.int64) | (qh << 8)].reshape(nb, 256).to(torch.int32)
     v = ((torch.where(neg == 1, -g, g) + 15) // 2).to(torch.uint8)
     return {"u": v.reshape(n, -1), "sc": (1 + 2 * sc).to(torch.int8).reshape(n, -1), "mn": None,
-            "d": _f16(b, 0).reshape(n, -1), "dm": None}
+            "d": _f16(b, 0).reshape(n, -1), "dm": None,
+            "gi": (b[:, 2:66].to(torch.int64) | (qh << 8)).reshape(n, -1), "neg": neg.to(torch.uint8).reshape(n, -1)}
 
 
 def ksign_bits(idx: torch.Tensor) -> torch.Tensor:
@@ -55,6 +58,7 @@ def _read_iq3xxs(w, raw) -> dict:
             "gi": b[:, 2:66].long().reshape(n, -1), "neg": neg.to(torch.uint8).reshape(n, -1)}
 
 
-register(TypeSpec("IQ3_S", "iq3", 4, 32, Q8_K, True, False, -15.0, _read_iq3s, LUT_IQ3S, grid="IQ3_S"))
+register(TypeSpec("IQ3_S", "iq3", 4, 32, Q8_K, True, False, -15.0, _read_iq3s, LUT_IQ3S | GRIDL, grid="IQ3_S",
+                  glayout=G_IQ3S))
 register(TypeSpec("IQ3_XXS", "iq3", 4, 32, Q8_K, True, False, -62.0, _read_iq3xxs, LUT_IQ3XXS | oshift(2) | GRIDL,
                   grid="IQ3_XXS", glayout=G_IQ3XXS))
