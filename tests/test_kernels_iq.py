@@ -98,6 +98,36 @@ def test_kernel_equals_llama_cpp_arithmetic(t):
         assert (plain - ref[-1:]).abs().max().item() > 1e-4 * scale
 
 
+GRID_LAYOUT = [t for t in NEW + GRID if TYPES[t].glayout]  # the types that keep their grid indices
+
+
+@pytest.fixture(scope="module")
+def no_vbmi_library(tmp_path_factory):
+    need_jit()
+    if not jit.library().qdot_has_vnni():
+        pytest.skip("no AVX-512 VNNI here: the portable loops serve every CPU alike")
+    return jit.variant(("-mno-avx512vbmi",), tmp_path_factory.mktemp("jit") / "qdot-no-vbmi.so")
+
+
+@pytest.mark.parametrize("t", GRID_LAYOUT)
+def test_grid_layout_without_vbmi_gives_the_same_products(t, no_vbmi_library, monkeypatch):
+    """A CPU with AVX-512 VNNI but not VBMI (Cascade Lake) unpacks the grid layout with scalar table loads
+    instead of byte permutes (csrc/tiles.h): the same products, bit for bit, for one activation row (a
+    unit at a time) and several (the tile unpacked once)."""
+    w = random_weight(t, 48, 512, 5)
+    st = w.state = _qdot_pack(w)
+    x = torch.randn(6, 512, generator=torch.Generator().manual_seed(1))
+
+    def product(M):
+        return jit.matmul(x[:M], st["qw"], st["dw"], st.get("mw"), float(st["zoff"]), mode=int(st["amode"]), n=48,
+                          sc=st.get("sc"), mn=st.get("mn"), flags=int(st["flags"]))
+
+    vbmi = [product(M) for M in (1, 6)]
+    monkeypatch.setattr(jit, "_lib", no_vbmi_library)
+    for y, z in zip(vbmi, [product(M) for M in (1, 6)]):
+        assert torch.equal(y, z), t
+
+
 def need_fixture(t: str):
     if tiny_file(t) is None:
         pytest.skip(f"no tiny-llama-{t} fixture in {TINY} (tools/make_tiny_iq_fixtures.py makes it with llama.cpp)")

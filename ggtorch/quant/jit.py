@@ -75,12 +75,12 @@ def _key(cxx: str) -> str:
     return h.hexdigest()[:20]
 
 
-def _build(cxx: str, out: Path) -> None:
+def _build(cxx: str, out: Path, extra: tuple[str, ...] = ()) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".qdot-", suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        r = subprocess.run([cxx, *FLAGS, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True, timeout=300)
+        r = subprocess.run([cxx, *FLAGS, *extra, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True, timeout=300)
         if r.returncode != 0:
             raise RuntimeError(f"{Path(cxx).name} failed: {r.stderr.strip()[-400:]}")
         os.replace(tmp, out)  # atomic: another process sees the old state or the whole library
@@ -175,6 +175,19 @@ def library() -> ctypes.CDLL | None:
         log.warning("ggtorch: JIT kernel unavailable, using PyTorch's kernels (%s)", _why)
         return None
     _lib = lib
+    return lib
+
+
+def variant(extra: tuple[str, ...], out: Path) -> ctypes.CDLL:
+    """The library built with extra compiler flags into ``out`` and loaded (tests: the paths a CPU
+    without some instruction set takes, e.g. ``-mno-avx512vbmi``); the process's library is not changed.
+    RuntimeError when it cannot be built."""
+    cxx = _compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found")
+    _build(cxx, out, extra)
+    lib = ctypes.CDLL(str(out))
+    _declare(lib)
     return lib
 
 
