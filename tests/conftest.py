@@ -2,9 +2,13 @@ import atexit
 import json
 import os
 import shutil
+import socket
 import tempfile
+import threading
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,3 +85,44 @@ def batch_rows_equal_alone(net, seqs, ride):
     net.forward(seqs[0], pool2, slot=0)
     got = net.forward_batch([5] + list(ride), [0] + [1] * len(ride), pool2)
     assert torch.equal(got[1:], want)
+
+
+class Running:
+    """A server app on a real uvicorn server, on a free loopback port in a thread of its own (the server
+    tests, the LoRA, tool-call and constrained-output ones). stop_engine: stop() ends the engine's loop
+    too (an app made with engine_thread=False, whose engine runs in the app's lifespan)."""
+
+    def __init__(self, app, stop_engine: bool = False):
+        self.stop_engine = stop_engine
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.close()
+        import uvicorn
+
+        self.app = app
+        self.engine = app.state.server.engine
+        self.url = f"http://127.0.0.1:{port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                                    access_log=False))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        t0 = time.time()
+        while not self.server.started:
+            assert time.time() - t0 < 30 and self.thread.is_alive(), "server did not start"
+            time.sleep(0.02)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(10)
+        if self.stop_engine:
+            self.engine.stop()
+
+    def wait_idle(self, timeout=30.0):
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            h = httpx.get(self.url + "/health").json()
+            if h["slots_processing"] == 0 and h["queued"] == 0:
+                return h
+            time.sleep(0.02)
+        raise AssertionError(f"server still busy after {timeout}s: {h}")

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import threading
 import time
 from enum import Enum
 from typing import Optional
@@ -20,7 +18,7 @@ import pytest
 import torch
 from pydantic import BaseModel, Field
 
-from conftest import TINY
+from conftest import TINY, Running
 from ggtorch.constrain import compile_constraint, fill_masks, json_lark
 from ggtorch.errors import ConstraintError, GGTorchError
 from ggtorch.special_tokens import A_CONTROL, A_UNKNOWN
@@ -289,33 +287,13 @@ def test_cli_grammar_and_bad_input(tmp_path):
 
 
 # ---- server: the official openai client ------------------------------------------------------------------
-class _Server:
-    def __init__(self, app):
-        import uvicorn
-
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-        s.close()
-        self.url = f"http://127.0.0.1:{port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                                    access_log=False))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        t0 = time.time()
-        while not self.server.started:
-            assert time.time() - t0 < 30 and self.thread.is_alive(), "server did not start"
-            time.sleep(0.02)
-
-
 @pytest.fixture(scope="module")
 def served(smollm):
     from ggtorch.server import create_app
 
-    s = _Server(create_app(smollm, parallel=4, n_ctx=4 * 512, model_name="smollm2-135m"))
+    s = Running(create_app(smollm, parallel=4, n_ctx=4 * 512, model_name="smollm2-135m"))
     yield s
-    s.server.should_exit = True
-    s.thread.join(10)
+    s.stop()
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ggtorch
-from conftest import TINY, tiny_manifest
+from conftest import TINY, Running, tiny_manifest
 from ggtorch.lora.adapter import Adapter
 from ggtorch.lora.apply import set_slot_scales
 from ggtorch.server import create_app
@@ -34,37 +34,10 @@ CASES = [(None, [(A, 1.0), (B, 0.5)]),  # no field: the global scales
          ([{"id": 0, "scale": 0}], [])]  # every adapter at 0: the base model
 
 
-class Running:
-    """uvicorn on a free loopback port; the engine is started by the test (engine_thread=False)."""
-
-    def __init__(self, app):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-        s.close()
-        import uvicorn
-
-        self.engine = app.state.server.engine
-        self.url = f"http://127.0.0.1:{port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                                    access_log=False))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        t0 = time.time()
-        while not self.server.started:
-            assert time.time() - t0 < 30 and self.thread.is_alive(), "server did not start"
-            time.sleep(0.02)
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(10)
-        self.engine.stop()
-
-
 @pytest.fixture(scope="module")
 def served():
     m = ggtorch.load(MODEL, lora=[(A, 1.0), (B, 0.5)])  # what `ggtorch serve MODEL --lora A --lora-scaled B 0.5` loads
-    s = Running(create_app(m, parallel=4, n_ctx=4 * 64, engine_thread=False))
+    s = Running(create_app(m, parallel=4, n_ctx=4 * 64, engine_thread=False), stop_engine=True)
     yield s
     s.stop()
 

@@ -15,43 +15,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import Running
 from ggtorch.server import create_app
 
 MODEL = "smollm2-135m"
-
-
-class Running:
-    def __init__(self, app):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-        s.close()
-        import uvicorn
-
-        self.app = app
-        self.engine = app.state.server.engine
-        self.url = f"http://127.0.0.1:{port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                                    access_log=False))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        t0 = time.time()
-        while not self.server.started:
-            assert time.time() - t0 < 30 and self.thread.is_alive(), "server did not start"
-            time.sleep(0.02)
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(10)
-
-    def wait_idle(self, timeout=30.0):
-        t0 = time.time()
-        while time.time() - t0 < timeout:
-            h = httpx.get(self.url + "/health").json()
-            if h["slots_processing"] == 0 and h["queued"] == 0:
-                return h
-            time.sleep(0.02)
-        raise AssertionError(f"server still busy after {timeout}s: {h}")
 
 
 @pytest.fixture(scope="session")

@@ -281,7 +281,7 @@ ASK = [{"role": "user", "content": "What is the weather in Paris for the next 3 
 
 @pytest.fixture(scope="module")
 def tool_server(smollm):
-    from test_server import Running
+    from conftest import Running
 
     from ggtorch.server import create_app
 
