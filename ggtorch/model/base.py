@@ -490,3 +490,17 @@ class Transformer:
         hd = hd_q or c.head_dim
         return (q.reshape(T, c.n_head, hd), k.reshape(T, c.n_head_kv, hd),
                 v.reshape(T, c.n_head_kv, c.head_dim_v if hd_q is None else hd))
+
+    def qkv_neox(self, il: int, L: dict, x: torch.Tensor, cos, sin, trace, eps: float | None = None,
+                 hd_q: int | None = None):
+        """Q, K, V of x with NEOX RoPE on Q and K (after their per-head norms where eps is given: gemma3),
+        traced under llama.cpp's names Qcur-N, Kcur-N, Vcur-N (gemma2, gemma3, gpt-oss, phi3)."""
+        q, k, v = self.qkv(L, x, hd_q=hd_q)
+        if eps is not None:
+            q, k = rms_norm(q, L["attn_q_norm"], eps), rms_norm(k, L["attn_k_norm"], eps)
+        q, k = rope(q, cos, sin, True), rope(k, cos, sin, True)
+        if trace:
+            trace(f"Qcur-{il}", q)
+            trace(f"Kcur-{il}", k)
+            trace(f"Vcur-{il}", v)
+        return q, k, v

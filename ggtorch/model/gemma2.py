@@ -9,7 +9,7 @@ import math
 
 from ..quant.linear import qmatmul
 from .base import Transformer
-from .layers import gelu_tanh, rms_norm, rope
+from .layers import gelu_tanh, rms_norm
 
 
 class Gemma2(Transformer):
@@ -42,13 +42,7 @@ class Gemma2(Transformer):
         cur = rms_norm(x, L["attn_norm"], eps)
         if trace:
             trace(f"attn_norm-{il}", cur)
-        q, k, v = self.qkv(L, cur)
-        q = rope(q, ctx["cos"], ctx["sin"], True)
-        k = rope(k, ctx["cos"], ctx["sin"], True)
-        if trace:
-            trace(f"Qcur-{il}", q)
-            trace(f"Kcur-{il}", k)
-            trace(f"Vcur-{il}", v)
+        q, k, v = self.qkv_neox(il, L, cur, ctx["cos"], ctx["sin"], trace)
         q = q * self.q_scale
         q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
         mask = ctx["local" if c.is_swa(il) else "global"]

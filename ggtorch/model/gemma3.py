@@ -6,7 +6,7 @@ from __future__ import annotations
 from ..quant.linear import qmatmul
 from . import fastpath
 from .base import Transformer
-from .layers import gelu_tanh, rms_norm, rope
+from .layers import gelu_tanh, rms_norm
 
 
 class Gemma3(Transformer):
@@ -68,15 +68,7 @@ class Gemma3(Transformer):
                                    self.window() if c.is_swa(il) else 0, L["attn_q_norm"], L["attn_k_norm"],
                                    c.attn_scale)
         else:
-            q, k, v = self.qkv(L, cur)
-            q = rms_norm(q, L["attn_q_norm"], eps)
-            k = rms_norm(k, L["attn_k_norm"], eps)
-            q = rope(q, cos, sin, True)
-            k = rope(k, cos, sin, True)
-            if trace:
-                trace(f"Qcur-{il}", q)
-                trace(f"Kcur-{il}", k)
-                trace(f"Vcur-{il}", v)
+            q, k, v = self.qkv_neox(il, L, cur, cos, sin, trace, eps=eps)
             q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
             att = self.attend(il, q, k, v, cache, start, mask, c.attn_scale)
         if trace:

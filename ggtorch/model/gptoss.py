@@ -14,7 +14,7 @@ import torch
 from ..quant.linear import qmatmul
 from . import fastpath
 from .base import Transformer
-from .layers import rms_norm, rope, swiglu_oai
+from .layers import rms_norm, swiglu_oai
 from .moe import load_moe, moe
 
 
@@ -88,13 +88,7 @@ class GptOss(Transformer):
                                    c.sliding_window if c.is_swa(il) else 0, None, None, c.n_rot ** -0.5,
                                    L["attn_sinks"])
         else:
-            q, k, v = self.qkv(L, cur, hd_q=c.n_rot)
-            q = rope(q, cos, sin, True)
-            k = rope(k, cos, sin, True)
-            if trace:
-                trace(f"Qcur-{il}", q)
-                trace(f"Kcur-{il}", k)
-                trace(f"Vcur-{il}", v)
+            q, k, v = self.qkv_neox(il, L, cur, cos, sin, trace, hd_q=c.n_rot)
             q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
             att = self.attend(il, q, k, v, cache, start, mask, c.n_rot ** -0.5, sinks=L["attn_sinks"])
         if trace:

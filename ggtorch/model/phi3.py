@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from ..quant.linear import qmatmul
 from .base import Transformer
-from .layers import rms_norm, rope
+from .layers import rms_norm
 from .moe import load_moe, moe
 
 
@@ -43,13 +43,7 @@ class Phi3(Transformer):
         cur = rms_norm(x, L["attn_norm"], self.eps())
         if trace:
             trace(f"attn_norm-{il}", cur)
-        q, k, v = self.qkv(L, cur)
-        q = rope(q, ctx["cos"], ctx["sin"], True)
-        k = rope(k, ctx["cos"], ctx["sin"], True)
-        if trace:
-            trace(f"Qcur-{il}", q)
-            trace(f"Kcur-{il}", k)
-            trace(f"Vcur-{il}", v)
+        q, k, v = self.qkv_neox(il, L, cur, ctx["cos"], ctx["sin"], trace)
         q = q * (1.0 / c.head_dim ** 0.5)
         q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
         att = self.attend(il, q, k, v, cache, start, ctx["mask"], 1.0)
