@@ -399,6 +399,47 @@ def test_one_batch_mixes_sequences_with_different_adapters(models, fast):
     assert (alone[0] - alone[2]).abs().max() > 0.1 and (alone[1] - alone[2]).abs().max() > 0.1
 
 
+def test_mixed_adapter_batch_takes_the_one_call_step(models, monkeypatch):
+    """Per-sequence adapter scales run in the one-call step (each LoRA term pointed at the call's per-row
+    scales, or skipped where no row uses its adapter: step.cpp's Term.rows/skip), equal to the per-layer
+    path to the bit; a forward without the table then takes the attached scales again."""
+    from ggtorch.lora.apply import set_slot_scales
+    from ggtorch.model import fastpath
+
+    m = models("Q8_0", True)
+    net = m.net
+    prompts = [PROMPT[:7], PROMPT[3:12], PROMPT[:5]]
+    nxt = [PROMPT[7], PROMPT[12], PROMPT[5]]
+
+    def batch():
+        set_slot_scales(net, {0: [1.0, 0.0], 1: [0.0, 2.0], 2: [0.0, 0.0]})  # slot 2: no adapter (both skipped)
+        pool = net.new_pool(3, 64, dtype="f32")
+        pre = [net.forward(p, pool, slot=s, all_logits=True) for s, p in enumerate(prompts)]
+        return torch.cat(pre + [net.forward_batch(nxt, [0, 1, 2], pool)])
+
+    def plain():
+        return net.forward(PROMPT, net.new_cache(16, dtype="f32"), all_logits=True)
+
+    m.set_lora([(A, 1.0), (B, 0.5)])
+    try:
+        runs, real = [], fastpath.Step.run
+        monkeypatch.setattr(fastpath.Step, "run", lambda self, *a, **k: runs.append(1) or real(self, *a, **k))
+        got = batch()
+        assert len(runs) == 4 and fastpath.step_of(net).per_row
+        with monkeypatch.context() as mp:
+            mp.setattr(fastpath, "step_of", lambda model: None)
+            assert torch.equal(batch(), got)
+        set_slot_scales(net, None)
+        after = plain()
+        assert not fastpath.step_of(net).per_row
+        with monkeypatch.context() as mp:
+            mp.setattr(fastpath, "step_of", lambda model: None)
+            assert torch.equal(plain(), after)
+    finally:
+        set_slot_scales(net, None)
+        m.set_lora([])
+
+
 def test_one_call_step_sees_adapter_weights_trained_in_place(models, monkeypatch):
     """Training updates B in place: the one-call step (which holds B transposed) is built again, and
     decoding still equals the per-layer path with the new weights."""

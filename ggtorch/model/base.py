@@ -288,7 +288,7 @@ class Transformer:
         if ctx["rows"] is not None:  # every layer in one call where the architecture allows (model/fastpath.py)
             step = fastpath.step_of(self)
             if step is not None:
-                return step.run(x, cache, ctx["rows"], self.step_tables(ctx))
+                return step.run(x, cache, ctx["rows"], self.step_tables(ctx), getattr(self, "lora_rows", None))
         for il in range(self.cfg.n_layer):
             x = self.block(il, x, cache, start, ctx, trace)
         return x

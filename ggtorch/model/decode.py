@@ -109,6 +109,7 @@ class OneToken:
         # the hidden state and the pread buffer are this call's own: two threads may decode with one model
         x = model.inputs(torch.tensor([tok])).float().clone() if self.python_embed else torch.empty(1, self.E)
         row = torch.empty(self.row_bytes, dtype=torch.uint8) if self.row_bytes else None
+        self.step.scales(None, 1)  # the terms' attached scalars (a batch before may have set per-row ones)
         kp, vp = self.step._pointers(cache)
         self.step.model.kv_type = KV_TYPES[cache.dtype]
         logits = torch.empty(1, self.N) if self.N else None
@@ -135,6 +136,9 @@ def one_token(model, cache) -> OneToken | None:
     T = _base()
     if type(model)._head is not T._head:  # an architecture's own output stage
         return None
+    rows = getattr(model, "lora_rows", None)
+    if rows is not None and rows.table is not None:
+        return None  # per-sequence adapter scales: the slot's row scales are set by Transformer._run's path
     step = fastpath.step_of(model)
     if step is None:
         return None

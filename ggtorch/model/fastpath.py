@@ -154,7 +154,7 @@ _VECTORS = ("attn_norm", "q_norm", "k_norm", "post_attn_norm", "ffn_norm", "post
 class _Term(ctypes.Structure):
     """csrc/step.cpp's struct Term: one LoRA term on a product (lora/apply.py's LowRank)."""
     _fields_ = [("a", ctypes.c_void_p), ("bt", ctypes.c_void_p), ("r", ctypes.c_int64), ("N", ctypes.c_int64),
-                ("lo", ctypes.c_int64), ("scale", ctypes.c_float)]
+                ("lo", ctypes.c_int64), ("scale", ctypes.c_float), ("rows", ctypes.c_void_p), ("skip", ctypes.c_int32)]
 
 
 class _Layer(ctypes.Structure):
@@ -188,6 +188,9 @@ class Step:
         c = model.cfg
         self.keep = []  # what the structs point into
         self.lora_b = []  # (B, its version) of every LoRA term: a term trained in place makes this Step stale
+        self.lora_k = []  # (its _Term, adapter index k, rank r) of every LoRA term, for per-row scales
+        self.per_row = False  # some term holds per-row scales (or a skip) from the last call
+        self._row_keep = []  # the per-row scale tensors the terms point into, for the current call
 
         def terms(w):
             """w's LoRA terms (lora/apply.py's LowRank, the attached scalar scales) as a _Term array."""
@@ -195,7 +198,7 @@ class Step:
             if not low:
                 return None, 0
             arr = (_Term * len(low.terms))()
-            for t, (a, b, sc, lo, hi, _k, r) in zip(arr, low.terms):
+            for t, (a, b, sc, lo, hi, k, r) in zip(arr, low.terms):
                 if (a.dtype != torch.float32 or b.dtype != torch.float32 or a.device.type != "cpu"
                         or not a.is_contiguous() or r > jit.MAX_LORA_RANK or b.shape != (hi - lo, r)):
                     raise _Unsupported  # what jit.lowrank would not take (the per-layer path then uses PyTorch)
@@ -203,6 +206,7 @@ class Step:
                 self.keep += [a, bt]
                 self.lora_b.append((b, b._version))
                 t.a, t.bt, t.r, t.N, t.lo, t.scale = a.data_ptr(), bt.data_ptr(), r, hi - lo, lo, float(sc)
+                self.lora_k.append((t, k, r))
             self.keep.append(arr)
             return ctypes.addressof(arr), len(low.terms)
 
@@ -252,8 +256,29 @@ class Step:
                         (ctypes.c_void_p * n)(*[t.data_ptr() for t in pool.v]))
         return self._kv[1], self._kv[2]
 
-    def run(self, x: torch.Tensor, cache, where, tables) -> torch.Tensor:
-        """Embeddings x [T, n_embd] through every layer (x is overwritten and returned)."""
+    def scales(self, lora_rows, T: int) -> None:
+        """Point the LoRA terms at this call's per-row scales (lora_rows: lora/apply.py's SlotScales with a
+        table, for the T rows whose slots it holds), or back at their attached scalars (None). The same
+        vectors, from the same SlotScales.row_scales, as the per-layer path's LowRank uses."""
+        table = lora_rows is not None and lora_rows.table is not None
+        if not table and not self.per_row:
+            return
+        self._row_keep = []
+        for t, k, r in self.lora_k:
+            per = lora_rows.row_scales(k, r, T) if table else None
+            t.skip = int(per is False)
+            if per is None or per is False:
+                t.rows = None
+            else:
+                per = per.contiguous()
+                self._row_keep.append(per)
+                t.rows = per.data_ptr()
+        self.per_row = table
+
+    def run(self, x: torch.Tensor, cache, where, tables, lora_rows=None) -> torch.Tensor:
+        """Embeddings x [T, n_embd] through every layer (x is overwritten and returned); lora_rows: the
+        model's per-sequence adapter scales, if any (their slots set for these rows)."""
+        self.scales(lora_rows, x.shape[0])
         pool = cache.pool
         kp, vp = self._pointers(pool)
         self.model.kv_type = KV_TYPES[pool.dtype]
@@ -267,12 +292,9 @@ class Step:
 
 def step_of(model) -> Step | None:
     """The model's Step, built on first use; None where its architecture or weights do not qualify.
-    LoRA adapters are in it with their attached scales (step.cpp's Term, lowrank.cpp: the per-layer
-    path's calls); per-sequence scales (a server batch mixing adapters: lora_rows.table) take the
-    per-layer path, and so does a Step whose adapter weights were trained since it was built."""
-    rows = getattr(model, "lora_rows", None)
-    if rows is not None and rows.table is not None:
-        return None
+    LoRA adapters are in it (step.cpp's Term, lowrank.cpp: the per-layer path's calls) with their attached
+    scales, or per row where a server batch mixes adapters (lora_rows.table: Step.scales); a Step whose
+    adapter weights were trained since it was built is built again."""
     st = getattr(model, "_step", None)
     if st and st.lora_b and any(b._version != v for b, v in st.lora_b):
         st = model._step = None  # built again from the trained terms

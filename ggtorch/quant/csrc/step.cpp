@@ -14,11 +14,14 @@
 #include <unistd.h>
 #include "qdot.h"
 
-// One LoRA term on a layer's product (lowrank.cpp): y[:, lo .. lo + N) += scale * (x A^T) Bt
+// One LoRA term on a layer's product (lowrank.cpp): y[:, lo .. lo + N) += scale * (x A^T) Bt, or with
+// rows[m] for row m's scale (per-request adapter scales in a server batch: lora/apply.py's SlotScales)
 struct Term {
     const float *a, *bt;  // A [r][K], B transposed [r][N]
     int64_t r, N, lo;
     float scale;
+    const float *rows;  // per-row scales [T] for this call, or null (then scale)
+    int32_t skip;       // no row of this call uses the term's adapter
 };
 
 // the products of a layer, in the order of Layer's lora/n_lora arrays
@@ -55,7 +58,7 @@ static void linear(const Layer *L, int which, const QWeight *w, const float *x, 
     qdot_linear(w, x, T, out);
     for (int i = 0; i < L->n_lora[which]; i++) {
         const Term &t = L->lora[which][i];
-        qdot_lowrank(x, T, w->K, w->K, t.a, t.r, t.bt, t.N, nullptr, t.scale, out, w->N, t.lo);
+        if (!t.skip) qdot_lowrank(x, T, w->K, w->K, t.a, t.r, t.bt, t.N, t.rows, t.scale, out, w->N, t.lo);
     }
 }
 
