@@ -5,6 +5,7 @@ GGTORCH_RAY_ACCEPTANCE=1 adds the acceptance run of issue 24: 2 replicas of Smol
 30 s, one replica killed mid-run (benchmarks/replicas.py's load driver); it prints the figures."""
 import json
 import os
+import random
 import socket
 import sys
 import threading
@@ -29,11 +30,23 @@ ACCEPTANCE = os.environ.get("GGTORCH_RAY_ACCEPTANCE") == "1"
 
 
 def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+    """A free port below the kernel's ephemeral range: a port the kernel hands out for bind(0) can be taken
+    by one of the many connections Ray opens before its HTTP proxy binds it (CI failed so: "Failed to bind
+    to address 127.0.0.1:41109")."""
+    try:
+        low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, min(low, 32768))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise AssertionError("no free port below the ephemeral range")
 
 
 @pytest.fixture(scope="module")
