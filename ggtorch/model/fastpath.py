@@ -250,11 +250,12 @@ class Step:
 
     def _pointers(self, pool):
         """Per-layer cache pointers, rebuilt when the pool grew (reserve reallocates every layer)."""
-        if self._kv[0] is not pool.k[0]:
+        kv = self._kv  # one read: another thread decoding another pool may replace self._kv meanwhile
+        if kv[0] is not pool.k[0]:
             n = len(pool.k)
-            self._kv = (pool.k[0], (ctypes.c_void_p * n)(*[t.data_ptr() for t in pool.k]),
-                        (ctypes.c_void_p * n)(*[t.data_ptr() for t in pool.v]))
-        return self._kv[1], self._kv[2]
+            kv = self._kv = (pool.k[0], (ctypes.c_void_p * n)(*[t.data_ptr() for t in pool.k]),
+                             (ctypes.c_void_p * n)(*[t.data_ptr() for t in pool.v]))
+        return kv[1], kv[2]
 
     def scales(self, lora_rows, T: int) -> None:
         """Point the LoRA terms at this call's per-row scales (lora_rows: lora/apply.py's SlotScales with a
